@@ -1,0 +1,44 @@
+"""`megadoc <stage>`: one subcommand per pipeline stage."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from megadoc_megatron import __version__
+from megadoc_megatron.errors import InputError
+
+# subcommand -> (module with add_arguments/run, one-line help)
+STAGES = {
+    "preprocess": ("megadoc_megatron.data.preprocess", "tokenize JSONL into Megatron indexed datasets (.bin/.idx)"),
+    "inspect": ("megadoc_megatron.data.inspect", "summarize an indexed dataset and decode a document"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megadoc", description="Synthetic megadoc pre-training on megatron-core.")
+    parser.add_argument("--version", action="version", version=f"megadoc-megatron {__version__}")
+    subparsers = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    for name, (module_name, help_text) in STAGES.items():
+        module = importlib.import_module(module_name)
+        module.add_arguments(subparsers.add_parser(name, help=help_text, description=help_text))
+    return parser
+
+
+def main(argv: list[str] | None = None, stage: str | None = None) -> int:
+    """Run a stage; `stage` fixes the subcommand (for the standalone scripts in tools/)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if stage is not None:
+        argv = [stage, *argv]
+    args = build_parser().parse_args(argv)
+    try:
+        importlib.import_module(STAGES[args.stage][0]).run(args)
+    except InputError as error:
+        print(f"megadoc {args.stage}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

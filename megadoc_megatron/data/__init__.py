@@ -1,0 +1,1 @@
+"""Tokenizers, Megatron indexed datasets, and the JSONL-to-dataset converter."""

@@ -1,0 +1,122 @@
+"""The project's one JSONL reader: input discovery, (compressed) streams, line parsing.
+
+Lines are handled as bytes and split on b"\\n" only, so a stray carriage return is
+never taken for a line break and line numbers match what `sed -n Np` shows.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import io
+import json
+from pathlib import Path
+from typing import BinaryIO, Iterator
+
+from megadoc_megatron.errors import InputError
+
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
+COMPRESSED_SUFFIXES = (".gz", ".zst")
+
+
+def is_compressed(path) -> bool:
+    return str(path).endswith(COMPRESSED_SUFFIXES)
+
+
+def expand_inputs(inputs: list[str]) -> list[Path]:
+    """Files named by paths, globs or folders (searched recursively for JSONL), in sorted order."""
+    files: list[Path] = []
+    for item in inputs:
+        path = Path(item).expanduser()
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(JSONL_SUFFIXES))
+        elif path.is_file():
+            found = [path]
+        else:
+            found = sorted(Path(p) for p in glob.glob(str(path), recursive=True) if Path(p).is_file())
+        if not found:
+            raise InputError("no input files found", item,
+                             fix=f"pass a file, a glob or a folder holding {', '.join(JSONL_SUFFIXES)} files")
+        files.extend(found)
+    duplicates = sorted({str(p) for p in files if files.count(p) > 1})
+    if duplicates:
+        raise InputError(f"input files named more than once: {', '.join(duplicates)}", fix="name each file once")
+    return [p.resolve() for p in files]
+
+
+def open_binary(path) -> BinaryIO:
+    """A buffered binary stream of the (decompressed) file."""
+    path = str(path)
+    if path.endswith(".gz"):
+        return gzip.open(path, "rb")
+    if path.endswith(".zst"):
+        import zstandard
+
+        return io.BufferedReader(zstandard.open(path, "rb"))
+    return open(path, "rb")
+
+
+def iter_lines(path, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+    """Raw lines (with their b"\\n") of bytes [start, end) of a file; start must begin a line."""
+    with open_binary(path) as stream:
+        if start:
+            stream.seek(start)
+        remaining = None if end is None else end - start
+        for line in stream:
+            if remaining is not None:
+                if remaining <= 0:
+                    return
+                remaining -= len(line)
+            yield line
+
+
+def line_starts(path, approximate_offsets: list[int]) -> list[int]:
+    """For each offset, the start of the first line at or after it (uncompressed files only)."""
+    starts = []
+    with open(path, "rb") as stream:
+        for offset in approximate_offsets:
+            if offset == 0:
+                starts.append(0)
+                continue
+            stream.seek(offset - 1)
+            stream.readline()  # finish the line that holds offset - 1
+            starts.append(stream.tell())
+    return starts
+
+
+def count_lines_before(path, offset: int) -> int:
+    """Number of newline characters in the first `offset` bytes of the (decompressed) file."""
+    count = 0
+    with open_binary(path) as stream:
+        while offset > 0:
+            block = stream.read(min(offset, 1 << 24))
+            if not block:
+                break
+            count += block.count(b"\n")
+            offset -= len(block)
+    return count
+
+
+def parse_record(raw: bytes, path, line: int) -> dict:
+    """One JSONL line as a dict, or an InputError naming the file, line and fix."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise InputError(f"invalid UTF-8 at byte {error.start} of the line", path, line,
+                         fix="re-encode the file as UTF-8 or drop the line") from None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise InputError(f"malformed JSON: {error.msg} at column {error.colno}", path, line,
+                         fix="write one complete JSON object per line") from None
+    if not isinstance(record, dict):
+        raise InputError(f"expected a JSON object, found {type(record).__name__}", path, line,
+                         fix="write one JSON object per line")
+    return record
+
+
+def iter_records(path) -> Iterator[tuple[int, dict]]:
+    """(line number, record) for every non-blank line of a JSONL file."""
+    for number, raw in enumerate(iter_lines(path), start=1):
+        if raw.strip():
+            yield number, parse_record(raw, path, number)

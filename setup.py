@@ -1,0 +1,28 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="megadoc-megatron",
+    version="0.1.0",
+    description="Synthetic-data pre-training (rephrases and megadocs) on megatron-core, for the data-limited regime",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megadoc_megatron", "megadoc_megatron.*"]),
+    install_requires=[
+        # Install the CPU build first (`pip install torch==2.13.0`); a bare torch pulls the CUDA stack.
+        "torch>=2.4",
+        "megatron-core>=0.16.1",
+        "numpy>=1.24",
+        "sentencepiece>=0.2",
+        "tokenizers>=0.20",
+        "transformers>=4.45",
+        "tqdm",
+        "zstandard",
+    ],
+    extras_require={
+        # GPU-only: never imported at module load on CPU.
+        "gpu": ["transformer-engine[pytorch]", "flash-attn", "vllm"],
+        "test": ["pytest>=8", "psutil"],
+    },
+    entry_points={"console_scripts": ["megadoc=megadoc_megatron.cli:main"]},
+)
