@@ -93,10 +93,6 @@ def _init_worker(options: Options) -> None:
     _worker["tokenizer"] = load_tokenizer(options.tokenizer_type, options.tokenizer_model)
 
 
-class _Rejected(Exception):
-    pass
-
-
 def _texts_of(record: dict, keys, path, line) -> list[str]:
     texts = []
     for key in keys:
@@ -106,22 +102,14 @@ def _texts_of(record: dict, keys, path, line) -> list[str]:
         if not isinstance(value, str):
             raise InputError(f"the value of {key!r} is a JSON {type(value).__name__}, not a string", path, line,
                              fix="store the document text as a JSON string")
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as error:
+                raise InputError(f"the value of {key!r} holds a lone surrogate escape at character {error.start}",
+                                 path, line, fix="remove or pair the \\uD800-\\uDFFF escape") from None
         texts.append(value)
     return texts
-
-
-def _encode(tokenizer, texts: list[str], lines: list[int], path) -> list[list[int]]:
-    try:
-        return tokenizer.encode_batch(texts)
-    except Exception:  # find the text the tokenizer refused
-        ids = []
-        for text, line in zip(texts, lines):
-            try:
-                ids.extend(tokenizer.encode_batch([text]))
-            except Exception as error:
-                raise InputError(f"the tokenizer cannot encode this text ({type(error).__name__}: {error})", path,
-                                 line, fix="remove lone surrogate escapes such as \\ud800 from the text") from None
-        return ids
 
 
 def _to_arrays(ids: list[list[int]], tokenizer, append_eod: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -183,7 +171,7 @@ def _convert_batch(batch: list[tuple[int, bytes]], part: Part, writer: _PartWrit
         raws.append(raw)
     arrays = {}
     for column, key in enumerate(options.json_keys):
-        ids = _encode(tokenizer, [row[column] for row in texts], lines, part.path)
+        ids = tokenizer.encode_batch([row[column] for row in texts])
         arrays[key] = _to_arrays(ids, tokenizer, options.append_eod)
     keep = np.ones(len(lines), dtype=bool)
     for key, (tokens, lengths) in arrays.items():
@@ -243,7 +231,7 @@ def _convert_part(job: tuple[Part, str]) -> PartResult:
 def plan_parts(files: list[Path], workers: int, max_part_bytes: int) -> list[Part]:
     """Cut plain files into byte ranges so that every worker has several parts to do."""
     plain_bytes = sum(f.stat().st_size for f in files if not is_compressed(f))
-    part_bytes = max(MIN_PART_BYTES, min(max_part_bytes, math.ceil(plain_bytes / (4 * workers)) or 1))
+    part_bytes = min(max_part_bytes, max(MIN_PART_BYTES, math.ceil(plain_bytes / (4 * workers))))
     parts = []
     for file_index, path in enumerate(files):
         size = path.stat().st_size
