@@ -20,8 +20,10 @@ setup(
         "zstandard",
     ],
     extras_require={
-        # GPU-only: never imported at module load on CPU.
-        "gpu": ["transformer-engine[pytorch]", "flash-attn", "vllm"],
+        # GPU-only: never imported at module load on CPU. Training needs TE and flash-attn;
+        # vLLM (generation) pins its own torch, so it has an extra of its own.
+        "gpu": ["transformer-engine[pytorch]", "flash-attn"],
+        "vllm": ["vllm"],
         "test": ["pytest>=8", "psutil"],
     },
     entry_points={"console_scripts": ["megadoc=megadoc_megatron.cli:main"]},

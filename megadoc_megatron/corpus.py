@@ -7,6 +7,7 @@ downloading anything. Sources are parsed with `ast`, never imported.
 from __future__ import annotations
 
 import ast
+import hashlib
 import sysconfig
 import warnings
 from pathlib import Path
@@ -33,3 +34,9 @@ def stdlib_documents(min_chars: int = 200) -> Iterator[dict]:
         text = "\n\n".join(doc for doc in docstrings if doc)
         if len(text) >= min_chars:
             yield {"id": str(relative), "text": text}
+
+
+def is_heldout(document_id: str, fraction: float) -> bool:
+    """A stable train/held-out split by a hash of the document id (same answer on every machine)."""
+    digest = hashlib.sha256(document_id.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < fraction

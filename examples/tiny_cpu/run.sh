@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The tiny CPU example: real text this machine already has (Python's standard-library
+# docstrings) -> tokenizer -> Megatron indexed datasets -> a look inside.
+# The later stages (synthesis, megadocs, blending, training, evaluation) join as they land.
+# Outputs go to $WORK (default examples/tiny_cpu/work).
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+work=${WORK:-$here/work}
+mkdir -p "$work/data"
+
+python "$here/make_corpus.py" --output-dir "$work"
+for split in train heldout; do
+  megadoc preprocess --input "$work/$split.jsonl" --output-prefix "$work/data/$split" \
+    --tokenizer-type SentencePieceTokenizer --tokenizer-model "$work/tokenizer.model" --append-eod --workers 2
+done
+megadoc inspect "$work/data/train_text_document" --document 0 --max-chars 400
