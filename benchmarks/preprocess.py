@@ -81,7 +81,9 @@ OURS = """
 import json, resource, sys
 from megadoc_megatron.data.preprocess import preprocess
 summary = preprocess(*json.loads(sys.argv[1]), append_eod=json.loads(sys.argv[2]), workers=int(sys.argv[3]))
-summary["rss_main_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+# VmHWM belongs to this address space; ru_maxrss would carry the parent's peak across fork+exec.
+status = open("/proc/self/status").read()
+summary["rss_main_mb"] = int(status.split("VmHWM:")[1].split()[0]) / 1024
 summary["rss_worker_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
 print(json.dumps(summary))
 """

@@ -221,7 +221,9 @@ def _convert_part(job: tuple[Part, str]) -> PartResult:
         return result
     finally:
         writer.close()
-    (parts_dir / f"{stem}.done.json").write_text(json.dumps(asdict(result)))
+    marker = parts_dir / f"{stem}.done.json"
+    marker.with_suffix(".tmp").write_text(json.dumps(asdict(result)))
+    os.replace(marker.with_suffix(".tmp"), marker)  # a killed worker never leaves a half-written marker
     return result
 
 
@@ -245,13 +247,6 @@ def plan_parts(files: list[Path], workers: int, max_part_bytes: int) -> list[Par
         for start, end in ranges:
             parts.append(Part(len(parts), file_index, str(path), start, end))
     return parts
-
-
-def _absolute_line(part: Part, results: dict, parts: list[Part], local_line: int) -> int:
-    earlier = [p for p in parts if p.path == part.path and p.index < part.index]
-    if all(p.index in results for p in earlier):
-        return sum(results[p.index].lines for p in earlier) + local_line
-    return count_lines_before(part.path, part.start) + local_line
 
 
 def _input_bytes(part: Part) -> int:
@@ -281,25 +276,29 @@ def _run_parts(parts, stems, options: Options, workers: int) -> dict[int, PartRe
         for result in pool.imap_unordered(_convert_part, todo):
             if result.error is not None:
                 pool.terminate()
-                part = parts[result.index]
-                error = result.error
-                raise InputError(error.message, error.path, _absolute_line(part, results, parts, error.line), error.fix)
+                error, part = result.error, parts[result.index]
+                line = count_lines_before(part.path, part.start) + error.line  # the worker counted from its part
+                raise InputError(error.message, error.path, line, error.fix)
             results[result.index] = result
             bar.update(_input_bytes(parts[result.index]))
     return results
 
 
 def _merge_rejects(parts, stems, results, parts_dir: Path, destination: Path) -> None:
+    """One rejects file for the whole run, with line numbers counted from the start of each input file."""
     temporary = destination.with_name(destination.name + ".tmp")
+    lines_before, previous_path = 0, None
     with open(temporary, "w", encoding="utf-8") as out:
-        for part in parts:
-            offset = _absolute_line(part, results, parts, 0)
+        for part in parts:  # in input order, so the lines of earlier parts of a file are known
+            if part.path != previous_path:
+                lines_before, previous_path = 0, part.path
             with open(parts_dir / f"{stems[part.index]}.rejects.jsonl", encoding="utf-8") as rejects:
                 for row in rejects:
                     record = json.loads(row)
-                    out.write(json.dumps({"file": part.path, "line": record["line"] + offset,
+                    out.write(json.dumps({"file": part.path, "line": record["line"] + lines_before,
                                           "reason": record["reason"], "text": record["text"]},
                                          ensure_ascii=False) + "\n")
+            lines_before += results[part.index].lines
     os.replace(temporary, destination)
 
 
