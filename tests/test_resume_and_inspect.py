@@ -75,3 +75,21 @@ def test_inspect_rejects_bad_prefix_and_document(golden, tmp_path):
         inspect_dataset(prefix, document=66)
     report = inspect_dataset(prefix, document=0)  # Megatron-LM's own output: no tokenizer recorded
     assert "pass --tokenizer-type/--tokenizer-model to decode" in report
+
+
+def test_killed_worker_fails_the_run_instead_of_hanging(tmp_path, golden_lines, spm_model):
+    psutil = pytest.importorskip("psutil")
+    path = tmp_path / "input.jsonl"
+    path.write_bytes(b"".join(golden_lines) * 8)
+    run = subprocess.Popen(preprocess_command(path, tmp_path / "out", spm_model), cwd=REPO,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    workers = []
+    while not workers and time.monotonic() < deadline:
+        workers = [p for p in psutil.Process(run.pid).children() if "spawn_main" in " ".join(p.cmdline())]
+        time.sleep(0.05)
+    assert workers, "no worker process appeared"
+    workers[0].kill()  # as the OOM killer would
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 2 and "a worker process died" in stderr.splitlines()[-1]
+    assert not list(tmp_path.glob("out_*.idx"))

@@ -22,6 +22,8 @@ import os
 import shutil
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -270,17 +272,30 @@ def _run_parts(parts, stems, options: Options, workers: int) -> dict[int, PartRe
     from tqdm import tqdm
 
     total = sum(_input_bytes(part) for part, _ in todo)
-    context = multiprocessing.get_context("spawn")
-    with context.Pool(min(workers, len(todo)), _init_worker, (options,)) as pool, \
-            tqdm(total=total, unit="B", unit_scale=True, desc="preprocess", disable=None, file=sys.stderr) as bar:
-        for result in pool.imap_unordered(_convert_part, todo):
-            if result.error is not None:
-                pool.terminate()
-                error, part = result.error, parts[result.index]
-                line = count_lines_before(part.path, part.start) + error.line  # the worker counted from its part
-                raise InputError(error.message, error.path, line, error.fix)
-            results[result.index] = result
-            bar.update(_input_bytes(parts[result.index]))
+    # An executor, not multiprocessing.Pool: a worker killed (say by the OOM killer) raises
+    # BrokenProcessPool here instead of hanging the run forever.
+    executor = ProcessPoolExecutor(min(workers, len(todo)), multiprocessing.get_context("spawn"),
+                                   initializer=_init_worker, initargs=(options,))
+    try:
+        with tqdm(total=total, unit="B", unit_scale=True, desc="preprocess", disable=None, file=sys.stderr) as bar:
+            for future in as_completed([executor.submit(_convert_part, job) for job in todo]):
+                result = future.result()
+                if result.error is not None:
+                    error, part = result.error, parts[result.index]
+                    line = count_lines_before(part.path, part.start) + error.line  # the worker counted from its part
+                    raise InputError(error.message, error.path, line, error.fix)
+                results[result.index] = result
+                bar.update(_input_bytes(parts[result.index]))
+    except BrokenProcessPool:
+        raise InputError("a worker process died (out of memory?)", options.parts_dir,
+                         fix="lower --workers or --max-part-mb and run the same command again: finished parts are reused"
+                         ) from None
+    except BaseException:
+        for process in list(executor._processes.values()):  # stop now; unfinished parts are redone on resume
+            process.terminate()
+        raise
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
     return results
 
 
