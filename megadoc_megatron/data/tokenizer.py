@@ -52,11 +52,18 @@ class Tokenizer:
 
     def fingerprint(self) -> str:
         """Content hash of the files that define the tokenizer (not their paths)."""
-        digest = hashlib.sha256(self.type_name.encode())
-        for path in self.model_files():
-            digest.update(path.name.encode())
-            digest.update(path.read_bytes())
-        return digest.hexdigest()[:16]
+        if not hasattr(self, "_fingerprint"):
+            digest = hashlib.sha256(self.type_name.encode())
+            for path in self.model_files():
+                digest.update(path.name.encode())
+                digest.update(path.read_bytes())
+            self._fingerprint = digest.hexdigest()[:16]
+        return self._fingerprint
+
+    @property
+    def unique_identifiers(self) -> dict:
+        """What megatron-core's datasets put into their index-cache keys."""
+        return {"class": self.type_name, "fingerprint": self.fingerprint()}
 
     def describe(self) -> dict:
         return {

@@ -1,0 +1,272 @@
+"""`megadoc blend`: Megatron blend weights and a train length that realize a mixing weight w for
+the synthetic stream and exactly E passes over the real training data.
+
+How megatron-core spends a blend (core 0.16, `BlendedMegatronDatasetBuilder`, `GPTDataset`):
+- N train samples; dataset i is asked for ceil(N * w_i) samples (weights normalized) and built
+  with ceil(ceil(N * w_i) * (1 + surplus)) samples, surplus = `mid_level_dataset_surplus`.
+- A sample is `sequence_length + 1` tokens, consecutive samples overlapping by one token, so
+  E passes over T tokens hold S(E) = (E * T - 1) // sequence_length samples.
+- A GPTDataset needing more than E epochs shuffles the samples of its first E epochs together
+  and the samples of a final epoch used for less than 80% separately, after them.
+
+So asking the real dataset for exactly S(E) samples makes its build (S(E) plus the surplus)
+spill just into epoch E + 1, which megatron-core shuffles separately: the S(E) samples drawn
+are precisely the samples of E full passes, in shuffled order. The weights below are chosen
+so that ceil(N * w_real) = S(E) whatever rounding the normalization does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from megadoc_megatron.data.indexed import dataset_paths, read_index
+from megadoc_megatron.data.preprocess import metadata_path
+from megadoc_megatron.errors import InputError
+
+MEGATRON_SURPLUS = 0.005  # megatron-core's default mid_level_dataset_surplus
+FINAL_EPOCH_THRESHOLD = 0.8  # GPTDataset shuffles a final epoch used for less than this apart
+
+
+@dataclass
+class BlendDataset:
+    prefix: str
+    stream: str  # "real" or "synthetic"
+    train_tokens: int
+    train_documents: int
+    tokenizer: str | None  # content fingerprint from the preprocess metadata, when known
+    dtype: str
+    content: str  # fingerprint of the files, for the index cache folder
+    original_fraction: float = 0.0  # share of its text that is real documents (megadocs)
+    weight: float = 0.0
+    samples: int = 0
+    epochs: float = 0.0
+
+
+def split_fractions(split: str) -> list[float]:
+    """Megatron's `--split` string as normalized train/valid/test fractions (same parsing rule)."""
+    try:
+        values = [float(v) for v in split.replace("/", ",").split(",")]
+    except ValueError:
+        values = []
+    values += [0.0] * (3 - len(values))
+    if len(values) != 3 or min(values) < 0 or sum(values) <= 0 or values[0] <= 0:
+        raise InputError(f"bad --split {split!r}", fix='give three non-negative numbers with a positive train part, e.g. "969,30,1"')
+    return [v / sum(values) for v in values]
+
+
+def train_sequence_range(num_sequences: int, split: str) -> tuple[int, int]:
+    """The sequences GPTDataset takes for training: [0, round(train_fraction * n))."""
+    return 0, int(round(split_fractions(split)[0] * float(num_sequences)))
+
+
+def content_fingerprint(prefix) -> str:
+    """Hash of the whole `.idx`, the `.bin` size and its first and last MiB."""
+    bin_path, idx_path = dataset_paths(prefix)
+    digest = hashlib.sha256(idx_path.read_bytes())
+    size = bin_path.stat().st_size
+    digest.update(str(size).encode())
+    with open(bin_path, "rb") as stream:
+        digest.update(stream.read(1 << 20))
+        stream.seek(max(0, size - (1 << 20)))
+        digest.update(stream.read(1 << 20))
+    return digest.hexdigest()[:16]
+
+
+def original_fraction(meta: dict) -> float:
+    """Share of characters that are real documents, from the megadocs summaries of the inputs."""
+    chars = originals = 0
+    for source in meta.get("inputs", []):
+        summary = Path(f"{source}.summary.json")
+        if not summary.is_file():
+            return 0.0
+        counts = json.loads(summary.read_text())
+        chars += counts["chars"]
+        originals += counts["original_chars"]
+    return originals / chars if chars else 0.0
+
+
+def describe_dataset(prefix: str, stream: str, split: str) -> BlendDataset:
+    view = read_index(prefix)
+    begin, end = train_sequence_range(len(view.sequence_lengths), split)
+    meta_file = metadata_path(prefix)
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    return BlendDataset(
+        prefix=str(Path(prefix).resolve()), stream=stream,
+        train_tokens=int(view.sequence_lengths[begin:end].sum(dtype=np.int64)), train_documents=end - begin,
+        tokenizer=meta.get("tokenizer", {}).get("fingerprint"), dtype=np.dtype(view.dtype).name,
+        content=content_fingerprint(prefix), original_fraction=original_fraction(meta) if stream == "synthetic" else 0.0)
+
+
+def samples_for_epochs(tokens: int, epochs: int, sequence_length: int) -> int:
+    """Samples in `epochs` passes over `tokens` (sequence_length + 1 tokens each, overlapping by one)."""
+    return (epochs * tokens - 1) // sequence_length
+
+
+def final_epoch_is_separate(train_tokens: int, samples: int, sequence_length: int) -> bool:
+    """Whether GPTDataset, built with `samples` plus the surplus, shuffles the spill-over epoch apart."""
+    built = math.ceil(samples * (1 + MEGATRON_SURPLUS))
+    samples_per_epoch = (train_tokens - 1) // sequence_length
+    return built - samples < int(FINAL_EPOCH_THRESHOLD * samples_per_epoch)
+
+
+def _check(datasets: list[BlendDataset], synthetic_weight: float, epochs: int, sequence_length: int,
+           global_batch_size: int) -> None:
+    if not 0 < synthetic_weight < 1:
+        raise InputError(f"--synthetic-weight must lie strictly between 0 and 1, not {synthetic_weight}",
+                         fix="use e.g. 0.75 (the paper searched 0.5, 0.75, 0.9)")
+    if epochs < 1:
+        raise InputError(f"--epochs must be at least 1, not {epochs}", fix="count whole passes over the real data")
+    if sequence_length < 1 or global_batch_size < 1:
+        raise InputError("--seq-length and --global-batch-size must be positive")
+    for dataset in datasets:
+        if dataset.train_tokens < sequence_length + 1:
+            raise InputError(f"the training split holds {dataset.train_tokens} tokens, fewer than one sample "
+                             f"({sequence_length + 1} tokens)", dataset.prefix,
+                             fix="add data, lower --seq-length, or give more of it to training with --split")
+    fingerprints = {d.tokenizer for d in datasets if d.tokenizer}
+    dtypes = {d.dtype for d in datasets}
+    if len(fingerprints) > 1 or len(dtypes) > 1:
+        rows = ", ".join(f"{Path(d.prefix).name}: {d.tokenizer or 'unknown'} ({d.dtype})" for d in datasets)
+        raise InputError(f"the datasets were made with different tokenizers ({rows})",
+                         fix="convert every stream with the same --tokenizer-type/--tokenizer-model")
+
+
+def plan_blend(real: list[BlendDataset], synthetic: list[BlendDataset], synthetic_weight: float, epochs: int,
+               sequence_length: int, global_batch_size: int) -> dict:
+    """Weights, train samples and iterations; fills in each dataset's weight, samples and epochs."""
+    _check(real + synthetic, synthetic_weight, epochs, sequence_length, global_batch_size)
+    real_samples = [samples_for_epochs(d.train_tokens, epochs, sequence_length) for d in real]
+    train_iters = math.ceil(sum(real_samples) / ((1 - synthetic_weight) * global_batch_size))
+    train_samples = train_iters * global_batch_size
+    for dataset, samples in zip(real, real_samples):
+        if not final_epoch_is_separate(dataset.train_tokens, samples, sequence_length):
+            raise InputError(f"the real training split holds only {(dataset.train_tokens - 1) // sequence_length} "
+                             f"samples per epoch: too few for megatron-core to keep {epochs} passes exact",
+                             dataset.prefix, fix="add real data or lower --seq-length")
+        # Half a sample below the target: ceil() gives the target despite float rounding.
+        dataset.weight = (samples - 0.5) / train_samples
+        dataset.samples = samples
+    synthetic_share = 1 - sum(d.weight for d in real)
+    synthetic_tokens = sum(d.train_tokens for d in synthetic)
+    for dataset in synthetic:
+        dataset.weight = synthetic_share * dataset.train_tokens / synthetic_tokens
+        dataset.samples = math.ceil(train_samples * dataset.weight)
+    for dataset in real + synthetic:
+        dataset.epochs = dataset.samples * sequence_length / dataset.train_tokens
+    real_tokens = sum(d.train_tokens for d in real)
+    extra_real_tokens = sum(d.samples * sequence_length * d.original_fraction for d in synthetic)
+    return {
+        "train_samples": train_samples,
+        "train_iters": train_iters,
+        "global_batch_size": global_batch_size,
+        "seq_length": sequence_length,
+        "epochs": epochs,
+        "synthetic_weight_requested": synthetic_weight,
+        "synthetic_weight_realized": sum(d.samples for d in synthetic) / train_samples,
+        "real_tokens_per_epoch": real_tokens,
+        "real_epochs_inside_synthetic": extra_real_tokens / real_tokens,
+        "datasets": [asdict(d) for d in real + synthetic],
+    }
+
+
+def cache_folder(output_dir: Path, plan: dict, split: str, seed: int) -> Path:
+    """Megatron keys its index cache by path and settings, not by content: key ours by content too."""
+    key = json.dumps([[d["prefix"], d["content"]] for d in plan["datasets"]] + [split, seed])
+    return output_dir / "index-cache" / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def data_args(plan: dict) -> list[str]:
+    return [item for d in plan["datasets"] for item in (repr(d["weight"]), d["prefix"])]
+
+
+def megatron_flags(plan: dict, files: dict) -> str:
+    flags = [f"--data-args-path {files['data_args']}", f"--split {plan['split']}",
+             f"--seq-length {plan['seq_length']}", f"--global-batch-size {plan['global_batch_size']}",
+             f"--train-iters {plan['train_iters']}", f"--seed {plan['seed']}",
+             f"--data-cache-path {plan['data_cache_path']}"]
+    return " ".join(flags)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def format_plan(plan: dict) -> str:
+    lines = [f"{plan['train_iters']:,} iterations x {plan['global_batch_size']} sequences = "
+             f"{plan['train_samples']:,} samples of {plan['seq_length'] + 1} tokens",
+             f"synthetic weight: {plan['synthetic_weight_realized']:.4f} realized "
+             f"({plan['synthetic_weight_requested']} requested; the train length is a whole number of batches)",
+             f"{'stream':<10} {'weight':>8} {'samples':>12} {'train tokens':>14} {'epochs':>8}  dataset"]
+    for d in plan["datasets"]:
+        lines.append(f"{d['stream']:<10} {d['weight']:>8.4f} {d['samples']:>12,} {d['train_tokens']:>14,} "
+                     f"{d['epochs']:>8.3f}  {d['prefix']}")
+    lines.append(f"real data: exactly {plan['epochs']} passes in the real stream"
+                 + (f", plus {plan['real_epochs_inside_synthetic']:.3f} epochs' worth of tokens as originals "
+                    "inside the synthetic stream (estimated from characters)"
+                    if plan["real_epochs_inside_synthetic"] else ""))
+    return "\n".join(lines)
+
+
+def blend(real: list[str], synthetic: list[str], synthetic_weight: float, epochs: int, seq_length: int,
+          global_batch_size: int, output_dir, split: str = "100,0,0", seed: int = 1234,
+          valid_data: list[str] | None = None) -> dict:
+    """Plan the blend and write `data_args.txt`, `blend.json` (and `per_split_data_args.json`)."""
+    if not real or not synthetic:
+        raise InputError("give at least one real and one synthetic dataset", fix="pass --real PREFIX --synthetic PREFIX")
+    datasets = [describe_dataset(p, "real", split) for p in real] + [describe_dataset(p, "synthetic", split) for p in synthetic]
+    plan = plan_blend(datasets[:len(real)], datasets[len(real):], synthetic_weight, epochs, seq_length, global_batch_size)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    plan.update(split=split, seed=seed, data_cache_path=str(cache_folder(output_dir.resolve(), plan, split, seed)))
+    files = {"data_args": str((output_dir / "data_args.txt").resolve()), "plan": str((output_dir / "blend.json").resolve())}
+    _write_atomic(Path(files["data_args"]), " ".join(data_args(plan)) + "\n")
+    if valid_data:
+        if split_fractions(split)[0] != 1.0:
+            raise InputError("--valid-data needs --split 100,0,0 (the held-out data replaces the split)",
+                             fix="drop --valid-data or use --split 100,0,0")
+        held_out = [item for p in valid_data for item in ("1.0", str(Path(p).resolve()))]
+        files["per_split_data_args"] = str((output_dir / "per_split_data_args.json").resolve())
+        _write_atomic(Path(files["per_split_data_args"]),
+                      json.dumps({"train": data_args(plan), "valid": held_out, "test": held_out}, indent=2) + "\n")
+    plan["files"] = files
+    plan["megatron_flags"] = megatron_flags(plan, files)
+    _write_atomic(Path(files["plan"]), json.dumps(plan, indent=2) + "\n")
+    return plan
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--real", nargs="+", required=True, help="real dataset prefixes (..._text_document)")
+    parser.add_argument("--synthetic", nargs="+", required=True, help="synthetic dataset prefixes")
+    parser.add_argument("--synthetic-weight", "-w", type=float, required=True, help="mixing weight w of the synthetic stream")
+    parser.add_argument("--epochs", "-E", type=int, required=True, help="exact passes over the real training data")
+    parser.add_argument("--seq-length", type=int, required=True)
+    parser.add_argument("--global-batch-size", type=int, required=True)
+    parser.add_argument("--split", default="100,0,0", help="Megatron's train,valid,test split of every dataset")
+    parser.add_argument("--seed", type=int, default=1234, help="Megatron's --seed (it shuffles the datasets)")
+    parser.add_argument("--valid-data", nargs="+", help="held-out dataset prefixes: also write per_split_data_args.json")
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--verify", action="store_true",
+                        help="build the blend with megatron-core's BlendedMegatronDatasetBuilder and report what it draws")
+
+
+def run(args: argparse.Namespace) -> dict:
+    plan = blend(args.real, args.synthetic, args.synthetic_weight, args.epochs, args.seq_length,
+                 args.global_batch_size, args.output_dir, args.split, args.seed, args.valid_data)
+    print(format_plan(plan))
+    print(f"wrote {', '.join(plan['files'].values())}")
+    print(f"Megatron-LM flags: {plan['megatron_flags']}")
+    if args.verify:
+        from megadoc_megatron.data.blend_verify import format_verification, verify_blend
+
+        print(format_verification(verify_blend(plan)))
+    return plan

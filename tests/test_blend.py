@@ -1,0 +1,105 @@
+"""`megadoc blend`: exact real epochs through megatron-core's own BlendedMegatronDatasetBuilder."""
+
+import json
+
+import pytest
+
+from megadoc_megatron.cli import main
+from megadoc_megatron.data.blend import blend
+from megadoc_megatron.data.blend_verify import verify_blend
+from megadoc_megatron.data.preprocess import preprocess
+from megadoc_megatron.errors import InputError
+
+
+def make_dataset(tmp, name, texts, tokenizer_type, model):
+    path = tmp / f"{name}.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    preprocess([str(path)], str(tmp / name), tokenizer_type, str(model), append_eod=True, workers=1)
+    return str(tmp / f"{name}_text_document")
+
+
+@pytest.fixture(scope="module")
+def streams(tmp_path_factory, golden_lines, spm_model):
+    """Real and synthetic datasets whose documents are much longer / much shorter than a sample."""
+    tmp = tmp_path_factory.mktemp("blend")
+    docs = [json.loads(line)["text"] for line in golden_lines]
+    long_docs = [d for d in docs if len(d) > 2000]
+    sentences = [s.strip() for d in docs for s in d.split(". ") if 10 < len(s.strip()) < 80]
+    spm = ("SentencePieceTokenizer", spm_model)
+    return {
+        "long": (make_dataset(tmp, "real_long", long_docs[:12], *spm), make_dataset(tmp, "syn_long", long_docs[12:30], *spm)),
+        "short": (make_dataset(tmp, "real_short", sentences[:150], *spm), make_dataset(tmp, "syn_short", sentences[150:], *spm)),
+    }
+
+
+@pytest.mark.parametrize("documents,seq_length", [("long", 64), ("short", 128)])
+@pytest.mark.parametrize("weight", [0.5, 0.75, 0.9])
+@pytest.mark.parametrize("epochs", [1, 2, 4, 16])
+def test_realized_real_epochs_are_exact(streams, tmp_path, documents, seq_length, weight, epochs):
+    real, synthetic = streams[documents]
+    plan = blend([real], [synthetic], weight, epochs, seq_length, 16, tmp_path)
+    assert plan["train_samples"] % 16 == 0
+    assert plan["synthetic_weight_realized"] >= weight
+    real_row, synthetic_row = verify_blend(plan)
+    assert abs(real_row["drawn"] - real_row["samples_in_full_passes"]) <= 1
+    assert real_row["all_from_full_passes"]
+    assert abs(real_row["epochs"] - epochs) <= seq_length / plan["datasets"][0]["train_tokens"]
+    assert abs(synthetic_row["drawn"] - synthetic_row["planned"]) <= 1
+
+
+def test_several_real_datasets_each_get_exact_epochs(streams, tmp_path):
+    (real_long, syn_long), (real_short, _) = streams["long"], streams["short"]
+    plan = blend([real_long, real_short], [syn_long], 0.75, 3, 64, 8, tmp_path)
+    for row in verify_blend(plan)[:2]:
+        assert abs(row["drawn"] - row["samples_in_full_passes"]) <= 1 and row["all_from_full_passes"]
+
+
+def test_output_files_are_what_megatron_reads(streams, tmp_path, capsys):
+    from megatron.core.datasets.utils import get_blend_from_list
+
+    real, synthetic = streams["long"]
+    assert main(["blend", "--real", real, "--synthetic", synthetic, "-w", "0.75", "-E", "2", "--seq-length", "64",
+                 "--global-batch-size", "8", "--valid-data", real, "--output-dir", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "--data-args-path" in printed and "exactly 2 passes" in printed
+    prefixes, weights = get_blend_from_list((tmp_path / "data_args.txt").read_text().split())
+    plan = json.loads((tmp_path / "blend.json").read_text())
+    assert prefixes == [d["prefix"] for d in plan["datasets"]] and weights == [d["weight"] for d in plan["datasets"]]
+    per_split = json.loads((tmp_path / "per_split_data_args.json").read_text())
+    assert sorted(per_split) == ["test", "train", "valid"] and per_split["train"] == (tmp_path / "data_args.txt").read_text().split()
+
+
+def test_rewritten_dataset_gets_a_new_index_cache(tmp_path, spm_model, golden_lines):
+    docs = [json.loads(line)["text"] for line in golden_lines][:30]
+    spm = ("SentencePieceTokenizer", spm_model)
+    real, synthetic = make_dataset(tmp_path, "real", docs[:15], *spm), make_dataset(tmp_path, "syn", docs[15:], *spm)
+    first = blend([real], [synthetic], 0.5, 2, 64, 8, tmp_path / "a")["data_cache_path"]
+    assert blend([real], [synthetic], 0.5, 2, 64, 8, tmp_path / "a")["data_cache_path"] == first
+    make_dataset(tmp_path, "real", docs[:14], *spm)  # same prefix, new content
+    assert blend([real], [synthetic], 0.5, 2, 64, 8, tmp_path / "a")["data_cache_path"] != first
+
+
+@pytest.mark.parametrize("weight,epochs,seq_length,message", [
+    (1.0, 2, 64, "strictly between 0 and 1"),
+    (0.0, 2, 64, "strictly between 0 and 1"),
+    (0.5, 0, 64, "at least 1"),
+    (0.5, 2, 10**7, "fewer than one sample"),
+])
+def test_impossible_requests(streams, tmp_path, weight, epochs, seq_length, message):
+    real, synthetic = streams["long"]
+    with pytest.raises(InputError, match=message):
+        blend([real], [synthetic], weight, epochs, seq_length, 8, tmp_path)
+
+
+def test_tokenizer_mismatch(streams, tmp_path, hf_tokenizer, golden_lines):
+    real, _ = streams["long"]
+    docs = [json.loads(line)["text"] for line in golden_lines][:10]
+    other = make_dataset(tmp_path, "hf", docs, "HuggingFaceTokenizer", hf_tokenizer)
+    with pytest.raises(InputError, match="different tokenizers"):
+        blend([real], [other], 0.5, 2, 64, 8, tmp_path)
+
+
+def test_valid_data_needs_the_whole_train_split(streams, tmp_path):
+    real, synthetic = streams["long"]
+    with pytest.raises(InputError, match="--valid-data needs --split 100,0,0"):
+        blend([real], [synthetic], 0.5, 2, 64, 8, tmp_path, split="98,2,0", valid_data=[real])
