@@ -13,6 +13,7 @@ from megadoc_megatron.errors import InputError
 STAGES = {
     "preprocess": ("megadoc_megatron.data.preprocess", "tokenize JSONL into Megatron indexed datasets (.bin/.idx)"),
     "inspect": ("megadoc_megatron.data.inspect", "summarize an indexed dataset and decode a document"),
+    "megadocs": ("megadoc_megatron.megadocs", "assemble the synthetic stream: simple, stitch or stretch megadocs"),
     "blend": ("megadoc_megatron.data.blend", "weights and train length for a mixing weight w and exactly E real epochs"),
 }
 

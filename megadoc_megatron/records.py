@@ -120,3 +120,37 @@ def iter_records(path) -> Iterator[tuple[int, dict]]:
     for number, raw in enumerate(iter_lines(path), start=1):
         if raw.strip():
             yield number, parse_record(raw, path, number)
+
+
+# The record schema that travels from synthesis to megadoc assembly.
+#   real document:  {"id": str, "text": str, ...}
+#   generation:     {"id": str, "source_id": str, "operation": "rephrase" | "rationale", "index": int,
+#                    "style": str, "prompt_version": str, "generator": {...}, "text": str,
+#                    "split_char": int}   # rationale only: where in the source text the thought goes
+#   megadoc:        {"id": str, "source_id": str, "kind": str, "generation_ids": [str],
+#                    "original_chars": int, "text": str}
+GENERATION_KEYS = {"id": str, "source_id": str, "operation": str, "index": int, "text": str}
+
+
+def require_fields(record: dict, fields: dict, path, line: int, what: str) -> None:
+    """Each field present with its type, or an InputError naming the file and line."""
+    for key, kind in fields.items():
+        if key not in record:
+            raise InputError(f"{what} lacks the key {key!r}", path, line, fix=f"give every {what} a {key!r}")
+        if not isinstance(record[key], kind) or isinstance(record[key], bool):
+            raise InputError(f"{what} key {key!r} is a JSON {type(record[key]).__name__}, not {kind.__name__}",
+                             path, line, fix=f"store {key!r} as a {kind.__name__}")
+
+
+def iter_records_at_offsets(path) -> Iterator[tuple[int, int, dict]]:
+    """(line number, byte offset, record) for every non-blank line of a plain JSONL file."""
+    offset = 0
+    for number, raw in enumerate(iter_lines(path), start=1):
+        if raw.strip():
+            yield number, offset, parse_record(raw, path, number)
+        offset += len(raw)
+
+
+def read_record_at(stream: BinaryIO, offset: int) -> dict:
+    stream.seek(offset)
+    return json.loads(stream.readline())

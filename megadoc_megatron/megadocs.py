@@ -1,0 +1,297 @@
+"""`megadoc megadocs`: assemble the synthetic stream from real documents and generation records.
+
+- simple:  every rephrase is its own document (plus the original, unless --original none),
+           shuffled across the corpus with --seed.
+- stitch:  per source document, its G rephrases joined by --separator, with the original at the
+           back (default, best in the paper), the front, or left out.
+- stretch: the source document cut at its rationales' split points, each rationale wrapped in
+           --think-open/--think-close: chunk0 <think>t1</think> chunk1 ... <think>tG</think> chunkG.
+
+Records are read by byte offset from plain JSONL (compressed inputs are first copied to a plain
+temporary file), so memory holds ids and offsets, never the generated texts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from megadoc_megatron.data.tokenizer import TOKENIZER_TYPES, load_tokenizer
+from megadoc_megatron.errors import InputError
+from megadoc_megatron.records import (GENERATION_KEYS, expand_inputs, is_compressed, iter_records_at_offsets,
+                                      open_binary, read_record_at, require_fields)
+
+KINDS = ("simple", "stitch", "stretch")
+OPERATION_OF_KIND = {"simple": "rephrase", "stitch": "rephrase", "stretch": "rationale"}
+
+
+@dataclass(frozen=True)
+class Pointer:
+    file: int
+    offset: int
+
+
+@dataclass(frozen=True)
+class Generation:
+    index: int
+    pointer: Pointer
+    id: str
+    split_char: int | None
+    path: str  # where the record is, for messages
+    line: int
+
+
+class RecordStore:
+    """JSONL files read by byte offset; compressed ones are spooled to plain copies first."""
+
+    def __init__(self, spool_dir: Path):
+        self.spool_dir, self.paths, self.names, self._streams = spool_dir, [], [], {}
+
+    def scan(self, path: Path):
+        """Register a file; yields (file index, line, offset, record) for each record."""
+        readable = path
+        if is_compressed(path):
+            readable = self.spool_dir / f"{len(self.paths)}.jsonl"
+            with open_binary(path) as source, open(readable, "wb") as copy:
+                shutil.copyfileobj(source, copy, 1 << 24)
+        self.paths.append(readable)
+        self.names.append(str(path))
+        file_index = len(self.paths) - 1
+        for line, offset, record in iter_records_at_offsets(readable):
+            yield file_index, line, offset, record
+
+    def read(self, pointer: Pointer) -> dict:
+        if pointer.file not in self._streams:
+            self._streams[pointer.file] = open(self.paths[pointer.file], "rb")
+        return read_record_at(self._streams[pointer.file], pointer.offset)
+
+    def close(self) -> None:
+        for stream in self._streams.values():
+            stream.close()
+
+
+def _index_real(store: RecordStore, paths, id_key: str, text_key: str) -> dict[str, Pointer]:
+    documents: dict[str, Pointer] = {}
+    for path in paths:
+        for file_index, line, offset, record in store.scan(path):
+            require_fields(record, {id_key: str, text_key: str}, path, line, "real document")
+            if record[id_key] in documents:
+                raise InputError(f"document id {record[id_key]!r} appears twice", path, line,
+                                 fix="give every real document a unique id")
+            documents[record[id_key]] = Pointer(file_index, offset)
+    return documents
+
+
+def _index_generations(store: RecordStore, paths, kind: str, real: dict) -> dict[str, list[Generation]]:
+    expected = OPERATION_OF_KIND[kind]
+    by_source: dict[str, list[Generation]] = defaultdict(list)
+    seen: dict[tuple[str, int], str] = {}
+    for path in paths:
+        for file_index, line, offset, record in store.scan(path):
+            require_fields(record, GENERATION_KEYS, path, line, "generation record")
+            if record["operation"] != expected:
+                raise InputError(f"{kind} megadocs are built from {expected} records, this one is a "
+                                 f"{record['operation']!r}", path, line, fix=f"pass the {expected} records of `megadoc synth`")
+            if kind == "stretch":
+                require_fields(record, {"split_char": int}, path, line, "rationale record")
+            source = record["source_id"]
+            if source not in real:
+                raise InputError(f"generation for source document {source!r}, which is not among the real documents",
+                                 path, line, fix="pass the real corpus that was given to `megadoc synth`")
+            key = (source, record["index"])
+            if key in seen:
+                raise InputError(f"a second generation with index {record['index']} for document {source!r} "
+                                 f"(the first is at {seen[key]})", path, line, fix="remove the duplicate generation")
+            seen[key] = f"{path}:{line}"
+            by_source[source].append(Generation(record["index"], Pointer(file_index, offset), record["id"],
+                                                record.get("split_char"), str(path), line))
+    return by_source
+
+
+def _check_uniform(real: dict, generations: dict, allow_uneven: bool) -> int:
+    """The number G of generations per document; all documents must have G unless allowed."""
+    counts = Counter(len(generations.get(source, ())) for source in real)
+    common = counts.most_common(1)[0][0]
+    if len(counts) > 1 and not allow_uneven:
+        odd = next(s for s in real if len(generations.get(s, ())) != common)
+        raise InputError(f"document {odd!r} has {len(generations.get(odd, ()))} generations while most have {common} "
+                         f"(counts: {dict(sorted(counts.items()))})",
+                         fix="complete the missing generations, or pass --allow-uneven to accept them")
+    return common
+
+
+def stitch(original: str, rephrases: list[str], original_position: str, separator: str) -> tuple[str, int]:
+    parts = {"back": rephrases + [original], "front": [original] + rephrases, "none": rephrases}[original_position]
+    return separator.join(parts), (0 if original_position == "none" else len(original))
+
+
+def stretch(original: str, rationales: list[tuple[int, str]], think_open: str, think_close: str) -> str:
+    pieces, start = [], 0
+    for split, thought in rationales:
+        pieces += [original[start:split], think_open, thought.strip(), think_close]
+        start = split
+    return "".join(pieces + [original[start:]])
+
+
+def _ordered(generations: list[Generation], order: str, seed: int, source: str) -> list[Generation]:
+    ordered = sorted(generations, key=lambda g: g.index)
+    if order == "shuffle":
+        random.Random(f"{seed}:{source}").shuffle(ordered)
+    return ordered
+
+
+def _stretch_splits(source: str, text: str, generations: list[Generation]) -> list[Generation]:
+    ordered = sorted(generations, key=lambda g: g.split_char)
+    for previous, current in zip([None] + ordered, ordered):
+        if not 0 <= current.split_char <= len(text):
+            raise InputError(f"split_char {current.split_char} lies outside document {source!r} ({len(text)} characters)",
+                             current.path, current.line, fix="regenerate the rationales from this version of the document")
+        if previous is not None and previous.split_char == current.split_char:
+            raise InputError(f"two rationales of document {source!r} share split_char {current.split_char} "
+                             f"(also at {previous.path}:{previous.line})", current.path, current.line, fix="keep one rationale per split point")
+    return ordered
+
+
+def _megadoc_rows(store, real, generations, args):
+    """Yield the output records (before the global shuffle of `simple`)."""
+    for source, pointer in real.items():
+        original = store.read(pointer)[args.text_key]
+        gens = generations.get(source, [])
+        if args.kind == "simple":
+            for g in _ordered(gens, "index", args.seed, source):
+                yield {"id": g.id, "source_id": source, "kind": "simple", "generation_ids": [g.id],
+                       "original_chars": 0, "text": store.read(g.pointer)["text"]}
+            if args.original != "none":
+                yield {"id": f"{source}#original", "source_id": source, "kind": "original", "generation_ids": [],
+                       "original_chars": len(original), "text": original}
+        elif args.kind == "stitch":
+            ordered = _ordered(gens, args.order, args.seed, source)
+            text, original_chars = stitch(original, [store.read(g.pointer)["text"] for g in ordered],
+                                          args.original, args.separator)
+            yield {"id": f"{source}#stitch", "source_id": source, "kind": "stitch",
+                   "generation_ids": [g.id for g in ordered], "original_chars": original_chars, "text": text}
+        else:
+            ordered = _stretch_splits(source, original, gens)
+            text = stretch(original, [(g.split_char, store.read(g.pointer)["text"]) for g in ordered],
+                           args.think_open, args.think_close)
+            yield {"id": f"{source}#stretch", "source_id": source, "kind": "stretch",
+                   "generation_ids": [g.id for g in ordered], "original_chars": len(original), "text": text}
+
+
+def _length_stats(lengths: list[int]) -> dict:
+    values = np.asarray(lengths, dtype=np.int64)
+    if len(values) == 0:
+        return {}
+    return {"min": int(values.min()), "mean": float(values.mean()), "median": float(np.median(values)),
+            "p90": float(np.percentile(values, 90)), "max": int(values.max()), "total": int(values.sum())}
+
+
+def build_megadocs(args: argparse.Namespace) -> dict:
+    output = Path(args.output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer(args.tokenizer_type, args.tokenizer_model) if args.tokenizer_type else None
+    with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as spool:
+        store = RecordStore(Path(spool))
+        try:
+            real = _index_real(store, expand_inputs(args.real), args.id_key, args.text_key)
+            generations = _index_generations(store, expand_inputs(args.generations), args.kind, real)
+            per_document = _check_uniform(real, generations, args.allow_uneven)
+            rows = _megadoc_rows(store, real, generations, args)
+            if args.kind == "simple":  # shuffle across the corpus: keep offsets, not texts
+                rows = _shuffled(rows, Path(spool), args.seed)
+            temporary = Path(spool) / "megadocs.jsonl"
+            summary = _write(rows, temporary, tokenizer)
+            os.replace(temporary, output)
+        finally:
+            store.close()
+    summary.update(kind=args.kind, sources=len(real), generations_per_document=per_document,
+                   generations=sum(len(g) for g in generations.values()), output=str(output),
+                   settings={k: getattr(args, k) for k in ("original", "separator", "order", "seed", "think_open",
+                                                           "think_close", "allow_uneven")})
+    summary_path = Path(f"{output}.summary.json")
+    summary_path.with_name(summary_path.name + ".tmp").write_text(json.dumps(summary, indent=2) + "\n")
+    os.replace(summary_path.with_name(summary_path.name + ".tmp"), summary_path)
+    return summary
+
+
+def _shuffled(rows, spool: Path, seed: int):
+    unshuffled = spool / "unshuffled.jsonl"
+    offsets = []
+    with open(unshuffled, "wb") as out:
+        for row in rows:
+            offsets.append(out.tell())
+            out.write(json.dumps(row, ensure_ascii=False).encode() + b"\n")
+    random.Random(seed).shuffle(offsets)
+    with open(unshuffled, "rb") as stream:
+        for offset in offsets:
+            yield read_record_at(stream, offset)
+
+
+def _write(rows, path: Path, tokenizer, batch: int = 256) -> dict:
+    chars, tokens, originals, pending = [], [], 0, []
+
+    def count_tokens():
+        tokens.extend(len(ids) for ids in tokenizer.encode_batch(pending))
+        pending.clear()
+
+    with open(path, "w", encoding="utf-8") as out:
+        for row in rows:
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+            chars.append(len(row["text"]))
+            originals += row["original_chars"]
+            if tokenizer is not None:
+                pending.append(row["text"])
+                if len(pending) >= batch:
+                    count_tokens()
+    if tokenizer is not None and pending:
+        count_tokens()
+    return {"documents": len(chars), "chars": sum(chars), "original_chars": originals,
+            "chars_per_document": _length_stats(chars),
+            "tokens_per_document": _length_stats(tokens) if tokenizer is not None else None}
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"{summary['kind']}: {summary['documents']:,} documents from {summary['sources']:,} sources and "
+             f"{summary['generations']:,} generations (G = {summary['generations_per_document']}) -> {summary['output']}",
+             f"originals make up {summary['original_chars'] / max(summary['chars'], 1):.1%} of the characters"]
+    for unit in ("tokens", "chars"):
+        stats = summary.get(f"{unit}_per_document")
+        if stats:
+            lines.append(f"{unit}/document: min {stats['min']:,}  mean {stats['mean']:,.0f}  median {stats['median']:,.0f}  "
+                         f"p90 {stats['p90']:,.0f}  max {stats['max']:,}  (total {stats['total']:,})")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--kind", choices=KINDS, required=True)
+    parser.add_argument("--real", nargs="+", required=True, help="real documents: JSONL files, globs or folders")
+    parser.add_argument("--generations", nargs="+", required=True, help="generation records of `megadoc synth`")
+    parser.add_argument("--output", required=True, help="output JSONL (a .summary.json is written beside it)")
+    parser.add_argument("--original", choices=("back", "front", "none"), default="back",
+                        help="stitch: where the original goes; simple: 'none' leaves it out, else it is its own document")
+    parser.add_argument("--separator", default="\n\n", help="stitch: text between the parts")
+    parser.add_argument("--order", choices=("index", "shuffle"), default="index", help="stitch: order of the rephrases")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--think-open", default="<think>")
+    parser.add_argument("--think-close", default="</think>")
+    parser.add_argument("--allow-uneven", action="store_true", help="accept documents with other numbers of generations")
+    parser.add_argument("--id-key", default="id")
+    parser.add_argument("--text-key", default="text")
+    parser.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, help="report token lengths with this tokenizer")
+    parser.add_argument("--tokenizer-model")
+
+
+def run(args: argparse.Namespace) -> dict:
+    summary = build_megadocs(args)
+    print(format_summary(summary), file=sys.stdout)
+    return summary
