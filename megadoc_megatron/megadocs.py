@@ -29,7 +29,7 @@ import numpy as np
 from megadoc_megatron.data.tokenizer import TOKENIZER_TYPES, load_tokenizer
 from megadoc_megatron.errors import InputError
 from megadoc_megatron.records import (GENERATION_KEYS, expand_inputs, is_compressed, iter_records_at_offsets,
-                                      open_binary, read_record_at, require_fields)
+                                      open_binary, read_record_at, require_fields, write_text_atomic)
 
 KINDS = ("simple", "stitch", "stretch")
 OPERATION_OF_KIND = {"simple": "rephrase", "stitch": "rephrase", "stretch": "rationale"}
@@ -218,9 +218,7 @@ def build_megadocs(args: argparse.Namespace) -> dict:
                    generations=sum(len(g) for g in generations.values()), output=str(output),
                    settings={k: getattr(args, k) for k in ("original", "separator", "order", "seed", "think_open",
                                                            "think_close", "allow_uneven")})
-    summary_path = Path(f"{output}.summary.json")
-    summary_path.with_name(summary_path.name + ".tmp").write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(summary_path.with_name(summary_path.name + ".tmp"), summary_path)
+    write_text_atomic(f"{output}.summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 

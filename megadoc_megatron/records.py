@@ -10,6 +10,7 @@ import glob
 import gzip
 import io
 import json
+import os
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
@@ -17,6 +18,14 @@ from megadoc_megatron.errors import InputError
 
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 COMPRESSED_SUFFIXES = (".gz", ".zst")
+
+
+def write_text_atomic(path, text: str) -> None:
+    """Write under a temporary name, then rename: readers see the old file or the new one."""
+    path = Path(path)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(text, encoding="utf-8")
+    os.replace(temporary, path)
 
 
 def is_compressed(path) -> bool:

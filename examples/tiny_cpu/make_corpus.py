@@ -11,6 +11,7 @@ from pathlib import Path
 import sentencepiece
 
 from megadoc_megatron.corpus import is_heldout, stdlib_documents
+from megadoc_megatron.records import write_text_atomic
 
 
 def main() -> None:
@@ -26,9 +27,8 @@ def main() -> None:
     for document in documents:
         splits["heldout" if is_heldout(document["id"], args.heldout_fraction) else "train"].append(document)
     for name, rows in splits.items():
-        temporary = args.output_dir / f"{name}.jsonl.tmp"
-        temporary.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
-        temporary.replace(args.output_dir / f"{name}.jsonl")
+        write_text_atomic(args.output_dir / f"{name}.jsonl",
+                          "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
         print(f"{name}: {len(rows)} documents, {sum(len(r['text']) for r in rows):,} characters")
 
     sentencepiece.SentencePieceTrainer.train(

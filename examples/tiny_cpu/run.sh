@@ -7,6 +7,8 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 work=${WORK:-$here/work}
 mkdir -p "$work/data"
+# The console script may not be on PATH yet (e.g. before a pyenv rehash): same code either way.
+command -v megadoc >/dev/null || megadoc() { python -m megadoc_megatron.cli "$@"; }
 
 python "$here/make_corpus.py" --output-dir "$work"
 for split in train heldout; do

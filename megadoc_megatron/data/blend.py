@@ -21,7 +21,6 @@ import argparse
 import hashlib
 import json
 import math
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -30,6 +29,7 @@ import numpy as np
 from megadoc_megatron.data.indexed import dataset_paths, read_index
 from megadoc_megatron.data.preprocess import metadata_path
 from megadoc_megatron.errors import InputError
+from megadoc_megatron.records import write_text_atomic
 
 MEGATRON_SURPLUS = 0.005  # megatron-core's default mid_level_dataset_surplus
 FINAL_EPOCH_THRESHOLD = 0.8  # GPTDataset shuffles a final epoch used for less than this apart
@@ -195,12 +195,6 @@ def megatron_flags(plan: dict, files: dict) -> str:
     return " ".join(flags)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
-
-
 def format_plan(plan: dict) -> str:
     lines = [f"{plan['train_iters']:,} iterations x {plan['global_batch_size']} sequences = "
              f"{plan['train_samples']:,} samples of {plan['seq_length'] + 1} tokens",
@@ -229,18 +223,18 @@ def blend(real: list[str], synthetic: list[str], synthetic_weight: float, epochs
     output_dir.mkdir(parents=True, exist_ok=True)
     plan.update(split=split, seed=seed, data_cache_path=str(cache_folder(output_dir.resolve(), plan, split, seed)))
     files = {"data_args": str((output_dir / "data_args.txt").resolve()), "plan": str((output_dir / "blend.json").resolve())}
-    _write_atomic(Path(files["data_args"]), " ".join(data_args(plan)) + "\n")
+    write_text_atomic(Path(files["data_args"]), " ".join(data_args(plan)) + "\n")
     if valid_data:
         if split_fractions(split)[0] != 1.0:
             raise InputError("--valid-data needs --split 100,0,0 (the held-out data replaces the split)",
                              fix="drop --valid-data or use --split 100,0,0")
         held_out = [item for p in valid_data for item in ("1.0", str(Path(p).resolve()))]
         files["per_split_data_args"] = str((output_dir / "per_split_data_args.json").resolve())
-        _write_atomic(Path(files["per_split_data_args"]),
+        write_text_atomic(Path(files["per_split_data_args"]),
                       json.dumps({"train": data_args(plan), "valid": held_out, "test": held_out}, indent=2) + "\n")
     plan["files"] = files
     plan["megatron_flags"] = megatron_flags(plan, files)
-    _write_atomic(Path(files["plan"]), json.dumps(plan, indent=2) + "\n")
+    write_text_atomic(Path(files["plan"]), json.dumps(plan, indent=2) + "\n")
     return plan
 
 

@@ -30,11 +30,11 @@ from pathlib import Path
 import numpy as np
 
 from megadoc_megatron import __version__
-from megadoc_megatron.data.indexed import commit_dataset, dataset_paths
+from megadoc_megatron.data.indexed import commit_dataset
 from megadoc_megatron.data.tokenizer import TOKENIZER_TYPES, load_tokenizer
 from megadoc_megatron.errors import InputError
 from megadoc_megatron.records import (count_lines_before, expand_inputs, is_compressed, iter_lines,
-                                      line_starts, parse_record)
+                                      line_starts, parse_record, write_text_atomic)
 
 BATCH_LINES = 512
 BATCH_BYTES = 4 << 20
@@ -235,7 +235,8 @@ def _convert_part(job: tuple[Part, str]) -> PartResult:
 def plan_parts(files: list[Path], workers: int, max_part_bytes: int) -> list[Part]:
     """Cut plain files into byte ranges so that every worker has several parts to do."""
     plain_bytes = sum(f.stat().st_size for f in files if not is_compressed(f))
-    part_bytes = min(max_part_bytes, max(MIN_PART_BYTES, math.ceil(plain_bytes / (4 * workers))))
+    # ~8 parts per worker: the last parts to finish leave little of the run to a single worker.
+    part_bytes = min(max_part_bytes, max(MIN_PART_BYTES, math.ceil(plain_bytes / (8 * workers))))
     parts = []
     for file_index, path in enumerate(files):
         size = path.stat().st_size
@@ -341,9 +342,7 @@ def _commit_outputs(groups, stems, results, options: Options, tokenizer) -> list
                 "tokenizer": tokenizer.describe(),
                 "created_by": f"megadoc-megatron {__version__}",
             }
-            temporary = metadata_path(prefix).with_name(metadata_path(prefix).name + ".tmp")
-            temporary.write_text(json.dumps(summary, indent=2) + "\n")
-            os.replace(temporary, metadata_path(prefix))
+            write_text_atomic(metadata_path(prefix), json.dumps(summary, indent=2) + "\n")
             written.append(summary)
     return written
 
