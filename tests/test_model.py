@@ -1,0 +1,155 @@
+"""The Llama-style GPT on megatron-core: portable attention, causality, learning, presets, TP=2 == TP=1."""
+
+import json
+import math
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from megadoc_megatron.errors import InputError
+from megadoc_megatron.model import PRESETS, build_gpt, layer_spec, parameter_count, transformer_config
+from megadoc_megatron.model.gpt import PortableCoreAttention, transformer_engine_available
+
+VOCAB, SEQ, BATCH = 256, 32, 4
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def init_parallel(rank: int, world_size: int, port: int, tensor_parallel: int) -> None:
+    from megatron.core import parallel_state
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel)
+
+
+def teardown_parallel() -> None:
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    dist.destroy_process_group()
+
+
+@pytest.fixture()
+def one_process():
+    init_parallel(0, 1, free_port(), 1)
+    yield
+    teardown_parallel()
+
+
+def batch(seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=generator)
+    return tokens[:, :-1], tokens[:, 1:], torch.arange(SEQ).expand(BATCH, -1)
+
+
+def tiny_model(tensor_parallel=1, seed=1234):
+    torch.manual_seed(seed)
+    config = transformer_config("tiny", tensor_parallel=tensor_parallel)
+    return build_gpt(config, VOCAB, SEQ)
+
+
+def test_portable_attention_matches_naive_grouped_query_attention():
+    config = transformer_config("tiny")
+    seq, b, heads, groups, dim = 7, 2, 4, 2, 16
+    q, k, v = torch.randn(seq, b, heads, dim), torch.randn(seq, b, groups, dim), torch.randn(seq, b, groups, dim)
+    out = PortableCoreAttention(config, layer_number=1)(q, k, v)
+    k_full, v_full = k.repeat_interleave(heads // groups, 2), v.repeat_interleave(heads // groups, 2)
+    scores = torch.einsum("sbhd,tbhd->bhst", q, k_full) / math.sqrt(dim)
+    scores = scores.masked_fill(torch.ones(seq, seq).triu(1).bool(), float("-inf"))
+    expected = torch.einsum("bhst,tbhd->sbhd", scores.softmax(-1), v_full).reshape(seq, b, heads * dim)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_model_is_causal(one_process):
+    model = tiny_model().eval()
+    tokens, _, positions = batch()
+    changed = tokens.clone()
+    changed[:, 20:] = (changed[:, 20:] + 1) % VOCAB
+    with torch.no_grad():
+        before, after = model(tokens, positions, None), model(changed, positions, None)
+    torch.testing.assert_close(before[:, :20], after[:, :20])
+    assert not torch.allclose(before[:, 20:], after[:, 20:])
+
+
+def test_tiny_model_learns_a_batch(one_process):
+    model = tiny_model()
+    tokens, labels, positions = batch()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(30):
+        loss = model(tokens, positions, None, labels=labels).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(math.log(VOCAB), rel=0.1)  # starts near uniform
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_parameter_count_formula_matches_megatron_core(one_process):
+    model = tiny_model()
+    assert sum(p.numel() for p in model.parameters()) == parameter_count(PRESETS["tiny"], VOCAB)
+
+
+@pytest.mark.parametrize("name,expected", [("150M", 154e6), ("300M", 300e6), ("600M", 602e6), ("1.5B", 1.54e9)])
+def test_presets_have_the_papers_sizes_with_the_llama3_vocabulary(name, expected):
+    assert parameter_count(PRESETS[name], 128256) == pytest.approx(expected, rel=0.01)
+
+
+def test_te_backend_without_transformer_engine_is_a_clear_error():
+    if transformer_engine_available():
+        pytest.skip("Transformer Engine is installed")
+    with pytest.raises(InputError, match="needs Transformer Engine"):
+        layer_spec("te")
+    with pytest.raises(InputError, match="FP8 needs the Transformer Engine"):
+        transformer_config("tiny", backend="portable", fp8="hybrid")
+
+
+@pytest.mark.skipif(not transformer_engine_available(), reason="needs Transformer Engine (GPU machines)")
+def test_fp8_config_uses_the_transformer_engine_spec():
+    config = transformer_config("150M", backend="te", bf16=True, fp8="hybrid", fp8_recipe="delayed")
+    assert (config.fp8, config.fp8_amax_history_len, config.fp8_amax_compute_algo) == ("hybrid", 1024, "max")
+    core_attention = layer_spec("te").submodules.self_attention.submodules.core_attention
+    assert core_attention.__name__ == "TEDotProductAttention"
+
+
+def loss_and_grad_norm(model) -> tuple[float, float]:
+    """Loss on the fixed batch and the global gradient norm (sharded weights summed over TP ranks)."""
+    from megatron.core import parallel_state
+
+    tokens, labels, positions = batch()
+    loss = model(tokens, positions, None, labels=labels).mean()
+    loss.backward()
+    sharded = sum(p.grad.pow(2).sum() for p in model.parameters() if getattr(p, "tensor_model_parallel", False))
+    replicated = sum(p.grad.pow(2).sum() for p in model.parameters() if not getattr(p, "tensor_model_parallel", False))
+    sharded = torch.as_tensor(sharded, dtype=torch.float64)
+    dist.all_reduce(sharded, group=parallel_state.get_tensor_model_parallel_group())
+    return loss.item(), float((sharded + replicated).sqrt())
+
+
+def _tensor_parallel_rank(rank, port, out_dir):
+    init_parallel(rank, 2, port, 2)
+    try:
+        loss, grad_norm = loss_and_grad_norm(tiny_model(tensor_parallel=2))
+        (out_dir / f"rank{rank}.json").write_text(json.dumps([loss, grad_norm]))
+    finally:
+        teardown_parallel()
+
+
+def test_tensor_parallel_2_matches_1(tmp_path):
+    torch.multiprocessing.spawn(_tensor_parallel_rank, args=(free_port(), tmp_path), nprocs=2, join=True)
+    init_parallel(0, 1, free_port(), 1)
+    try:
+        expected = loss_and_grad_norm(tiny_model())
+    finally:
+        teardown_parallel()
+    for rank in range(2):
+        loss, grad_norm = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert loss == pytest.approx(expected[0], rel=1e-5)
+        assert grad_norm == pytest.approx(expected[1], rel=1e-4)
