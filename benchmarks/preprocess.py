@@ -104,7 +104,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count())
     parser.add_argument("--input", type=Path, help="a JSONL file with a 'text' key (default: a generated corpus)")
     parser.add_argument("--size-mb", type=float, default=64, help="size of the generated corpus")
-    parser.add_argument("--append-eod", action="store_true", default=True)
+    parser.add_argument("--no-append-eod", dest="append_eod", action="store_false",
+                        help="do not append EOD (default: append, as in most pre-training data)")
     parser.add_argument("--repeat", type=int, default=3, help="runs of ours and of the baseline; best of each")
     parser.add_argument("--megatron-lm", type=Path, help="a Megatron-LM checkout, to time its preprocess_data.py")
     args = parser.parse_args()

@@ -124,13 +124,6 @@ def parse_record(raw: bytes, path, line: int) -> dict:
     return record
 
 
-def iter_records(path) -> Iterator[tuple[int, dict]]:
-    """(line number, record) for every non-blank line of a JSONL file."""
-    for number, raw in enumerate(iter_lines(path), start=1):
-        if raw.strip():
-            yield number, parse_record(raw, path, number)
-
-
 # The record schema that travels from synthesis to megadoc assembly.
 #   real document:  {"id": str, "text": str, ...}
 #   generation:     {"id": str, "source_id": str, "operation": "rephrase" | "rationale", "index": int,

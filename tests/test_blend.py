@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 from megadoc_megatron.cli import main
@@ -89,6 +90,17 @@ def test_impossible_requests(streams, tmp_path, weight, epochs, seq_length, mess
     real, synthetic = streams["long"]
     with pytest.raises(InputError, match=message):
         blend([real], [synthetic], weight, epochs, seq_length, 8, tmp_path)
+
+
+def test_too_few_samples_per_epoch_for_exact_passes(tmp_path, spm_model, golden_lines):
+    # About two samples per pass: megatron-core would shuffle the spill-over epoch together with
+    # the others, so the passes could not be exact.
+    text = json.loads(golden_lines[0])["text"]
+    spm = ("SentencePieceTokenizer", spm_model)
+    real, synthetic = make_dataset(tmp_path, "real", [text], *spm), make_dataset(tmp_path, "syn", [text] * 4, *spm)
+    tokens = len(np.fromfile(f"{real}.bin", dtype=np.uint16))
+    with pytest.raises(InputError, match="samples per epoch: too few"):
+        blend([real], [synthetic], 0.5, 4, tokens // 2, 8, tmp_path)
 
 
 def test_tokenizer_mismatch(streams, tmp_path, hf_tokenizer, golden_lines):

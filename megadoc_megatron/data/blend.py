@@ -70,7 +70,10 @@ def train_sequence_range(num_sequences: int, split: str) -> tuple[int, int]:
 def content_fingerprint(prefix) -> str:
     """Hash of the whole `.idx`, the `.bin` size and its first and last MiB."""
     bin_path, idx_path = dataset_paths(prefix)
-    digest = hashlib.sha256(idx_path.read_bytes())
+    digest = hashlib.sha256()
+    with open(idx_path, "rb") as index:
+        for block in iter(lambda: index.read(1 << 24), b""):
+            digest.update(block)
     size = bin_path.stat().st_size
     digest.update(str(size).encode())
     with open(bin_path, "rb") as stream:

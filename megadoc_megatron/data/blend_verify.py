@@ -5,7 +5,6 @@ Kept apart from blend.py because importing megatron-core takes ~10 s on CPU.
 
 from __future__ import annotations
 
-import json
 import socket
 from contextlib import contextmanager
 from pathlib import Path
@@ -14,8 +13,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from megadoc_megatron.data.blend import MEGATRON_SURPLUS, samples_for_epochs
-from megadoc_megatron.data.preprocess import metadata_path
-from megadoc_megatron.data.tokenizer import load_tokenizer
+from megadoc_megatron.data.preprocess import recorded_tokenizer
 
 
 @contextmanager
@@ -39,11 +37,8 @@ def single_process_group():
 def dataset_tokenizer(prefix: str):
     """The tokenizer recorded by `megadoc preprocess`; for datasets made elsewhere, only what
     GPTDataset needs to build its indices (no vocabulary: the dtype is read from the .idx)."""
-    meta = metadata_path(prefix)
-    if meta.is_file():
-        recorded = json.loads(meta.read_text())["tokenizer"]
-        return load_tokenizer(recorded["type"], recorded["model"])
-    return SimpleNamespace(vocab_size=None, eod=None, unique_identifiers={"class": "unknown"})
+    return recorded_tokenizer(prefix) or SimpleNamespace(vocab_size=None, eod=None,
+                                                         unique_identifiers={"class": "unknown"})
 
 
 def verify_blend(plan: dict) -> list[dict]:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 
 import numpy as np
 
 from megadoc_megatron.data.indexed import read_index
-from megadoc_megatron.data.preprocess import metadata_path
+from megadoc_megatron.data.preprocess import recorded_tokenizer
 from megadoc_megatron.data.tokenizer import TOKENIZER_TYPES, load_tokenizer
 from megadoc_megatron.errors import InputError
 
@@ -28,11 +27,7 @@ def length_histogram(lengths: np.ndarray) -> list[tuple[int, int, int]]:
 def _tokenizer_for(prefix, tokenizer_type, tokenizer_model):
     if tokenizer_type and tokenizer_model:
         return load_tokenizer(tokenizer_type, tokenizer_model)
-    meta = metadata_path(prefix)
-    if meta.is_file():
-        recorded = json.loads(meta.read_text())["tokenizer"]
-        return load_tokenizer(recorded["type"], recorded["model"])
-    return None
+    return recorded_tokenizer(prefix)
 
 
 def inspect_dataset(prefix, document: int = 0, tokenizer_type=None, tokenizer_model=None, max_chars: int = 1500) -> str:

@@ -322,6 +322,15 @@ def metadata_path(prefix) -> Path:
     return Path(f"{prefix}.json")
 
 
+def recorded_tokenizer(prefix):
+    """The tokenizer `preprocess` recorded beside a dataset, or None (e.g. made by Megatron-LM)."""
+    meta = metadata_path(prefix)
+    if not meta.is_file():
+        return None
+    recorded = json.loads(meta.read_text())["tokenizer"]
+    return load_tokenizer(recorded["type"], recorded["model"])
+
+
 def _commit_outputs(groups, stems, results, options: Options, tokenizer) -> list[dict]:
     parts_dir = Path(options.parts_dir)
     written = []

@@ -42,9 +42,6 @@ class Tokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         raise NotImplementedError
 
-    def encode(self, text: str) -> list[int]:
-        return self.encode_batch([text])[0]
-
     def decode(self, ids) -> str:
         raise NotImplementedError
 
