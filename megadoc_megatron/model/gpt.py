@@ -149,11 +149,12 @@ def layer_spec(backend: str) -> ModuleSpec:
 
 
 def build_gpt(config: TransformerConfig, vocab_size: int, max_sequence_length: int, backend: str = "portable",
-              pre_process: bool = True, post_process: bool = True) -> GPTModel:
-    """A GPTModel for the current model-parallel rank (parallel_state must be initialized)."""
+              pre_process: bool = True, post_process: bool = True, vp_stage: int | None = None) -> GPTModel:
+    """A GPTModel for the current model-parallel rank (parallel_state must be initialized);
+    `vp_stage` picks the model chunk under virtual pipeline stages."""
     model = GPTModel(config, layer_spec(backend), vocab_size=vocab_size, max_sequence_length=max_sequence_length,
                      pre_process=pre_process, post_process=post_process, position_embedding_type="rope",
-                     share_embeddings_and_output_weights=False)
+                     share_embeddings_and_output_weights=False, vp_stage=vp_stage)
     if backend == "portable":
         model.rotary_pos_emb.__class__ = PortableRotaryEmbedding  # same state, CPU-safe get_emb
     return model

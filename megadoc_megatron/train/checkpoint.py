@@ -1,0 +1,156 @@
+"""Checkpoints with megatron-core's `dist_checkpointing`, in Megatron-LM's layout:
+`DIR/iter_0000100/` and `DIR/latest_checkpointed_iteration.txt`.
+
+A checkpoint holds the model, the optimizer (moments sharded like their parameters, so a run can
+resume under another tensor/pipeline/data-parallel layout), the learning-rate scheduler, the
+iteration and samples consumed (the data position), and every rank's RNG states. The tracker file
+is written by rank 0 only after every rank has finished writing, and atomically: a checkpoint
+interrupted by a kill is never taken as the latest.
+"""
+
+from __future__ import annotations
+
+import random
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megadoc_megatron.errors import InputError
+from megadoc_megatron.records import write_text_atomic
+
+TRACKER = "latest_checkpointed_iteration.txt"
+
+
+def iteration_dir(root, iteration: int) -> Path:
+    return Path(root) / f"iter_{iteration:07d}"
+
+
+def latest_iteration(root) -> int | None:
+    """The iteration named by the tracker file, or None when there is no complete checkpoint."""
+    tracker = Path(root) / TRACKER
+    if not tracker.is_file():
+        return None
+    text = tracker.read_text().strip()
+    if not text.isdigit() or not iteration_dir(root, int(text)).is_dir():
+        raise InputError(f"the checkpoint tracker names {text!r}, which is not a checkpoint here", tracker,
+                         fix="delete the tracker file to start afresh, or restore the missing iter_ folder")
+    return int(text)
+
+
+@contextmanager
+def cuda_calls_on_cpu():
+    """megatron-core 0.16's torch_dist writer calls `torch.cuda.synchronize()` after staging tensors
+    to host memory and puts its failure flag on `torch.cuda.current_device()`. On a CPU-only torch
+    both would raise, so for the length of a save the first is a no-op and the second names the
+    CPU. With CUDA present nothing changes."""
+    if torch.cuda.is_available():
+        yield
+        return
+    with mock.patch("torch.cuda.synchronize"), mock.patch("torch.cuda.current_device", return_value="cpu"):
+        yield
+
+
+def layout() -> dict:
+    from megatron.core import parallel_state
+
+    return {"tensor": parallel_state.get_tensor_model_parallel_world_size(),
+            "pipeline": parallel_state.get_pipeline_model_parallel_world_size(),
+            "data": parallel_state.get_data_parallel_world_size()}
+
+
+def _rng_states() -> dict:
+    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+        states["cuda"] = torch.cuda.get_rng_state()
+        states["cuda_tracker"] = get_cuda_rng_tracker().get_states()
+    return states
+
+
+def _restore_rng(states: dict) -> None:
+    random.setstate(states["python"])
+    np.random.set_state(states["numpy"])
+    torch.set_rng_state(states["torch"])
+    if "cuda" in states and torch.cuda.is_available():
+        from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+        torch.cuda.set_rng_state(states["cuda"])
+        get_cuda_rng_tracker().set_states(states["cuda_tracker"])
+
+
+def _sharded_rng(states: dict | None):
+    from megatron.core import parallel_state
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    shape = tuple(layout()[k] for k in ("pipeline", "tensor", "data"))
+    offset = (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank(),
+              parallel_state.get_data_parallel_rank())
+    return ShardedObject("rng_state", states, shape, offset, replica_id=0)
+
+
+def _model_keys(chunks: list) -> list[str]:
+    """Megatron-LM's names: `model`, or `model0`, `model1`... with virtual pipeline stages."""
+    return ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
+
+
+def _sharded_state(engine, scheduler, is_loading: bool, rng: dict | None) -> dict:
+    state = {key: chunk.sharded_state_dict() for key, chunk in zip(_model_keys(engine.chunks), engine.chunks)}
+    state["optimizer"] = engine.optimizer.sharded_state_dict(dict(state), is_loading=is_loading)
+    state["scheduler"] = scheduler.state_dict()
+    if rng is not None or is_loading:
+        state["rng_state"] = _sharded_rng(rng)
+    return state
+
+
+def save(root, iteration: int, consumed_samples: int, engine, scheduler, config: dict) -> Path:
+    """Write a checkpoint of every rank, then mark it the latest."""
+    from megatron.core import dist_checkpointing
+
+    target = iteration_dir(root, iteration)
+    if dist.get_rank() == 0:
+        if target.exists():  # left by an interrupted save of the same iteration
+            shutil.rmtree(target)
+        target.mkdir(parents=True)
+    dist.barrier()
+    state = _sharded_state(engine, scheduler, is_loading=False, rng=_rng_states())
+    state.update(iteration=iteration, consumed_samples=consumed_samples, layout=layout(), config=config)
+    with cuda_calls_on_cpu():
+        dist_checkpointing.save(state, str(target))
+    dist.barrier()
+    if dist.get_rank() == 0:
+        write_text_atomic(Path(root) / TRACKER, f"{iteration}\n")
+    dist.barrier()
+    return target
+
+
+def load(root, engine, scheduler) -> tuple[int, int, str]:
+    """Restore the latest complete checkpoint in root: (iteration, consumed samples, a note);
+    (0, 0, note) when there is none."""
+    from megatron.core import dist_checkpointing
+
+    iteration = latest_iteration(root)
+    if iteration is None:
+        return 0, 0, f"no checkpoint in {root}: starting from scratch"
+    source = iteration_dir(root, iteration)
+    common = dist_checkpointing.load_common_state_dict(str(source))
+    same_layout = common["layout"] == layout()
+    state = _sharded_state(engine, scheduler, is_loading=True, rng=None)
+    if not same_layout:  # RNG states belong to ranks; another layout starts its own
+        del state["rng_state"]
+    loaded = dist_checkpointing.load(state, str(source))
+    for key, chunk in zip(_model_keys(engine.chunks), engine.chunks):
+        chunk.load_state_dict(loaded[key])
+    engine.optimizer.load_state_dict(loaded["optimizer"])
+    scheduler.load_state_dict(loaded["scheduler"])
+    if same_layout:
+        _restore_rng(loaded["rng_state"])
+    note = f"resumed from {source} (iteration {iteration}, {common['consumed_samples']:,} samples consumed)"
+    if not same_layout:
+        note += f"; layout {common['layout']} -> {layout()}: RNG states start afresh"
+    return iteration, common["consumed_samples"], note

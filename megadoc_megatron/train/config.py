@@ -1,0 +1,180 @@
+"""The training config: a YAML file of sections, every field checked, `--set section.field=value` overrides.
+
+Example (examples/tiny_cpu/train.yaml is a complete one):
+
+    data: {blend: work/blend/blend.json, micro_batch_size: 2}
+    model: {preset: tiny}
+    optimizer: {lr: 3.0e-3, warmup_iters: 5}
+    checkpoint: {dir: work/checkpoints, save_interval: 50}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from megadoc_megatron.errors import InputError
+
+
+@dataclass
+class DataConfig:
+    blend: str = ""                     # blend.json from `megadoc blend`: datasets, seq length, global batch, iterations
+    micro_batch_size: int = 1
+    eod_mask_loss: bool = False         # no loss on the end-of-document token
+    reset_attention_mask: bool = False  # documents packed in one sequence do not attend to each other
+    num_workers: int = 0                # DataLoader worker processes
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "tiny"
+    backend: str = "auto"               # te | portable | auto (te when Transformer Engine imports on a GPU)
+    overrides: dict = field(default_factory=dict)  # any megatron-core TransformerConfig field
+
+
+@dataclass
+class PrecisionConfig:
+    bf16: bool = False
+    fp8: str | None = None              # hybrid | e4m3 (Transformer Engine, H100)
+    fp8_recipe: str = "delayed"         # delayed | tensorwise (current scaling)
+    fp8_amax_history_len: int = 1024
+    fp8_amax_compute_algo: str = "max"
+
+
+@dataclass
+class ParallelConfig:
+    tensor: int = 1
+    pipeline: int = 1
+    virtual_pipeline: int | None = None  # model chunks per pipeline stage (GPU schedules only)
+    sequence_parallel: bool = False
+    distributed_optimizer: bool = True   # shard optimizer state over data-parallel ranks (GPU)
+    overlap_grad_reduce: bool = False    # GPU
+
+
+@dataclass
+class OptimizerConfig:
+    lr: float = 3.0e-4
+    min_lr: float = 0.0                  # the cosine decays to this floor
+    warmup_iters: int = 0
+    decay_style: str = "cosine"          # cosine | linear | constant | inverse-square-root
+    weight_decay: float = 0.1            # decoupled (AdamW); not applied to norms and biases
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1.0e-8
+    clip_grad: float = 1.0
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = ""                        # empty: no checkpoints
+    save_interval: int = 0               # iterations; 0: only at the end
+    load: bool = True                    # resume from the latest complete checkpoint in dir
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 1
+    eval_interval: int = 0               # iterations between validation losses; 0: only at the end
+    eval_iters: int = 1                  # global batches of held-out data per validation
+    tensorboard_dir: str = ""
+    wandb_project: str = ""
+    peak_tflops: float | None = None     # per device, for MFU; None: 989 (BF16 dense) on H100/H200, else no MFU
+
+
+@dataclass
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    seed: int = 1234
+    train_iters: int | None = None       # None: the blend's iterations (exact epochs); fewer for a short run
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _build(cls, values: dict, where: str, path):
+    if not isinstance(values, dict):
+        raise InputError(f"{where or 'the config'} must be a mapping, not {type(values).__name__}", path,
+                         fix="write `key: value` pairs")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        name = f"{where}.{unknown[0]}" if where else unknown[0]
+        raise InputError(f"unknown config field {name!r}", path,
+                         fix=f"use one of: {', '.join(fields)}")
+    kwargs = {}
+    for name, value in values.items():
+        default = fields[name].default_factory() if fields[name].default_factory is not dataclasses.MISSING \
+            else fields[name].default
+        key = f"{where}.{name}" if where else name
+        if dataclasses.is_dataclass(default):
+            kwargs[name] = _build(type(default), value, key, path)
+        else:
+            kwargs[name] = _check_type(value, default, key, path)
+    return cls(**kwargs)
+
+
+def _check_type(value, default, key: str, path):
+    if default is None or value is None or isinstance(default, dict) and isinstance(value, dict):
+        return value
+    if isinstance(default, bool) != isinstance(value, bool):
+        raise InputError(f"{key} must be true or false, not {value!r}", path, fix=f"e.g. {key.split('.')[-1]}: true")
+    if isinstance(default, float) and isinstance(value, int):
+        return float(value)
+    if not isinstance(value, type(default)):
+        raise InputError(f"{key} must be a {type(default).__name__}, not {value!r}", path,
+                         fix=f"e.g. {key.split('.')[-1]}: {default!r}")
+    return value
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """`["optimizer.lr=1e-3", "model.preset=150M"]` -> nested dict (values parsed as YAML)."""
+    nested: dict = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise InputError(f"override {item!r} has no '='", fix="write --set section.field=value")
+        node = nested
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return nested
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for key, value in extra.items():
+        merged[key] = _merge(merged.get(key) or {}, value) if isinstance(value, dict) and key != "overrides" \
+            else value
+    return merged
+
+
+def load_config(path, overrides: list[str] = ()) -> TrainConfig:
+    """Read and check a YAML training config; relative paths in it are relative to the file."""
+    path = Path(path)
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise InputError("config file not found", path, fix="give the path of a YAML training config") from None
+    except yaml.YAMLError as error:
+        line = error.problem_mark.line + 1 if getattr(error, "problem_mark", None) else None
+        raise InputError(f"not valid YAML ({getattr(error, 'problem', error)})", path, line,
+                         fix="check the indentation and quoting on that line") from None
+    values = _merge(values, parse_overrides(list(overrides)))
+    config = _build(TrainConfig, values, "", path)
+    for section, name in (("data", "blend"), ("checkpoint", "dir"), ("logging", "tensorboard_dir")):
+        value = getattr(getattr(config, section), name)
+        if value and not Path(value).is_absolute():
+            setattr(getattr(config, section), name, str((path.parent / value).resolve()))
+    if not config.data.blend:
+        raise InputError("data.blend is not set", path, fix="point it at the blend.json written by `megadoc blend`")
+    return config

@@ -1,0 +1,89 @@
+"""Process-group setup for `torchrun`, `srun` (SLURM) or a plain single process.
+
+torchrun sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT. Under `srun` (one task per
+GPU) they are derived from SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID and the first host of
+SLURM_JOB_NODELIST (MASTER_PORT defaults to 29500 + the job id modulo 1000, so jobs sharing a node
+do not collide). With neither, the run is one process on loopback.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from megadoc_megatron.errors import InputError
+
+
+@dataclass(frozen=True)
+class LaunchEnvironment:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    launcher: str
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First host of a SLURM node list ('gpu[003-005,9]' -> 'gpu003'); scontrol when available."""
+    try:
+        return subprocess.run(["scontrol", "show", "hostnames", nodelist], check=True, capture_output=True,
+                              text=True).stdout.split()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        prefix, _, ranges = nodelist.split(",")[0].partition("[")
+        return prefix + ranges.split(",")[0].split("-")[0].rstrip("]") if ranges else prefix
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def launch_environment(env=os.environ) -> LaunchEnvironment:
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return LaunchEnvironment(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
+                                 env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)), "torchrun")
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        master = env.get("MASTER_ADDR") or first_slurm_host(env.get("SLURM_JOB_NODELIST", "localhost"))
+        port = int(env.get("MASTER_PORT") or 29500 + int(env.get("SLURM_JOB_ID", 0)) % 1000)
+        return LaunchEnvironment(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
+                                 int(env.get("SLURM_LOCALID", 0)), master, port, "slurm")
+    return LaunchEnvironment(0, 1, 0, "127.0.0.1", _free_port(), "single")
+
+
+def initialize(parallel, launch: LaunchEnvironment | None = None) -> torch.device:
+    """torch.distributed (NCCL on GPU, gloo on CPU) and megatron-core's model-parallel groups."""
+    from megatron.core import parallel_state
+
+    launch = launch or launch_environment()
+    model_parallel = parallel.tensor * parallel.pipeline
+    if launch.world_size % model_parallel:
+        raise InputError(f"{launch.world_size} processes cannot hold tensor {parallel.tensor} x pipeline "
+                         f"{parallel.pipeline} model-parallel groups",
+                         fix="launch a multiple of parallel.tensor * parallel.pipeline processes")
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(launch.local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", rank=launch.rank, world_size=launch.world_size,
+                                init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
+                                timeout=timedelta(minutes=30))
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tensor, pipeline_model_parallel_size=parallel.pipeline,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline)
+    return torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+
+
+def shutdown() -> None:
+    from megatron.core import parallel_state
+
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,93 @@
+"""Per-step numbers: model FLOPs by Megatron-LM's formula, MFU, and where the numbers go
+(a progress line, `metrics.jsonl`, TensorBoard, Weights & Biases)."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+
+# Dense BF16 peak per device (NVIDIA datasheets, SXM parts), for MFU when logging.peak_tflops is unset.
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+FLOPS_FORMULA = "Megatron-LM core_v0.16.1 num_floating_point_operations (dense GQA, SwiGLU, causal attention halved)"
+
+
+def training_flops(config, padded_vocab: int, seq_length: int, batch_size: int) -> float:
+    """Model FLOPs of one forward+backward over `batch_size` sequences (Megatron-LM's formula:
+    3 x 2 x the GEMM multiply-adds of QKV, attention, output projection, SwiGLU MLP and logits;
+    the causal attention counts half of the s x s scores)."""
+    hidden, layers = config.hidden_size, config.num_layers
+    kv_channels = config.kv_channels or hidden // config.num_attention_heads
+    query = kv_channels * config.num_attention_heads
+    key_value = kv_channels * (config.num_query_groups or config.num_attention_heads)
+    ffn_factor = 3 if config.gated_linear_unit else 2
+    attention = hidden * (query + 2 * key_value) + query * seq_length + query * hidden
+    mlp = hidden * config.ffn_hidden_size * ffn_factor
+    per_token = 6 * (layers * (attention + mlp) + hidden * padded_vocab)
+    return float(batch_size * seq_length * per_token)
+
+
+def peak_tflops(configured: float | None) -> float | None:
+    if configured is not None:
+        return configured
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        return next((peak for part, peak in PEAK_BF16_TFLOPS.items() if part in name), None)
+    return None
+
+
+class StepLogger:
+    """Prints a progress line with ETA; appends every logged step to `metrics.jsonl`; mirrors to
+    TensorBoard and W&B when configured. Only the process that calls it logs (rank 0)."""
+
+    def __init__(self, settings, metrics_path: Path | None, total_iters: int, start_iter: int, config: dict):
+        self.total, self.start_iter, self.start_time = total_iters, start_iter, time.monotonic()
+        self.metrics_path = metrics_path
+        self.tensorboard = self.wandb = None
+        if settings.tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+
+            self.tensorboard = SummaryWriter(settings.tensorboard_dir)
+        if settings.wandb_project:
+            import wandb
+
+            self.wandb = wandb.init(project=settings.wandb_project, config=config, resume="allow")
+
+    def log(self, row: dict) -> None:
+        if self.metrics_path is not None:
+            with self.metrics_path.open("a") as out:
+                out.write(json.dumps(row) + "\n")
+        step = row["iteration"]
+        for key, value in row.items():
+            if key != "iteration" and isinstance(value, (int, float)) and self.tensorboard:
+                self.tensorboard.add_scalar(key, value, step)
+        if self.wandb:
+            self.wandb.log(row, step=step)
+        print(self.line(row), flush=True)
+
+    def line(self, row: dict) -> str:
+        step = row["iteration"]
+        if "valid_loss" in row:
+            return f"iteration {step:>6}/{self.total} | validation loss {row['valid_loss']:.4f}"
+        done = step - self.start_iter
+        elapsed = time.monotonic() - self.start_time
+        eta = timedelta(seconds=round(elapsed / done * (self.total - step))) if done else "?"
+        parts = [f"iteration {step:>6}/{self.total}", f"loss {row['loss']:.4f}", f"lr {row['lr']:.3e}",
+                 f"grad norm {row['grad_norm']:.3f}", f"{row['tokens_per_s']:,.0f} tok/s",
+                 f"{row['tflops_per_device']:.2f} TFLOP/s/device"]
+        if row.get("mfu") is not None:
+            parts.append(f"MFU {100 * row['mfu']:.1f}%")
+        if row.get("skipped"):
+            parts.append("update skipped (non-finite gradients)")
+        parts.append(f"ETA {eta}")
+        return " | ".join(parts)
+
+    def close(self) -> None:
+        if self.tensorboard:
+            self.tensorboard.close()
+        if self.wandb:
+            self.wandb.finish()

@@ -1,0 +1,253 @@
+"""`megadoc train CONFIG`: pre-train the Llama-style GPT on a `megadoc blend` with megatron-core.
+
+Launch: `megadoc train cfg.yaml` (one process), `torchrun --nproc-per-node 8 -m megadoc_megatron.cli
+train cfg.yaml` (one node) or `srun megadoc train cfg.yaml` (SLURM; see examples/slurm/train.sbatch).
+World size = tensor x pipeline x data parallel; the data-parallel size is what is left over.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megadoc_megatron.errors import InputError
+from megadoc_megatron.train import checkpoint
+from megadoc_megatron.train.config import TrainConfig, load_config
+from megadoc_megatron.train.data import build_datasets, load_plan, micro_batches
+from megadoc_megatron.train.distributed import initialize, shutdown
+from megadoc_megatron.train.metrics import FLOPS_FORMULA, StepLogger, peak_tflops, training_flops
+
+
+def masked_mean_loss(loss_mask: torch.Tensor, output: torch.Tensor):
+    """Mean per-token loss of one micro-batch over the tokens the loss mask keeps."""
+    mask = loss_mask.reshape(-1).float()
+    loss = (output.float().reshape(-1) * mask).sum() / mask.sum().clamp(min=1.0)
+    return loss, {"lm loss": loss.detach()}
+
+
+def forward_step(data_iterator, model, device: torch.device):
+    """megatron-core's forward_step_func: (output, loss function of the output)."""
+    batch = {key: value.to(device, non_blocking=True) for key, value in next(data_iterator).items()}
+    output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
+    return output, partial(masked_mean_loss, batch["loss_mask"])
+
+
+def resolve_backend(requested: str) -> str:
+    from megadoc_megatron.model.gpt import transformer_engine_available
+
+    if requested != "auto":
+        return requested
+    return "te" if torch.cuda.is_available() and transformer_engine_available() else "portable"
+
+
+def build_model(config: TrainConfig, vocab_size: int, seq_length: int, device: torch.device):
+    """(TransformerConfig, model chunks of this rank) on `device`."""
+    from megatron.core import parallel_state
+
+    from megadoc_megatron.model import build_gpt, padded_vocab_size, transformer_config
+
+    backend = resolve_backend(config.model.backend)
+    parallel, precision = config.parallel, config.precision
+    dtype = torch.bfloat16 if precision.bf16 else torch.float32
+    model_config = transformer_config(
+        config.model.preset, backend, parallel.tensor, parallel.pipeline, parallel.sequence_parallel,
+        precision.bf16, precision.fp8, precision.fp8_recipe, precision.fp8_amax_history_len,
+        precision.fp8_amax_compute_algo, pipeline_dtype=dtype,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline, **config.model.overrides)
+    padded = padded_vocab_size(vocab_size, parallel.tensor)
+    chunks = []
+    for stage in range(parallel.virtual_pipeline or 1):
+        vp_stage = stage if parallel.virtual_pipeline else None
+        first = parallel_state.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
+        last = parallel_state.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
+        chunk = build_gpt(model_config, padded, seq_length, backend, first, last, vp_stage)
+        chunks.append(chunk.to(device))
+    return model_config, chunks, padded
+
+
+def build_scheduler(optimizer, settings, train_iters: int):
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    if settings.warmup_iters >= train_iters:
+        raise InputError(f"optimizer.warmup_iters ({settings.warmup_iters}) must be below the "
+                         f"{train_iters} training iterations", fix="lower optimizer.warmup_iters")
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=settings.lr, min_lr=settings.min_lr, lr_warmup_steps=settings.warmup_iters,
+        lr_decay_steps=train_iters, lr_decay_style=settings.decay_style, start_wd=settings.weight_decay,
+        end_wd=settings.weight_decay, wd_incr_steps=train_iters, wd_incr_style="constant")
+
+
+def seed_everything(seed: int) -> None:
+    """Megatron-LM's rule: each pipeline stage offsets the seed by 100 x its rank."""
+    from megatron.core import parallel_state
+
+    seed += 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(seed)
+
+
+def reduce_loss(reports: list[dict], device: torch.device) -> float:
+    """Mean micro-batch loss of the global batch, known on every rank (0 reports on early stages)."""
+    from megatron.core import parallel_state
+
+    loss = torch.stack([r["lm loss"] for r in reports]).mean() if reports else torch.zeros((), device=device)
+    loss = loss.float().reshape(1).clone()
+    dist.all_reduce(loss, group=parallel_state.get_data_parallel_group())
+    loss /= parallel_state.get_data_parallel_world_size()
+    dist.all_reduce(loss, group=parallel_state.get_pipeline_model_parallel_group())  # only the last stage is non-zero
+    return loss.item()
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, device: torch.device):
+        from megatron.core import parallel_state
+
+        from megadoc_megatron.data.blend_verify import dataset_tokenizer
+        from megadoc_megatron.train.engine import megatron_engine, portable_engine
+
+        self.config, self.device = config, device
+        self.plan = load_plan(config.data.blend)
+        self.seq_length, self.global_batch = self.plan["seq_length"], self.plan["global_batch_size"]
+        data_parallel = parallel_state.get_data_parallel_world_size()
+        per_step = config.data.micro_batch_size * data_parallel
+        if self.global_batch % per_step:
+            raise InputError(f"the blend's global batch of {self.global_batch} sequences does not split into "
+                             f"micro-batches of {config.data.micro_batch_size} on {data_parallel} data-parallel ranks",
+                             config.data.blend, fix="pick data.micro_batch_size dividing global batch / data-parallel size")
+        self.num_microbatches = self.global_batch // per_step
+        self.train_iters = config.train_iters or self.plan["train_iters"]
+        if self.train_iters > self.plan["train_iters"]:
+            raise InputError(f"train_iters {self.train_iters} is beyond the blend's {self.plan['train_iters']} "
+                             "iterations (its exact epochs)", config.data.blend,
+                             fix="leave train_iters unset, or re-plan the blend with more epochs")
+        tokenizer = dataset_tokenizer(self.plan["datasets"][0]["prefix"])
+        if tokenizer.vocab_size is None:
+            raise InputError("the dataset has no tokenizer record, so the vocabulary size is unknown",
+                             self.plan["datasets"][0]["prefix"], fix="convert it with `megadoc preprocess`")
+        seed_everything(config.seed)
+        self.model_config, chunks, self.padded_vocab = build_model(config, tokenizer.vocab_size, self.seq_length, device)
+        self.engine = megatron_engine(chunks, self.model_config, config) if device.type == "cuda" \
+            else portable_engine(chunks, config)
+        self.scheduler = build_scheduler(self.engine.optimizer, config.optimizer, self.train_iters)
+        self.flops_per_iteration = training_flops(self.model_config, self.padded_vocab, self.seq_length, self.global_batch)
+        self.peak = peak_tflops(config.logging.peak_tflops)
+
+    def run_schedule(self, batches, forward_only: bool) -> list[dict]:
+        for chunk in self.engine.chunks:
+            chunk.train(not forward_only)
+        return self.engine.forward_backward(
+            forward_step_func=partial(forward_step, device=self.device),
+            data_iterator=batches if len(self.engine.model) == 1 else [batches] * len(self.engine.model),
+            model=self.engine.model, num_microbatches=self.num_microbatches, seq_length=self.seq_length,
+            micro_batch_size=self.config.data.micro_batch_size, forward_only=forward_only)
+
+    def validation_loss(self, valid) -> float:
+        samples = self.config.logging.eval_iters * self.global_batch
+        batches = micro_batches(valid, 0, samples, self.config.data.micro_batch_size)
+        losses = []
+        with torch.no_grad():
+            for _ in range(self.config.logging.eval_iters):
+                losses.append(reduce_loss(self.run_schedule(batches, forward_only=True), self.device))
+        return float(np.mean(losses))
+
+    def train(self) -> dict:
+        config, rank0 = self.config, dist.get_rank() == 0
+        start, consumed, note = 0, 0, "checkpoint.dir is empty: no checkpoints"
+        if config.checkpoint.dir and config.checkpoint.load:
+            start, consumed, note = checkpoint.load(config.checkpoint.dir, self.engine, self.scheduler)
+        train, valid = build_datasets(self.plan, self.plan["train_samples"],
+                                      config.logging.eval_iters * self.global_batch, config.data)
+        batches = micro_batches(train, consumed, self.train_iters * self.global_batch, config.data.micro_batch_size,
+                                config.data.num_workers)
+        logger = StepLogger(config.logging, self._metrics_file(start) if rank0 else None, self.train_iters, start,
+                            config.to_dict()) if rank0 else None
+        if rank0:
+            print(f"{note}\n{self.describe()}", flush=True)
+        last_loss, window_seconds, window_iters = None, 0.0, 0
+        for iteration in range(start + 1, self.train_iters + 1):
+            step_start = time.perf_counter()
+            lr = self.engine.optimizer.param_groups[0]["lr"]
+            reports = self.run_schedule(batches, forward_only=False)
+            updated, grad_norm, _ = self.engine.optimizer.step()
+            if updated:
+                self.scheduler.step(increment=1)
+            consumed += self.global_batch
+            last_loss = reduce_loss(reports, self.device)
+            window_seconds, window_iters = window_seconds + time.perf_counter() - step_start, window_iters + 1
+            if iteration % config.logging.log_interval == 0 or iteration == self.train_iters:
+                if rank0:
+                    logger.log(self._row(iteration, last_loss, lr, grad_norm, not updated, window_seconds / window_iters))
+                window_seconds, window_iters = 0.0, 0
+            if config.checkpoint.dir and (iteration == self.train_iters or config.checkpoint.save_interval
+                                          and iteration % config.checkpoint.save_interval == 0):
+                checkpoint.save(config.checkpoint.dir, iteration, consumed, self.engine, self.scheduler,
+                                config.to_dict())
+            if valid is not None and (iteration == self.train_iters or config.logging.eval_interval
+                                      and iteration % config.logging.eval_interval == 0):
+                valid_loss = self.validation_loss(valid)
+                if rank0:
+                    logger.log({"iteration": iteration, "valid_loss": valid_loss})
+        if rank0:
+            logger.close()
+        return {"iterations": self.train_iters, "final_loss": last_loss, "consumed_samples": consumed}
+
+    def _row(self, iteration, loss, lr, grad_norm, skipped, seconds_per_iteration) -> dict:
+        tflops = self.flops_per_iteration / seconds_per_iteration / dist.get_world_size() / 1e12
+        return {"iteration": iteration, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                "tokens_per_s": self.global_batch * self.seq_length / seconds_per_iteration,
+                "seconds_per_iteration": seconds_per_iteration, "tflops_per_device": tflops,
+                "mfu": tflops / self.peak if self.peak else None, "skipped": skipped}
+
+    def _metrics_file(self, start: int) -> Path | None:
+        """metrics.jsonl beside the checkpoints, cut back to the resumed iteration."""
+        if not self.config.checkpoint.dir:
+            return None
+        path = Path(self.config.checkpoint.dir) / "metrics.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["iteration"] <= start] \
+            if path.is_file() and start else []
+        path.write_text("".join(line + "\n" for line in kept))
+        return path
+
+    def describe(self) -> str:
+        from megadoc_megatron.train.checkpoint import layout
+
+        parameters = sum(p.numel() for chunk in self.engine.chunks for p in chunk.parameters())
+        return (f"model {self.config.model.preset} ({resolve_backend(self.config.model.backend)} layers, "
+                f"{parameters:,} parameters on this rank) | parallel {layout()} | "
+                f"{self.train_iters} iterations x {self.global_batch} sequences x {self.seq_length} tokens "
+                f"({self.num_microbatches} micro-batches of {self.config.data.micro_batch_size}) | "
+                f"engine {'megatron-core' if self.device.type == 'cuda' else 'portable (CPU)'} | "
+                f"FLOPs: {FLOPS_FORMULA}")
+
+
+def train(config: TrainConfig, launch=None) -> dict:
+    """Initialize the process groups, train, tear down."""
+    device = initialize(config.parallel, launch)
+    try:
+        return Trainer(config, device).train()
+    finally:
+        shutdown()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML training config (see examples/tiny_cpu/train.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override a config field, e.g. --set optimizer.lr=1e-3 (repeatable)")
+
+
+def run(args: argparse.Namespace) -> dict:
+    return train(load_config(args.config, args.overrides))
