@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -35,3 +36,13 @@ def spm_model(golden) -> Path:
 @pytest.fixture(scope="session")
 def golden_lines(golden) -> list[bytes]:
     return (golden / "golden_input.jsonl").read_bytes().splitlines(keepends=True)
+
+
+def make_dataset(tmp: Path, name: str, texts: list[str], tokenizer_type: str, model) -> str:
+    """Convert texts with `megadoc preprocess`; returns the dataset prefix."""
+    from megadoc_megatron.data.preprocess import preprocess
+
+    path = tmp / f"{name}.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    preprocess([str(path)], str(tmp / name), tokenizer_type, str(model), append_eod=True, workers=1)
+    return str(tmp / f"{name}_text_document")

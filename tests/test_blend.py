@@ -8,15 +8,9 @@ import pytest
 from megadoc_megatron.cli import main
 from megadoc_megatron.data.blend import blend
 from megadoc_megatron.data.blend_verify import verify_blend
-from megadoc_megatron.data.preprocess import preprocess
 from megadoc_megatron.errors import InputError
 
-
-def make_dataset(tmp, name, texts, tokenizer_type, model):
-    path = tmp / f"{name}.jsonl"
-    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    preprocess([str(path)], str(tmp / name), tokenizer_type, str(model), append_eod=True, workers=1)
-    return str(tmp / f"{name}_text_document")
+from conftest import make_dataset
 
 
 @pytest.fixture(scope="module")

@@ -57,10 +57,11 @@ def parameter_count(preset: ModelPreset, vocab_size: int) -> int:
     return preset.num_layers * (attention + mlp + norms) + preset.hidden_size + 2 * vocab_size * preset.hidden_size
 
 
-def padded_vocab_size(vocab_size: int, tensor_parallel: int = 1, divisible_by: int = 128) -> int:
-    """Megatron-LM's rule: pad the vocabulary to a multiple of divisible_by * tensor-parallel size."""
-    multiple = divisible_by * tensor_parallel
-    return math.ceil(vocab_size / multiple) * multiple
+def padded_vocab_size(vocab_size: int, divisible_by: int = 128) -> int:
+    """The vocabulary padded to a multiple of 128. Unlike Megatron-LM (128 x tensor-parallel size)
+    the padding does not depend on the layout, so a checkpoint resumes under any tensor-parallel
+    size (any power of two up to 128 divides it) with the same logits."""
+    return math.ceil(vocab_size / divisible_by) * divisible_by
 
 
 def transformer_config(preset: str | ModelPreset, backend: str = "portable", tensor_parallel: int = 1,

@@ -127,8 +127,11 @@ def _check_type(value, default, key: str, path):
         return value
     if isinstance(default, bool) != isinstance(value, bool):
         raise InputError(f"{key} must be true or false, not {value!r}", path, fix=f"e.g. {key.split('.')[-1]}: true")
-    if isinstance(default, float) and isinstance(value, int):
-        return float(value)
+    if isinstance(default, float) and isinstance(value, (int, str)):
+        try:  # YAML 1.1 reads `1e-3` (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
     if not isinstance(value, type(default)):
         raise InputError(f"{key} must be a {type(default).__name__}, not {value!r}", path,
                          fix=f"e.g. {key.split('.')[-1]}: {default!r}")

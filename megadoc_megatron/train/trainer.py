@@ -62,7 +62,10 @@ def build_model(config: TrainConfig, vocab_size: int, seq_length: int, device: t
         precision.bf16, precision.fp8, precision.fp8_recipe, precision.fp8_amax_history_len,
         precision.fp8_amax_compute_algo, pipeline_dtype=dtype,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline, **config.model.overrides)
-    padded = padded_vocab_size(vocab_size, parallel.tensor)
+    padded = padded_vocab_size(vocab_size)
+    if padded % parallel.tensor:
+        raise InputError(f"the padded vocabulary ({padded}) does not split over {parallel.tensor} tensor-parallel ranks",
+                         fix="use a power of two for parallel.tensor")
     chunks = []
     for stage in range(parallel.virtual_pipeline or 1):
         vp_stage = stage if parallel.virtual_pipeline else None
@@ -154,6 +157,20 @@ class Trainer:
             model=self.engine.model, num_microbatches=self.num_microbatches, seq_length=self.seq_length,
             micro_batch_size=self.config.data.micro_batch_size, forward_only=forward_only)
 
+    def train_step(self, batches) -> tuple[float, float, float, bool]:
+        """One iteration: (loss, learning rate used, gradient norm, whether the update was applied)."""
+        lr = self.engine.optimizer.param_groups[0]["lr"]
+        reports = self.run_schedule(batches, forward_only=False)
+        updated, grad_norm, _ = self.engine.optimizer.step()
+        if updated:
+            self.scheduler.step(increment=1)
+        return reduce_loss(reports, self.device), lr, grad_norm, updated
+
+    def datasets(self):
+        """(train, valid or None) for this run's plan."""
+        return build_datasets(self.plan, self.plan["train_samples"],
+                              self.config.logging.eval_iters * self.global_batch, self.config.data)
+
     def validation_loss(self, valid) -> float:
         samples = self.config.logging.eval_iters * self.global_batch
         batches = micro_batches(valid, 0, samples, self.config.data.micro_batch_size)
@@ -168,8 +185,7 @@ class Trainer:
         start, consumed, note = 0, 0, "checkpoint.dir is empty: no checkpoints"
         if config.checkpoint.dir and config.checkpoint.load:
             start, consumed, note = checkpoint.load(config.checkpoint.dir, self.engine, self.scheduler)
-        train, valid = build_datasets(self.plan, self.plan["train_samples"],
-                                      config.logging.eval_iters * self.global_batch, config.data)
+        train, valid = self.datasets()
         batches = micro_batches(train, consumed, self.train_iters * self.global_batch, config.data.micro_batch_size,
                                 config.data.num_workers)
         logger = StepLogger(config.logging, self._metrics_file(start) if rank0 else None, self.train_iters, start,
@@ -179,13 +195,8 @@ class Trainer:
         last_loss, window_seconds, window_iters = None, 0.0, 0
         for iteration in range(start + 1, self.train_iters + 1):
             step_start = time.perf_counter()
-            lr = self.engine.optimizer.param_groups[0]["lr"]
-            reports = self.run_schedule(batches, forward_only=False)
-            updated, grad_norm, _ = self.engine.optimizer.step()
-            if updated:
-                self.scheduler.step(increment=1)
+            last_loss, lr, grad_norm, updated = self.train_step(batches)
             consumed += self.global_batch
-            last_loss = reduce_loss(reports, self.device)
             window_seconds, window_iters = window_seconds + time.perf_counter() - step_start, window_iters + 1
             if iteration % config.logging.log_interval == 0 or iteration == self.train_iters:
                 if rank0:

@@ -1,0 +1,139 @@
+#!/usr/bin/env python3
+"""Training-step overhead of `megadoc train` against a bare megatron-core step, in the same run.
+
+  python benchmarks/train_step.py [--preset tiny] [--seq-length 256] [--global-batch 16] \
+      [--micro-batch 4] [--steps 10] [--rounds 3] [--bf16] [--work DIR]
+
+Both loops train the same model object with the same optimizer; rounds alternate between them.
+- ours: `Trainer.train_step`: the data loader over megatron-core's blended GPTDataset, the
+  engine's schedule (megatron-core's on GPU, the portable one on CPU), gradient finalization,
+  clipping, the optimizer, the LR scheduler and the loss reduction the logger needs.
+- bare: the model's forward/backward over the same number of micro-batches already in memory,
+  the same gradient finalization and `optimizer.step()`: nothing but what any step must do.
+Prints median step times, tokens/s, model TFLOP/s (Megatron-LM's formula) and ours/bare.
+
+Data: Python's standard-library docstrings and a SentencePiece tokenizer made by
+examples/tiny_cpu/make_corpus.py (kept in --work between runs); the held-out split stands in
+as the "synthetic" stream, which makes no difference to step time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def prepare_blend(work: Path, seq_length: int, global_batch: int) -> str:
+    from megadoc_megatron.data.blend import blend
+    from megadoc_megatron.data.preprocess import preprocess
+
+    if not (work / "tokenizer.model").is_file():
+        subprocess.run([sys.executable, str(REPO / "examples/tiny_cpu/make_corpus.py"), "--output-dir", str(work)],
+                       check=True)
+    prefixes = []
+    for split in ("train", "heldout"):
+        prefix = work / "data" / split
+        if not Path(f"{prefix}_text_document.idx").is_file():
+            preprocess([str(work / f"{split}.jsonl")], str(prefix), "SentencePieceTokenizer",
+                       str(work / "tokenizer.model"), append_eod=True, workers=2)
+        prefixes.append(f"{prefix}_text_document")
+    plan = blend([prefixes[0]], [prefixes[1]], 0.5, 1, seq_length, global_batch, work / f"blend-{seq_length}-{global_batch}")
+    return plan["files"]["plan"]
+
+
+def bare_step(trainer, microbatches: list[dict]) -> None:
+    """Forward/backward of every micro-batch, the same gradient finalization, the optimizer step."""
+    from megadoc_megatron.train.engine import finalize_portable_grads
+
+    engine = trainer.engine
+    (model,) = engine.model
+    model.train()
+    if trainer.device.type == "cuda":
+        model.zero_grad_buffer()
+    engine.optimizer.zero_grad()
+    for batch in microbatches:
+        loss = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"]).float().mean()
+        (loss / len(microbatches)).backward()
+    if trainer.device.type == "cuda":
+        model.finish_grad_sync()
+    else:
+        finalize_portable_grads(engine.chunks)
+    engine.optimizer.step()
+
+
+def timed(step, count: int, device) -> list[float]:
+    times = []
+    for _ in range(count):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--seq-length", type=int, default=256)
+    parser.add_argument("--global-batch", type=int, default=16)
+    parser.add_argument("--micro-batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per loop per round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/megadoc-bench-train"))
+    args = parser.parse_args()
+
+    from megadoc_megatron.train.config import load_config
+    from megadoc_megatron.train.data import micro_batches
+    from megadoc_megatron.train.distributed import initialize, shutdown
+    from megadoc_megatron.train.trainer import Trainer
+
+    args.work.mkdir(parents=True, exist_ok=True)
+    blend_json = prepare_blend(args.work, args.seq_length, args.global_batch)
+    config_path = args.work / "bench.yaml"
+    config_path.write_text(json.dumps({
+        "data": {"blend": blend_json, "micro_batch_size": args.micro_batch}, "model": {"preset": args.preset},
+        "precision": {"bf16": args.bf16}, "optimizer": {"lr": 1.0e-4},
+        "train_iters": 1 + args.rounds * args.steps * 2}))  # the schedule must not end mid-benchmark
+    config = load_config(config_path)
+    device = initialize(config.parallel)
+    try:
+        trainer = Trainer(config, device)
+        train, _ = trainer.datasets()
+        total = trainer.train_iters * trainer.global_batch
+        stream = micro_batches(train, 0, total, args.micro_batch, config.data.num_workers)
+        first_batch = micro_batches(train, 0, total, args.micro_batch)
+        in_memory = [{k: v.to(device) for k, v in next(first_batch).items()} for _ in range(trainer.num_microbatches)]
+        trainer.train_step(stream)  # warm-up: allocations, first-touch of the data
+        bare_step(trainer, in_memory)
+        ours, bare = [], []
+        for _ in range(args.rounds):
+            ours += timed(lambda: trainer.train_step(stream), args.steps, device)
+            bare += timed(lambda: bare_step(trainer, in_memory), args.steps, device)
+    finally:
+        shutdown()
+    tokens = trainer.global_batch * trainer.seq_length
+    for name, times in (("bare megatron-core step", bare), ("megadoc train step", ours)):
+        median = statistics.median(times)
+        tflops = trainer.flops_per_iteration / median / 1e12
+        print(f"{name:<24} median {median * 1e3:9.1f} ms  {tokens / median:12,.0f} tok/s  {tflops:8.3f} TFLOP/s"
+              + (f"  MFU {100 * tflops / trainer.peak:.1f}%" if trainer.peak else ""))
+    print(f"ours / bare step time: {statistics.median(ours) / statistics.median(bare):.3f} "
+          f"(target <= 1.03; {args.rounds} alternating rounds of {args.steps} steps, {device.type}, "
+          f"preset {args.preset}, {trainer.num_microbatches} micro-batches of {args.micro_batch} x {args.seq_length})")
+
+
+if __name__ == "__main__":
+    main()
