@@ -16,13 +16,14 @@ setup(
         "sentencepiece>=0.2",
         "tokenizers>=0.20",
         "transformers>=4.45",
+        "pyyaml",
         "tqdm",
         "zstandard",
     ],
     extras_require={
         # GPU-only: never imported at module load on CPU. Training needs TE and flash-attn;
         # vLLM (generation) pins its own torch, so it has an extra of its own.
-        "gpu": ["transformer-engine[pytorch]", "flash-attn"],
+        "gpu": ["transformer-engine[pytorch]", "flash-attn", "tensorboard"],
         "vllm": ["vllm"],
         "test": ["pytest>=8", "psutil"],
     },

@@ -2,9 +2,12 @@
 (real gloo processes) continue a TP=1/PP=1/DP=1 checkpoint with the same losses and gradient norms;
 an interrupted save is never taken as the latest; config and launch errors are clear."""
 
+import importlib.util
 import json
+import os
 import shutil
 import socket
+import subprocess
 from unittest import mock
 
 import pytest
@@ -18,7 +21,7 @@ from megadoc_megatron.train.config import load_config
 from megadoc_megatron.train.distributed import LaunchEnvironment, first_slurm_host, launch_environment
 from megadoc_megatron.train.metrics import training_flops
 
-from conftest import make_dataset
+from conftest import REPO, make_dataset
 
 ITERS, SAVE_AT = 8, 4
 
@@ -160,6 +163,9 @@ def test_config_errors_name_the_field(tmp_path, blend_json):
     (tmp_path / "bad.yaml").write_text("data:\n  blend: [unclosed\n")
     with pytest.raises(InputError, match=r"bad.yaml:\d+: not valid YAML"):
         load_config(tmp_path / "bad.yaml")
+    if importlib.util.find_spec("tensorboard") is None:
+        with pytest.raises(InputError, match="the tensorboard package is not installed"):
+            load_config(config, ["logging.tensorboard_dir=tb"])
     loaded = load_config(config, ["optimizer.lr=1e-3", "model.overrides={num_layers: 4}"])
     assert (loaded.optimizer.lr, loaded.model.overrides) == (1e-3, {"num_layers": 4})
 
@@ -188,3 +194,18 @@ def test_flops_are_six_times_the_matmul_parameters_plus_attention():
             - (2 * preset.num_layers + 1) * preset.hidden_size  # input embedding and norms are not matmuls
         attention = 6 * preset.num_layers * preset.hidden_size * seq * batch * seq
         assert training_flops(config, vocab, seq, batch) == 6 * batch * seq * matmul_parameters + attention
+
+
+def test_slurm_script_builds_the_srun_line():
+    script = REPO / "examples" / "slurm" / "train.sbatch"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    env = {**os.environ, "DRY_RUN": "1", "CONFIG": "cfg.yaml", "SET": "optimizer.lr=1e-3 parallel.tensor=2",
+           "SLURM_JOB_ID": "1234", "MASTER_ADDR": "gpu001"}
+    line = subprocess.run(["bash", str(script)], env=env, check=True, capture_output=True, text=True).stdout.strip()
+    assert line == ("MASTER_ADDR=gpu001 MASTER_PORT=29734 srun --kill-on-bad-exit=1 python -m megadoc_megatron.cli "
+                    "train cfg.yaml --set optimizer.lr=1e-3 --set parallel.tensor=2")
+
+
+def test_paper_config_is_valid():
+    config = load_config(REPO / "examples" / "repro_300m" / "train.yaml", ["logging.tensorboard_dir="])
+    assert (config.model.preset, config.precision.bf16, config.optimizer.min_lr) == ("300M", True, 0.0)

@@ -11,6 +11,7 @@ Example (examples/tiny_cpu/train.yaml is a complete one):
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -161,8 +162,20 @@ def _merge(base: dict, extra: dict) -> dict:
     return merged
 
 
+PATH_FIELDS = (("data", "blend"), ("checkpoint", "dir"), ("logging", "tensorboard_dir"))
+
+
+def _resolve_paths(values: dict, base: Path) -> dict:
+    """Relative paths are relative to the config file, and to the working directory in --set."""
+    for section, name in PATH_FIELDS:
+        value = (values.get(section) or {}).get(name) if isinstance(values.get(section), dict) else None
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            values[section][name] = str((base / value).resolve())
+    return values
+
+
 def load_config(path, overrides: list[str] = ()) -> TrainConfig:
-    """Read and check a YAML training config; relative paths in it are relative to the file."""
+    """Read and check a YAML training config, with `section.field=value` overrides on top."""
     path = Path(path)
     try:
         values = yaml.safe_load(path.read_text()) or {}
@@ -172,12 +185,12 @@ def load_config(path, overrides: list[str] = ()) -> TrainConfig:
         line = error.problem_mark.line + 1 if getattr(error, "problem_mark", None) else None
         raise InputError(f"not valid YAML ({getattr(error, 'problem', error)})", path, line,
                          fix="check the indentation and quoting on that line") from None
-    values = _merge(values, parse_overrides(list(overrides)))
+    values = _merge(_resolve_paths(values, path.parent), _resolve_paths(parse_overrides(list(overrides)), Path.cwd()))
     config = _build(TrainConfig, values, "", path)
-    for section, name in (("data", "blend"), ("checkpoint", "dir"), ("logging", "tensorboard_dir")):
-        value = getattr(getattr(config, section), name)
-        if value and not Path(value).is_absolute():
-            setattr(getattr(config, section), name, str((path.parent / value).resolve()))
+    for name, package in (("tensorboard_dir", "tensorboard"), ("wandb_project", "wandb")):
+        if getattr(config.logging, name) and importlib.util.find_spec(package) is None:
+            raise InputError(f"logging.{name} is set but the {package} package is not installed", path,
+                             fix=f"pip install {package}, or unset logging.{name}")
     if not config.data.blend:
         raise InputError("data.blend is not set", path, fix="point it at the blend.json written by `megadoc blend`")
     return config
