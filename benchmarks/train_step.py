@@ -96,7 +96,6 @@ def main() -> None:
     args = parser.parse_args()
 
     from megadoc_megatron.train.config import load_config
-    from megadoc_megatron.train.data import micro_batches
     from megadoc_megatron.train.distributed import initialize, shutdown
     from megadoc_megatron.train.trainer import Trainer
 
@@ -113,8 +112,8 @@ def main() -> None:
         trainer = Trainer(config, device)
         train, _ = trainer.datasets()
         total = trainer.train_iters * trainer.global_batch
-        stream = micro_batches(train, 0, total, args.micro_batch, config.data.num_workers)
-        first_batch = micro_batches(train, 0, total, args.micro_batch)
+        stream = trainer.batches(train, 0, total, config.data.num_workers)
+        first_batch = trainer.batches(train, 0, total)
         in_memory = [{k: v.to(device) for k, v in next(first_batch).items()} for _ in range(trainer.num_microbatches)]
         trainer.train_step(stream)  # warm-up: allocations, first-touch of the data
         bare_step(trainer, in_memory)

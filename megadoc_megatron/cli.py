@@ -15,7 +15,7 @@ STAGES = {
     "inspect": ("megadoc_megatron.data.inspect", "summarize an indexed dataset and decode a document"),
     "megadocs": ("megadoc_megatron.megadocs", "assemble the synthetic stream: simple, stitch or stretch megadocs"),
     "blend": ("megadoc_megatron.data.blend", "weights and train length for a mixing weight w and exactly E real epochs"),
-    "train": ("megadoc_megatron.train.trainer", "pre-train the GPT on a blend with megatron-core (TP/PP/DP, checkpoints)"),
+    "train": ("megadoc_megatron.train.command", "pre-train the GPT on a blend with megatron-core (TP/PP/DP, checkpoints)"),
 }
 
 

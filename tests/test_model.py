@@ -2,7 +2,6 @@
 
 import json
 import math
-import socket
 
 import pytest
 import torch
@@ -11,14 +10,9 @@ import torch.distributed as dist
 from megadoc_megatron.errors import InputError
 from megadoc_megatron.model import PRESETS, build_gpt, layer_spec, parameter_count, transformer_config
 from megadoc_megatron.model.gpt import PortableCoreAttention, transformer_engine_available
+from megadoc_megatron.train.distributed import free_port
 
 VOCAB, SEQ, BATCH = 256, 32, 4
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def init_parallel(rank: int, world_size: int, port: int, tensor_parallel: int) -> None:

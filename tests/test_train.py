@@ -6,8 +6,8 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
 import subprocess
+import sys
 from unittest import mock
 
 import pytest
@@ -18,7 +18,7 @@ from megadoc_megatron.errors import InputError
 from megadoc_megatron.model import PRESETS, parameter_count, transformer_config
 from megadoc_megatron.train import checkpoint
 from megadoc_megatron.train.config import load_config
-from megadoc_megatron.train.distributed import LaunchEnvironment, first_slurm_host, launch_environment
+from megadoc_megatron.train.distributed import LaunchEnvironment, first_slurm_host, free_port, launch_environment
 from megadoc_megatron.train.metrics import training_flops
 
 from conftest import REPO, make_dataset
@@ -104,12 +104,6 @@ def test_resume_is_exact(reference, tmp_path):
     for step in resumed:
         assert (resumed[step]["loss"], resumed[step]["grad_norm"], resumed[step]["lr"]) == \
             (expected[step]["loss"], expected[step]["grad_norm"], expected[step]["lr"])
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _rank(rank, port, config, overrides):
@@ -209,3 +203,9 @@ def test_slurm_script_builds_the_srun_line():
 def test_paper_config_is_valid():
     config = load_config(REPO / "examples" / "repro_300m" / "train.yaml", ["logging.tensorboard_dir="])
     assert (config.model.preset, config.precision.bf16, config.optimizer.min_lr) == ("300M", True, 0.0)
+
+
+def test_the_command_line_loads_without_torch():
+    """Every `megadoc` command builds the full parser: training's heavy imports wait for `run`."""
+    code = "import sys, megadoc_megatron.cli as c; c.build_parser(); print(sorted({'torch', 'megatron'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.strip() == "[]"

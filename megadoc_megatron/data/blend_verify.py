@@ -5,7 +5,6 @@ Kept apart from blend.py because importing megatron-core takes ~10 s on CPU.
 
 from __future__ import annotations
 
-import socket
 from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,6 +13,7 @@ import numpy as np
 
 from megadoc_megatron.data.blend import MEGATRON_SURPLUS, samples_for_epochs
 from megadoc_megatron.data.preprocess import recorded_tokenizer
+from megadoc_megatron.train.distributed import free_port
 
 
 @contextmanager
@@ -24,10 +24,7 @@ def single_process_group():
     if dist.is_initialized():
         yield
         return
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         yield
     finally:

@@ -157,8 +157,7 @@ def parse_overrides(overrides: list[str]) -> dict:
 def _merge(base: dict, extra: dict) -> dict:
     merged = dict(base)
     for key, value in extra.items():
-        merged[key] = _merge(merged.get(key) or {}, value) if isinstance(value, dict) and key != "overrides" \
-            else value
+        merged[key] = _merge(merged.get(key) or {}, value) if isinstance(value, dict) else value
     return merged
 
 

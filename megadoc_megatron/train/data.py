@@ -84,5 +84,4 @@ def micro_batches(dataset, start: int, end: int, micro_batch_size: int, num_work
     sampler = MicroBatchSampler(start, end, micro_batch_size, parallel_state.get_data_parallel_rank(),
                                 parallel_state.get_data_parallel_world_size())
     return iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                                            pin_memory=torch.cuda.is_available(),
-                                            persistent_workers=False))
+                                            pin_memory=torch.cuda.is_available()))

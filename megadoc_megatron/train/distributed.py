@@ -14,9 +14,6 @@ import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
 
-import torch
-import torch.distributed as dist
-
 from megadoc_megatron.errors import InputError
 
 
@@ -40,7 +37,8 @@ def first_slurm_host(nodelist: str) -> str:
         return prefix + ranges.split(",")[0].split("-")[0].rstrip("]") if ranges else prefix
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on loopback now (for single-machine process groups)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
@@ -55,11 +53,13 @@ def launch_environment(env=os.environ) -> LaunchEnvironment:
         port = int(env.get("MASTER_PORT") or 29500 + int(env.get("SLURM_JOB_ID", 0)) % 1000)
         return LaunchEnvironment(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]),
                                  int(env.get("SLURM_LOCALID", 0)), master, port, "slurm")
-    return LaunchEnvironment(0, 1, 0, "127.0.0.1", _free_port(), "single")
+    return LaunchEnvironment(0, 1, 0, "127.0.0.1", free_port(), "single")
 
 
-def initialize(parallel, launch: LaunchEnvironment | None = None) -> torch.device:
+def initialize(parallel, launch: LaunchEnvironment | None = None):
     """torch.distributed (NCCL on GPU, gloo on CPU) and megatron-core's model-parallel groups."""
+    import torch
+    import torch.distributed as dist
     from megatron.core import parallel_state
 
     launch = launch or launch_environment()
@@ -82,6 +82,7 @@ def initialize(parallel, launch: LaunchEnvironment | None = None) -> torch.devic
 
 
 def shutdown() -> None:
+    import torch.distributed as dist
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()

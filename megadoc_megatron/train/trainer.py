@@ -1,13 +1,8 @@
-"""`megadoc train CONFIG`: pre-train the Llama-style GPT on a `megadoc blend` with megatron-core.
-
-Launch: `megadoc train cfg.yaml` (one process), `torchrun --nproc-per-node 8 -m megadoc_megatron.cli
-train cfg.yaml` (one node) or `srun megadoc train cfg.yaml` (SLURM; see examples/slurm/train.sbatch).
-World size = tensor x pipeline x data parallel; the data-parallel size is what is left over.
-"""
+"""The training loop: pre-train the Llama-style GPT on a `megadoc blend` with megatron-core
+(the `megadoc train` command is in command.py)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 import time
@@ -19,8 +14,9 @@ import torch
 import torch.distributed as dist
 
 from megadoc_megatron.errors import InputError
+from megadoc_megatron.records import write_text_atomic
 from megadoc_megatron.train import checkpoint
-from megadoc_megatron.train.config import TrainConfig, load_config
+from megadoc_megatron.train.config import TrainConfig
 from megadoc_megatron.train.data import build_datasets, load_plan, micro_batches
 from megadoc_megatron.train.distributed import initialize, shutdown
 from megadoc_megatron.train.metrics import FLOPS_FORMULA, StepLogger, peak_tflops, training_flops
@@ -148,12 +144,19 @@ class Trainer:
         self.flops_per_iteration = training_flops(self.model_config, self.padded_vocab, self.seq_length, self.global_batch)
         self.peak = peak_tflops(config.logging.peak_tflops)
 
+    def batches(self, dataset, start: int, end: int, num_workers: int = 0):
+        """This rank's micro-batches of samples [start, end), as the schedule takes them: one iterator,
+        or with virtual pipeline stages one per model chunk (each chunk reads every micro-batch)."""
+        iterators = [micro_batches(dataset, start, end, self.config.data.micro_batch_size, num_workers)
+                     for _ in self.engine.model]
+        return iterators[0] if len(iterators) == 1 else iterators
+
     def run_schedule(self, batches, forward_only: bool) -> list[dict]:
         for chunk in self.engine.chunks:
             chunk.train(not forward_only)
         return self.engine.forward_backward(
             forward_step_func=partial(forward_step, device=self.device),
-            data_iterator=batches if len(self.engine.model) == 1 else [batches] * len(self.engine.model),
+            data_iterator=batches,
             model=self.engine.model, num_microbatches=self.num_microbatches, seq_length=self.seq_length,
             micro_batch_size=self.config.data.micro_batch_size, forward_only=forward_only)
 
@@ -173,7 +176,7 @@ class Trainer:
 
     def validation_loss(self, valid) -> float:
         samples = self.config.logging.eval_iters * self.global_batch
-        batches = micro_batches(valid, 0, samples, self.config.data.micro_batch_size)
+        batches = self.batches(valid, 0, samples)
         losses = []
         with torch.no_grad():
             for _ in range(self.config.logging.eval_iters):
@@ -186,10 +189,9 @@ class Trainer:
         if config.checkpoint.dir and config.checkpoint.load:
             start, consumed, note = checkpoint.load(config.checkpoint.dir, self.engine, self.scheduler)
         train, valid = self.datasets()
-        batches = micro_batches(train, consumed, self.train_iters * self.global_batch, config.data.micro_batch_size,
-                                config.data.num_workers)
-        logger = StepLogger(config.logging, self._metrics_file(start) if rank0 else None, self.train_iters, start,
-                            config.to_dict()) if rank0 else None
+        batches = self.batches(train, consumed, self.train_iters * self.global_batch, config.data.num_workers)
+        logger = StepLogger(config.logging, self._metrics_file(start), self.train_iters, start, config.to_dict()) \
+            if rank0 else None
         if rank0:
             print(f"{note}\n{self.describe()}", flush=True)
         last_loss, window_seconds, window_iters = None, 0.0, 0
@@ -230,7 +232,7 @@ class Trainer:
         path.parent.mkdir(parents=True, exist_ok=True)
         kept = [line for line in path.read_text().splitlines() if json.loads(line)["iteration"] <= start] \
             if path.is_file() and start else []
-        path.write_text("".join(line + "\n" for line in kept))
+        write_text_atomic(path, "".join(line + "\n" for line in kept))
         return path
 
     def describe(self) -> str:
@@ -252,13 +254,3 @@ def train(config: TrainConfig, launch=None) -> dict:
         return Trainer(config, device).train()
     finally:
         shutdown()
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="YAML training config (see examples/tiny_cpu/train.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                        help="override a config field, e.g. --set optimizer.lr=1e-3 (repeatable)")
-
-
-def run(args: argparse.Namespace) -> dict:
-    return train(load_config(args.config, args.overrides))
