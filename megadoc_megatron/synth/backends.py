@@ -1,0 +1,227 @@
+"""Generator backends behind one interface: `generate(requests, sampling) -> completions`.
+
+- hf:     transformers on CPU (or one GPU), batched, for tests and small machines.
+- openai: any OpenAI-compatible chat endpoint, with bounded concurrency, timeouts and retries.
+- vllm:   vLLM's offline engine on GPUs.
+
+Each request carries its own seed. hf and vllm honour it per request, so a completion does not
+depend on which other requests shared its batch; openai passes it on (servers may ignore it).
+Heavy packages are imported when a backend is built, never at module load.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from megadoc_megatron.errors import InputError
+
+BACKENDS = ("hf", "openai", "vllm")
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = 512
+
+
+@dataclass(frozen=True)
+class Request:
+    messages: list
+    seed: int
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    finish_reason: str  # "stop" or "length"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def load_chat_tokenizer(path):
+    from transformers import AutoTokenizer
+
+    if not Path(path).is_dir():
+        raise InputError(f"tokenizer folder {path} does not exist",
+                         fix="pass --tokenizer with a local HF folder (the generator's tokenizer)")
+    return AutoTokenizer.from_pretrained(path)
+
+
+def chat_token_ids(tokenizer, messages) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+class HFBackend:
+    """transformers `generate`, batched with left padding; sampling per row with its own RNG."""
+
+    name = "hf"
+
+    def __init__(self, model: str, batch_size: int = 8, dtype: str = "float32", device: str | None = None):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.model_path, self.batch_size = model, batch_size
+        self.tokenizer = load_chat_tokenizer(model)
+        self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype)).to(self.device).eval()
+        self.eos_ids = _eos_ids(self.model.generation_config, self.tokenizer)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
+
+    def settings(self) -> dict:
+        return {"batch_size": self.batch_size}
+
+    def generate(self, requests: list[Request], sampling: Sampling) -> list[Completion]:
+        prompts = [chat_token_ids(self.tokenizer, r.messages) for r in requests]
+        order = sorted(range(len(requests)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
+        results: list[Completion | None] = [None] * len(requests)
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start:start + self.batch_size]
+            completions = self._batch([prompts[i] for i in batch], [requests[i].seed for i in batch], sampling)
+            for i, completion in zip(batch, completions):
+                results[i] = completion
+        return results
+
+    def _batch(self, prompts: list[list[int]], seeds: list[int], sampling: Sampling) -> list[Completion]:
+        import torch
+        from transformers import LogitsProcessorList
+
+        width = max(len(p) for p in prompts)
+        input_ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts], device=self.device)
+        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.device)
+        sampler = SeededSampler(seeds, sampling, self.device)
+        with torch.inference_mode():
+            output = self.model.generate(input_ids=input_ids, attention_mask=attention, do_sample=False,
+                                         max_new_tokens=sampling.max_new_tokens, num_beams=1,
+                                         logits_processor=LogitsProcessorList([sampler]),
+                                         eos_token_id=self.eos_ids, pad_token_id=self.pad_id,
+                                         temperature=None, top_p=None, top_k=None)
+        completions = []
+        for prompt, row in zip(prompts, output[:, width:].tolist()):
+            stop = next((i for i, token in enumerate(row) if token in self.eos_ids), None)
+            tokens = row if stop is None else row[:stop]
+            completions.append(Completion(self.tokenizer.decode(tokens, skip_special_tokens=True).strip(),
+                                          "length" if stop is None else "stop", len(prompt), len(tokens)))
+        return completions
+
+
+class SeededSampler:
+    """A logits processor that samples each row with its own generator and leaves only that token.
+
+    `generate` then runs greedy and picks it. Row i draws once per step from a generator seeded with
+    seeds[i], so its text depends on its seed and prompt, not on its batch neighbours.
+    """
+
+    def __init__(self, seeds: list[int], sampling: Sampling, device):
+        import torch
+
+        self.sampling = sampling
+        self.generators = [torch.Generator(device=device).manual_seed(seed) for seed in seeds]
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        chosen = torch.empty(scores.shape[0], dtype=torch.long, device=scores.device)
+        for row, generator in enumerate(self.generators):
+            chosen[row] = self._sample(scores[row].float(), generator)
+        filtered = torch.full_like(scores, float("-inf"))
+        filtered.scatter_(1, chosen[:, None], 0.0)
+        return filtered
+
+    def _sample(self, logits, generator):
+        import torch
+
+        if self.sampling.temperature <= 0:
+            return logits.argmax()
+        probs = torch.softmax(logits / self.sampling.temperature, dim=-1)
+        if self.sampling.top_p < 1.0:
+            sorted_probs, indices = probs.sort(descending=True)
+            keep = sorted_probs.cumsum(0) - sorted_probs < self.sampling.top_p  # always keeps the top token
+            probs = torch.zeros_like(probs).scatter_(0, indices[keep], sorted_probs[keep])
+        return torch.multinomial(probs, 1, generator=generator)[0]
+
+
+def _eos_ids(generation_config, tokenizer) -> list[int]:
+    eos = generation_config.eos_token_id if generation_config.eos_token_id is not None else tokenizer.eos_token_id
+    return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+
+class OpenAIBackend:
+    """Chat completions from an OpenAI-compatible server, `max_concurrency` requests in flight."""
+
+    name = "openai"
+
+    def __init__(self, model: str, base_url: str, api_key_env: str = "OPENAI_API_KEY", max_concurrency: int = 32,
+                 timeout: float = 600.0, max_retries: int = 5):
+        try:
+            import openai
+        except ImportError:
+            raise InputError("the openai backend needs the openai package", fix='pip install "megadoc-megatron[openai]"') from None
+        self.model_path, self.base_url, self.max_concurrency = model, base_url, max_concurrency
+        self.timeout, self.max_retries = timeout, max_retries
+        # the client retries connection errors, 408/409/429 and 5xx with exponential backoff
+        self.client = openai.OpenAI(base_url=base_url, api_key=os.environ.get(api_key_env, "EMPTY"),
+                                    timeout=timeout, max_retries=max_retries)
+
+    def settings(self) -> dict:
+        return {"base_url": self.base_url, "max_concurrency": self.max_concurrency, "timeout": self.timeout,
+                "max_retries": self.max_retries}
+
+    def generate(self, requests: list[Request], sampling: Sampling) -> list[Completion]:
+        with ThreadPoolExecutor(self.max_concurrency) as pool:
+            return list(pool.map(lambda request: self._one(request, sampling), requests))
+
+    def _one(self, request: Request, sampling: Sampling) -> Completion:
+        import openai
+
+        try:
+            response = self.client.chat.completions.create(
+                model=self.model_path, messages=request.messages, seed=request.seed, temperature=sampling.temperature,
+                top_p=sampling.top_p, max_tokens=sampling.max_new_tokens)
+        except openai.APIConnectionError as error:
+            raise InputError(f"cannot reach {self.base_url} after {self.max_retries} retries ({error})",
+                             fix="start the server, or point --base-url at it; finished blocks are kept, rerun to resume") from None
+        except openai.APIStatusError as error:
+            raise InputError(f"{self.base_url} answered HTTP {error.status_code}: {error.message}",
+                             fix="check that --model names a model the server serves") from None
+        choice = response.choices[0]
+        usage = response.usage
+        return Completion((choice.message.content or "").strip(), "length" if choice.finish_reason == "length" else "stop",
+                          usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0)
+
+
+class VLLMBackend:
+    """vLLM's offline engine; prompts are rendered with the model's chat template and passed as token ids."""
+
+    name = "vllm"
+
+    def __init__(self, model: str, tensor_parallel_size: int = 1, max_num_seqs: int = 256,
+                 max_num_batched_tokens: int | None = None, enable_prefix_caching: bool = True,
+                 gpu_memory_utilization: float = 0.9, max_model_len: int | None = None, dtype: str = "auto"):
+        try:
+            from vllm import LLM
+        except ImportError:
+            raise InputError("the vllm backend needs vLLM", fix='pip install "megadoc-megatron[vllm]" (GPU machines)') from None
+        self.model_path = model
+        self.options = dict(tensor_parallel_size=tensor_parallel_size, max_num_seqs=max_num_seqs,
+                            max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
+                            gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, dtype=dtype)
+        self.tokenizer = load_chat_tokenizer(model)
+        self.llm = LLM(model=model, **{k: v for k, v in self.options.items() if v is not None})
+
+    def settings(self) -> dict:
+        return dict(self.options)
+
+    def generate(self, requests: list[Request], sampling: Sampling) -> list[Completion]:
+        from vllm import SamplingParams
+
+        prompts = [{"prompt_token_ids": chat_token_ids(self.tokenizer, r.messages)} for r in requests]
+        params = [SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, seed=r.seed,
+                                 max_tokens=sampling.max_new_tokens) for r in requests]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        return [Completion(o.outputs[0].text.strip(), "length" if o.outputs[0].finish_reason == "length" else "stop",
+                           len(o.prompt_token_ids), len(o.outputs[0].token_ids)) for o in outputs]

@@ -1,0 +1,352 @@
+"""Synthesis with the real default generator (SmolLM2-135M-Instruct on CPU): records and their
+provenance, seeds, window handling, rationale split points, sharding, resume after a kill, gates."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from megadoc_megatron.errors import InputError
+from megadoc_megatron.synth.backends import HFBackend, Sampling, chat_token_ids
+from megadoc_megatron.synth.chunks import split_points, token_starts
+from megadoc_megatron.synth.command import task_from_environment
+from megadoc_megatron.synth.default_model import DEFAULT_MODEL, default_model_dir
+from megadoc_megatron.synth.gates import Gates, repeated_ngram_fraction
+from megadoc_megatron.synth.pipeline import SynthConfig, derive_seed, run_synthesis
+from megadoc_megatron.synth.prompts import BUILTIN, load_catalogue, select_styles
+from tests.conftest import REPO
+
+DOCUMENTS = [
+    ("eiffel", "The Eiffel Tower is a wrought-iron lattice tower in Paris, France. It was designed by the company of "
+               "Gustave Eiffel and built from 1887 to 1889 for the World's Fair.\n\nIt is 330 metres tall. Artists "
+               "criticised it when it was built; today it is the most visited paid monument in the world."),
+    ("photosynthesis", "Photosynthesis is the process by which green plants use sunlight, water and carbon dioxide to "
+                       "make glucose and oxygen. It takes place in the chloroplasts.\n\nChlorophyll absorbs mostly blue "
+                       "and red light. The oxygen that plants release comes from water molecules."),
+    ("danube", "The Danube is the second-longest river in Europe. It rises in the Black Forest in Germany and flows "
+               "east for about 2,850 kilometres.\n\nIt passes through ten countries, among them Austria, Hungary and "
+               "Serbia, and four capital cities, before it reaches the Black Sea in Romania and Ukraine."),
+    ("bees", "Honey bees live in colonies of tens of thousands of workers, a few hundred drones and a single queen. "
+             "Workers gather nectar and pollen.\n\nThey tell each other where flowers are with a waggle dance whose "
+             "angle gives the direction and whose length gives the distance."),
+]
+LONG = ("printing", " ".join([
+    "The printing press with movable metal type was developed by Johannes Gutenberg in Mainz around 1440.",
+    "Before it, books in Europe were copied by hand or printed from carved wooden blocks.",
+    "Gutenberg combined an adjustable mould for casting type, an oil-based ink and a screw press.",
+    "His Bible, finished around 1455, is the best-known early printed book.",
+    "Within fifty years presses worked in more than two hundred European cities.",
+    "Cheaper books spread literacy, helped the Reformation and sped up the exchange of scientific ideas.",
+    "Printers standardised spelling and the layout of pages.",
+    "The technique stayed much the same until steam-powered presses arrived in the nineteenth century."] * 2))
+
+
+@pytest.fixture(scope="module")
+def generator():
+    return HFBackend(str(default_model_dir()), batch_size=4)
+
+
+def write_corpus(path: Path, documents) -> Path:
+    path.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in documents))
+    return path
+
+
+def config(operation="rephrase", styles=None, generations=2, **fields) -> SynthConfig:
+    defaults = dict(sampling=Sampling(0.7, 0.9, 24), gates=Gates(min_tokens=1, allow_truncated=True,
+                                                                   min_length_ratio=0.0, max_length_ratio=100.0),
+                    window=1024, docs_per_shard=2)
+    defaults.update(fields)
+    return SynthConfig(operation, tuple(select_styles(BUILTIN, operation, styles)), generations,
+                       {"model": DEFAULT_MODEL, "backend": "hf"}, **defaults)
+
+
+def synthesize(generator, corpus: Path, output: Path, cfg: SynthConfig, **options) -> dict:
+    return run_synthesis(cfg, lambda: generator, generator.tokenizer, [str(corpus)], output, progress=False, **options)
+
+
+def all_records(folder: Path) -> list[dict]:
+    """Accepted and rejected records of every complete shard."""
+    records = []
+    for path in sorted(folder.glob("shard-*.jsonl")):
+        records += [json.loads(line) for line in path.read_text().splitlines()]
+    return records
+
+
+def by_pair(records) -> dict:
+    return {(r["source_id"], r["index"]): r for r in records}
+
+
+# --- prompts, split points, gates (no model) ---
+
+def test_catalogue_has_the_named_styles_each_versioned_by_its_text(tmp_path):
+    for style in ("wikipedia", "easy", "hard", "qa", "distill", "knowledge_list", "faithful_rephrase", "reformat_entries"):
+        assert BUILTIN[style].operation == "rephrase" and "{document}" in BUILTIN[style].text
+    assert BUILTIN["rationale"].operation == "rationale"
+    assert len({p.version for p in BUILTIN.values()}) == len(BUILTIN)
+    user = tmp_path / "styles.yaml"
+    user.write_text("news:\n  prompt: 'Rewrite as a news report:\n\n    {document}'\n"
+                    "bridge:\n  operation: rationale\n  prompt: 'From {prefix} to {suffix}, think.'\n")
+    catalogue = load_catalogue(str(user))
+    assert catalogue["news"].render(document="a {suffix} b")[0]["content"].endswith("a {suffix} b")
+    assert [p.style for p in select_styles(catalogue, "rationale", ["bridge"])] == ["bridge"]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("news:\n  prompt: 'no placeholder'\n", "lacks {document}"),
+    ("wikipedia:\n  prompt: '{document}'\n", "is built in"),
+    ("news:\n  prompt: '{document}'\n  operation: summarise\n", "operation 'summarise'"),
+    ("news: [unclosed\n", "invalid YAML"),
+])
+def test_bad_prompt_files_name_the_problem(tmp_path, text, message):
+    user = tmp_path / "styles.yaml"
+    user.write_text(text)
+    with pytest.raises(InputError, match=message) as error:
+        load_catalogue(str(user))
+    assert str(user) in str(error.value)
+
+
+def test_split_points_make_equal_token_parts_on_paragraph_or_sentence_ends(hf_tokenizer):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(hf_tokenizer)
+    text = "\n\n".join(f"Paragraph {n} opens here. It has a second sentence. And a third one closes it." for n in range(6))
+    starts = token_starts(tokenizer, text)
+    cuts = split_points(text, starts, 3)
+    assert len(cuts) == 2 and all(text[c - 2:c] == "\n\n" for c in cuts)  # snapped to paragraph ends
+    sizes = [len([s for s in starts if a <= s < b]) for a, b in zip([0, *cuts], [*cuts, len(text)])]
+    assert max(sizes) - min(sizes) <= len(starts) // 6
+    sentences = "One sentence here. " * 30
+    cuts = split_points(sentences, token_starts(tokenizer, sentences), 4)
+    assert all(sentences[c - 2:c] == ". " for c in cuts)
+    words = "word " * 40
+    assert all(words[c - 1] == " " for c in split_points(words, token_starts(tokenizer, words), 3))
+    assert split_points("two words", token_starts(tokenizer, "two words"), 5) is None
+
+
+@pytest.mark.parametrize("text, tokens, finish, input_tokens, reason", [
+    ("   ", 0, "stop", 10, "empty"),
+    ("a fine answer " * 5, 30, "length", 20, "truncated"),
+    ("short", 3, "stop", 10, "too_short"),
+    ("a fine answer with enough words " * 3, 40, "stop", 400, "length_ratio"),
+    ("a fine answer with enough words " * 3, 40, "stop", 5, "length_ratio"),
+    ("the same words again and again " * 12, 80, "stop", 60, "repetition"),
+    ("Paris is the capital of France and its largest city, on the Seine.", 20, "stop", 25, None),
+])
+def test_each_gate(text, tokens, finish, input_tokens, reason):
+    assert Gates().reason(text, tokens, finish, input_tokens) == reason
+
+
+def test_repetition_measure():
+    assert repeated_ngram_fraction("one two three four five six seven eight nine ten", 4) == 0.0
+    assert repeated_ngram_fraction("la la la la la la la la la la la la", 4) > 0.8
+
+
+def test_task_from_slurm_array(monkeypatch):
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "7")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "4")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "5")
+    assert task_from_environment(None, None) == (3, 5)
+    assert task_from_environment(0, 2) == (0, 2)
+
+
+# --- with the real generator ---
+
+def test_rephrases_carry_their_provenance(generator, tmp_path):
+    corpus = write_corpus(tmp_path / "docs.jsonl", DOCUMENTS[:2] + [LONG])
+    cfg = config(styles=["wikipedia", "qa"], window=256)
+    summary = synthesize(generator, corpus, tmp_path / "out", cfg)
+    records = by_pair(all_records(tmp_path / "out"))
+    assert set(records) == {(d, i) for d in ("eiffel", "photosynthesis", "printing") for i in (0, 1)}
+    assert summary["accepted"] == 6 and summary["accepted_per_style"] == {"qa": 3, "wikipedia": 3}
+    for (source, index), record in records.items():
+        style = ("wikipedia", "qa")[index]
+        assert record["id"] == f"{source}#rephrase{index}" and record["operation"] == "rephrase"
+        assert record["style"] == style and record["prompt_version"] == BUILTIN[style].version
+        assert record["generator"] == {"model": DEFAULT_MODEL, "backend": "hf",
+                                       "sampling": {"temperature": 0.7, "top_p": 0.9, "max_new_tokens": 24}}
+        assert record["seed"] == derive_seed(0, source, index)
+        assert record["finish_reason"] in ("stop", "length") and 0 < record["completion_tokens"] <= 24
+        assert record["text"].strip()
+    source_text = dict(DOCUMENTS)["eiffel"]
+    expected_prompt = chat_token_ids(generator.tokenizer, BUILTIN["wikipedia"].render(document=source_text))
+    assert records[("eiffel", 0)]["prompt_tokens"] == len(expected_prompt)
+    assert records[("eiffel", 0)]["source_input"]["handling"] == "full"
+    long_input = records[("printing", 0)]["source_input"]
+    assert long_input["handling"] == "truncated" and long_input["used_tokens"] < long_input["document_tokens"]
+    assert json.loads((tmp_path / "out" / "synth.json").read_text())["styles"]["qa"] == BUILTIN["qa"].version
+
+    # the records are what `megadoc megadocs` reads
+    from megadoc_megatron.cli import main
+
+    assert main(["megadocs", "--kind", "stitch", "--real", str(corpus), "--generations", str(tmp_path / "out"),
+                 "--output", str(tmp_path / "stitched.jsonl")]) == 0
+    stitched = [json.loads(line) for line in (tmp_path / "stitched.jsonl").read_text().splitlines()]
+    assert stitched[0]["generation_ids"] == ["eiffel#rephrase0", "eiffel#rephrase1"]
+
+
+def test_same_seed_same_text_whatever_the_batch_and_another_seed_changes_it(generator, tmp_path):
+    corpus = write_corpus(tmp_path / "docs.jsonl", DOCUMENTS[:2])
+    synthesize(generator, corpus, tmp_path / "a", config())
+    first = by_pair(all_records(tmp_path / "a"))
+    alone = copy.copy(generator)
+    alone.batch_size = 1  # the same model, one sequence per batch
+    synthesize(alone, corpus, tmp_path / "b", config())
+    second = by_pair(all_records(tmp_path / "b"))
+    assert {k: r["text"] for k, r in first.items()} == {k: r["text"] for k, r in second.items()}
+    synthesize(generator, corpus, tmp_path / "c", config(seed=1))
+    other = by_pair(all_records(tmp_path / "c"))
+    assert sum(first[k]["text"] != other[k]["text"] for k in first) >= 3
+    assert first[("eiffel", 0)]["seed"] != first[("eiffel", 1)]["seed"]
+
+
+def test_long_documents_can_be_chunked(generator, tmp_path):
+    corpus = write_corpus(tmp_path / "docs.jsonl", [LONG])
+    synthesize(generator, corpus, tmp_path / "out", config(generations=1, window=256, long_documents="chunk"))
+    (record,) = all_records(tmp_path / "out")
+    assert record["source_input"]["handling"] == "chunked" and record["source_input"]["parts"] >= 2
+    assert record["source_input"]["used_tokens"] == record["source_input"]["document_tokens"]
+    assert record["text"].count("\n\n") >= record["source_input"]["parts"] - 1
+
+
+def test_rationales_sit_at_split_points_and_stretch(generator, tmp_path):
+    corpus = write_corpus(tmp_path / "docs.jsonl", DOCUMENTS[:2] + [("tiny", "Hi.")])
+    summary = synthesize(generator, corpus, tmp_path / "out", config("rationale", generations=2))
+    records = by_pair(all_records(tmp_path / "out"))
+    for source, text in DOCUMENTS[:2]:
+        cuts = [records[(source, i)]["split_char"] for i in (0, 1)]
+        assert 0 < cuts[0] < cuts[1] < len(text)
+        assert all(text[cut - 1].isspace() and not text[cut].isspace() for cut in cuts)  # between words
+        assert records[(source, 0)]["style"] == "rationale"
+        assert records[(source, 0)]["source_input"]["prefix_tokens"] > 0
+    rejected = [json.loads(line) for line in (tmp_path / "out" / "shard-00001.rejected.jsonl").read_text().splitlines()]
+    assert [(r["source_id"], r["reject_reason"]) for r in rejected] == [("tiny", "unsplittable")] * 2
+    assert summary["rejected_per_reason"] == {"unsplittable": 2}
+
+    from megadoc_megatron.cli import main
+
+    kept = tmp_path / "kept.jsonl"
+    kept.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in DOCUMENTS[:2]))
+    assert main(["megadocs", "--kind", "stretch", "--real", str(kept), "--generations", str(tmp_path / "out" / "shard-00000.jsonl"),
+                 "--output", str(tmp_path / "stretched.jsonl")]) == 0
+    stretched = json.loads((tmp_path / "stretched.jsonl").read_text().splitlines()[0])["text"]
+    assert stretched.count("<think>") == 2 and stretched.startswith(DOCUMENTS[0][1][:20])
+
+
+def test_rejected_outputs_go_to_the_side_file_and_are_counted(generator, tmp_path):
+    corpus = write_corpus(tmp_path / "docs.jsonl", DOCUMENTS[:2])
+    summary = synthesize(generator, corpus, tmp_path / "out", config(gates=Gates(min_tokens=25)))  # 24 new tokens at most
+    assert summary["accepted"] == 0 and summary["rejected"] == 4
+    assert set(summary["rejected_per_reason"]) <= {"truncated", "too_short"}
+    rejected = [json.loads(line) for line in (tmp_path / "out" / "shard-00000.rejected.jsonl").read_text().splitlines()]
+    assert len(rejected) == 4 and all(r["text"] and r["reject_reason"] for r in rejected)
+    assert (tmp_path / "out" / "shard-00000.jsonl").read_text() == ""
+
+
+def test_tasks_of_an_array_together_equal_one_task(generator, tmp_path):
+    corpus = write_corpus(tmp_path / "docs.jsonl", DOCUMENTS)
+    cfg = config(generations=1, docs_per_shard=1, sampling=Sampling(0.7, 0.9, 8))
+    synthesize(generator, corpus, tmp_path / "one", cfg)
+    for task in (0, 1):
+        summary = synthesize(generator, corpus, tmp_path / "two", cfg, task_index=task, task_count=2)
+        assert summary["shards"] == 2 and summary["this_run"]["documents"] == 2
+    assert sorted((tmp_path / "two").glob("summary.task-*.json"))
+    assert all_records(tmp_path / "one") == all_records(tmp_path / "two")
+
+
+def synth_command(corpus: Path, output: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "megadoc_megatron.cli", "synth", "rephrase", "--input", str(corpus), "--output",
+            str(output), "-G", "2", "--max-new-tokens", "12", "--allow-truncated", "--min-tokens", "1", "--min-length-ratio", "0",
+            "--docs-per-shard", "2", "--block-size", "1", "--batch-size", "1", "--no-progress", *extra]
+
+
+def test_killed_run_resumes_without_duplicates_or_losses(tmp_path):
+    corpus = write_corpus(tmp_path / "docs.jsonl", DOCUMENTS)
+    output = tmp_path / "out"
+    default_model_dir()  # convert before timing the kill
+    process = subprocess.Popen(synth_command(corpus, output), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial = output / "shard-00000.jsonl.partial"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (partial.exists() and partial.read_text().count("\n") >= 2):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    before = by_pair(json.loads(line) for line in partial.read_text().splitlines())
+    assert 2 <= len(before) < 8 and not (output / "shard-00001.jsonl").exists()
+    with open(partial, "a") as torn:
+        torn.write('{"id": "eiffel#rephr')  # the kill may also leave half a line
+    result = subprocess.run(synth_command(corpus, output), cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    records = all_records(output)
+    pairs = Counter((r["source_id"], r["index"]) for r in records)
+    assert pairs == Counter({(d, i): 1 for d, _ in DOCUMENTS for i in (0, 1)})
+    assert summary["this_run"]["pairs"] == 8 - len(before)
+    after = by_pair(records)
+    assert all(after[k]["text"] == r["text"] for k, r in before.items())
+    assert not list(output.glob("*.partial"))
+
+    again = subprocess.run(synth_command(corpus, output), cwd=REPO, capture_output=True, text=True)
+    assert again.returncode == 0 and json.loads(again.stdout)["this_run"]["pairs"] == 0
+    changed = subprocess.run(synth_command(corpus, output, "--seed", "3"), cwd=REPO, capture_output=True, text=True)
+    assert changed.returncode == 2 and "synth.json" in changed.stderr and "seed" in changed.stderr
+
+
+def test_bad_document_fails_before_the_model_loads_and_writes_no_shard(tmp_path):
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text('{"id": "a", "text": "fine"}\n{"id": "b", "body": "no text key"}\n')
+    result = subprocess.run(synth_command(corpus, tmp_path / "out"), cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert f"{corpus}:2:" in result.stderr and "'text'" in result.stderr and "Fix:" in result.stderr
+    assert not list((tmp_path / "out").glob("shard-*"))
+
+
+def test_openai_backend_reports_an_unreachable_server(tmp_path):
+    pytest.importorskip("openai")
+    from megadoc_megatron.synth.backends import OpenAIBackend, Request
+
+    backend = OpenAIBackend("m", "http://127.0.0.1:9/v1", max_retries=0, timeout=5)
+    with pytest.raises(InputError, match="cannot reach http://127.0.0.1:9/v1") as error:
+        backend.generate([Request([{"role": "user", "content": "hi"}], 1)], Sampling())
+    assert "--base-url" in str(error.value)
+
+
+def test_openai_backend_against_a_real_server(tmp_path):
+    """Opt-in: needs llama-cpp-python's OpenAI-compatible server (`pip install "llama-cpp-python[server]"`,
+    a ~17 min build on 2 cores, too long for CI). It serves the same GGUF file on loopback."""
+    pytest.importorskip("llama_cpp.server")
+    pytest.importorskip("openai")
+    from megadoc_megatron.synth.default_model import gguf_path
+    from megadoc_megatron.train.distributed import free_port
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf_path()), "--host", "127.0.0.1",
+                               "--port", str(port), "--n_ctx", "2048", "--model_alias", "smollm2"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        corpus = write_corpus(tmp_path / "docs.jsonl", DOCUMENTS[:2])
+        extra = ["--backend", "openai", "--model", "smollm2", "--tokenizer", str(default_model_dir()), "--base-url",
+                 f"http://127.0.0.1:{port}/v1", "--max-concurrency", "2", "--max-retries", "8", "--window", "2048"]
+        result = subprocess.run(synth_command(corpus, tmp_path / "out", *extra), cwd=REPO, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        records = all_records(tmp_path / "out")
+        assert len(records) == 4 and all(r["generator"]["backend"] == "openai" and r["text"] for r in records)
+        assert all(r["prompt_tokens"] > 0 and r["completion_tokens"] > 0 for r in records)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+def test_synth_cli_lists_styles():
+    result = subprocess.run([sys.executable, "-m", "megadoc_megatron.cli", "synth", "styles"], cwd=REPO,
+                            capture_output=True, text=True, env={**os.environ})
+    assert result.returncode == 0
+    assert all(style in result.stdout for style in ("wikipedia", "reformat_entries", "rationale"))
