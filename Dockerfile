@@ -9,6 +9,8 @@ COPY setup.py README.md ./
 COPY megadoc_megatron ./megadoc_megatron
 COPY tools ./tools
 COPY examples ./examples
-RUN pip install --no-cache-dir -e ".[gpu]"
+RUN pip install --no-cache-dir -e ".[gpu,openai]"
+# vLLM pins its own torch build: generation jobs run in an image of their own,
+# e.g. FROM vllm/vllm-openai plus `pip install -e ".[openai]"` of this repository.
 
 CMD ["megadoc", "--help"]

@@ -350,3 +350,17 @@ def test_synth_cli_lists_styles():
                             capture_output=True, text=True, env={**os.environ})
     assert result.returncode == 0
     assert all(style in result.stdout for style in ("wikipedia", "reformat_entries", "rationale"))
+
+
+def test_slurm_array_script_builds_a_valid_synth_command():
+    from megadoc_megatron.cli import build_parser
+
+    script = REPO / "examples" / "slurm" / "synth.sbatch"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    env = {**os.environ, "DRY_RUN": "1", "INPUT": "real/*.jsonl", "OUTPUT": "synth/out", "MODEL": "/models/gen",
+           "OPERATION": "rationale", "ARGS": "-G 8 --max-new-tokens 512"}
+    line = subprocess.run(["bash", str(script)], env=env, check=True, capture_output=True, text=True).stdout.split()
+    assert line[:4] == ["srun", "python", "-m", "megadoc_megatron.cli"]
+    args = build_parser().parse_args(line[4:])
+    assert (args.operation, args.backend, args.model, args.generations, args.input) == (
+        "rationale", "vllm", "/models/gen", 8, ["real/*.jsonl"])

@@ -15,6 +15,7 @@ import itertools
 import json
 import math
 import os
+import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -225,7 +226,8 @@ class Throughput:
 
     def as_dict(self) -> dict:
         wall = time.perf_counter() - self.started
-        return {**asdict(self), "started": None, "wall_seconds": round(wall, 3),
+        counts = {k: v for k, v in asdict(self).items() if k != "started"}
+        return {**counts, "wall_seconds": round(wall, 3),
                 "documents_per_second": round(self.documents / wall, 4) if wall else 0.0,
                 "generated_tokens_per_second": round(self.generated_tokens / wall, 2) if wall else 0.0}
 
@@ -280,7 +282,7 @@ class Synthesizer:
         from tqdm import tqdm
 
         return tqdm(total=total, unit="gen", desc=f"synth {self.config.operation}", disable=not self.progress,
-                    dynamic_ncols=True)
+                    dynamic_ncols=True, mininterval=1 if sys.stderr.isatty() else 60)  # batch logs: a line a minute
 
     def _shard(self, number: int, documents: list[tuple[str, str]], bar) -> None:
         shard = Shard(self.output, number)
