@@ -306,7 +306,7 @@ def test_bad_document_fails_before_the_model_loads_and_writes_no_shard(tmp_path)
     result = subprocess.run(synth_command(corpus, tmp_path / "out"), cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 2
     assert f"{corpus}:2:" in result.stderr and "'text'" in result.stderr and "Fix:" in result.stderr
-    assert not list((tmp_path / "out").glob("shard-*"))
+    assert not list((tmp_path / "out").glob("shard-*")) and not (tmp_path / "out" / "synth.json").exists()
 
 
 def test_openai_backend_reports_an_unreachable_server(tmp_path):

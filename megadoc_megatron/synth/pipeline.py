@@ -247,8 +247,9 @@ class Synthesizer:
         return shard % self.task_count == self.task_index
 
     def run(self, inputs: list[Path]) -> dict:
-        self._check_manifest(inputs)
-        documents = sum(1 for _ in self._documents(inputs))  # validates every record before generating anything
+        manifest = self._checked_manifest(inputs)
+        documents = sum(1 for _ in self._documents(inputs))  # validates every record before writing anything
+        write_text_atomic(self.output / MANIFEST, json.dumps(manifest, indent=2) + "\n")
         per_shard = self.config.docs_per_shard
         todo = {n for n in range(math.ceil(documents / per_shard)) if self.owns(n) and not Shard(self.output, n).complete()}
         if todo and self.backend is None:
@@ -266,8 +267,8 @@ class Synthesizer:
     def _documents(self, inputs: list[Path]):
         return read_documents(inputs, self.config.id_key, self.config.text_key)
 
-    def _check_manifest(self, inputs: list[Path]) -> None:
-        self.output.mkdir(parents=True, exist_ok=True)
+    def _checked_manifest(self, inputs: list[Path]) -> dict:
+        """This run's settings, refused if the output folder holds generations made with others."""
         manifest, path = self.config.manifest(inputs), self.output / MANIFEST
         if path.exists():
             previous = json.loads(path.read_text())
@@ -275,8 +276,8 @@ class Synthesizer:
             if changed:
                 raise InputError(f"{self.output} holds generations made with other settings ({', '.join(changed)} differ)",
                                  path, fix="write to a new --output, or rerun with the settings recorded in this file")
-        else:
-            write_text_atomic(path, json.dumps(manifest, indent=2) + "\n")
+        self.output.mkdir(parents=True, exist_ok=True)
+        return manifest
 
     def _progress_bar(self, total: int):
         from tqdm import tqdm
