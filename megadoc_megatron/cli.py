@@ -16,6 +16,7 @@ STAGES = {
     "inspect": ("megadoc_megatron.data.inspect", "summarize an indexed dataset and decode a document"),
     "megadocs": ("megadoc_megatron.megadocs", "assemble the synthetic stream: simple, stitch or stretch megadocs"),
     "blend": ("megadoc_megatron.data.blend", "weights and train length for a mixing weight w and exactly E real epochs"),
+    "eval": ("megadoc_megatron.evaluate.command", "evaluate checkpoints (i.i.d., long-context, ensemble loss) and fit scaling laws"),
     "train": ("megadoc_megatron.train.command", "pre-train the GPT on a blend with megatron-core (TP/PP/DP, checkpoints)"),
 }
 

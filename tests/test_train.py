@@ -13,7 +13,6 @@ from unittest import mock
 import pytest
 import torch
 
-from megadoc_megatron.data.blend import blend
 from megadoc_megatron.errors import InputError
 from megadoc_megatron.model import PRESETS, parameter_count, transformer_config
 from megadoc_megatron.train import checkpoint
@@ -21,48 +20,11 @@ from megadoc_megatron.train.config import load_config
 from megadoc_megatron.train.distributed import LaunchEnvironment, first_slurm_host, free_port, launch_environment
 from megadoc_megatron.train.metrics import training_flops
 
-from conftest import REPO, make_dataset
-
-ITERS, SAVE_AT = 8, 4
-
-
-def write_config(tmp_path, blend_json, checkpoint_dir, **extra) -> str:
-    config = {
-        "data": {"blend": str(blend_json), "micro_batch_size": 2},
-        "model": {"preset": "tiny"},
-        "optimizer": {"lr": 3.0e-3, "warmup_iters": 2, "min_lr": 3.0e-4},
-        "checkpoint": {"dir": str(checkpoint_dir), "save_interval": SAVE_AT},
-        "logging": {"eval_interval": SAVE_AT, "eval_iters": 1},
-        "train_iters": ITERS,
-    }
-    for section, values in extra.items():
-        config.setdefault(section, {}).update(values)
-    path = tmp_path / "train.yaml"
-    path.write_text(json.dumps(config))  # JSON is YAML
-    return str(path)
-
+from conftest import ITERS, REPO, SAVE_AT, run_training, write_config
 
 def read_metrics(checkpoint_dir) -> dict[int, dict]:
     rows = [json.loads(line) for line in (checkpoint_dir / "metrics.jsonl").read_text().splitlines()]
     return {row["iteration"]: row for row in rows if "loss" in row}
-
-
-def run_training(config_path, launch=None, overrides=()):
-    from megadoc_megatron.train.trainer import train
-
-    return train(load_config(config_path, overrides), launch)
-
-
-@pytest.fixture(scope="module")
-def blend_json(tmp_path_factory, golden_lines, spm_model):
-    """A real blend: real, synthetic and held-out datasets from real text and a real tokenizer."""
-    tmp = tmp_path_factory.mktemp("train_data")
-    docs = [json.loads(line)["text"] for line in golden_lines]
-    spm = ("SentencePieceTokenizer", spm_model)
-    real, synthetic, held_out = (make_dataset(tmp, "real", docs[:30], *spm), make_dataset(tmp, "syn", docs[30:50], *spm),
-                                 make_dataset(tmp, "held", docs[50:], *spm))
-    plan = blend([real], [synthetic], 0.5, 1, 64, 8, tmp / "blend", valid_data=[held_out])
-    return plan["files"]["plan"]
 
 
 @pytest.fixture(scope="module")

@@ -108,8 +108,9 @@ def _sharded_state(engine, scheduler, is_loading: bool, rng: dict | None) -> dic
     return state
 
 
-def save(root, iteration: int, consumed_samples: int, engine, scheduler, config: dict) -> Path:
-    """Write a checkpoint of every rank, then mark it the latest."""
+def save(root, iteration: int, consumed_samples: int, engine, scheduler, config: dict, info: dict | None = None) -> Path:
+    """Write a checkpoint of every rank, then mark it the latest. `info` (sequence length, vocabulary,
+    tokenizer) lets evaluation rebuild the model without the training data."""
     from megatron.core import dist_checkpointing
 
     target = iteration_dir(root, iteration)
@@ -119,7 +120,7 @@ def save(root, iteration: int, consumed_samples: int, engine, scheduler, config:
         target.mkdir(parents=True)
     dist.barrier()
     state = _sharded_state(engine, scheduler, is_loading=False, rng=_rng_states())
-    state.update(iteration=iteration, consumed_samples=consumed_samples, layout=layout(), config=config)
+    state.update(iteration=iteration, consumed_samples=consumed_samples, layout=layout(), config=config, info=info or {})
     with cuda_calls_on_cpu():
         dist_checkpointing.save(state, str(target))
     dist.barrier()

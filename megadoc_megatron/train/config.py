@@ -173,6 +173,11 @@ def _resolve_paths(values: dict, base: Path) -> dict:
     return values
 
 
+def config_from_dict(values: dict, source) -> TrainConfig:
+    """A config as saved in a checkpoint (`TrainConfig.to_dict`)."""
+    return _build(TrainConfig, values, "", source)
+
+
 def load_config(path, overrides: list[str] = ()) -> TrainConfig:
     """Read and check a YAML training config, with `section.field=value` overrides on top."""
     path = Path(path)

@@ -133,6 +133,8 @@ class Trainer:
                              "iterations (its exact epochs)", config.data.blend,
                              fix="leave train_iters unset, or re-plan the blend with more epochs")
         tokenizer = dataset_tokenizer(self.plan["datasets"][0]["prefix"])
+        self.info = {"seq_length": self.seq_length, "vocab_size": tokenizer.vocab_size,
+                     "tokenizer": tokenizer.unique_identifiers}
         if tokenizer.vocab_size is None:
             raise InputError("the dataset has no tokenizer record, so the vocabulary size is unknown",
                              self.plan["datasets"][0]["prefix"], fix="convert it with `megadoc preprocess`")
@@ -207,7 +209,7 @@ class Trainer:
             if config.checkpoint.dir and (iteration == self.train_iters or config.checkpoint.save_interval
                                           and iteration % config.checkpoint.save_interval == 0):
                 checkpoint.save(config.checkpoint.dir, iteration, consumed, self.engine, self.scheduler,
-                                config.to_dict())
+                                config.to_dict(), self.info)
             if valid is not None and (iteration == self.train_iters or config.logging.eval_interval
                                       and iteration % config.logging.eval_interval == 0):
                 valid_loss = self.validation_loss(valid)

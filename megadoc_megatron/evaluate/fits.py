@@ -1,0 +1,106 @@
+"""Scaling fits `L(x) = A / x^B + C` with A, B, C >= 0, and the data efficiency they imply.
+
+x is unique real tokens, parameters or ensemble members; C is the asymptote, the loss as x goes to
+infinity. x is fitted in units of its first point, which keeps A of order one whatever the scale.
+Uncertainty: a bootstrap over the points (resampled with replacement, refitted), reported as the
+standard deviation and the 5th-95th percentiles of each parameter.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from megadoc_megatron.errors import InputError
+
+MIN_POINTS = 4  # more points than the three parameters, or the fit says nothing
+
+
+@dataclass(frozen=True)
+class PowerLaw:
+    A: float
+    B: float
+    C: float
+    x_unit: float          # x is divided by this before the power (the first point's x)
+    points: int
+    rmse: float
+    bootstrap: dict | None = None  # parameter -> {"std", "p05", "p95"}
+
+    def loss(self, x) -> np.ndarray:
+        return self.A / (np.asarray(x, dtype=float) / self.x_unit) ** self.B + self.C
+
+    def inverse(self, loss: float) -> float:
+        """The x at which the law reaches `loss`; inf at or below the asymptote."""
+        if loss <= self.C:
+            return math.inf
+        return self.x_unit * (self.A / (loss - self.C)) ** (1.0 / self.B)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _least_squares(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    from scipy.optimize import curve_fit
+
+    def law(x, A, B, C):
+        return A / x ** B + C
+
+    start = [max(y[0] - y[-1], 1e-3), 0.3, max(y[-1] * 0.8, 0.0)]
+    parameters, _ = curve_fit(law, x, y, p0=start, bounds=([0.0, 0.0, 0.0], [np.inf, 10.0, np.inf]), maxfev=20000)
+    return parameters
+
+
+def fit_power_law(x, y, what: str = "points", bootstrap: int = 1000, seed: int = 0) -> PowerLaw:
+    """Fit L(x) = A / x^B + C; refuses too few points and curves that do not go down."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    order = np.argsort(x)
+    x, y = x[order], y[order]
+    if len(np.unique(x)) < MIN_POINTS:
+        raise InputError(f"a scaling fit over {what} needs at least {MIN_POINTS} distinct x values, got {len(np.unique(x))}",
+                         fix=f"train at more {what} values")
+    if np.any(x <= 0) or not np.all(np.isfinite(y)):
+        raise InputError(f"scaling-fit {what} must have positive x and finite losses", fix="drop the bad points")
+    if y[-1] >= y[0]:
+        raise InputError(f"loss does not decrease over {what} ({y[0]:.4f} at {x[0]:g}, {y[-1]:.4f} at {x[-1]:g})",
+                         fix="check the runs; a power law with a floor only fits a decreasing curve")
+    unit = x[0]
+    A, B, C = _least_squares(x / unit, y)
+    rmse = float(np.sqrt(np.mean((A / (x / unit) ** B + C - y) ** 2)))
+    spread = _bootstrap(x / unit, y, bootstrap, seed) if bootstrap else None
+    return PowerLaw(float(A), float(B), float(C), float(unit), len(x), rmse, spread)
+
+
+def _bootstrap(x: np.ndarray, y: np.ndarray, rounds: int, seed: int) -> dict | None:
+    rng = np.random.default_rng(seed)
+    samples = []
+    for _ in range(rounds):
+        pick = rng.integers(0, len(x), len(x))
+        if len(np.unique(x[pick])) < 3:
+            continue
+        try:
+            samples.append(_least_squares(x[pick], y[pick]))
+        except RuntimeError:  # no convergence on this resample
+            continue
+    if len(samples) < 10:
+        return None
+    values = np.array(samples)
+    return {name: {"std": float(values[:, i].std()), "p05": float(np.percentile(values[:, i], 5)),
+                   "p95": float(np.percentile(values[:, i], 95))} for i, name in enumerate("ABC")}
+
+
+def data_efficiency(baseline: PowerLaw, loss: float, real_tokens: float | None = None,
+                    reference_loss: float | None = None) -> dict:
+    """How many unique real tokens the baseline would need to reach `loss`, relative to the real
+    tokens a recipe used (`real_tokens`), or to the tokens at which the baseline reaches
+    `reference_loss` (e.g. the real-only run on the same data)."""
+    if (real_tokens is None) == (reference_loss is None):
+        raise InputError("data efficiency needs exactly one of real_tokens and reference_loss",
+                         fix="pass --real-tokens or --reference-loss")
+    needed = baseline.inverse(loss)
+    used = real_tokens if real_tokens is not None else baseline.inverse(reference_loss)
+    result = {"loss": loss, "tokens_needed": needed, "tokens_used": used, "efficiency": needed / used}
+    if math.isinf(needed):
+        result["note"] = f"loss {loss} is at or below the baseline's asymptote {baseline.C:.4f}: no finite amount of real data reaches it"
+    return result

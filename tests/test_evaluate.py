@@ -1,0 +1,165 @@
+"""Evaluation: scaling fits against the published points, and the loss evaluators (i.i.d.,
+long-context, ensemble) on tiny checkpoints trained here on real text."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from megadoc_megatron.cli import main
+from megadoc_megatron.errors import InputError
+from megadoc_megatron.evaluate.fits import data_efficiency, fit_power_law
+
+from conftest import ITERS, make_dataset, run_training, write_config
+
+BASELINE_TOKENS = [209.7e6, 419.4e6, 838.9e6, 1.678e9]  # METHOD.md section 2
+BASELINE_LOSS = [3.74974, 3.48073, 3.24516, 3.05917]
+
+
+def test_refit_of_the_published_baseline_gives_the_papers_efficiencies():
+    law = fit_power_law(BASELINE_TOKENS, BASELINE_LOSS, bootstrap=200)
+    assert law.rmse < 0.01 and law.bootstrap is not None
+    assert data_efficiency(law, 3.17, real_tokens=209.7e6)["efficiency"] == pytest.approx(5.2, abs=0.1)
+    assert data_efficiency(law, 3.41, reference_loss=3.554)["efficiency"] == pytest.approx(1.49, abs=0.01)
+
+
+def test_fit_recovers_a_known_law_and_its_asymptote():
+    x = np.array([1e6, 2e6, 4e6, 8e6, 16e6, 32e6])
+    noise = np.random.default_rng(0).normal(0, 0.002, len(x))
+    law = fit_power_law(x, 2.0 / (x / 1e6) ** 0.4 + 3.0 + noise, bootstrap=100)
+    assert (law.A, law.B, law.C) == pytest.approx((2.0, 0.4, 3.0), rel=0.1)
+    assert law.bootstrap["C"]["p05"] <= 3.0 <= law.bootstrap["C"]["p95"]
+    assert law.inverse(law.loss(5e6)) == pytest.approx(5e6, rel=1e-6)
+    below = data_efficiency(law, law.C - 0.01, real_tokens=1e6)
+    assert math.isinf(below["efficiency"]) and "asymptote" in below["note"]
+
+
+@pytest.mark.parametrize("x, loss, message", [
+    ([1, 2, 4], [3.0, 2.9, 2.8], "at least 4"),
+    ([1, 2, 4, 8], [3.0, 3.1, 3.2, 3.3], "does not decrease"),
+])
+def test_fit_refuses_what_it_cannot_fit(x, loss, message):
+    with pytest.raises(InputError, match=message):
+        fit_power_law(x, loss)
+
+
+def test_fit_command_prints_the_fit_and_efficiency(capsys):
+    assert main(["eval", "fit", "--x", *map(str, BASELINE_TOKENS), "--loss", *map(str, BASELINE_LOSS),
+                 "--loss-of", "3.17", "--real-tokens", "209.7e6", "--bootstrap", "0"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["efficiency"][0]["efficiency"] == pytest.approx(5.25, abs=0.05)
+
+
+# --- loss evaluators on real checkpoints ---
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, blend_json):
+    """Two tiny models trained on the same blend with different seeds: their checkpoint dirs."""
+    dirs = []
+    for seed in (1, 2):
+        tmp = tmp_path_factory.mktemp(f"run{seed}")
+        run_training(write_config(tmp, blend_json, tmp / "ckpt", logging={"eval_interval": 0}), overrides=[f"seed={seed}"])
+        dirs.append(tmp / "ckpt")
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def held_out(blend_json) -> str:
+    return str(Path(blend_json).parent.parent / "held_text_document")
+
+
+def evaluate(*argv) -> dict:
+    assert main(["eval", *argv]) == 0
+    return argv
+
+
+def read_result(checkpoint_dir: Path, pattern: str) -> dict:
+    (path,) = (checkpoint_dir / "eval").glob(pattern)
+    return json.loads(path.read_text())
+
+
+def manual_losses(checkpoint_dir: Path, documents_or_stream, seq_length=64):
+    """Cross-entropy from the model's logits (no labels path), for an independent check."""
+    from megadoc_megatron.evaluate.losses import evaluation_process_group, load_model
+    from megadoc_megatron.train.distributed import shutdown
+
+    device = evaluation_process_group()
+    try:
+        loaded = load_model(checkpoint_dir, None, device)
+        out = []
+        for tokens in documents_or_stream:
+            x = torch.as_tensor(np.asarray(tokens, dtype=np.int64))[None]
+            with torch.no_grad():
+                logits = loaded.model(x[:, :-1], torch.arange(x.shape[1] - 1)[None], None)
+            out.append(torch.nn.functional.cross_entropy(logits[0].float(), x[0, 1:], reduction="none").numpy())
+        return out
+    finally:
+        shutdown()
+
+
+def test_iid_loss_is_the_token_mean_of_packed_held_out_sequences(runs, held_out):
+    from megadoc_megatron.data.indexed import read_index
+
+    evaluate("loss", str(runs[0]), "--data", held_out)
+    report = read_result(runs[0], "loss.held_text_document.iter_0000008.json")
+    assert report["schema"] == "megadoc-eval/1" and report["evaluator"] == "loss"
+    assert report["checkpoints"] == [{"path": str(runs[0] / f"iter_{ITERS:07d}"), "iteration": ITERS}]
+    assert report["seq_length"] == 64 and report["dataset"] == held_out
+    metrics = report["metrics"]
+    dataset = read_index(held_out)
+    stream = np.concatenate([dataset.document_tokens(d) for d in range(dataset.num_documents)])
+    count = (len(stream) - 1) // 64
+    assert metrics["sequences"] == count and metrics["tokens"] == count * 64
+    sequences = [stream[i * 64:(i + 1) * 64 + 1] for i in range(count)]
+    expected = np.concatenate(manual_losses(runs[0], sequences)).mean()
+    assert metrics["loss"] == pytest.approx(float(expected), rel=1e-4)
+    assert metrics["loss"] < math.log(8000)  # below uniform over the vocabulary: it learned something
+
+
+def test_long_context_loss_by_position_one_document_per_sequence(runs, held_out):
+    from megadoc_megatron.data.indexed import read_index
+
+    evaluate("long-context", str(runs[0]), "--data", held_out, "--threshold", "40", "--buckets", "0", "16", "32", "64",
+             "--offset", "32")
+    metrics = read_result(runs[0], "long-context.*.json")["metrics"]
+    lengths = read_index(held_out).document_lengths()
+    assert metrics["long"]["documents"] == int((lengths > 40).sum())
+    assert metrics["short"]["documents"] == int(((lengths <= 40) & (lengths >= 2)).sum())
+    long = metrics["long"]
+    assert [(b["start"], b["end"]) for b in long["buckets"]] == [(0, 16), (16, 32), (32, 64)]
+    assert sum(b["tokens"] for b in long["buckets"]) == long["tokens"]
+    weighted = sum(b["loss"] * b["tokens"] for b in long["buckets"]) / long["tokens"]
+    assert weighted == pytest.approx(long["loss"], rel=1e-6)
+    assert long["beyond_offset"]["tokens"] == long["buckets"][2]["tokens"]
+    dataset = read_index(held_out)
+    documents = [dataset.document_tokens(d)[:65] for d in np.flatnonzero(lengths > 40)]
+    per_document = manual_losses(runs[0], documents)
+    first_bucket = np.concatenate([losses[:16] for losses in per_document]).mean()
+    assert long["buckets"][0]["loss"] == pytest.approx(float(first_bucket), rel=1e-4)
+
+
+def test_ensemble_of_two_runs_beats_its_members(runs, held_out):
+    evaluate("ensemble", str(runs[0]), str(runs[1]), "--data", held_out)
+    metrics = read_result(runs[0], "ensemble-2.*.json")["metrics"]
+    evaluate("loss", str(runs[1]), "--data", held_out)
+    first = read_result(runs[0], "loss.*.json")["metrics"]["loss"]
+    second = read_result(runs[1], "loss.*.json")["metrics"]["loss"]
+    one, two = metrics["ensembles"]
+    assert one == {"members": 1, "loss": pytest.approx(first, rel=1e-6)}
+    assert two["members"] == 2 and two["loss"] < (first + second) / 2  # averaging probabilities never hurts on average
+
+
+def test_evaluation_refuses_data_of_another_tokenizer_and_missing_checkpoints(runs, tmp_path, golden_lines, hf_tokenizer,
+                                                                              capsys):
+    other = make_dataset(tmp_path, "hf", [json.loads(line)["text"] for line in golden_lines[:5]], "HuggingFaceTokenizer",
+                         hf_tokenizer)
+    assert main(["eval", "loss", str(runs[0]), "--data", other]) == 2
+    assert f"{other}: tokenized with HuggingFaceTokenizer" in capsys.readouterr().err
+    assert main(["eval", "loss", str(tmp_path / "nothing"), "--data", other]) == 2
+    assert "no checkpoint here" in capsys.readouterr().err
+    assert not list(runs[0].glob("eval/loss.hf_text_document*"))
