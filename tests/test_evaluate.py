@@ -163,3 +163,44 @@ def test_evaluation_refuses_data_of_another_tokenizer_and_missing_checkpoints(ru
     assert main(["eval", "loss", str(tmp_path / "nothing"), "--data", other]) == 2
     assert "no checkpoint here" in capsys.readouterr().err
     assert not list(runs[0].glob("eval/loss.hf_text_document*"))
+
+
+# --- report ---
+
+def test_report_tables_and_plots_the_runs(runs, held_out, tmp_path):
+    from megadoc_megatron.evaluate.report import build_report
+
+    for run, recipe in zip(runs, ({"recipe": "real"}, {"recipe": "stitch", "generations": 2})):
+        (run / "recipe.json").write_text(json.dumps(recipe))
+        evaluate("loss", str(run), "--data", held_out)
+        evaluate("long-context", str(run), "--data", held_out, "--threshold", "40", "--buckets", "0", "16", "32", "64")
+    report = build_report([str(r) for r in runs], tmp_path / "report")
+    lines = (tmp_path / "report" / "report.md").read_text().splitlines()
+    assert lines[2].startswith("| run | recipe | G | E | w | lr | wd | i.i.d. loss | long-context loss")
+    real_row, stitch_row = lines[4].split(" | "), lines[5].split(" | ")
+    loss = read_result(runs[0], "loss.*.json")["metrics"]["loss"]
+    assert real_row[1:8] == ["real", "—", "1", "0.5", "0.003", "0.1", f"{loss:.4f}"]
+    assert stitch_row[1:3] == ["stitch", "2"]
+    assert "No data efficiency: a scaling fit over real-only data amounts needs at least 4" in report["markdown"]
+    assert report["plots"] == ["loss_vs_generations.png", "loss_vs_position.png"]
+    assert "<table>" in (tmp_path / "report" / "report.html").read_text()
+    for plot in report["plots"]:
+        assert (tmp_path / "report" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_fit_and_efficiency_from_the_published_points(tmp_path):
+    """The baseline plot and efficiencies from METHOD.md's numbers (no checkpoints needed)."""
+    from megadoc_megatron.evaluate.report import Run, baseline_fit, plot_all, table_rows
+
+    runs = [Run(f"real-{i}", tmp_path, "real", None, 16, None, 3e-3, 1.6, int(tokens), iid_loss=loss)
+            for i, (tokens, loss) in enumerate(zip(BASELINE_TOKENS, BASELINE_LOSS))]
+    runs.append(Run("simple-32", tmp_path, "simple", 32, 8, 0.75, 3e-3, 0.8, int(203.9e6), iid_loss=3.41))
+    fit, note = baseline_fit(runs)
+    assert note is None
+    for run in runs:
+        run.efficiency = fit.inverse(run.iid_loss) / run.real_tokens
+    assert runs[0].efficiency == pytest.approx(1.0, abs=0.02)
+    header, rows = table_rows(runs)
+    assert rows[-1][header.index("data efficiency")] == f"{runs[-1].efficiency:.2f}x"
+    plots = plot_all(runs, fit, tmp_path)
+    assert [name for name, _ in plots] == ["loss_vs_generations.png", "scaling_fit.png"]

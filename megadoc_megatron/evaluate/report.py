@@ -1,0 +1,269 @@
+"""`megadoc report RUNS...`: recipes against their losses and data efficiency, as Markdown, HTML and PNG plots.
+
+A run is the checkpoint.dir of `megadoc train`, with the results of `megadoc eval` in RUN/eval/.
+Its settings come from the checkpoint (lr, weight decay), its blend.json (E, w, real tokens), and
+RUN/recipe.json when present ({"recipe": "stitch", "generations": 8}; `megadoc run` writes it).
+Data efficiency needs a baseline: real-only runs at four or more amounts of real data, fitted
+with L(D) = A / D^B + C and inverted at each run's loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import html
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from megadoc_megatron.errors import InputError
+from megadoc_megatron.records import write_text_atomic
+
+RECIPES = ("real", "simple", "stitch", "stretch")
+
+
+@dataclass
+class Run:
+    name: str
+    path: Path
+    recipe: str
+    generations: int | None
+    epochs: float | None
+    synthetic_weight: float | None
+    lr: float | None
+    weight_decay: float | None
+    real_tokens: int | None
+    iid_loss: float | None = None
+    long_context: dict | None = None     # the "long" set of the long-context evaluator
+    downstream: dict = field(default_factory=dict)
+    efficiency: float | None = None
+
+
+def latest_result(run_dir: Path, evaluator: str) -> dict | None:
+    """The newest result of an evaluator (highest iteration) in RUN/eval/."""
+    found = sorted((run_dir / "eval").glob(f"{evaluator}.*.json"))
+    return json.loads(found[-1].read_text()) if found else None
+
+
+def load_run(path: Path) -> Run:
+    from megadoc_megatron.train import checkpoint
+
+    iteration = checkpoint.latest_iteration(path)
+    if iteration is None:
+        raise InputError("not a `megadoc train` checkpoint folder", path, fix="pass checkpoint.dir of each run")
+    config = _checkpoint_config(checkpoint.iteration_dir(path, iteration))
+    plan = _plan(config["data"]["blend"])
+    recipe = json.loads((path / "recipe.json").read_text()) if (path / "recipe.json").is_file() else {}
+    real_tokens = sum(d["train_tokens"] for d in plan["datasets"] if d["stream"] == "real") if plan else None
+    run = Run(path.name if path.name != "ckpt" else path.parent.name, path, recipe.get("recipe", "unknown"),
+              recipe.get("generations"), plan.get("epochs") if plan else None,
+              plan.get("synthetic_weight_requested") if plan else None, config["optimizer"]["lr"],
+              config["optimizer"]["weight_decay"], real_tokens)
+    iid = latest_result(path, "loss")
+    run.iid_loss = iid["metrics"]["loss"] if iid else None
+    long = latest_result(path, "long-context")
+    run.long_context = long["metrics"] if long else None
+    downstream = latest_result(path, "downstream")
+    run.downstream = downstream["metrics"].get("accuracy", {}) if downstream else {}
+    return run
+
+
+def _checkpoint_config(source: Path) -> dict:
+    from megatron.core import dist_checkpointing
+
+    return dist_checkpointing.load_common_state_dict(str(source))["config"]
+
+
+def _plan(blend: str | None) -> dict:
+    if blend and Path(blend).is_file():
+        return json.loads(Path(blend).read_text())
+    return {}
+
+
+def baseline_fit(runs: list[Run]):
+    """The fit of real-only runs over real tokens, or (None, why not)."""
+    from megadoc_megatron.evaluate.fits import fit_power_law
+
+    points = sorted((r.real_tokens, r.iid_loss) for r in runs if r.recipe == "real" and r.iid_loss and r.real_tokens)
+    try:
+        return fit_power_law([p[0] for p in points], [p[1] for p in points], "real-only data amounts", bootstrap=200), None
+    except InputError as error:
+        return None, error.message
+
+
+def _cell(value, spec: str = "g") -> str:
+    """Settings as short numbers (`g`), losses with four decimals (`.4f`), missing values as a dash."""
+    if value is None:
+        return "—"
+    if isinstance(value, float) and math.isinf(value):
+        return "∞"
+    return format(value, spec) if isinstance(value, (int, float)) else str(value)
+
+
+def table_rows(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
+    tasks = sorted({task for run in runs for task in run.downstream})
+    header = ["run", "recipe", "G", "E", "w", "lr", "wd", "i.i.d. loss", "long-context loss", "beyond offset",
+              *tasks, "data efficiency"]
+    rows = []
+    for run in sorted(runs, key=lambda r: (RECIPES.index(r.recipe) if r.recipe in RECIPES else 9, r.generations or 0)):
+        long = run.long_context["long"] if run.long_context else {}
+        rows.append([run.name, run.recipe, _cell(run.generations), _cell(run.epochs), _cell(run.synthetic_weight),
+                     _cell(run.lr), _cell(run.weight_decay), _cell(run.iid_loss, ".4f"), _cell(long.get("loss"), ".4f"),
+                     _cell((long.get("beyond_offset") or {}).get("loss"), ".4f"),
+                     *[_cell(run.downstream.get(task), ".3f") for task in tasks],
+                     f"{run.efficiency:.2f}x" if run.efficiency and not math.isinf(run.efficiency) else _cell(run.efficiency)])
+    return header, rows
+
+
+def plot_all(runs: list[Run], fit, folder: Path) -> list[tuple[str, str]]:
+    """PNG plots: (file name, caption)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    plots = [_plot_generations(runs, folder), _plot_positions(runs, folder), _plot_fit(runs, fit, folder)]
+    return [p for p in plots if p is not None]
+
+
+def _same_data_real_runs(runs: list[Run]) -> list[Run]:
+    """Real-only runs on the amount of real data the synthetic recipes used (their reference)."""
+    amounts = {r.real_tokens for r in runs if r.recipe != "real"}
+    return [r for r in runs if r.recipe == "real" and r.iid_loss is not None and r.real_tokens in amounts]
+
+
+def _plot_generations(runs, folder):
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    by_recipe: dict[str, list] = {}
+    for run in runs:
+        if run.generations and run.iid_loss is not None:
+            by_recipe.setdefault(run.recipe, []).append((run.generations, run.iid_loss))
+    if not by_recipe:
+        return None
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for recipe, points in sorted(by_recipe.items()):
+        points.sort()
+        axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=recipe)
+    for run in _same_data_real_runs(runs):
+        axes.axhline(run.iid_loss, color="grey", linestyle="--", linewidth=1, label=f"real only ({run.name})")
+    generations = sorted({g for points in by_recipe.values() for g, _ in points})
+    axes.set(xscale="log", xlabel="generations per document (G)", ylabel="i.i.d. loss", title="Loss vs. generations")
+    axes.set_xticks(generations)
+    axes.xaxis.set_major_formatter(ScalarFormatter())
+    axes.xaxis.set_minor_formatter(NullFormatter())
+    axes.legend(fontsize="small")
+    return _save(figure, folder / "loss_vs_generations.png", "i.i.d. loss against G per recipe (dashed: real-only "
+                                                             "runs on the same real data)")
+
+
+def _plot_positions(runs, folder):
+    import matplotlib.pyplot as plt
+
+    with_positions = [r for r in runs if r.long_context]
+    if not with_positions:
+        return None
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for run in with_positions:
+        buckets = [b for b in run.long_context["long"]["buckets"] if b["loss"] is not None]
+        axes.plot([(b["start"] + b["end"]) / 2 for b in buckets], [b["loss"] for b in buckets], marker="o",
+                  label=f"{run.name} ({run.recipe})")
+    axes.set(xlabel="token position (bucket middle)", ylabel="loss", title="Long-document loss by position")
+    axes.legend(fontsize="small")
+    return _save(figure, folder / "loss_vs_position.png", "loss by token position on long held-out documents")
+
+
+def _plot_fit(runs, fit, folder):
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    if fit is None:
+        return None
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    base = sorted((r.real_tokens, r.iid_loss) for r in runs if r.recipe == "real" and r.iid_loss and r.real_tokens)
+    recipes = [r for r in runs if r.recipe != "real" and r.iid_loss is not None and r.efficiency
+               and not math.isinf(r.efficiency)]
+    right = max([base[-1][0]] + [r.efficiency * r.real_tokens for r in recipes]) * 2
+    xs = np.geomspace(base[0][0] / 2, right, 200)
+    axes.plot(xs, fit.loss(xs), color="black", label=f"real only: {fit.A:.3g} / (D / {fit.x_unit:.3g})^{fit.B:.3g} + {fit.C:.3f}")
+    axes.scatter([p[0] for p in base], [p[1] for p in base], color="black", zorder=3)
+    axes.axhline(fit.C, color="black", linestyle=":", linewidth=1, label=f"asymptote {fit.C:.3f}")
+    colors: dict[str, str] = {}
+    for run in recipes:  # a recipe's loss, read off the baseline: the real data it is worth
+        first = run.recipe not in colors
+        color = colors.setdefault(run.recipe, f"C{len(colors)}")
+        worth = run.efficiency * run.real_tokens
+        axes.plot([run.real_tokens, worth], [run.iid_loss] * 2, color=color, linewidth=1, alpha=0.6)
+        axes.scatter([worth], [run.iid_loss], color=color, zorder=3, label=run.recipe if first else None)
+    axes.set(xscale="log", xlabel="unique real tokens D", ylabel="i.i.d. loss",
+             title="Baseline scaling fit; recipes at the real data they are worth")
+    axes.legend(fontsize="small")
+    return _save(figure, folder / "scaling_fit.png", "the real-only scaling law and its asymptote; each recipe's loss "
+                                                     "is drawn from the real tokens it used to the real tokens the "
+                                                     "baseline needs for that loss (the ratio is its data efficiency)")
+
+
+def _save(figure, path: Path, caption: str) -> tuple[str, str]:
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+    return path.name, caption
+
+
+def markdown(header, rows, plots, fit, fit_note) -> str:
+    lines = ["# megadoc report", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    lines += ["", _fit_sentence(fit, fit_note), ""]
+    for name, caption in plots:
+        lines += [f"![{caption}]({name})", "", f"*{caption}*", ""]
+    return "\n".join(lines)
+
+
+def _fit_sentence(fit, note) -> str:
+    if fit is None:
+        return f"No data efficiency: {note}."
+    return (f"Baseline: L(D) = {fit.A:.4g} / (D / {fit.x_unit:.4g})^{fit.B:.4g} + {fit.C:.4f} over {fit.points} real-only "
+            f"runs (rmse {fit.rmse:.2g}); data efficiency = D(recipe loss) / real tokens used.")
+
+
+def html_page(header, rows, plots, fit, fit_note) -> str:
+    cells = lambda tag, values: "".join(f"<{tag}>{html.escape(v)}</{tag}>" for v in values)  # noqa: E731
+    body = [f"<table><tr>{cells('th', header)}</tr>", *[f"<tr>{cells('td', row)}</tr>" for row in rows], "</table>",
+            f"<p>{html.escape(_fit_sentence(fit, fit_note))}</p>"]
+    body += [f'<figure><img src="{name}"><figcaption>{html.escape(caption)}</figcaption></figure>' for name, caption in plots]
+    style = "body{font-family:sans-serif}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px}"
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>megadoc report</title><style>{style}</style>" \
+           f"</head><body><h1>megadoc report</h1>{''.join(body)}</body></html>\n"
+
+
+def build_report(run_dirs: list[str], output) -> dict:
+    runs = [load_run(Path(d)) for d in run_dirs]
+    fit, note = baseline_fit(runs)
+    if fit is not None:
+        for run in runs:
+            if run.iid_loss is not None and run.real_tokens:
+                run.efficiency = fit.inverse(run.iid_loss) / run.real_tokens
+    folder = Path(output)
+    folder.mkdir(parents=True, exist_ok=True)
+    header, rows = table_rows(runs)
+    plots = plot_all(runs, fit, folder)
+    text = markdown(header, rows, plots, fit, note)
+    write_text_atomic(folder / "report.md", text + "\n")
+    write_text_atomic(folder / "report.html", html_page(header, rows, plots, fit, note))
+    summary = {"runs": [{k: v for k, v in vars(r).items() if k != "path"} for r in runs],
+               "baseline_fit": fit.as_dict() if fit else None, "baseline_note": note, "plots": [p[0] for p in plots]}
+    write_text_atomic(folder / "report.json", json.dumps(summary, indent=2, default=str) + "\n")
+    return {"markdown": text, **summary}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("runs", nargs="+", help="checkpoint.dir of each run (with RUN/eval/ from `megadoc eval`)")
+    parser.add_argument("--output", required=True, help="folder for report.md, report.html, report.json and PNGs")
+
+
+def run(args: argparse.Namespace) -> dict:
+    report = build_report(args.runs, args.output)
+    print(report["markdown"], file=sys.stdout)
+    return report
