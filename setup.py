@@ -32,7 +32,8 @@ setup(
         "gpu": ["transformer-engine[pytorch]", "flash-attn", "tensorboard"],
         "vllm": ["vllm"],
         "openai": ["openai>=1.40"],
-        "test": ["pytest>=8", "psutil", "openai>=1.40"],
+        "eval": ["lm-eval>=0.4.5"],  # downstream accuracy (`megadoc eval downstream`)
+        "test": ["pytest>=8", "psutil", "openai>=1.40", "lm-eval>=0.4.5"],
     },
     entry_points={"console_scripts": ["megadoc=megadoc_megatron.cli:main"]},
 )

@@ -204,3 +204,48 @@ def test_report_fit_and_efficiency_from_the_published_points(tmp_path):
     assert rows[-1][header.index("data efficiency")] == f"{runs[-1].efficiency:.2f}x"
     plots = plot_all(runs, fit, tmp_path)
     assert [name for name, _ in plots] == ["loss_vs_generations.png", "scaling_fit.png"]
+
+
+# --- downstream (lm-eval) ---
+
+QUESTIONS = [
+    {"question": "What is the colour of the sky on a clear day?", "choices": ["blue", "green", "red"], "answer": 0},
+    {"question": "Which animal says meow?", "choices": ["a dog", "a cat", "a cow"], "answer": 1},
+    {"question": "How many days are in a week?", "choices": ["five", "six", "seven"], "answer": 2},
+    {"question": "What do bees make?", "choices": ["honey", "milk", "silk"], "answer": 0},
+]
+
+
+def test_lm_eval_adapter_scores_a_local_multiple_choice_task(runs, tmp_path):
+    pytest.importorskip("lm_eval")
+    from megadoc_megatron.data.tokenizer import load_tokenizer
+    from megadoc_megatron.evaluate.downstream import continuation_logprob
+    from megadoc_megatron.evaluate.losses import evaluation_process_group, load_model
+    from megadoc_megatron.train.distributed import shutdown
+
+    data = tmp_path / "mc.jsonl"
+    data.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "local_mc.yaml").write_text(
+        "task: megadoc_local_mc\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
+        f"    test: {data}\noutput_type: multiple_choice\ntest_split: test\n"
+        "doc_to_text: \"Question: {{question}}\\nAnswer:\"\ndoc_to_choice: choices\ndoc_to_target: answer\n"
+        "metric_list:\n  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n")
+    assert main(["eval", "downstream", str(runs[0]), "--tasks", "megadoc_local_mc", "--include-path", str(tasks)]) == 0
+    metrics = read_result(runs[0], "downstream.lm-eval.*.json")["metrics"]
+    assert metrics["samples"]["megadoc_local_mc"] == len(QUESTIONS)
+
+    device = evaluation_process_group()  # the same choices (after lm-eval's " " delimiter), scored directly
+    try:
+        loaded = load_model(runs[0], None, device)
+        tokenizer = load_tokenizer(loaded.tokenizer_spec["type"], loaded.tokenizer_spec["model"])
+        correct = 0
+        for q in QUESTIONS:
+            context = tokenizer.encode_batch([f"Question: {q['question']}\nAnswer:"])[0]
+            scores = [continuation_logprob(loaded.model, context, tokenizer.encode_batch([" " + c])[0], 64, device)[0]
+                      for c in q["choices"]]
+            correct += int(np.argmax(scores) == q["answer"])
+    finally:
+        shutdown()
+    assert metrics["accuracy"]["megadoc_local_mc"] == pytest.approx(correct / len(QUESTIONS))

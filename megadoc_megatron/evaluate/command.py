@@ -30,6 +30,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     long.add_argument("--buckets", type=int, nargs="+", help="position bucket edges (default 0 512 1024 2048 ...)")
     long.add_argument("--offset", type=int, help="also report the mean loss at positions >= offset (default: threshold)")
     long.add_argument("--max-documents", type=int, default=500, help="per set (the papers use 500 short and 500 long)")
+    downstream = evaluators.add_parser("downstream", help="lm-eval-harness accuracy (loglikelihood tasks)")
+    downstream.add_argument("checkpoint", help="checkpoint.dir of `megadoc train`")
+    downstream.add_argument("--tasks", nargs="+", default=["arc_easy", "arc_challenge", "hellaswag", "piqa", "sciq",
+                                                            "winogrande"], help="lm-eval task names (default: the papers')")
+    downstream.add_argument("--include-path", help="folder of extra lm-eval task YAMLs (e.g. on local data)")
+    downstream.add_argument("--limit", type=int, help="at most this many examples per task")
+    downstream.add_argument("--num-fewshot", type=int)
+    downstream.add_argument("--iteration", type=int)
+    downstream.add_argument("--name", default="lm-eval", help="result name")
     fit = evaluators.add_parser("fit", help="fit L(x) = A / x^B + C; with --loss-of, the data efficiency")
     fit.add_argument("--x", type=float, nargs="+", required=True, help="unique real tokens, parameters or members")
     fit.add_argument("--loss", type=float, nargs="+", required=True)
@@ -58,12 +67,23 @@ def run(args: argparse.Namespace) -> dict:
     from megadoc_megatron.evaluate import losses
     from megadoc_megatron.train.distributed import shutdown
 
-    dataset = read_index(args.data)
+    dataset = read_index(args.data) if args.evaluator != "downstream" else None
     device = losses.evaluation_process_group()
     try:
         start = time.perf_counter()
         roots = args.checkpoint if isinstance(args.checkpoint, list) else [args.checkpoint]
-        if args.evaluator == "ensemble":
+        if args.evaluator == "downstream":
+            from megadoc_megatron.evaluate.downstream import downstream_accuracy
+
+            loaded = losses.load_model(roots[0], args.iteration, device)
+            if not loaded.tokenizer_spec:
+                raise InputError("this checkpoint does not record where its tokenizer is", loaded.checkpoint,
+                                 fix="evaluate checkpoints written by this version of `megadoc train`")
+            members = [loaded]
+            metrics = downstream_accuracy(loaded, device, args.tasks, args.include_path, args.limit, args.num_fewshot)
+            settings = {"tasks": args.tasks, "include_path": args.include_path, "limit": args.limit,
+                        "num_fewshot": args.num_fewshot}
+        elif args.evaluator == "ensemble":
             members, member_losses, sequences = [], [], None
             for root in roots:  # one model in memory at a time
                 loaded = losses.load_model(root, args.iteration, device)
@@ -88,7 +108,8 @@ def run(args: argparse.Namespace) -> dict:
                 settings = {"threshold": args.threshold, "buckets": [b["start"] for b in metrics["long"]["buckets"]]
                             + [metrics["long"]["buckets"][-1]["end"]], "offset": metrics["long"]["beyond_offset"]["offset"],
                             "max_documents": args.max_documents}
-        report = losses.result(args.evaluator, members, args.data, settings, metrics, time.perf_counter() - start)
+        report = losses.result(args.evaluator, members, getattr(args, "data", None) or "lm-eval", settings, metrics,
+                               time.perf_counter() - start)
     finally:
         shutdown()
     name = args.name or Path(args.data).name

@@ -35,6 +35,7 @@ class LoadedModel:
     seq_length: int
     vocab_size: int
     tokenizer: dict         # the training data's tokenizer identifiers
+    tokenizer_spec: dict    # type and model path, to load it (downstream evaluation)
 
 
 def load_model(root, iteration: int | None, device: torch.device) -> LoadedModel:
@@ -65,7 +66,8 @@ def load_model(root, iteration: int | None, device: torch.device) -> LoadedModel
     loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(source))
     model.load_state_dict(loaded["model"])
     model.eval()
-    return LoadedModel(model, source, iteration, info["seq_length"], info["vocab_size"], info["tokenizer"])
+    return LoadedModel(model, source, iteration, info["seq_length"], info["vocab_size"], info["tokenizer"],
+                       info.get("tokenizer_spec", {}))
 
 
 def evaluation_process_group():

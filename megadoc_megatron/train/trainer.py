@@ -134,7 +134,8 @@ class Trainer:
                              fix="leave train_iters unset, or re-plan the blend with more epochs")
         tokenizer = dataset_tokenizer(self.plan["datasets"][0]["prefix"])
         self.info = {"seq_length": self.seq_length, "vocab_size": tokenizer.vocab_size,
-                     "tokenizer": tokenizer.unique_identifiers}
+                     "tokenizer": tokenizer.unique_identifiers,  # to check evaluation data against
+                     "tokenizer_spec": tokenizer.describe()}     # to load it for text evaluation (lm-eval)
         if tokenizer.vocab_size is None:
             raise InputError("the dataset has no tokenizer record, so the vocabulary size is unknown",
                              self.plan["datasets"][0]["prefix"], fix="convert it with `megadoc preprocess`")
