@@ -116,8 +116,12 @@ def test_iid_loss_is_the_token_mean_of_packed_held_out_sequences(runs, held_out)
     count = (len(stream) - 1) // 64
     assert metrics["sequences"] == count and metrics["tokens"] == count * 64
     sequences = [stream[i * 64:(i + 1) * 64 + 1] for i in range(count)]
-    expected = np.concatenate(manual_losses(runs[0], sequences)).mean()
-    assert metrics["loss"] == pytest.approx(float(expected), rel=1e-4)
+    per_sequence = manual_losses(runs[0], sequences)
+    assert metrics["loss"] == pytest.approx(float(np.concatenate(per_sequence).mean()), rel=1e-4)
+    evaluate("loss", str(runs[0]), "--data", held_out, "--max-tokens", "128", "--name", "capped")
+    capped = read_result(runs[0], "loss.capped.*.json")["metrics"]
+    assert (capped["sequences"], capped["tokens"]) == (2, 128)
+    assert capped["loss"] == pytest.approx(float(np.concatenate(per_sequence[:2]).mean()), rel=1e-4)
     assert metrics["loss"] < math.log(8000)  # below uniform over the vocabulary: it learned something
 
 
@@ -147,8 +151,8 @@ def test_ensemble_of_two_runs_beats_its_members(runs, held_out):
     evaluate("ensemble", str(runs[0]), str(runs[1]), "--data", held_out)
     metrics = read_result(runs[0], "ensemble-2.*.json")["metrics"]
     evaluate("loss", str(runs[1]), "--data", held_out)
-    first = read_result(runs[0], "loss.*.json")["metrics"]["loss"]
-    second = read_result(runs[1], "loss.*.json")["metrics"]["loss"]
+    first = read_result(runs[0], "loss.held_text_document.*.json")["metrics"]["loss"]
+    second = read_result(runs[1], "loss.held_text_document.*.json")["metrics"]["loss"]
     one, two = metrics["ensembles"]
     assert one == {"members": 1, "loss": pytest.approx(first, rel=1e-6)}
     assert two["members"] == 2 and two["loss"] < (first + second) / 2  # averaging probabilities never hurts on average
@@ -174,11 +178,14 @@ def test_report_tables_and_plots_the_runs(runs, held_out, tmp_path):
         (run / "recipe.json").write_text(json.dumps(recipe))
         evaluate("loss", str(run), "--data", held_out)
         evaluate("long-context", str(run), "--data", held_out, "--threshold", "40", "--buckets", "0", "16", "32", "64")
-    report = build_report([str(r) for r in runs], tmp_path / "report")
+    evaluate("loss", str(runs[0]), "--data", held_out, "--max-tokens", "128", "--name", "capped")
+    with pytest.raises(InputError, match="several held-out sets"):
+        build_report([str(r) for r in runs], tmp_path / "report")
+    report = build_report([str(r) for r in runs], tmp_path / "report", eval_name="held_text_document")
     lines = (tmp_path / "report" / "report.md").read_text().splitlines()
     assert lines[2].startswith("| run | recipe | G | E | w | lr | wd | i.i.d. loss | long-context loss")
     real_row, stitch_row = lines[4].split(" | "), lines[5].split(" | ")
-    loss = read_result(runs[0], "loss.*.json")["metrics"]["loss"]
+    loss = read_result(runs[0], "loss.held_text_document.*.json")["metrics"]["loss"]
     assert real_row[1:8] == ["real", "—", "1", "0.5", "0.003", "0.1", f"{loss:.4f}"]
     assert stitch_row[1:3] == ["stitch", "2"]
     assert "No data efficiency: a scaling fit over real-only data amounts needs at least 4" in report["markdown"]
@@ -239,7 +246,7 @@ def test_lm_eval_adapter_scores_a_local_multiple_choice_task(runs, tmp_path):
     device = evaluation_process_group()  # the same choices (after lm-eval's " " delimiter), scored directly
     try:
         loaded = load_model(runs[0], None, device)
-        tokenizer = load_tokenizer(loaded.tokenizer_spec["type"], loaded.tokenizer_spec["model"])
+        tokenizer = load_tokenizer(loaded.tokenizer["type"], loaded.tokenizer["model"])
         correct = 0
         for q in QUESTIONS:
             context = tokenizer.encode_batch([f"Question: {q['question']}\nAnswer:"])[0]

@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> dict:
             from megadoc_megatron.evaluate.downstream import downstream_accuracy
 
             loaded = losses.load_model(roots[0], args.iteration, device)
-            if not loaded.tokenizer_spec:
+            if not loaded.tokenizer:
                 raise InputError("this checkpoint does not record where its tokenizer is", loaded.checkpoint,
                                  fix="evaluate checkpoints written by this version of `megadoc train`")
             members = [loaded]

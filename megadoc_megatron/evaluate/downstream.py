@@ -12,9 +12,6 @@ import os
 
 import torch
 
-PAPER_TASKS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "sciq", "winogrande")
-
-
 def offline() -> None:
     """Nothing may download at run time: lm-eval and datasets read caches and local files only."""
     for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
@@ -79,7 +76,7 @@ def downstream_accuracy(loaded, device, tasks: list[str], include_path: str | No
 
     from megadoc_megatron.data.tokenizer import load_tokenizer
 
-    spec = loaded.tokenizer_spec
+    spec = loaded.tokenizer
     tokenizer = load_tokenizer(spec["type"], spec["model"])
     output = lm_eval.simple_evaluate(model=adapter(loaded, tokenizer, device), tasks=tasks, limit=limit,
                                      num_fewshot=num_fewshot, task_manager=TaskManager(include_path=include_path),

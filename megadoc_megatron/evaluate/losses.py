@@ -34,8 +34,7 @@ class LoadedModel:
     iteration: int
     seq_length: int
     vocab_size: int
-    tokenizer: dict         # the training data's tokenizer identifiers
-    tokenizer_spec: dict    # type and model path, to load it (downstream evaluation)
+    tokenizer: dict         # the training tokenizer's type, model path and fingerprint
 
 
 def load_model(root, iteration: int | None, device: torch.device) -> LoadedModel:
@@ -66,8 +65,7 @@ def load_model(root, iteration: int | None, device: torch.device) -> LoadedModel
     loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(source))
     model.load_state_dict(loaded["model"])
     model.eval()
-    return LoadedModel(model, source, iteration, info["seq_length"], info["vocab_size"], info["tokenizer"],
-                       info.get("tokenizer_spec", {}))
+    return LoadedModel(model, source, iteration, info["seq_length"], info["vocab_size"], info["tokenizer"])
 
 
 def evaluation_process_group():
@@ -83,9 +81,10 @@ def check_dataset(dataset: IndexedDatasetView, loaded: LoadedModel) -> None:
     from megadoc_megatron.data.blend_verify import dataset_tokenizer
 
     identifiers = dataset_tokenizer(dataset.prefix).unique_identifiers
-    if identifiers.get("class") != "unknown" and identifiers != loaded.tokenizer:
+    trained = {"class": loaded.tokenizer.get("type"), "fingerprint": loaded.tokenizer.get("fingerprint")}
+    if identifiers.get("class") != "unknown" and identifiers != trained:
         raise InputError(f"tokenized with {identifiers['class']} {identifiers.get('fingerprint', '')}, "
-                         f"the checkpoint was trained on {loaded.tokenizer.get('class')} {loaded.tokenizer.get('fingerprint', '')}",
+                         f"the checkpoint was trained on {trained['class']} {trained['fingerprint']}",
                          dataset.prefix, fix="convert the held-out documents with the training tokenizer")
 
 
@@ -99,10 +98,17 @@ def token_losses(model, tokens: torch.Tensor) -> torch.Tensor:
 
 def packed_sequences(dataset: IndexedDatasetView, seq_length: int, max_tokens: int | None) -> np.ndarray:
     """[n, seq_length + 1] samples of the concatenated documents, as GPTDataset packs them."""
-    stream = np.concatenate([dataset.document_tokens(d) for d in range(dataset.num_documents)]).astype(np.int64)
+    wanted = max(1, max_tokens // seq_length) * seq_length + 1 if max_tokens else None
+    pieces, held = [], 0
+    for document in range(dataset.num_documents):  # read only as far as max_tokens needs
+        pieces.append(dataset.document_tokens(document))
+        held += len(pieces[-1])
+        if wanted and held >= wanted:
+            break
+    stream = np.concatenate(pieces).astype(np.int64)
     count = (len(stream) - 1) // seq_length
-    if max_tokens:
-        count = min(count, max(1, max_tokens // seq_length))
+    if wanted:
+        count = min(count, wanted // seq_length)
     if count < 1:
         raise InputError(f"{dataset.prefix} holds {len(stream)} tokens, fewer than one sequence of {seq_length + 1}",
                          dataset.prefix, fix="evaluate on more held-out documents")

@@ -40,13 +40,23 @@ class Run:
     efficiency: float | None = None
 
 
-def latest_result(run_dir: Path, evaluator: str) -> dict | None:
-    """The newest result of an evaluator (highest iteration) in RUN/eval/."""
-    found = sorted((run_dir / "eval").glob(f"{evaluator}.*.json"))
-    return json.loads(found[-1].read_text()) if found else None
+def latest_result(run_dir: Path, evaluator: str, name: str | None = None) -> dict | None:
+    """The result of an evaluator at the run's highest evaluated iteration, for held-out set `name`
+    (any, when the run has results for only one)."""
+    found = {}
+    for path in (run_dir / "eval").glob(f"{evaluator}.{name or '*'}.iter_*.json"):
+        result_name, iteration = path.name[len(evaluator) + 1:-len(".json")].rsplit(".", 1)
+        found.setdefault(iteration, {})[result_name] = path
+    if not found:
+        return None
+    latest = found[max(found)]
+    if len(latest) > 1:
+        raise InputError(f"{evaluator} results for several held-out sets ({', '.join(sorted(latest))})", run_dir / "eval",
+                         fix="pick one with --eval-name")
+    return json.loads(next(iter(latest.values())).read_text())
 
 
-def load_run(path: Path) -> Run:
+def load_run(path: Path, eval_name: str | None = None) -> Run:
     from megadoc_megatron.train import checkpoint
 
     iteration = checkpoint.latest_iteration(path)
@@ -60,9 +70,9 @@ def load_run(path: Path) -> Run:
               recipe.get("generations"), plan.get("epochs") if plan else None,
               plan.get("synthetic_weight_requested") if plan else None, config["optimizer"]["lr"],
               config["optimizer"]["weight_decay"], real_tokens)
-    iid = latest_result(path, "loss")
+    iid = latest_result(path, "loss", eval_name)
     run.iid_loss = iid["metrics"]["loss"] if iid else None
-    long = latest_result(path, "long-context")
+    long = latest_result(path, "long-context", eval_name)
     run.long_context = long["metrics"] if long else None
     downstream = latest_result(path, "downstream")
     run.downstream = downstream["metrics"].get("accuracy", {}) if downstream else {}
@@ -238,8 +248,8 @@ def html_page(header, rows, plots, fit, fit_note) -> str:
            f"</head><body><h1>megadoc report</h1>{''.join(body)}</body></html>\n"
 
 
-def build_report(run_dirs: list[str], output) -> dict:
-    runs = [load_run(Path(d)) for d in run_dirs]
+def build_report(run_dirs: list[str], output, eval_name: str | None = None) -> dict:
+    runs = [load_run(Path(d), eval_name) for d in run_dirs]
     fit, note = baseline_fit(runs)
     if fit is not None:
         for run in runs:
@@ -261,9 +271,10 @@ def build_report(run_dirs: list[str], output) -> dict:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", help="checkpoint.dir of each run (with RUN/eval/ from `megadoc eval`)")
     parser.add_argument("--output", required=True, help="folder for report.md, report.html, report.json and PNGs")
+    parser.add_argument("--eval-name", help="the held-out set to report (the --name of `megadoc eval`), when there are several")
 
 
 def run(args: argparse.Namespace) -> dict:
-    report = build_report(args.runs, args.output)
+    report = build_report(args.runs, args.output, args.eval_name)
     print(report["markdown"], file=sys.stdout)
     return report

@@ -72,9 +72,6 @@ class HFBackend:
         self.eos_ids = _eos_ids(self.model.generation_config, self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
 
-    def settings(self) -> dict:
-        return {"batch_size": self.batch_size}
-
     def generate(self, requests: list[Request], sampling: Sampling) -> list[Completion]:
         prompts = [chat_token_ids(self.tokenizer, r.messages) for r in requests]
         order = sorted(range(len(requests)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
@@ -162,14 +159,10 @@ class OpenAIBackend:
         except ImportError:
             raise InputError("the openai backend needs the openai package", fix='pip install "megadoc-megatron[openai]"') from None
         self.model_path, self.base_url, self.max_concurrency = model, base_url, max_concurrency
-        self.timeout, self.max_retries = timeout, max_retries
+        self.max_retries = max_retries
         # the client retries connection errors, 408/409/429 and 5xx with exponential backoff
         self.client = openai.OpenAI(base_url=base_url, api_key=os.environ.get(api_key_env, "EMPTY"),
                                     timeout=timeout, max_retries=max_retries)
-
-    def settings(self) -> dict:
-        return {"base_url": self.base_url, "max_concurrency": self.max_concurrency, "timeout": self.timeout,
-                "max_retries": self.max_retries}
 
     def generate(self, requests: list[Request], sampling: Sampling) -> list[Completion]:
         with ThreadPoolExecutor(self.max_concurrency) as pool:
@@ -207,14 +200,11 @@ class VLLMBackend:
         except ImportError:
             raise InputError("the vllm backend needs vLLM", fix='pip install "megadoc-megatron[vllm]" (GPU machines)') from None
         self.model_path = model
-        self.options = dict(tensor_parallel_size=tensor_parallel_size, max_num_seqs=max_num_seqs,
-                            max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
-                            gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, dtype=dtype)
+        options = dict(tensor_parallel_size=tensor_parallel_size, max_num_seqs=max_num_seqs,
+                       max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
+                       gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, dtype=dtype)
         self.tokenizer = load_chat_tokenizer(model)
-        self.llm = LLM(model=model, **{k: v for k, v in self.options.items() if v is not None})
-
-    def settings(self) -> dict:
-        return dict(self.options)
+        self.llm = LLM(model=model, **{k: v for k, v in options.items() if v is not None})
 
     def generate(self, requests: list[Request], sampling: Sampling) -> list[Completion]:
         from vllm import SamplingParams

@@ -5,9 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-REASONS = ("empty", "truncated", "too_short", "length_ratio", "repetition", "unsplittable")
-
-
 @dataclass(frozen=True)
 class Gates:
     min_tokens: int = 16              # shorter outputs are rejected (the pair is skipped, and recorded)

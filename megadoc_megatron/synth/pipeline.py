@@ -30,7 +30,6 @@ from megadoc_megatron.synth.chunks import head, split_points, tail, token_starts
 from megadoc_megatron.synth.gates import Gates
 from megadoc_megatron.synth.prompts import Prompt
 
-OPERATIONS = ("rephrase", "rationale")
 MANIFEST = "synth.json"
 
 

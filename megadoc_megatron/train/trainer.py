@@ -133,12 +133,10 @@ class Trainer:
                              "iterations (its exact epochs)", config.data.blend,
                              fix="leave train_iters unset, or re-plan the blend with more epochs")
         tokenizer = dataset_tokenizer(self.plan["datasets"][0]["prefix"])
-        self.info = {"seq_length": self.seq_length, "vocab_size": tokenizer.vocab_size,
-                     "tokenizer": tokenizer.unique_identifiers,  # to check evaluation data against
-                     "tokenizer_spec": tokenizer.describe()}     # to load it for text evaluation (lm-eval)
         if tokenizer.vocab_size is None:
             raise InputError("the dataset has no tokenizer record, so the vocabulary size is unknown",
                              self.plan["datasets"][0]["prefix"], fix="convert it with `megadoc preprocess`")
+        self.info = {"seq_length": self.seq_length, "vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer.describe()}
         seed_everything(config.seed)
         self.model_config, chunks, self.padded_vocab = build_model(config, tokenizer.vocab_size, self.seq_length, device)
         self.engine = megatron_engine(chunks, self.model_config, config) if device.type == "cuda" \
