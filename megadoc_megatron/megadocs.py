@@ -92,7 +92,9 @@ def _index_real(store: RecordStore, paths, id_key: str, text_key: str) -> dict[s
     return documents
 
 
-def _index_generations(store: RecordStore, paths, kind: str, real: dict) -> dict[str, list[Generation]]:
+def _index_generations(store: RecordStore, paths, kind: str, real: dict,
+                       max_generations: int | None = None) -> dict[str, list[Generation]]:
+    """Generation records by source document; with `max_generations`, only indices below it."""
     expected = OPERATION_OF_KIND[kind]
     by_source: dict[str, list[Generation]] = defaultdict(list)
     seen: dict[tuple[str, int], str] = {}
@@ -108,6 +110,8 @@ def _index_generations(store: RecordStore, paths, kind: str, real: dict) -> dict
             if source not in real:
                 raise InputError(f"generation for source document {source!r}, which is not among the real documents",
                                  path, line, fix="pass the real corpus that was given to `megadoc synth`")
+            if max_generations is not None and record["index"] >= max_generations:
+                continue
             key = (source, record["index"])
             if key in seen:
                 raise InputError(f"a second generation with index {record['index']} for document {source!r} "
@@ -204,7 +208,11 @@ def build_megadocs(args: argparse.Namespace) -> dict:
         store = RecordStore(Path(spool))
         try:
             real = _index_real(store, expand_inputs(args.real), args.id_key, args.text_key)
-            generations = _index_generations(store, expand_inputs(args.generations), args.kind, real)
+            if args.max_generations is not None and (args.kind == "stretch" or args.max_generations < 1):
+                raise InputError(f"--max-generations {args.max_generations} is not possible for {args.kind} megadocs",
+                                 fix="give a positive number; stretch megadocs take every rationale (generate with -G N)")
+            generations = _index_generations(store, expand_inputs(args.generations), args.kind, real,
+                                             args.max_generations)
             per_document = _check_uniform(real, generations, args.allow_uneven)
             rows = _megadoc_rows(store, real, generations, args)
             if args.kind == "simple":  # shuffle across the corpus: keep offsets, not texts
@@ -217,7 +225,7 @@ def build_megadocs(args: argparse.Namespace) -> dict:
     summary.update(kind=args.kind, sources=len(real), generations_per_document=per_document,
                    generations=sum(len(g) for g in generations.values()), output=str(output),
                    settings={k: getattr(args, k) for k in ("original", "separator", "order", "seed", "think_open",
-                                                           "think_close", "allow_uneven")})
+                                                           "think_close", "allow_uneven", "max_generations")})
     write_text_atomic(f"{output}.summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -282,6 +290,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--think-open", default="<think>")
     parser.add_argument("--think-close", default="</think>")
+    parser.add_argument("--max-generations", type=int,
+                        help="simple/stitch: use only generations with index below this (the first N of each document; "
+                             "the same texts as `megadoc synth -G N`)")
     parser.add_argument("--allow-uneven", action="store_true", help="accept documents with other numbers of generations")
     parser.add_argument("--id-key", default="id")
     parser.add_argument("--text-key", default="text")

@@ -42,6 +42,20 @@ def test_realized_real_epochs_are_exact(streams, tmp_path, documents, seq_length
     assert abs(synthetic_row["drawn"] - synthetic_row["planned"]) <= 1
 
 
+@pytest.mark.parametrize("epochs", [1, 3])
+def test_real_only_blend_fills_the_last_batch_from_the_next_pass(streams, tmp_path, capsys, epochs):
+    real, _ = streams["short"]
+    assert main(["blend", "--real", real, "-w", "0", "-E", str(epochs), "--seq-length", "128",
+                 "--global-batch-size", "16", "--output-dir", str(tmp_path)]) == 0
+    plan = json.loads((tmp_path / "blend.json").read_text())
+    [row] = verify_blend(plan)
+    assert row["drawn"] == row["planned"] == plan["train_samples"]
+    assert 0 <= row["drawn"] - row["samples_in_full_passes"] < 16
+    assert plan["train_iters"] == -(-row["samples_in_full_passes"] // 16)
+    if row["drawn"] > row["samples_in_full_passes"]:
+        assert f"samples of pass {epochs + 1}" in capsys.readouterr().out
+
+
 def test_several_real_datasets_each_get_exact_epochs(streams, tmp_path):
     (real_long, syn_long), (real_short, _) = streams["long"], streams["short"]
     plan = blend([real_long, real_short], [syn_long], 0.75, 3, 64, 8, tmp_path)
@@ -75,8 +89,8 @@ def test_rewritten_dataset_gets_a_new_index_cache(tmp_path, spm_model, golden_li
 
 
 @pytest.mark.parametrize("weight,epochs,seq_length,message", [
-    (1.0, 2, 64, "strictly between 0 and 1"),
-    (0.0, 2, 64, "strictly between 0 and 1"),
+    (1.0, 2, 64, "must lie in \\[0, 1\\)"),
+    (0.0, 2, 64, "synthetic datasets need a weight above 0"),
     (0.5, 0, 64, "at least 1"),
     (0.5, 2, 10**7, "fewer than one sample"),
 ])

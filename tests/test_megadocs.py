@@ -60,6 +60,18 @@ def test_stitch_puts_rephrases_in_order_and_the_original_at_the_back(corpus):
     assert summary["documents"] == 8 and summary["generations"] == 8 * G and summary["generations_per_document"] == G
 
 
+def test_max_generations_takes_the_first_of_each_document(corpus):
+    tmp, originals = corpus
+    rows = megadocs(tmp, "stitch", "rephrases.jsonl", "--max-generations", "2")
+    for row in rows:
+        assert row["generation_ids"] == [f"{row['source_id']}#rephrase-{g}" for g in range(2)]
+    assert json.loads((tmp / "stitch.jsonl.summary.json").read_text())["generations_per_document"] == 2
+    with pytest.raises(InputError, match="not possible for stretch"):
+        build_megadocs(build_parser().parse_args(["megadocs", "--kind", "stretch", "--real", str(tmp / "real.jsonl"),
+                                                  "--generations", str(tmp / "rationales.jsonl"), "--output",
+                                                  str(tmp / "s.jsonl"), "--max-generations", "1"]))
+
+
 @pytest.mark.parametrize("position", ["front", "none"])
 def test_stitch_original_front_or_none(corpus, position):
     tmp, originals = corpus

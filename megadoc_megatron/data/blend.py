@@ -113,18 +113,22 @@ def samples_for_epochs(tokens: int, epochs: int, sequence_length: int) -> int:
     return (epochs * tokens - 1) // sequence_length
 
 
-def final_epoch_is_separate(train_tokens: int, samples: int, sequence_length: int) -> bool:
-    """Whether GPTDataset, built with `samples` plus the surplus, shuffles the spill-over epoch apart."""
-    built = math.ceil(samples * (1 + MEGATRON_SURPLUS))
+def final_epoch_is_separate(train_tokens: int, full_passes: int, requested: int, sequence_length: int) -> bool:
+    """Whether GPTDataset, asked for `requested` samples (built with the surplus), shuffles the samples
+    after the `full_passes` samples of the whole epochs apart from them."""
+    built = math.ceil(requested * (1 + MEGATRON_SURPLUS))
     samples_per_epoch = (train_tokens - 1) // sequence_length
-    return built - samples < int(FINAL_EPOCH_THRESHOLD * samples_per_epoch)
+    return built - full_passes < int(FINAL_EPOCH_THRESHOLD * samples_per_epoch)
 
 
 def _check(datasets: list[BlendDataset], synthetic_weight: float, epochs: int, sequence_length: int,
            global_batch_size: int) -> None:
-    if not 0 < synthetic_weight < 1:
-        raise InputError(f"--synthetic-weight must lie strictly between 0 and 1, not {synthetic_weight}",
-                         fix="use e.g. 0.75 (the paper searched 0.5, 0.75, 0.9)")
+    if not 0 <= synthetic_weight < 1:
+        raise InputError(f"--synthetic-weight must lie in [0, 1), not {synthetic_weight}",
+                         fix="use e.g. 0.75 (the paper searched 0.5, 0.75, 0.9), or 0 for real data only")
+    if (synthetic_weight > 0) != any(d.stream == "synthetic" for d in datasets):
+        raise InputError("a synthetic weight above 0 needs synthetic datasets, and synthetic datasets need a weight above 0",
+                         fix="pass --synthetic PREFIX with -w > 0, or neither for a real-only run (-w 0)")
     if epochs < 1:
         raise InputError(f"--epochs must be at least 1, not {epochs}", fix="count whole passes over the real data")
     if sequence_length < 1 or global_batch_size < 1:
@@ -144,19 +148,27 @@ def _check(datasets: list[BlendDataset], synthetic_weight: float, epochs: int, s
 
 def plan_blend(real: list[BlendDataset], synthetic: list[BlendDataset], synthetic_weight: float, epochs: int,
                sequence_length: int, global_batch_size: int) -> dict:
-    """Weights, train samples and iterations; fills in each dataset's weight, samples and epochs."""
+    """Weights, train samples and iterations; fills in each dataset's weight, samples and epochs.
+
+    Without synthetic data (w = 0) the real datasets fill every batch, so the last batch may reach
+    up to one batch into pass E + 1 (shuffled apart, after the E passes); its epochs say so."""
     _check(real + synthetic, synthetic_weight, epochs, sequence_length, global_batch_size)
     real_samples = [samples_for_epochs(d.train_tokens, epochs, sequence_length) for d in real]
     train_iters = math.ceil(sum(real_samples) / ((1 - synthetic_weight) * global_batch_size))
     train_samples = train_iters * global_batch_size
     for dataset, samples in zip(real, real_samples):
-        if not final_epoch_is_separate(dataset.train_tokens, samples, sequence_length):
-            raise InputError(f"the real training split holds only {(dataset.train_tokens - 1) // sequence_length} "
-                             f"samples per epoch: too few for megatron-core to keep {epochs} passes exact",
-                             dataset.prefix, fix="add real data or lower --seq-length")
         # Half a sample below the target: ceil() gives the target despite float rounding.
         dataset.weight = (samples - 0.5) / train_samples
         dataset.samples = samples
+    if not synthetic:  # the weights are normalized: each real dataset is drawn from in proportion
+        for dataset in real:
+            dataset.weight = dataset.samples / sum(real_samples)
+            dataset.samples = math.ceil(train_samples * dataset.weight)
+    for dataset, samples in zip(real, real_samples):
+        if not final_epoch_is_separate(dataset.train_tokens, samples, dataset.samples, sequence_length):
+            raise InputError(f"the real training split holds only {(dataset.train_tokens - 1) // sequence_length} "
+                             f"samples per epoch: too few for megatron-core to keep {epochs} passes exact",
+                             dataset.prefix, fix="add real data or lower --seq-length")
     synthetic_share = 1 - sum(d.weight for d in real)
     synthetic_tokens = sum(d.train_tokens for d in synthetic)
     for dataset in synthetic:
@@ -207,6 +219,12 @@ def format_plan(plan: dict) -> str:
     for d in plan["datasets"]:
         lines.append(f"{d['stream']:<10} {d['weight']:>8.4f} {d['samples']:>12,} {d['train_tokens']:>14,} "
                      f"{d['epochs']:>8.3f}  {d['prefix']}")
+    extra = plan["train_samples"] - sum(samples_for_epochs(d["train_tokens"], plan["epochs"], plan["seq_length"])
+                                        for d in plan["datasets"])
+    if plan["synthetic_weight_requested"] == 0 and extra:
+        lines.append(f"real data only: {plan['epochs']} passes, then {extra} samples of pass {plan['epochs'] + 1} "
+                     "(shuffled apart, after them) to fill the last batch")
+        return "\n".join(lines)
     lines.append(f"real data: exactly {plan['epochs']} passes in the real stream"
                  + (f", plus {plan['real_epochs_inside_synthetic']:.3f} epochs' worth of tokens as originals "
                     "inside the synthetic stream (estimated from characters)"
@@ -214,12 +232,13 @@ def format_plan(plan: dict) -> str:
     return "\n".join(lines)
 
 
-def blend(real: list[str], synthetic: list[str], synthetic_weight: float, epochs: int, seq_length: int,
+def blend(real: list[str], synthetic: list[str] | None, synthetic_weight: float, epochs: int, seq_length: int,
           global_batch_size: int, output_dir, split: str = "100,0,0", seed: int = 1234,
           valid_data: list[str] | None = None) -> dict:
     """Plan the blend and write `data_args.txt`, `blend.json` (and `per_split_data_args.json`)."""
-    if not real or not synthetic:
-        raise InputError("give at least one real and one synthetic dataset", fix="pass --real PREFIX --synthetic PREFIX")
+    synthetic = synthetic or []
+    if not real:
+        raise InputError("give at least one real dataset", fix="pass --real PREFIX")
     datasets = [describe_dataset(p, "real", split) for p in real] + [describe_dataset(p, "synthetic", split) for p in synthetic]
     plan = plan_blend(datasets[:len(real)], datasets[len(real):], synthetic_weight, epochs, seq_length, global_batch_size)
     output_dir = Path(output_dir)
@@ -243,8 +262,9 @@ def blend(real: list[str], synthetic: list[str], synthetic_weight: float, epochs
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--real", nargs="+", required=True, help="real dataset prefixes (..._text_document)")
-    parser.add_argument("--synthetic", nargs="+", required=True, help="synthetic dataset prefixes")
-    parser.add_argument("--synthetic-weight", "-w", type=float, required=True, help="mixing weight w of the synthetic stream")
+    parser.add_argument("--synthetic", nargs="+", default=[], help="synthetic dataset prefixes (none: a real-only run)")
+    parser.add_argument("--synthetic-weight", "-w", type=float, required=True,
+                        help="mixing weight w of the synthetic stream (0 for a real-only run)")
     parser.add_argument("--epochs", "-E", type=int, required=True, help="exact passes over the real training data")
     parser.add_argument("--seq-length", type=int, required=True)
     parser.add_argument("--global-batch-size", type=int, required=True)
