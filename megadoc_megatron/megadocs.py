@@ -94,13 +94,16 @@ def _index_real(store: RecordStore, paths, id_key: str, text_key: str) -> dict[s
 
 def _index_generations(store: RecordStore, paths, kind: str, real: dict,
                        max_generations: int | None = None) -> dict[str, list[Generation]]:
-    """Generation records by source document; with `max_generations`, only indices below it."""
+    """Generation records by source document; with `max_generations`, only indices below it. Records
+    the quality gates rejected (`reject_reason`, in a synth folder's shard-N.rejected.jsonl) are skipped."""
     expected = OPERATION_OF_KIND[kind]
     by_source: dict[str, list[Generation]] = defaultdict(list)
     seen: dict[tuple[str, int], str] = {}
     for path in paths:
         for file_index, line, offset, record in store.scan(path):
             require_fields(record, GENERATION_KEYS, path, line, "generation record")
+            if "reject_reason" in record:
+                continue
             if record["operation"] != expected:
                 raise InputError(f"{kind} megadocs are built from {expected} records, this one is a "
                                  f"{record['operation']!r}", path, line, fix=f"pass the {expected} records of `megadoc synth`")

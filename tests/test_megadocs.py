@@ -60,12 +60,18 @@ def test_stitch_puts_rephrases_in_order_and_the_original_at_the_back(corpus):
     assert summary["documents"] == 8 and summary["generations"] == 8 * G and summary["generations_per_document"] == G
 
 
-def test_max_generations_takes_the_first_of_each_document(corpus):
+def test_max_generations_takes_the_first_of_each_document_and_rejects_are_skipped(corpus):
     tmp, originals = corpus
-    rows = megadocs(tmp, "stitch", "rephrases.jsonl", "--max-generations", "2")
+    first = json.loads((tmp / "rephrases.jsonl").read_text().splitlines()[-1])  # a second index 0, rejected
+    write_jsonl(tmp / "shard-00000.rejected.jsonl", [{**first, "text": "REJECTED-TEXT", "reject_reason": "too_short"}])
+    (tmp / "gens").mkdir()
+    for name in ("rephrases.jsonl", "shard-00000.rejected.jsonl"):
+        (tmp / name).rename(tmp / "gens" / name)
+    rows = megadocs(tmp, "stitch", "gens", "--max-generations", "2")
     for row in rows:
         assert row["generation_ids"] == [f"{row['source_id']}#rephrase-{g}" for g in range(2)]
     assert json.loads((tmp / "stitch.jsonl.summary.json").read_text())["generations_per_document"] == 2
+    assert "REJECTED-TEXT" not in json.dumps(rows)
     with pytest.raises(InputError, match="not possible for stretch"):
         build_megadocs(build_parser().parse_args(["megadocs", "--kind", "stretch", "--real", str(tmp / "real.jsonl"),
                                                   "--generations", str(tmp / "rationales.jsonl"), "--output",
