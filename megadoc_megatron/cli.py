@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 from megadoc_megatron import __version__
 from megadoc_megatron.errors import InputError
@@ -19,6 +20,8 @@ STAGES = {
     "train": ("megadoc_megatron.train.command", "pre-train the GPT on a blend with megatron-core (TP/PP/DP, checkpoints)"),
     "eval": ("megadoc_megatron.evaluate.command", "evaluate checkpoints (i.i.d., long-context, ensemble loss, lm-eval accuracy); fit scaling laws"),
     "report": ("megadoc_megatron.evaluate.report", "tables and plots of recipes vs. losses and data efficiency"),
+    "run": ("megadoc_megatron.experiment.command", "the whole method from one experiment config: every stage cached and resumable"),
+    "sweep": ("megadoc_megatron.experiment.sweep", "a grid over E, w, lr and wd around one recipe, with the local-optimum check"),
 }
 
 
@@ -34,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, stage: str | None = None) -> int:
     """Run a stage; `stage` fixes the subcommand (for the standalone scripts in tools/)."""
+    # megatron-core says this once per module on every CPU import; the trainer names its engine anyway
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     argv = list(sys.argv[1:] if argv is None else argv)
     if stage is not None:
         argv = [stage, *argv]

@@ -1,11 +1,15 @@
 #!/usr/bin/env python3
 """Write the tiny example's real corpus (standard-library docstrings) and train its tokenizer.
 
-Outputs in --output-dir: train.jsonl, heldout.jsonl, tokenizer.model (SentencePiece BPE).
+Outputs in --output-dir: train.jsonl and heldout.jsonl (documents of --min-chars to --max-chars
+characters, split by a hash of their id; at most --max-train-documents for training: a small
+real corpus, as in the data-limited regime) and tokenizer.model (SentencePiece BPE, trained on
+every standard-library document that is not held out).
 """
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import sentencepiece
@@ -15,30 +19,42 @@ from megadoc_megatron.records import write_text_atomic
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output-dir", type=Path, required=True)
     parser.add_argument("--heldout-fraction", type=float, default=0.1)
+    parser.add_argument("--min-chars", type=int, default=200)
+    parser.add_argument("--max-chars", type=int, help="longest document kept (default: no limit)")
+    parser.add_argument("--max-train-documents", type=int, help="default: all")
     parser.add_argument("--vocab-size", type=int, default=4096)
     args = parser.parse_args()
     args.output_dir.mkdir(parents=True, exist_ok=True)
+    settings = {**{k: v for k, v in vars(args).items() if k != "output_dir"}, "python": sys.version}
+    done = args.output_dir / "corpus.json"
+    outputs = [args.output_dir / name for name in ("train.jsonl", "heldout.jsonl", "tokenizer.model")]
+    if done.is_file() and all(p.is_file() for p in outputs) and json.loads(done.read_text()) == settings:
+        # training the tokenizer takes ~15 s
+        print(f"corpus and tokenizer already in {args.output_dir} (same settings)")
+        return
 
-    documents = list(stdlib_documents())
-    splits = {"train": [], "heldout": []}
-    for document in documents:
-        splits["heldout" if is_heldout(document["id"], args.heldout_fraction) else "train"].append(document)
+    documents = list(stdlib_documents(args.min_chars))
+    heldout = {d["id"] for d in documents if is_heldout(d["id"], args.heldout_fraction)}
+    kept = [d for d in documents if args.max_chars is None or len(d["text"]) <= args.max_chars]
+    splits = {"train": [d for d in kept if d["id"] not in heldout][:args.max_train_documents],
+              "heldout": [d for d in kept if d["id"] in heldout]}
     for name, rows in splits.items():
         write_text_atomic(args.output_dir / f"{name}.jsonl",
                           "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
         print(f"{name}: {len(rows)} documents, {sum(len(r['text']) for r in rows):,} characters")
 
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(row["text"] for row in splits["train"]),
+        sentence_iterator=iter(d["text"] for d in documents if d["id"] not in heldout),
         model_prefix=str(args.output_dir / "tokenizer"), vocab_size=args.vocab_size, model_type="bpe",
         byte_fallback=True, character_coverage=0.9995, max_sentence_length=1 << 20, num_threads=2,
         # keep newlines and indentation: the model should see documents as they are
         normalization_rule_name="identity", remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
         minloglevel=2)
     print(f"tokenizer: {args.output_dir / 'tokenizer.model'} (SentencePiece BPE, vocab {args.vocab_size})")
+    write_text_atomic(done, json.dumps(settings) + "\n")
 
 
 if __name__ == "__main__":

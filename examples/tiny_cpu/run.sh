@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
-# The tiny CPU example: real text this machine already has (Python's standard-library
-# docstrings) -> tokenizer -> Megatron indexed datasets -> a look inside.
-# The later stages (synthesis, megadocs, blending, training, evaluation) join as they land.
-# Outputs go to $WORK (default examples/tiny_cpu/work).
+# The tiny CPU example, end to end: real text this machine already has (Python's standard-library
+# docstrings) -> rephrases and rationales from SmolLM2-135M-Instruct -> simple, stitched and
+# stretched megadocs -> Megatron datasets and blends -> tiny GPTs on megatron-core -> i.i.d. and
+# long-context losses -> report (table and plots). Outputs go to $WORK (default examples/tiny_cpu/work);
+# extra arguments go to `megadoc run` (e.g. --dry-run, --recipes real stitch_g2), or with `sweep`
+# first, to `megadoc sweep` (e.g. `run.sh sweep --execute local`).
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-work=${WORK:-$here/work}
-mkdir -p "$work/data"
+work=$(mkdir -p "${WORK:-$here/work}" && cd "${WORK:-$here/work}" && pwd)
 # The console script may not be on PATH yet (e.g. before a pyenv rehash): same code either way.
 command -v megadoc >/dev/null || megadoc() { python -m megadoc_megatron.cli "$@"; }
 
-python "$here/make_corpus.py" --output-dir "$work"
-for split in train heldout; do
-  megadoc preprocess --input "$work/$split.jsonl" --output-prefix "$work/data/$split" \
-    --tokenizer-type SentencePieceTokenizer --tokenizer-model "$work/tokenizer.model" --append-eod --workers 2
-done
-megadoc inspect "$work/data/train_text_document" --document 0 --max-chars 400
+python "$here/make_corpus.py" --output-dir "$work/corpus" --max-chars 1500 --heldout-fraction 0.3 \
+  --max-train-documents "${TRAIN_DOCUMENTS:-32}"
+command=run
+if [[ "${1:-}" == sweep ]]; then command=sweep; shift; fi
+megadoc "$command" "$here/experiment.yaml" --set work_dir="$work" --set corpus.train="$work/corpus/train.jsonl" \
+  --set corpus.heldout="$work/corpus/heldout.jsonl" --set tokenizer.model="$work/corpus/tokenizer.model" "$@"

@@ -2,7 +2,8 @@
 
 A run is the checkpoint.dir of `megadoc train`, with the results of `megadoc eval` in RUN/eval/.
 Its settings come from the checkpoint (lr, weight decay), its blend.json (E, w, real tokens), and
-RUN/recipe.json when present ({"recipe": "stitch", "generations": 8}; `megadoc run` writes it).
+RUN/recipe.json when present ({"name": "stitch_g8", "recipe": "stitch", "generations": 8}; `megadoc run`
+writes it).
 Data efficiency needs a baseline: real-only runs at four or more amounts of real data, fitted
 with L(D) = A / D^B + C and inverted at each run's loss.
 """
@@ -66,7 +67,8 @@ def load_run(path: Path, eval_name: str | None = None) -> Run:
     plan = _plan(config["data"]["blend"])
     recipe = json.loads((path / "recipe.json").read_text()) if (path / "recipe.json").is_file() else {}
     real_tokens = sum(d["train_tokens"] for d in plan["datasets"] if d["stream"] == "real") if plan else None
-    run = Run(path.name if path.name != "ckpt" else path.parent.name, path, recipe.get("recipe", "unknown"),
+    name = recipe.get("name") or (path.name if path.name != "ckpt" else path.parent.name)
+    run = Run(name, path, recipe.get("recipe", "unknown"),
               recipe.get("generations"), plan.get("epochs") if plan else None,
               plan.get("synthetic_weight_requested") if plan else None, config["optimizer"]["lr"],
               config["optimizer"]["weight_decay"], real_tokens)
@@ -74,7 +76,8 @@ def load_run(path: Path, eval_name: str | None = None) -> Run:
     run.iid_loss = iid["metrics"]["loss"] if iid else None
     long = latest_result(path, "long-context", eval_name)
     run.long_context = long["metrics"] if long else None
-    downstream = latest_result(path, "downstream")
+    # results of one `megadoc run` share a name; results made by hand are called lm-eval
+    downstream = (eval_name and latest_result(path, "downstream", eval_name)) or latest_result(path, "downstream")
     run.downstream = downstream["metrics"].get("accuracy", {}) if downstream else {}
     return run
 

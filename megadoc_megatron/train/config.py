@@ -101,11 +101,12 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-def _build(cls, values: dict, where: str, path):
+def build_dataclass(cls, values: dict, where: str, path):
+    """A dataclass from a mapping: unknown fields and wrong types are InputErrors naming `where` in `path`."""
     if not isinstance(values, dict):
         raise InputError(f"{where or 'the config'} must be a mapping, not {type(values).__name__}", path,
                          fix="write `key: value` pairs")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
     unknown = sorted(set(values) - set(fields))
     if unknown:
         name = f"{where}.{unknown[0]}" if where else unknown[0]
@@ -117,7 +118,7 @@ def _build(cls, values: dict, where: str, path):
             else fields[name].default
         key = f"{where}.{name}" if where else name
         if dataclasses.is_dataclass(default):
-            kwargs[name] = _build(type(default), value, key, path)
+            kwargs[name] = build_dataclass(type(default), value, key, path)
         else:
             kwargs[name] = _check_type(value, default, key, path)
     return cls(**kwargs)
@@ -154,10 +155,10 @@ def parse_overrides(overrides: list[str]) -> dict:
     return nested
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def merge_dicts(base: dict, extra: dict) -> dict:
     merged = dict(base)
     for key, value in extra.items():
-        merged[key] = _merge(merged.get(key) or {}, value) if isinstance(value, dict) else value
+        merged[key] = merge_dicts(merged.get(key) or {}, value) if isinstance(value, dict) else value
     return merged
 
 
@@ -175,22 +176,30 @@ def _resolve_paths(values: dict, base: Path) -> dict:
 
 def config_from_dict(values: dict, source) -> TrainConfig:
     """A config as saved in a checkpoint (`TrainConfig.to_dict`)."""
-    return _build(TrainConfig, values, "", source)
+    return build_dataclass(TrainConfig, values, "", source)
+
+
+def read_yaml(path: Path, what: str) -> dict:
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise InputError("config file not found", path, fix=f"give the path of {what}") from None
+    except yaml.YAMLError as error:
+        line = error.problem_mark.line + 1 if getattr(error, "problem_mark", None) else None
+        raise InputError(f"not valid YAML ({getattr(error, 'problem', error)})", path, line,
+                         fix="check the indentation and quoting on that line") from None
+    if not isinstance(values, dict):
+        raise InputError(f"the config must be a mapping of sections, not a {type(values).__name__}", path,
+                         fix="write `section: {field: value}` pairs")
+    return values
 
 
 def load_config(path, overrides: list[str] = ()) -> TrainConfig:
     """Read and check a YAML training config, with `section.field=value` overrides on top."""
     path = Path(path)
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise InputError("config file not found", path, fix="give the path of a YAML training config") from None
-    except yaml.YAMLError as error:
-        line = error.problem_mark.line + 1 if getattr(error, "problem_mark", None) else None
-        raise InputError(f"not valid YAML ({getattr(error, 'problem', error)})", path, line,
-                         fix="check the indentation and quoting on that line") from None
-    values = _merge(_resolve_paths(values, path.parent), _resolve_paths(parse_overrides(list(overrides)), Path.cwd()))
-    config = _build(TrainConfig, values, "", path)
+    values = read_yaml(path, "a YAML training config")
+    values = merge_dicts(_resolve_paths(values, path.parent), _resolve_paths(parse_overrides(list(overrides)), Path.cwd()))
+    config = build_dataclass(TrainConfig, values, "", path)
     for name, package in (("tensorboard_dir", "tensorboard"), ("wandb_project", "wandb")):
         if getattr(config.logging, name) and importlib.util.find_spec(package) is None:
             raise InputError(f"logging.{name} is set but the {package} package is not installed", path,

@@ -1,0 +1,1 @@
+"""`megadoc run` and `megadoc sweep`: the whole method from one YAML experiment config."""

@@ -1,0 +1,81 @@
+"""`megadoc run CONFIG`: the whole method from one experiment config, each stage cached and resumable.
+
+Outputs: WORK/stages/NAME.KEY/ (one folder per stage and settings), WORK/runs/RECIPE -> its
+training stage (checkpoints in ckpt/, evaluation results in ckpt/eval/), WORK/report -> the
+report stage (report.md, report.html, PNG plots).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import time
+from pathlib import Path
+
+from megadoc_megatron.errors import InputError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML experiment config (see examples/tiny_cpu/experiment.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override a config field, e.g. --set work_dir=/scratch/run1 (repeatable)")
+    parser.add_argument("--recipes", nargs="+", metavar="NAME", help="run only these recipes (and what they need)")
+    parser.add_argument("--no-report", dest="report", action="store_false", help="stop before the report")
+    parser.add_argument("--dry-run", action="store_true", help="print each stage, whether it is done, and its commands")
+
+
+def _duration(seconds: float) -> str:
+    return f"{int(seconds // 60)}m{seconds % 60:04.1f}s" if seconds >= 60 else f"{seconds:.1f}s"
+
+
+def run_experiment(experiment, report: bool = True, dry_run: bool = False) -> dict:
+    """Run (or, dry, describe) the stages; returns {stage name: 'cached' | 'ran' | 'to run' | 'done'}."""
+    from megadoc_megatron.experiment.plan import build_graph
+    from megadoc_megatron.experiment.stages import point_link, run_stage
+
+    plan = build_graph(experiment)
+    stages = [s for s in plan.graph.stages if report or s is not plan.report]
+    work = plan.graph.work_dir
+    pending = [s for s in stages if not s.done]
+    print(f"megadoc run: {len(stages)} stages, {len(stages) - len(pending)} done, {len(pending)} to run "
+          f"(work dir {work})", flush=True)
+    status = {}
+    for number, stage in enumerate(stages, 1):
+        where = stage.folder.relative_to(work)
+        if dry_run:
+            status[stage.name] = "done" if stage.done else "to run"
+            print(f"[{number}/{len(stages)}] {stage.name:<28} {status[stage.name]:<7} {where}")
+            for command in stage.commands:
+                launcher = f"{stage.launcher} -m megadoc_megatron.cli" if stage.launcher else "megadoc"
+                print(f"      {launcher} {shlex.join(stage.argv(command))}")
+            continue
+        print(f"[{number}/{len(stages)}] {stage.name:<28} {'cached' if stage.done else 'running'}  {where}", flush=True)
+        start = time.time()
+        status[stage.name] = run_stage(stage)
+        if status[stage.name] == "ran":
+            print(f"[{number}/{len(stages)}] {stage.name:<28} done in {_duration(time.time() - start)}", flush=True)
+    if not dry_run:
+        for name, train in plan.trains.items():
+            point_link(work / "runs" / name, train.folder)
+        if report:
+            point_link(work / "report", plan.report.folder)
+            print((plan.report.folder / "report.md").read_text() if status["report"] == "cached" else "")
+            print(f"report: {work / 'report' / 'report.md'} (and report.html, *.png)")
+    return status
+
+
+def select_recipes(experiment, names: list[str] | None):
+    if names:
+        known = {r.name for r in experiment.recipes}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise InputError(f"no recipe named {unknown[0]!r}", experiment.source, fix=f"choose from {', '.join(sorted(known))}")
+        experiment.recipes = [r for r in experiment.recipes if r.name in names]
+    return experiment
+
+
+def run(args: argparse.Namespace) -> dict:
+    from megadoc_megatron.experiment.config import load_experiment
+
+    experiment = select_recipes(load_experiment(Path(args.config), args.overrides), args.recipes)
+    return run_experiment(experiment, args.report, args.dry_run)

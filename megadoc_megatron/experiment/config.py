@@ -1,0 +1,161 @@
+"""The experiment config of `megadoc run`: every field checked, relative paths relative to the file.
+
+Sections that hold flags of a stage command (`preprocess`, `generator`, `rephrase`, `rationale`,
+`megadocs`, `eval.*`, `report`) take that command's options with underscores, e.g.
+`generator: {max_new_tokens: 128, batch_size: 16}` means `megadoc synth ... --max-new-tokens 128
+--batch-size 16`; they are checked against the command's own parser. See
+examples/tiny_cpu/experiment.yaml for a complete config.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from megadoc_megatron.errors import InputError
+from megadoc_megatron.train.config import build_dataclass, merge_dicts, parse_overrides, read_yaml
+
+KINDS = ("real", "simple", "stitch", "stretch")
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=+-]*$")
+
+
+@dataclass
+class CorpusConfig:
+    train: str = ""                  # real training documents (JSONL with id and text): rephrased and trained on
+    heldout: str = ""                # i.i.d. held-out documents: never trained on or rephrased
+    id_key: str = "id"
+    text_key: str = "text"
+
+
+@dataclass
+class TokenizerConfig:
+    type: str = ""                   # as `megadoc preprocess --tokenizer-type`
+    model: str = ""                  # as `--tokenizer-model`
+
+
+@dataclass
+class BlendConfig:
+    seq_length: int = 0
+    global_batch_size: int = 0
+    seed: int = 1234                 # Megatron's --seed: the sample shuffle
+
+
+@dataclass
+class EvalConfig:
+    loss: dict = field(default_factory=dict)           # flags of `megadoc eval loss`
+    long_context: dict | None = field(default_factory=dict)  # of `megadoc eval long-context`; null: skip
+    downstream: dict | None = None                     # of `megadoc eval downstream`; null (default): skip
+
+
+@dataclass
+class LaunchConfig:
+    train: str = ""                  # what starts Python for training, e.g. "torchrun --nproc-per-node 8"; "": this Python
+    eval: str = ""                   # the same for evaluation
+
+
+@dataclass
+class Recipe:
+    name: str = ""
+    kind: str = ""                   # real | simple | stitch | stretch
+    generations: int | None = None   # G: generations per document (synthetic kinds)
+    epochs: int = 1                  # E: exact passes over the real training data
+    synthetic_weight: float = 0.0    # w: share of the synthetic stream (0 for real)
+    train: dict = field(default_factory=dict)  # overrides of the train section, e.g. {optimizer: {lr: 1e-3}}
+
+
+@dataclass
+class Experiment:
+    work_dir: str = "work"
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    preprocess: dict = field(default_factory=dict)
+    generator: dict = field(default_factory=dict)      # flags of `megadoc synth` for both operations
+    rephrase: dict = field(default_factory=dict)       # ... for `megadoc synth rephrase` only
+    rationale: dict = field(default_factory=dict)      # ... for `megadoc synth rationale` only
+    megadocs: dict = field(default_factory=dict)
+    blend: BlendConfig = field(default_factory=BlendConfig)
+    train: dict = field(default_factory=dict)          # a `megadoc train` config without data.blend and checkpoint.dir
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    report: dict = field(default_factory=dict)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+    recipes: list = field(default_factory=list)        # of Recipe once loaded
+    sweep: dict | None = None                          # see `megadoc sweep`
+    source: Path = field(default=Path("."), metadata={"internal": True})  # the config file
+
+
+# fields holding paths, resolved against the config file's folder
+PATH_FIELDS = [("corpus", "train"), ("corpus", "heldout"), ("tokenizer", "model"), ("generator", "model"),
+               ("generator", "tokenizer"), ("generator", "prompts"), ("rephrase", "prompts"), ("rationale", "prompts")]
+
+
+def _resolve(values: dict, base: Path) -> None:
+    if isinstance(values.get("work_dir"), str):
+        values["work_dir"] = str((base / values["work_dir"]).resolve())
+    for section, name in PATH_FIELDS:
+        value = values.get(section, {}).get(name) if isinstance(values.get(section), dict) else None
+        if isinstance(value, str) and value and not Path(value).is_absolute() and (base / value).exists():
+            values[section][name] = str((base / value).resolve())
+
+
+def check_recipe(recipe: Recipe, where: str, path) -> Recipe:
+    def fail(message: str, fix: str):
+        raise InputError(f"{where}: {message}", path, fix=fix)
+
+    if not NAME.match(recipe.name):
+        fail(f"name {recipe.name!r} is not a plain name", "use letters, digits and _ . = + -, e.g. stitch_g8")
+    if recipe.kind not in KINDS:
+        fail(f"kind {recipe.kind!r} is unknown", f"use one of: {', '.join(KINDS)}")
+    if recipe.epochs < 1:
+        fail(f"epochs must be at least 1, not {recipe.epochs}", "count whole passes over the real data")
+    if recipe.kind == "real":
+        if recipe.generations is not None or recipe.synthetic_weight != 0:
+            fail("a real-only recipe has no generations and no synthetic weight", "drop generations and synthetic_weight")
+    else:
+        if not isinstance(recipe.generations, int) or recipe.generations < 1:
+            fail(f"a {recipe.kind} recipe needs generations (G) of at least 1", "e.g. generations: 4")
+        if not 0 < recipe.synthetic_weight < 1:
+            fail(f"synthetic_weight must lie strictly between 0 and 1, not {recipe.synthetic_weight}",
+                 "e.g. synthetic_weight: 0.75")
+    reserved = {("data", "blend"), ("checkpoint", "dir")}
+    for section, name in reserved:
+        if name in (recipe.train.get(section) or {}):
+            fail(f"train.{section}.{name} is set by megadoc run", f"remove {section}.{name}")
+    return recipe
+
+
+def load_experiment(path, overrides: list[str] = (), recipes: list[dict] | None = None) -> Experiment:
+    """Read and check an experiment config with `section.field=value` overrides (paths in them relative
+    to the working directory); `recipes` replaces its recipes (as `megadoc sweep` does)."""
+    path = Path(path).resolve()
+    values = read_yaml(path, "a YAML experiment config (see examples/tiny_cpu/experiment.yaml)")
+    extra = parse_overrides(list(overrides))
+    _resolve(values, path.parent)
+    _resolve(extra, Path.cwd())
+    values = merge_dicts(values, extra)
+    experiment = build_dataclass(Experiment, values, "", path)
+    experiment.source = path
+    for section, name in [("corpus", "train"), ("corpus", "heldout"), ("tokenizer", "type"), ("tokenizer", "model")]:
+        if not getattr(getattr(experiment, section), name):
+            raise InputError(f"{section}.{name} is not set", path, fix=f"add `{section}: {{{name}: ...}}`")
+    for name in ("train", "heldout"):
+        if not Path(getattr(experiment.corpus, name)).is_file():
+            raise InputError(f"corpus.{name} file not found: {getattr(experiment.corpus, name)}", path,
+                             fix="give a JSONL file, relative to the config's folder or absolute")
+    if experiment.blend.seq_length < 1 or experiment.blend.global_batch_size < 1:
+        raise InputError("blend.seq_length and blend.global_batch_size must be set", path,
+                         fix="e.g. `blend: {seq_length: 4096, global_batch_size: 64}`")
+    for section, name in [("data", "blend"), ("checkpoint", "dir")]:
+        if name in (experiment.train.get(section) or {}):
+            raise InputError(f"train.{section}.{name} is set by megadoc run", path, fix=f"remove {section}.{name}")
+    entries = experiment.recipes if recipes is None else recipes
+    if not isinstance(entries, list) or not entries:
+        raise InputError("recipes: give a list of at least one recipe", path,
+                         fix="e.g. `recipes: [{name: real, kind: real, epochs: 4}]`")
+    experiment.recipes = [check_recipe(build_dataclass(Recipe, entry, f"recipes[{i}]", path), f"recipes[{i}]", path)
+                              for i, entry in enumerate(entries)]
+    names = [r.name for r in experiment.recipes]
+    if len(set(names)) != len(names):
+        duplicate = next(n for n in names if names.count(n) > 1)
+        raise InputError(f"two recipes are named {duplicate!r}", path, fix="give every recipe its own name")
+    return experiment

@@ -1,0 +1,197 @@
+"""Stages of an experiment: `megadoc` commands whose outputs are cached under a key.
+
+A stage's key is the SHA-256 of what it runs (its command lines and the files it writes first),
+with paths inside the work directory written relative to it (an upstream stage's folder name
+carries that stage's key) and external inputs written as a fingerprint of their content. Same
+settings and same inputs: same key, and a finished stage (its `stage.json` exists) is skipped.
+A stage that was interrupted is rerun in its own folder, where `megadoc synth` and `megadoc
+train` resume from what they had written. A lock file lets concurrent runs (a sweep's SLURM
+jobs) share stages: the second waits for the first and then finds the stage finished.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import io
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from megadoc_megatron.errors import InputError
+from megadoc_megatron.records import write_text_atomic
+
+OUT = "{out}"  # the stage's own folder, in command lines and files
+WHOLE_FILE_LIMIT = 64 << 20
+
+
+@dataclass(frozen=True)
+class External:
+    """An input from outside the work directory: keyed by its content, not its path."""
+    path: str
+
+
+def fingerprint(path) -> str:
+    """SHA-256 of a file's content (size plus first and last MiB above 64 MiB), or of a folder's files."""
+    path = Path(path)
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        size = file.stat().st_size
+        digest.update(f"{file.relative_to(path) if path.is_dir() else ''}\0{size}\0".encode())
+        with open(file, "rb") as stream:
+            if size <= WHOLE_FILE_LIMIT:
+                for block in iter(lambda: stream.read(1 << 24), b""):
+                    digest.update(block)
+            else:
+                digest.update(stream.read(1 << 20))
+                stream.seek(size - (1 << 20))
+                digest.update(stream.read(1 << 20))
+    return digest.hexdigest()
+
+
+@dataclass
+class Stage:
+    name: str                                   # e.g. "train-stitch_g8"
+    commands: list[list]                        # `megadoc` argv lists (str, External or containing OUT)
+    files: dict[str, str] = field(default_factory=dict)  # written into the folder before the commands
+    launcher: str = ""                          # what starts Python, e.g. torchrun ("": run in this process);
+                                                # not part of the key
+    folder: Path | None = None                  # set by Graph.add
+
+    def argv(self, command: list) -> list[str]:
+        return [str(item.path) if isinstance(item, External) else str(item).replace(OUT, str(self.folder))
+                for item in command]
+
+    def full_command(self, command: list) -> list[str]:
+        python = shlex.split(self.launcher) if self.launcher else [sys.executable]
+        return [*python, "-m", "megadoc_megatron.cli", *self.argv(command)]
+
+    @property
+    def done(self) -> bool:
+        return (self.folder / "stage.json").is_file()
+
+
+class Graph:
+    """The stages of one experiment, in the order they run."""
+
+    def __init__(self, work_dir: Path):
+        self.work_dir = work_dir
+        self.stages: list[Stage] = []
+        self._fingerprints: dict[str, str] = {}
+
+    def _canonical(self, item) -> str:
+        if isinstance(item, External):
+            if item.path not in self._fingerprints:
+                self._fingerprints[item.path] = fingerprint(item.path)
+            return f"@content:{self._fingerprints[item.path]}"
+        return str(item).replace(str(self.work_dir), "@work")
+
+    def key(self, stage: Stage) -> str:
+        text = json.dumps({"commands": [[self._canonical(i) for i in c] for c in stage.commands],
+                           "files": {k: self._canonical(v) for k, v in sorted(stage.files.items())}})
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    def add(self, stage: Stage) -> Stage:
+        stage.folder = self.work_dir / "stages" / f"{stage.name}.{self.key(stage)[:12]}"
+        self.stages.append(stage)
+        return stage
+
+
+@contextmanager
+def stage_lock(folder: Path):
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"    waiting for another process working on {folder.name}", flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def _run_launched(command: list[str], log) -> int:
+    """Run a command under its launcher, its output going to the console and the stage's log."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    for line in iter(process.stdout.readline, b""):
+        sys.stdout.buffer.write(line)
+        sys.stdout.flush()
+        log.write(line.decode(errors="replace"))
+    log.flush()
+    return process.wait()
+
+
+class _Tee(io.TextIOBase):
+    def __init__(self, *streams):
+        self.streams = streams
+
+    def write(self, text: str) -> int:
+        for stream in self.streams:
+            stream.write(text)
+            stream.flush()
+        return len(text)
+
+    def isatty(self) -> bool:  # progress bars: one line a minute, as in a batch job
+        return False
+
+
+def _run_in_process(argv: list[str], log) -> int:
+    """Run `megadoc ARGV` in this process (megatron-core and torch are imported once for the whole
+    run, ~10 s saved per stage on CPU); its output goes to the console and the stage's log."""
+    from megadoc_megatron.cli import main
+
+    stdout, stderr = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _Tee(stdout, log), _Tee(stderr, log)
+    try:
+        return main(argv)
+    except SystemExit as exit:  # argparse; the commands were checked before the run, so rare
+        return exit.code if isinstance(exit.code, int) else 1
+    except Exception:
+        traceback.print_exc()
+        return 1
+    finally:
+        sys.stdout, sys.stderr = stdout, stderr
+
+
+def run_stage(stage: Stage) -> str:
+    """Run a stage unless it is done; 'cached' or 'ran'. A failing command raises InputError."""
+    with stage_lock(stage.folder):
+        if stage.done:
+            return "cached"
+        start = time.time()
+        for name, text in stage.files.items():
+            target = stage.folder / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(target, text.replace(OUT, str(stage.folder)))
+        with open(stage.folder / "log.txt", "a") as log:
+            log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} ===\n")
+            for command in stage.commands:
+                shown = stage.full_command(command) if stage.launcher else ["megadoc", *stage.argv(command)]
+                log.write(f"$ {shlex.join(shown)}\n")
+                log.flush()
+                code = (_run_launched(stage.full_command(command), log) if stage.launcher
+                        else _run_in_process(stage.argv(command), log))
+                if code != 0:
+                    raise InputError(f"stage {stage.name} failed: `megadoc {command[0]}` exited with status {code}",
+                                     stage.folder / "log.txt",
+                                     fix="read the error above; after fixing it, rerun: finished stages are kept")
+        record = {"name": stage.name, "commands": [shlex.join(stage.argv(c)) for c in stage.commands],
+                  "seconds": round(time.time() - start, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        write_text_atomic(stage.folder / "stage.json", json.dumps(record, indent=2) + "\n")
+        return "ran"
+
+
+def point_link(link: Path, target: Path) -> None:
+    """Make `link` a relative symbolic link to `target`, replacing any old one at once."""
+    link.parent.mkdir(parents=True, exist_ok=True)
+    temporary = link.with_name(f".{link.name}.{os.getpid()}")
+    os.symlink(os.path.relpath(target, link.parent), temporary)
+    os.replace(temporary, link)

@@ -1,0 +1,238 @@
+"""`megadoc sweep CONFIG`: a grid over (E, w, lr, wd) around one recipe, and the local-optimum check.
+
+The config's `sweep` section names the recipe and the values of each axis:
+
+    sweep:
+      recipe: stitch_g8
+      epochs: [4, 8, 16]
+      synthetic_weight: [0.5, 0.75, 0.9]
+      lr: [1.0e-3, 3.0e-3]
+      weight_decay: [0.1, 0.4, 0.8, 1.6]
+
+Each point is that recipe with those settings, run as `megadoc run` would (the data stages are
+shared and cached). A point is tuned when every neighbour one step away on each axis has run
+and none has a lower i.i.d. loss; at the edge of an axis there is no neighbour, and the table
+says to extend the grid. `--mode neighbours` (default) asks only for what the check needs:
+the neighbours of the best point so far (the start point first); `--mode grid` for every point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import shlex
+import subprocess
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from megadoc_megatron.errors import InputError
+from megadoc_megatron.train.config import OptimizerConfig
+
+AXES = ("epochs", "synthetic_weight", "lr", "weight_decay")
+SHORT = {"epochs": "E", "synthetic_weight": "w", "lr": "lr", "weight_decay": "wd"}
+
+
+@dataclass(frozen=True)
+class Point:
+    indices: tuple[int, ...]   # position on each axis
+    values: tuple               # the settings, in AXES order
+
+    def name(self, recipe: str) -> str:
+        return recipe + "".join(f"-{SHORT[a]}{v:g}" for a, v in zip(AXES, self.values))
+
+
+def parse_sweep(experiment) -> tuple[object, dict[str, list]]:
+    """(the base recipe, axis -> values); a missing axis keeps the recipe's own value."""
+    sweep, source = experiment.sweep, experiment.source
+    if not isinstance(sweep, dict) or "recipe" not in sweep:
+        raise InputError("the config has no sweep section naming a recipe", source,
+                         fix="add `sweep: {recipe: NAME, epochs: [...], synthetic_weight: [...], lr: [...], weight_decay: [...]}`")
+    unknown = sorted(set(sweep) - {"recipe", "start", *AXES})
+    if unknown:
+        raise InputError(f"sweep.{unknown[0]} is unknown", source, fix=f"use recipe, start, {', '.join(AXES)}")
+    recipes = {r.name: r for r in experiment.recipes}
+    if sweep["recipe"] not in recipes:
+        raise InputError(f"sweep.recipe {sweep['recipe']!r} is not a recipe of the config", source,
+                         fix=f"choose from {', '.join(recipes)}")
+    base = recipes[sweep["recipe"]]
+    optimizer = {**experiment.train.get("optimizer", {}), **base.train.get("optimizer", {})}
+    own = {"epochs": base.epochs, "synthetic_weight": base.synthetic_weight,
+           "lr": optimizer.get("lr", OptimizerConfig.lr), "weight_decay": optimizer.get("weight_decay", OptimizerConfig.weight_decay)}
+    axes = {}
+    for axis in AXES:
+        values = sweep.get(axis, [own[axis]])
+        if not isinstance(values, list) or not values or any(not isinstance(v, (int, float)) for v in values) \
+                or len(set(values)) != len(values):
+            raise InputError(f"sweep.{axis} must be a list of distinct numbers, not {values!r}", source,
+                             fix=f"e.g. {axis}: [{own[axis]}]")
+        axes[axis] = sorted(float(v) if axis != "epochs" else int(v) for v in values)
+    return base, axes
+
+
+def grid(axes: dict[str, list]) -> list[Point]:
+    ranges = [range(len(axes[a])) for a in AXES]
+    return [Point(indices, tuple(axes[a][i] for a, i in zip(AXES, indices))) for indices in itertools.product(*ranges)]
+
+
+def neighbours(point: Point, axes: dict[str, list]) -> list[Point]:
+    found = []
+    for position, axis in enumerate(AXES):
+        for step in (-1, 1):
+            index = point.indices[position] + step
+            if 0 <= index < len(axes[axis]):
+                indices = point.indices[:position] + (index,) + point.indices[position + 1:]
+                found.append(Point(indices, tuple(axes[a][i] for a, i in zip(AXES, indices))))
+    return found
+
+
+@dataclass
+class Verdict:
+    best: Point | None
+    tuned: bool
+    missing: list[Point]        # neighbours of the best that have not run
+    edges: list[str]            # axes on which the best sits at the end of the grid (more than one value)
+
+
+def local_optimum(axes: dict[str, list], losses: dict[Point, float]) -> Verdict:
+    if not losses:
+        return Verdict(None, False, [], [])
+    best = min(losses, key=losses.get)
+    around = neighbours(best, axes)
+    missing = [p for p in around if p not in losses]
+    edges = [a for i, a in enumerate(AXES) if len(axes[a]) > 1 and best.indices[i] in (0, len(axes[a]) - 1)]
+    return Verdict(best, not missing, missing, edges)
+
+
+def start_point(sweep: dict, base, axes: dict[str, list], points: list[Point]) -> Point:
+    """sweep.start, else the recipe's own settings where they are on the grid, else the middle value."""
+    wanted = sweep.get("start") or {}
+    indices = []
+    for axis in AXES:
+        value = wanted.get(axis, {"epochs": base.epochs, "synthetic_weight": base.synthetic_weight}.get(axis))
+        values = axes[axis]
+        indices.append(values.index(value) if value in values else (len(values) - 1) // 2)
+    return next(p for p in points if p.indices == tuple(indices))
+
+
+def point_recipe(base, point: Point):
+    optimizer = {**base.train.get("optimizer", {}), "lr": point.values[2], "weight_decay": point.values[3]}
+    return replace(base, name=point.name(base.name), epochs=point.values[0], synthetic_weight=point.values[1],
+                   train={**base.train, "optimizer": optimizer})
+
+
+class Sweep:
+    def __init__(self, config: str, overrides: list[str]):
+        from megadoc_megatron.experiment.config import check_recipe, load_experiment
+
+        self.config, self.overrides = config, overrides
+        self.experiment = load_experiment(Path(config), overrides)
+        self.base, self.axes = parse_sweep(self.experiment)
+        self.points = grid(self.axes)
+        self.start = start_point(self.experiment.sweep, self.base, self.axes, self.points)
+        self.recipes = {p: check_recipe(point_recipe(self.base, p), f"sweep point {p.name(self.base.name)}", self.experiment.source)
+                        for p in self.points}
+
+    def with_recipes(self, points: list[Point]):
+        return replace(self.experiment, recipes=[self.recipes[p] for p in points])
+
+    def losses(self) -> dict[Point, float]:
+        """The i.i.d. loss of every point whose evaluation has finished."""
+        from megadoc_megatron.evaluate.report import latest_result
+        from megadoc_megatron.experiment.plan import build_graph
+
+        plan = build_graph(self.with_recipes(self.points))
+        found = {}
+        for point in self.points:
+            name = self.recipes[point].name
+            if plan.evals[name].done:
+                result = latest_result(plan.trains[name].folder / "ckpt", "loss", plan.eval_name)
+                found[point] = result["metrics"]["loss"]
+        return found
+
+    def needed(self, losses: dict[Point, float], mode: str) -> list[Point]:
+        if mode == "grid":
+            return [p for p in self.points if p not in losses]
+        verdict = local_optimum(self.axes, losses)
+        return [self.start] if verdict.best is None else verdict.missing
+
+    def table(self, losses: dict[Point, float], needed: list[Point]) -> str:
+        verdict = local_optimum(self.axes, losses)
+        lines = [f"{'point':<44} {'E':>4} {'w':>6} {'lr':>9} {'wd':>7} {'i.i.d. loss':>12}  status"]
+        for point in self.points:
+            status = "best" if point == verdict.best else ("needed" if point in needed else ("done" if point in losses else ""))
+            loss = f"{losses[point]:.4f}" if point in losses else "—"
+            e, w, lr, wd = point.values
+            lines.append(f"{point.name(self.base.name):<44} {e:>4} {w:>6g} {lr:>9g} {wd:>7g} {loss:>12}  {status}")
+        if verdict.best is None:
+            lines.append("no point has finished yet; start: " + self.start.name(self.base.name))
+        elif verdict.tuned:
+            lines.append(f"tuned: {verdict.best.name(self.base.name)} beats every neighbour one step away on each axis"
+                         + (f"; it sits at the edge of the grid on {', '.join(verdict.edges)}: extend those axes "
+                            "to be sure" if verdict.edges else ""))
+        else:
+            lines.append(f"not tuned yet: {len(verdict.missing)} neighbour(s) of the best point "
+                         f"{verdict.best.name(self.base.name)} still to run")
+        return "\n".join(lines)
+
+    def run_point(self, point: Point) -> None:
+        from megadoc_megatron.experiment.command import run_experiment
+
+        run_experiment(self.with_recipes([point]), report=False)
+
+    def job_command(self, point: Point) -> str:
+        sets = [item for override in self.overrides for item in ("--set", override)]
+        return shlex.join(["megadoc", "sweep", str(Path(self.config).resolve()), *sets, "--point",
+                           point.name(self.base.name)])
+
+    def report(self, losses: dict[Point, float]) -> None:
+        from megadoc_megatron.experiment.command import run_experiment
+
+        if losses:
+            run_experiment(self.with_recipes([p for p in self.points if p in losses]))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML experiment config with a sweep section")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override a config field (repeatable; passed on to SLURM jobs)")
+    parser.add_argument("--mode", choices=("neighbours", "grid"), default="neighbours",
+                        help="which runs are needed: the neighbours of the best point so far, or the whole grid")
+    parser.add_argument("--execute", choices=("local", "slurm"),
+                        help="run the needed points here one after another (repeating until tuned), or submit "
+                             "one SLURM job each; default: only print the table")
+    parser.add_argument("--sbatch-args", default="", help='slurm: options for sbatch, e.g. "--nodes 1 --gres gpu:8 --time 4:00:00"')
+    parser.add_argument("--dry-run", action="store_true", help="slurm: print the sbatch commands instead of running them")
+    parser.add_argument("--point", help="run just this point (what each SLURM job does)")
+
+
+def run(args: argparse.Namespace) -> dict:
+    sweep = Sweep(args.config, args.overrides)
+    if args.point:
+        point = next((p for p in sweep.points if p.name(sweep.base.name) == args.point), None)
+        if point is None:
+            raise InputError(f"no sweep point named {args.point!r}", sweep.experiment.source,
+                             fix="use a name from the table of `megadoc sweep CONFIG`")
+        sweep.run_point(point)
+        return {"ran": args.point}
+    losses = sweep.losses()
+    needed = sweep.needed(losses, args.mode)
+    while args.execute == "local" and needed:
+        for point in needed:
+            print(f"megadoc sweep: running {point.name(sweep.base.name)}", flush=True)
+            sweep.run_point(point)
+        losses = sweep.losses()
+        needed = sweep.needed(losses, args.mode)
+    if args.execute == "slurm":
+        for point in needed:
+            command = ["sbatch", "--job-name", point.name(sweep.base.name), *shlex.split(args.sbatch_args),
+                       "--wrap", sweep.job_command(point)]
+            print(shlex.join(command), flush=True)
+            if not args.dry_run:
+                subprocess.run(command, check=True)
+    if args.execute == "local":
+        sweep.report(losses)
+    print(sweep.table(losses, needed))
+    verdict = local_optimum(sweep.axes, losses)
+    return {"losses": {p.name(sweep.base.name): v for p, v in losses.items()},
+            "needed": [p.name(sweep.base.name) for p in needed], "tuned": verdict.tuned,
+            "best": verdict.best.name(sweep.base.name) if verdict.best else None}

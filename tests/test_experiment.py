@@ -1,0 +1,278 @@
+"""`megadoc run`: config checks, stage keys, and a smaller version of the tiny CPU example end to end
+(with the real default generator, megatron-core training and evaluation): rerun skips, a changed
+setting reruns only what depends on it, a killed run resumes."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from megadoc_megatron.data.indexed import read_index
+from megadoc_megatron.data.tokenizer import load_tokenizer
+from megadoc_megatron.errors import InputError
+from megadoc_megatron.experiment.config import load_experiment
+from megadoc_megatron.experiment.plan import build_graph
+
+from conftest import REPO
+
+EXAMPLE = REPO / "examples/tiny_cpu/experiment.yaml"
+
+
+@pytest.fixture()
+def config(tmp_path):
+    """The example config, pointed at a tiny corpus; returns a writer of variants."""
+    corpus = [{"id": f"doc{i}", "text": f"Document {i}. " + "Some words about topic %d. " % i * 20} for i in range(6)]
+    for name, rows in (("train", corpus[:4]), ("heldout", corpus[4:])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = yaml.safe_load(EXAMPLE.read_text())
+    base.update(work_dir=str(tmp_path / "work"), corpus={"train": "train.jsonl", "heldout": "heldout.jsonl"},
+                tokenizer={"type": "SentencePieceTokenizer", "model": str(REPO.parent / "shared/golden/spm8k.model")})
+
+    def write(change=lambda c: None, name="experiment.yaml"):
+        values = json.loads(json.dumps(base))
+        change(values)
+        path = tmp_path / name
+        path.write_text(yaml.safe_dump(values))
+        return path
+    return write
+
+
+def stage_folders(path) -> dict[str, str]:
+    return {s.name: s.folder.name for s in build_graph(load_experiment(path)).graph.stages}
+
+
+@pytest.mark.parametrize("change,message", [
+    (lambda c: c.update(colour="red"), "unknown config field 'colour'"),
+    (lambda c: c["corpus"].pop("heldout"), "corpus.heldout is not set"),
+    (lambda c: c["recipes"].append({"name": "x", "kind": "stitch", "synthetic_weight": 0.5}), "needs generations"),
+    (lambda c: c["recipes"].append({"name": "x", "kind": "mash"}), "kind 'mash' is unknown"),
+    (lambda c: c["recipes"].append(dict(c["recipes"][0])), "two recipes are named 'real'"),
+    (lambda c: c["recipes"][1].update(synthetic_weight=1.0), "strictly between 0 and 1"),
+    (lambda c: c["generator"].update(colour=1), "generator/rephrase.colour is not an option of `megadoc synth rephrase`"),
+    (lambda c: c["generator"].update(output="x"), "generator/rephrase.output is set by megadoc run"),
+    (lambda c: c["generator"].update(allow_truncated="yes"), "must be true or false"),
+    (lambda c: c["train"]["optimizer"].update(lr="fast"), "optimizer.lr must be a float"),
+    (lambda c: c["recipes"][0].update(train={"checkpoint": {"dir": "x"}}), "checkpoint.dir is set by megadoc run"),
+    (lambda c: c["eval"]["long_context"].update(threshold="long"), "invalid command: megadoc eval long-context"),
+])
+def test_config_errors_name_the_field(config, change, message):
+    with pytest.raises(InputError, match=re.escape(message)) as error:
+        build_graph(load_experiment(config(change)))
+    assert "experiment.yaml" in str(error.value)
+
+
+def test_a_changed_setting_changes_only_the_keys_of_the_stages_that_depend_on_it(config, tmp_path):
+    base = stage_folders(config())
+    assert stage_folders(config(name="again.yaml")) == base  # the file's own path does not matter
+
+    def changed(change):
+        other = stage_folders(config(change, "changed.yaml"))
+        return sorted(name for name in base if other[name] != base[name])
+
+    def stitch_lr(c):
+        c["recipes"][3]["train"] = {"optimizer": {"lr": 1e-3}}
+    assert changed(stitch_lr) == ["eval-stitch_g2", "report", "train-stitch_g2"]
+    assert changed(lambda c: c["rationale"].update(max_new_tokens=8)) == [
+        "eval-stretch_g2", "report", "synth-rationale-g2", "synthetic-stretch-g2", "train-stretch_g2"]
+    assert changed(lambda c: c["eval"]["loss"].update(max_tokens=100)) == [
+        name for name in sorted(base) if name.startswith("eval-") or name == "report"]
+    (tmp_path / "heldout.jsonl").write_text((tmp_path / "heldout.jsonl").read_text().replace("Document", "Doc"))
+    assert "preprocess-train" not in changed(lambda c: None) and "preprocess-heldout" in changed(lambda c: None)
+
+
+SMALLER = ("--set", "rephrase.max_new_tokens=24", "--set", "generator.min_length_ratio=0")
+
+
+def run_example(work: Path, *extra, wait=True):
+    """The README's demo script with a still smaller corpus, generations and recipe list."""
+    command = ["bash", str(REPO / "examples/tiny_cpu/run.sh"), "--recipes", "real", "stitch_g2", "stretch_g2",
+               *SMALLER, *extra]
+    if extra[:1] == ("sweep",):
+        command = ["bash", str(REPO / "examples/tiny_cpu/run.sh"), "sweep", *SMALLER, *extra[1:]]
+    env = {**os.environ, "WORK": str(work), "TRAIN_DOCUMENTS": "6"}
+    if not wait:
+        return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def started(output: str) -> list[str]:
+    return re.findall(r"^\[\d+/\d+\] (\S+) +running", output, re.MULTILINE)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    work = tmp_path_factory.mktemp("demo")
+    return work, run_example(work)
+
+
+def test_the_example_runs_every_stage_and_reports(demo):
+    work, output = demo
+    assert started(output)[:3] == ["preprocess-train", "preprocess-heldout", "synth-rephrase"]
+    assert len(started(output)) == 13
+    report = json.loads((work / "report/report.json").read_text())
+    losses = {run["name"]: run["iid_loss"] for run in report["runs"]}
+    assert set(losses) == {"real", "stitch_g2", "stretch_g2"} and all(2 < v < 12 for v in losses.values())
+    assert {run["recipe"] for run in report["runs"]} == {"real", "stitch", "stretch"}
+    for plot in ("loss_vs_generations.png", "loss_vs_position.png"):
+        assert (work / "report" / plot).stat().st_size > 10_000
+    assert "| real |" in output and "report:" in output
+    plan = json.loads((work / "runs/stitch_g2/blend/blend.json").read_text())
+    assert [d["stream"] for d in plan["datasets"]] == ["real", "synthetic"] and plan["epochs"] == 16
+    megadocs = [json.loads(line) for line in next(work.glob("stages/synthetic-stitch-g2.*/megadocs.jsonl")).open()]
+    assert len(megadocs) == 6 and all(len(m["generation_ids"]) <= 2 for m in megadocs)
+    # the corpus is real text, and the trained tokenizer keeps its layout: decoding gives the text back
+    real = read_index(str(next(work.glob("stages/preprocess-train.*/real_text_document.idx")))[:-len(".idx")])
+    tokenizer = load_tokenizer("SentencePieceTokenizer", work / "corpus/tokenizer.model")
+    first = json.loads((work / "corpus/train.jsonl").read_text().splitlines()[0])["text"]
+    assert real.num_documents == 6 and tokenizer.decode(real.document_tokens(0)[:-1]) == first
+
+
+def test_rerun_skips_finished_stages_and_a_change_reruns_only_its_dependents_even_after_a_kill(demo):
+    work, _ = demo
+    again = run_example(work)
+    assert started(again) == [] and "13 stages, 13 done, 0 to run" in again
+
+    changed = ("--set", "rationale.max_new_tokens=12")
+    process = run_example(work, *changed, wait=False)
+    deadline = time.time() + 600
+    while not any("cli train" in p.read_text() for p in work.glob("stages/train-stretch_g2.*/log.txt")
+                  if p.parent.name not in again):
+        assert process.poll() is None and time.time() < deadline, process.stdout.read()[-3000:]
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    killed = [p for p in work.glob("stages/train-stretch_g2.*") if p.name not in again]
+    assert len(killed) == 1 and not (killed[0] / "stage.json").exists()
+
+    resumed = run_example(work, *changed)
+    assert started(resumed) == ["train-stretch_g2", "eval-stretch_g2", "report"]
+    assert (killed[0] / "log.txt").read_text().count("\n=== ") == 2  # the same folder, a second attempt
+
+
+def test_local_sweep_runs_the_start_point_and_its_neighbours_until_tuned(demo):
+    work, _ = demo
+    output = run_example(work, "sweep", "--set", "sweep.lr=[0.003, 0.01]", "--set", "sweep.weight_decay=[0.1]",
+                         "--execute", "local")
+    assert started(output).count("synth-rephrase") == 0  # the data stages are shared with the runs above
+    assert re.search(r"^tuned: stitch_g2-E16-w0.5-lr0\.0(03|1)-wd0.1 beats every neighbour", output, re.MULTILINE)
+    report = json.loads((work / "report/report.json").read_text())
+    assert sorted(run["lr"] for run in report["runs"]) == [0.003, 0.01]
+
+
+@pytest.mark.parametrize("script,env,expected", [
+    ("preprocess.sbatch", {"INPUT": "real/a.jsonl", "PREFIX": "data/real", "TOKENIZER_MODEL": "/models/tok"},
+     [("preprocess", "input", ["real/a.jsonl"]), ("preprocess", "tokenizer_type", "HuggingFaceTokenizer")]),
+    ("eval.sbatch", {"CHECKPOINTS": "runs/a/ckpt runs/b/ckpt", "DATA": "data/held", "TASKS": "piqa sciq"},
+     [("eval", "evaluator", "loss"), ("eval", "evaluator", "long-context"), ("eval", "tasks", ["piqa", "sciq"])]),
+    ("run.sbatch", {"CONFIG": "exp.yaml", "SET": "work_dir=/scratch/x", "ARGS": "--recipes real"},
+     [("run", "overrides", ["launch.train=torchrun --standalone --nproc-per-node 8", "work_dir=/scratch/x"])]),
+])
+def test_slurm_scripts_build_valid_commands(script, env, expected):
+    import shlex
+
+    from megadoc_megatron.cli import build_parser
+
+    path = REPO / "examples/slurm" / script
+    subprocess.run(["bash", "-n", str(path)], check=True)
+    printed = subprocess.run(["bash", str(path)], env={**os.environ, "DRY_RUN": "1", **env}, check=True,
+                             capture_output=True, text=True).stdout.splitlines()
+    parsed = []
+    for line in printed:
+        words = shlex.split(line)
+        assert words[:4] == ["srun", "python", "-m", "megadoc_megatron.cli"]
+        parsed.append(build_parser().parse_args(words[4:]))
+    for stage, field, value in expected:
+        assert any(args.stage == stage and getattr(args, field, None) == value for args in parsed), (field, printed)
+
+
+def test_local_optimum_needs_every_neighbour_and_names_the_edges():
+    from megadoc_megatron.experiment.sweep import AXES, grid, local_optimum
+
+    axes = {"epochs": [2, 4, 8], "synthetic_weight": [0.5, 0.75], "lr": [1e-3], "weight_decay": [0.1, 0.4, 0.8]}
+    points = {p.values: p for p in grid(axes)}
+    assert len(points) == 18 and AXES[0] == "epochs"
+    center = points[(4, 0.75, 1e-3, 0.4)]
+    losses = {center: 3.0, points[(2, 0.75, 1e-3, 0.4)]: 3.2}
+    verdict = local_optimum(axes, losses)
+    assert verdict.best == center and not verdict.tuned and verdict.edges == ["synthetic_weight"]
+    assert {p.values for p in verdict.missing} == {(8, 0.75, 1e-3, 0.4), (4, 0.5, 1e-3, 0.4), (4, 0.75, 1e-3, 0.1),
+                                                   (4, 0.75, 1e-3, 0.8)}
+    losses.update({p: 3.1 for p in verdict.missing})
+    assert local_optimum(axes, losses).tuned
+    losses[points[(8, 0.75, 1e-3, 0.4)]] = 2.9  # a better neighbour: the search moves on
+    moved = local_optimum(axes, losses)
+    assert moved.best.values == (8, 0.75, 1e-3, 0.4) and not moved.tuned and "epochs" in moved.edges
+
+
+def test_sweep_submits_one_slurm_job_per_needed_point(config, capsys):
+    from megadoc_megatron.cli import build_parser, main
+
+    def with_sweep(c):
+        c["sweep"] = {"recipe": "stitch_g2", "epochs": [2, 4, 8], "weight_decay": [0.05, 0.1, 0.2]}
+    path = config(with_sweep)
+    assert main(["sweep", str(path), "--set", "blend.seed=7", "--execute", "slurm", "--dry-run",
+                 "--sbatch-args", "--nodes 1 --time 1:00:00"]) == 0
+    out = capsys.readouterr().out
+    jobs = [line for line in out.splitlines() if line.startswith("sbatch")]
+    assert len(jobs) == 1 and "no point has finished yet; start: stitch_g2-E4-w0.5-lr0.003-wd0.1" in out
+    import shlex
+
+    words = shlex.split(jobs[0])
+    assert words[:7] == ["sbatch", "--job-name", "stitch_g2-E4-w0.5-lr0.003-wd0.1", "--nodes", "1", "--time", "1:00:00"]
+    job = build_parser().parse_args(shlex.split(words[words.index("--wrap") + 1])[1:])
+    assert (job.stage, job.point, job.overrides) == ("sweep", "stitch_g2-E4-w0.5-lr0.003-wd0.1", ["blend.seed=7"])
+    assert main(["sweep", str(path), "--mode", "grid"]) == 0
+    assert capsys.readouterr().out.count("needed") == 9
+
+
+def test_paper_experiment_config_builds_its_stages(tmp_path, hf_tokenizer):
+    for name in ("train", "heldout"):
+        (tmp_path / f"{name}.jsonl").write_text('{"id": "a", "text": "b"}\n')
+    experiment = load_experiment(REPO / "examples/repro_300m/experiment.yaml", [
+        f"work_dir={tmp_path}/work", f"corpus.train={tmp_path}/train.jsonl", f"corpus.heldout={tmp_path}/heldout.jsonl",
+        f"tokenizer.model={hf_tokenizer}"])
+    plan = build_graph(experiment)
+    names = [s.name for s in plan.graph.stages]
+    assert names[:3] == ["preprocess-train", "preprocess-heldout", "synth-rephrase"]
+    assert "synth-rationale-g16" in names and "synthetic-stitch-g32" in names
+    rephrase = next(s for s in plan.graph.stages if s.name == "synth-rephrase").commands[0]
+    assert rephrase[rephrase.index("-G") + 1] == 32 and "vllm" in rephrase
+    assert plan.trains["stitch_g32"].launcher.startswith("torchrun")
+
+
+def test_dockerfile_installs_existing_extras_and_copies_the_package():
+    text = (REPO / "Dockerfile").read_text()
+    extras = re.search(r'pip install .*-e "\.\[([a-z,]+)\]"', text).group(1).split(",")
+    setup = (REPO / "setup.py").read_text()
+    assert all(f'"{extra}": [' in setup for extra in extras)
+    assert all(f"COPY {folder} ./{folder}" in text for folder in ("megadoc_megatron", "tools", "examples"))
+
+
+@pytest.mark.parametrize("launcher", ["", "python"])
+def test_a_stage_runs_in_process_or_under_a_launcher_and_a_failure_names_its_log(tmp_path, spm_model, launcher):
+    import sys
+
+    from megadoc_megatron.experiment.stages import OUT, Graph, Stage, run_stage
+
+    from conftest import make_dataset
+
+    prefix = make_dataset(tmp_path, "docs", ["one document", "another document"], "SentencePieceTokenizer", spm_model)
+    graph = Graph(tmp_path / "work")
+    launcher = sys.executable if launcher else ""
+    good = graph.add(Stage("inspect", [["inspect", prefix]], files={"note.txt": f"made in {OUT}"}, launcher=launcher))
+    assert run_stage(good) == "ran" and run_stage(good) == "cached"
+    assert "one document" in (good.folder / "log.txt").read_text()
+    assert (good.folder / "note.txt").read_text() == f"made in {good.folder}"
+    bad = graph.add(Stage("inspect-missing", [["inspect", str(tmp_path / "missing")]], launcher=launcher))
+    with pytest.raises(InputError, match="stage inspect-missing failed") as error:
+        run_stage(bad)
+    assert str(bad.folder / "log.txt") in str(error.value) and not bad.done
