@@ -118,6 +118,7 @@ def test_iid_loss_is_the_token_mean_of_packed_held_out_sequences(runs, held_out)
     sequences = [stream[i * 64:(i + 1) * 64 + 1] for i in range(count)]
     per_sequence = manual_losses(runs[0], sequences)
     assert metrics["loss"] == pytest.approx(float(np.concatenate(per_sequence).mean()), rel=1e-4)
+    evaluate("ensemble", str(runs[0]), str(runs[1]), "--data", held_out)
     evaluate("loss", str(runs[0]), "--data", held_out, "--max-tokens", "128", "--name", "capped")
     capped = read_result(runs[0], "loss.capped.*.json")["metrics"]
     assert (capped["sequences"], capped["tokens"]) == (2, 128)
@@ -178,6 +179,7 @@ def test_report_tables_and_plots_the_runs(runs, held_out, tmp_path):
         (run / "recipe.json").write_text(json.dumps(recipe))
         evaluate("loss", str(run), "--data", held_out)
         evaluate("long-context", str(run), "--data", held_out, "--threshold", "40", "--buckets", "0", "16", "32", "64")
+    evaluate("ensemble", str(runs[0]), str(runs[1]), "--data", held_out)
     evaluate("loss", str(runs[0]), "--data", held_out, "--max-tokens", "128", "--name", "capped")
     with pytest.raises(InputError, match="several held-out sets"):
         build_report([str(r) for r in runs], tmp_path / "report")
@@ -189,7 +191,14 @@ def test_report_tables_and_plots_the_runs(runs, held_out, tmp_path):
     assert real_row[1:8] == ["real", "—", "1", "0.5", "0.003", "0.1", f"{loss:.4f}"]
     assert stitch_row[1:3] == ["stitch", "2"]
     assert "No data efficiency: a scaling fit over real-only data amounts needs at least 4" in report["markdown"]
-    assert report["plots"] == ["loss_vs_generations.png", "loss_vs_position.png"]
+    from megadoc_megatron.model.gpt import PRESETS, padded_vocab_size, parameter_count
+
+    assert report["runs"][0]["parameters"] == parameter_count(PRESETS["tiny"], padded_vocab_size(8000))
+    assert report["plots"] == ["loss_vs_generations.png", "loss_vs_position.png", "asymptotes.png"]
+    [ensemble] = report["asymptotes"]  # two members: too few for a fit, and the report says so
+    assert ensemble["over"] == "ensemble members" and ensemble["subject"] == report["runs"][0]["name"]
+    assert ensemble["fit"] is None and "at least 4 distinct x values, got 2" in ensemble["note"]
+    assert "## Asymptotes" in report["markdown"]
     assert "<table>" in (tmp_path / "report" / "report.html").read_text()
     for plot in report["plots"]:
         assert (tmp_path / "report" / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -211,6 +220,24 @@ def test_report_fit_and_efficiency_from_the_published_points(tmp_path):
     assert rows[-1][header.index("data efficiency")] == f"{runs[-1].efficiency:.2f}x"
     plots = plot_all(runs, fit, tmp_path)
     assert [name for name, _ in plots] == ["loss_vs_generations.png", "scaling_fit.png"]
+
+
+def test_report_asymptotes_over_ensemble_members_and_model_size(tmp_path):
+    """Points on known laws: the report recovers each asymptote, and says why when it cannot fit."""
+    from megadoc_megatron.evaluate.report import Run, asymptote_rows, asymptotes, plot_all
+
+    sizes = [150e6, 300e6, 600e6, 1.5e9]
+    runs = [Run(f"stitch-{int(n / 1e6)}M", tmp_path, "stitch", 8, 16, 0.75, 3e-3, 0.4, int(200e6),
+                iid_loss=2.0 / (n / 150e6) ** 0.3 + 3.0, parameters=int(n)) for n in sizes]
+    runs[0].ensemble = [{"members": k, "loss": 0.3 / k ** 0.8 + 3.2} for k in range(1, 6)]
+    runs[1].ensemble = [{"members": k, "loss": 3.5 - 0.01 * k} for k in range(1, 3)]
+    found = {(a.over, a.subject): a for a in asymptotes(runs)}
+    assert found["ensemble members", "stitch-150M"].fit.C == pytest.approx(3.2, abs=0.01)
+    assert found["parameters", "stitch G=8"].fit.C == pytest.approx(3.0, abs=0.02)
+    assert "at least 4 distinct x values, got 2" in found["ensemble members", "stitch-300M"].note
+    header, rows = asymptote_rows(list(found.values()))
+    assert header[4] == "asymptote C" and rows[0][4] == f"{found['ensemble members', 'stitch-150M'].fit.C:.4f}"
+    assert [name for name, _ in plot_all(runs, None, tmp_path, list(found.values()))][-1] == "asymptotes.png"
 
 
 # --- downstream (lm-eval) ---

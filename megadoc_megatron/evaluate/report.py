@@ -15,7 +15,7 @@ import html
 import json
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from megadoc_megatron.errors import InputError
@@ -39,6 +39,8 @@ class Run:
     long_context: dict | None = None     # the "long" set of the long-context evaluator
     downstream: dict = field(default_factory=dict)
     efficiency: float | None = None
+    parameters: int | None = None        # of the model, from its preset and vocabulary
+    ensemble: list[dict] | None = None   # [{"members": K, "loss"}] of this run's largest ensemble result
 
 
 def latest_result(run_dir: Path, evaluator: str, name: str | None = None) -> dict | None:
@@ -63,7 +65,8 @@ def load_run(path: Path, eval_name: str | None = None) -> Run:
     iteration = checkpoint.latest_iteration(path)
     if iteration is None:
         raise InputError("not a `megadoc train` checkpoint folder", path, fix="pass checkpoint.dir of each run")
-    config = _checkpoint_config(checkpoint.iteration_dir(path, iteration))
+    common = _checkpoint_common(checkpoint.iteration_dir(path, iteration))
+    config = common["config"]
     plan = _plan(config["data"]["blend"])
     recipe = json.loads((path / "recipe.json").read_text()) if (path / "recipe.json").is_file() else {}
     real_tokens = sum(d["train_tokens"] for d in plan["datasets"] if d["stream"] == "real") if plan else None
@@ -79,13 +82,35 @@ def load_run(path: Path, eval_name: str | None = None) -> Run:
     # results of one `megadoc run` share a name; results made by hand are called lm-eval
     downstream = (eval_name and latest_result(path, "downstream", eval_name)) or latest_result(path, "downstream")
     run.downstream = downstream["metrics"].get("accuracy", {}) if downstream else {}
+    run.parameters = _parameters(config["model"], (common.get("info") or {}).get("vocab_size"))
+    run.ensemble = _largest_ensemble(path, eval_name)
     return run
 
 
-def _checkpoint_config(source: Path) -> dict:
+def _checkpoint_common(source: Path) -> dict:
     from megatron.core import dist_checkpointing
 
-    return dist_checkpointing.load_common_state_dict(str(source))["config"]
+    return dist_checkpointing.load_common_state_dict(str(source))
+
+
+def _parameters(model: dict, vocab_size: int | None) -> int | None:
+    from megadoc_megatron.model.gpt import PRESETS, padded_vocab_size, parameter_count
+
+    if vocab_size is None or model["preset"] not in PRESETS:
+        return None
+    preset = PRESETS[model["preset"]]
+    sizes = {k: v for k, v in (model.get("overrides") or {}).items() if k in preset.__dataclass_fields__}
+    return parameter_count(replace(preset, **sizes), padded_vocab_size(vocab_size))
+
+
+def _largest_ensemble(run_dir: Path, eval_name: str | None) -> list[dict] | None:
+    """The ensemble result (`megadoc eval ensemble`, written beside its first member) with most members."""
+    sizes = {int(p.name.split(".")[0][len("ensemble-"):]) for p in (run_dir / "eval").glob("ensemble-*.iter_*.json")}
+    for size in sorted(sizes, reverse=True):
+        found = latest_result(run_dir, f"ensemble-{size}", eval_name)
+        if found:
+            return found["metrics"]["ensembles"]
+    return None
 
 
 def _plan(blend: str | None) -> dict:
@@ -94,15 +119,49 @@ def _plan(blend: str | None) -> dict:
     return {}
 
 
-def baseline_fit(runs: list[Run]):
-    """The fit of real-only runs over real tokens, or (None, why not)."""
+def _fit(points: list[tuple[float, float]], what: str):
+    """The power-law fit of (x, loss) points, or (None, why not)."""
     from megadoc_megatron.evaluate.fits import fit_power_law
 
-    points = sorted((r.real_tokens, r.iid_loss) for r in runs if r.recipe == "real" and r.iid_loss and r.real_tokens)
+    points = sorted(points)
     try:
-        return fit_power_law([p[0] for p in points], [p[1] for p in points], "real-only data amounts", bootstrap=200), None
+        return fit_power_law([p[0] for p in points], [p[1] for p in points], what, bootstrap=200), None
     except InputError as error:
         return None, error.message
+
+
+def baseline_fit(runs: list[Run]):
+    """The fit of real-only runs over real tokens, or (None, why not)."""
+    return _fit([(r.real_tokens, r.iid_loss) for r in runs if r.recipe == "real" and r.iid_loss and r.real_tokens],
+                "real-only data amounts")
+
+
+@dataclass
+class Asymptote:
+    over: str                 # "ensemble members" or "parameters"
+    subject: str              # the run, or the recipe and G
+    points: list[tuple]       # (x, loss)
+    fit: object               # PowerLaw or None
+    note: str | None          # why there is no fit
+
+
+def asymptotes(runs: list[Run]) -> list[Asymptote]:
+    """L(x) = A / x^B + C over each run's ensemble members, and over model size for each recipe
+    and G trained at several sizes: C is the loss as that kind of compute grows without bound."""
+    found = []
+    for run in runs:
+        if run.ensemble:
+            points = [(e["members"], e["loss"]) for e in run.ensemble]
+            found.append(Asymptote("ensemble members", run.name, points, *_fit(points, f"{run.name}'s ensemble members")))
+    groups: dict[tuple, list] = {}
+    for run in runs:
+        if run.parameters and run.iid_loss is not None:
+            groups.setdefault((run.recipe, run.generations), []).append((run.parameters, run.iid_loss))
+    for (recipe, generations), points in groups.items():
+        if len({p[0] for p in points}) > 1:
+            subject = recipe + (f" G={generations}" if generations else "")
+            found.append(Asymptote("parameters", subject, sorted(points), *_fit(points, f"{subject} model sizes")))
+    return found
 
 
 def _cell(value, spec: str = "g") -> str:
@@ -129,13 +188,54 @@ def table_rows(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def plot_all(runs: list[Run], fit, folder: Path) -> list[tuple[str, str]]:
+def asymptote_rows(found: list[Asymptote]) -> tuple[list[str], list[list[str]]]:
+    header = ["over", "run / recipe", "points", "loss at the largest", "asymptote C", "C p05–p95", "note"]
+    rows = []
+    for item in found:
+        spread = (item.fit.bootstrap or {}).get("C") if item.fit else None
+        rows.append([item.over, item.subject, str(len(item.points)), _cell(item.points[-1][1], ".4f"),
+                     _cell(item.fit.C if item.fit else None, ".4f"),
+                     f"{spread['p05']:.4f}–{spread['p95']:.4f}" if spread else "—", item.note or ""])
+    return header, rows
+
+
+def plot_all(runs: list[Run], fit, folder: Path, found: list[Asymptote] = ()) -> list[tuple[str, str]]:
     """PNG plots: (file name, caption)."""
     import matplotlib
 
     matplotlib.use("Agg")
-    plots = [_plot_generations(runs, folder), _plot_positions(runs, folder), _plot_fit(runs, fit, folder)]
+    plots = [_plot_generations(runs, folder), _plot_positions(runs, folder), _plot_fit(runs, fit, folder),
+             _plot_asymptotes(found, folder)]
     return [p for p in plots if p is not None]
+
+
+def _plot_asymptotes(found: list[Asymptote], folder):
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    kinds = [k for k in ("ensemble members", "parameters") if any(a.over == k for a in found)]
+    if not kinds:
+        return None
+    figure, panels = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4), squeeze=False)
+    for axes, kind in zip(panels[0], kinds):
+        for number, item in enumerate(a for a in found if a.over == kind):
+            color = f"C{number}"
+            xs = [p[0] for p in item.points]
+            axes.scatter(xs, [p[1] for p in item.points], color=color, zorder=3, label=item.subject)
+            if item.fit:
+                grid = np.geomspace(min(xs), max(xs) * 4, 100)
+                axes.plot(grid, item.fit.loss(grid), color=color, linewidth=1)
+                axes.axhline(item.fit.C, color=color, linestyle=":", linewidth=1, label=f"asymptote {item.fit.C:.3f}")
+        axes.set(xscale="log", xlabel=kind, ylabel="i.i.d. loss" if kind == "parameters" else "ensemble loss",
+                 title=f"Loss vs. {kind}")
+        axes.xaxis.set_minor_formatter(NullFormatter())  # minor labels of a log axis overlap
+        if kind == "ensemble members":
+            axes.set_xticks(sorted({p[0] for a in found if a.over == kind for p in a.points}))
+            axes.xaxis.set_major_formatter(ScalarFormatter())
+        axes.legend(fontsize="small")
+    return _save(figure, folder / "asymptotes.png", "L(x) = A / x^B + C over ensemble members and over model size; "
+                                                    "dotted: the asymptote C")
 
 
 def _same_data_real_runs(runs: list[Run]) -> list[Run]:
@@ -225,10 +325,14 @@ def _save(figure, path: Path, caption: str) -> tuple[str, str]:
     return path.name, caption
 
 
-def markdown(header, rows, plots, fit, fit_note) -> str:
-    lines = ["# megadoc report", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    lines += ["", _fit_sentence(fit, fit_note), ""]
+def _markdown_table(header, rows) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *["| " + " | ".join(r) + " |" for r in rows]]
+
+
+def markdown(header, rows, plots, fit, fit_note, asymptote_table=None) -> str:
+    lines = ["# megadoc report", "", *_markdown_table(header, rows), "", _fit_sentence(fit, fit_note), ""]
+    if asymptote_table and asymptote_table[1]:
+        lines += ["## Asymptotes", "", *_markdown_table(*asymptote_table), ""]
     for name, caption in plots:
         lines += [f"![{caption}]({name})", "", f"*{caption}*", ""]
     return "\n".join(lines)
@@ -241,10 +345,16 @@ def _fit_sentence(fit, note) -> str:
             f"runs (rmse {fit.rmse:.2g}); data efficiency = D(recipe loss) / real tokens used.")
 
 
-def html_page(header, rows, plots, fit, fit_note) -> str:
+def _html_table(header, rows) -> str:
     cells = lambda tag, values: "".join(f"<{tag}>{html.escape(v)}</{tag}>" for v in values)  # noqa: E731
-    body = [f"<table><tr>{cells('th', header)}</tr>", *[f"<tr>{cells('td', row)}</tr>" for row in rows], "</table>",
-            f"<p>{html.escape(_fit_sentence(fit, fit_note))}</p>"]
+    return "".join([f"<table><tr>{cells('th', header)}</tr>", *[f"<tr>{cells('td', row)}</tr>" for row in rows],
+                    "</table>"])
+
+
+def html_page(header, rows, plots, fit, fit_note, asymptote_table=None) -> str:
+    body = [_html_table(header, rows), f"<p>{html.escape(_fit_sentence(fit, fit_note))}</p>"]
+    if asymptote_table and asymptote_table[1]:
+        body += ["<h2>Asymptotes</h2>", _html_table(*asymptote_table)]
     body += [f'<figure><img src="{name}"><figcaption>{html.escape(caption)}</figcaption></figure>' for name, caption in plots]
     style = "body{font-family:sans-serif}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px}"
     return f"<!doctype html><html><head><meta charset='utf-8'><title>megadoc report</title><style>{style}</style>" \
@@ -261,12 +371,15 @@ def build_report(run_dirs: list[str], output, eval_name: str | None = None) -> d
     folder = Path(output)
     folder.mkdir(parents=True, exist_ok=True)
     header, rows = table_rows(runs)
-    plots = plot_all(runs, fit, folder)
-    text = markdown(header, rows, plots, fit, note)
+    found = asymptotes(runs)
+    plots = plot_all(runs, fit, folder, found)
+    text = markdown(header, rows, plots, fit, note, asymptote_rows(found))
     write_text_atomic(folder / "report.md", text + "\n")
-    write_text_atomic(folder / "report.html", html_page(header, rows, plots, fit, note))
+    write_text_atomic(folder / "report.html", html_page(header, rows, plots, fit, note, asymptote_rows(found)))
     summary = {"runs": [{k: v for k, v in vars(r).items() if k != "path"} for r in runs],
-               "baseline_fit": fit.as_dict() if fit else None, "baseline_note": note, "plots": [p[0] for p in plots]}
+               "baseline_fit": fit.as_dict() if fit else None, "baseline_note": note, "plots": [p[0] for p in plots],
+               "asymptotes": [{"over": a.over, "subject": a.subject, "points": a.points,
+                               "fit": a.fit.as_dict() if a.fit else None, "note": a.note} for a in found]}
     write_text_atomic(folder / "report.json", json.dumps(summary, indent=2, default=str) + "\n")
     return {"markdown": text, **summary}
 
