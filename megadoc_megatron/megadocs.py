@@ -32,7 +32,7 @@ from megadoc_megatron.records import (GENERATION_KEYS, expand_inputs, is_compres
                                       open_binary, read_record_at, require_fields, write_text_atomic)
 
 KINDS = ("simple", "stitch", "stretch")
-OPERATION_OF_KIND = {"simple": "rephrase", "stitch": "rephrase", "stretch": "rationale"}
+OPERATIONS_OF_KIND = {"simple": ("rephrase", "textbook"), "stitch": ("rephrase",), "stretch": ("rationale",)}
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ def _index_generations(store: RecordStore, paths, kind: str, real: dict,
                        max_generations: int | None = None) -> dict[str, list[Generation]]:
     """Generation records by source document; with `max_generations`, only indices below it. Records
     the quality gates rejected (`reject_reason`, in a synth folder's shard-N.rejected.jsonl) are skipped."""
-    expected = OPERATION_OF_KIND[kind]
+    expected = OPERATIONS_OF_KIND[kind]
     by_source: dict[str, list[Generation]] = defaultdict(list)
     seen: dict[tuple[str, int], str] = {}
     for path in paths:
@@ -104,9 +104,10 @@ def _index_generations(store: RecordStore, paths, kind: str, real: dict,
             require_fields(record, GENERATION_KEYS, path, line, "generation record")
             if "reject_reason" in record:
                 continue
-            if record["operation"] != expected:
-                raise InputError(f"{kind} megadocs are built from {expected} records, this one is a "
-                                 f"{record['operation']!r}", path, line, fix=f"pass the {expected} records of `megadoc synth`")
+            if record["operation"] not in expected:
+                raise InputError(f"{kind} megadocs are built from {' or '.join(expected)} records, this one is a "
+                                 f"{record['operation']!r}", path, line,
+                                 fix=f"pass the {' or '.join(expected)} records of `megadoc synth`")
             if kind == "stretch":
                 require_fields(record, {"split_char": int}, path, line, "rationale record")
             source = record["source_id"]

@@ -217,6 +217,23 @@ def test_long_documents_can_be_chunked(generator, tmp_path):
     assert record["text"].count("\n\n") >= record["source_input"]["parts"] - 1
 
 
+def test_textbook_sections_skip_the_length_gate_and_make_a_simple_stream(generator, tmp_path, capsys):
+    from megadoc_megatron.cli import main
+
+    corpus = write_corpus(tmp_path / "real.jsonl", DOCUMENTS[:2])
+    strict = Gates(min_tokens=1, allow_truncated=True, min_length_ratio=50.0, max_length_ratio=100.0)
+    summary = synthesize(generator, corpus, tmp_path / "out", config("textbook", generations=1, gates=strict))
+    records = all_records(tmp_path / "out")
+    assert summary["accepted"] == 2 and {r["operation"] for r in records} == {"textbook"}
+    assert {r["prompt_version"] for r in records} == {BUILTIN["textbook"].version}
+    assert main(["megadocs", "--kind", "simple", "--original", "none", "--real", str(corpus), "--generations",
+                 str(tmp_path / "out"), "--output", str(tmp_path / "textbook.jsonl")]) == 0
+    assert len((tmp_path / "textbook.jsonl").read_text().splitlines()) == 2
+    assert main(["megadocs", "--kind", "stitch", "--real", str(corpus), "--generations", str(tmp_path / "out"),
+                 "--output", str(tmp_path / "bad.jsonl")]) == 2
+    assert "stitch megadocs are built from rephrase records" in capsys.readouterr().err
+
+
 def test_rationales_sit_at_split_points_and_stretch(generator, tmp_path):
     corpus = write_corpus(tmp_path / "docs.jsonl", DOCUMENTS[:2] + [("tiny", "Hi.")])
     summary = synthesize(generator, corpus, tmp_path / "out", config("rationale", generations=2))

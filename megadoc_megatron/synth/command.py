@@ -9,17 +9,23 @@ import sys
 from pathlib import Path
 
 from megadoc_megatron.errors import InputError
-from megadoc_megatron.synth.prompts import load_catalogue
+from megadoc_megatron.synth.prompts import DEFAULT_STYLE, load_catalogue
 
 # per-operation sampling defaults: the papers' rationales are sampled at temperature 1
-SAMPLING_DEFAULTS = {"rephrase": {"temperature": 0.7, "top_p": 0.9}, "rationale": {"temperature": 1.0, "top_p": 1.0}}
+SAMPLING_DEFAULTS = {"rephrase": {"temperature": 0.7, "top_p": 0.9}, "rationale": {"temperature": 1.0, "top_p": 1.0},
+                     "textbook": {"temperature": 0.7, "top_p": 0.9}}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     operations = parser.add_subparsers(dest="operation", required=True, metavar="OPERATION")
     for operation, help_text in (("rephrase", "G rephrases of each document, styles taking turns"),
-                                 ("rationale", "the reasoning at G split points of each document (for stretching)")):
+                                 ("rationale", "the reasoning at G split points of each document (for stretching)"),
+                                 ("textbook", "G textbook-style sections on the topic of each document (no copying)")):
         _generation_arguments(operations.add_parser(operation, help=help_text, description=help_text), operation)
+    from megadoc_megatron.synth.tune import add_arguments as add_tune_arguments
+
+    tune_help = "tune a generator with GRPO (TRL) on weighted rewards: length, format, faithfulness, quality, influence"
+    add_tune_arguments(operations.add_parser("tune", help=tune_help, description=tune_help))
     styles = operations.add_parser("styles", help="list the prompt catalogue", description="list the prompt catalogue")
     styles.add_argument("--prompts", help="YAML file of your own styles")
     styles.add_argument("--show", metavar="STYLE", help="print the full prompt of one style")
@@ -38,7 +44,7 @@ def _generation_arguments(parser: argparse.ArgumentParser, operation: str) -> No
 
     gen = parser.add_argument_group("generation")
     gen.add_argument("-G", "--generations", type=int, default=4, help="generations per document")
-    gen.add_argument("--styles", nargs="+", help=f"prompt styles (default: {'wikipedia' if operation == 'rephrase' else 'rationale'})")
+    gen.add_argument("--styles", nargs="+", help=f"prompt styles (default: {DEFAULT_STYLE[operation]})")
     gen.add_argument("--prompts", help="YAML file of your own styles (see `megadoc synth styles`)")
     gen.add_argument("--seed", type=int, default=0, help="each generation's seed derives from (seed, document id, index)")
     gen.add_argument("--max-new-tokens", type=int, default=512)
@@ -162,6 +168,10 @@ def list_styles(args) -> None:
 def run(args: argparse.Namespace) -> dict | None:
     if args.operation == "styles":
         return list_styles(args)
+    if args.operation == "tune":
+        from megadoc_megatron.synth.tune import run_tune
+
+        return run_tune(args)
     from megadoc_megatron.synth.backends import load_chat_tokenizer
     from megadoc_megatron.synth.pipeline import run_synthesis
 

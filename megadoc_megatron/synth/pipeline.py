@@ -96,7 +96,7 @@ class Planner:
 
     def pairs(self, source_id: str, text: str) -> list[Pair]:
         starts = token_starts(self.tokenizer, text)
-        if self.config.operation == "rephrase":
+        if self.config.operation in ("rephrase", "textbook"):  # the document (or its head) in one prompt
             return [self._rephrase(source_id, text, starts, index) for index in range(self.config.generations)]
         return self._rationales(source_id, text, starts)
 
@@ -118,7 +118,7 @@ class Planner:
         used = tokens if handling != "truncated" else budget
         return Pair(source_id, index, prompt, seed, requests,
                     {"handling": handling, "document_tokens": tokens, "used_tokens": used, "parts": len(parts)},
-                    input_tokens=used)
+                    input_tokens=used if self.config.operation == "rephrase" else None)  # no length gate on new text
 
     def _rationales(self, source_id, text, starts) -> list[Pair]:
         cuts = split_points(text, starts, self.config.generations + 1)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from megadoc_megatron.errors import InputError
 
-PLACEHOLDERS = {"rephrase": ("{document}",), "rationale": ("{prefix}", "{suffix}")}
+PLACEHOLDERS = {"rephrase": ("{document}",), "rationale": ("{prefix}", "{suffix}"), "textbook": ("{document}",)}
 _PLACEHOLDER = re.compile(r"\{(document|prefix|suffix)\}")
 
 
@@ -70,9 +70,18 @@ _RATIONALE = {
                  "Write the thoughts only, not the continuation itself.",
 }
 
+# Demystifying synthetic data's third data type: new text on the document's topic, not a rewrite of it.
+_TEXTBOOK = {
+    "textbook": "Read the following text to find its topic. Then write a section of a textbook that teaches that "
+                "topic to a student: explain the key ideas step by step, define the terms you use, and give a worked "
+                "example. Write in your own words; do not copy or paraphrase the text. Answer with the section "
+                "only.\n\nText:\n{document}",
+}
+
 BUILTIN = {**{name: Prompt(name, "rephrase", text) for name, text in _REPHRASE.items()},
-           **{name: Prompt(name, "rationale", text) for name, text in _RATIONALE.items()}}
-DEFAULT_STYLE = {"rephrase": "wikipedia", "rationale": "rationale"}
+           **{name: Prompt(name, "rationale", text) for name, text in _RATIONALE.items()},
+           **{name: Prompt(name, "textbook", text) for name, text in _TEXTBOOK.items()}}
+DEFAULT_STYLE = {"rephrase": "wikipedia", "rationale": "rationale", "textbook": "textbook"}
 
 
 def load_catalogue(path: str | None = None) -> dict[str, Prompt]:
