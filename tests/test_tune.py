@@ -33,15 +33,42 @@ def test_rewards_score_what_they_say():
         parse_weights(["speed=1"])
 
 
-def test_grpo_steps_with_every_reward_live_and_the_tuned_generator_loads(tmp_path, blend_json, golden_lines):
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, blend_json):
+    """A tiny pre-training checkpoint (megatron-core, trained here on real text)."""
+    tmp = tmp_path_factory.mktemp("pretrain")
+    run_training(write_config(tmp, blend_json, tmp / "ckpt"))
+    return tmp / "ckpt"
+
+
+def test_influence_reward_scores_text_and_puts_the_weights_back(checkpoint, golden_lines):
+    import torch
+
+    from megadoc_megatron.evaluate.losses import evaluation_process_group
+    from megadoc_megatron.synth.rewards import InfluenceReward
+    from megadoc_megatron.train.distributed import shutdown
+
+    device = evaluation_process_group()
+    try:
+        reference = [json.loads(line)["text"] for line in golden_lines[50:56]]
+        reward = InfluenceReward(1, str(checkpoint), reference, device, steps=2, lr=1e-2)
+        before = [p.detach().clone() for p in reward.loaded.model.parameters()]
+        on_topic, noise = reward.gain(reference[0]), reward.gain("zq " * 40)
+        assert all(torch.equal(a, b) for a, b in zip(before, reward.loaded.model.parameters()))
+        assert on_topic > noise and math.isfinite(noise)  # held-out-like text helps more than noise
+        assert reward(None, ["zq " * 40], [reference[0]]) == [pytest.approx(noise - on_topic)]
+    finally:
+        shutdown()
+
+
+def test_grpo_steps_with_every_reward_live_and_the_tuned_generator_loads(tmp_path, checkpoint, golden_lines):
     from megadoc_megatron.synth.backends import HFBackend, Request, Sampling
 
-    run_training(write_config(tmp_path, blend_json, tmp_path / "ckpt"))
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"id": str(i), "text": t}) + "\n"
                                                  for i, t in enumerate(DOCUMENTS)))
     (tmp_path / "reference.jsonl").write_text(b"".join(golden_lines[50:56]).decode())
     assert main(["synth", "tune", "--input", str(tmp_path / "docs.jsonl"), "--output", str(tmp_path / "tuned"),
-                 "--checkpoint", str(tmp_path / "ckpt"), "--reference", str(tmp_path / "reference.jsonl"),
+                 "--checkpoint", str(checkpoint), "--reference", str(tmp_path / "reference.jsonl"),
                  "--steps", "2", "--num-generations", "2", "--max-new-tokens", "16", "--floor-chars", "10",
                  "--learning-rate", "1e-5"]) == 0
     logged = [json.loads(line) for line in (tmp_path / "tuned" / "rewards.jsonl").read_text().splitlines()]
@@ -50,7 +77,7 @@ def test_grpo_steps_with_every_reward_live_and_the_tuned_generator_loads(tmp_pat
         for name in REWARDS:
             assert math.isfinite(entry[f"rewards/{name}/mean"]), (name, entry)
     record = json.loads((tmp_path / "tuned" / "tune.json").read_text())
-    assert record["weights"] == {name: 1.0 for name in REWARDS} and record["checkpoint"] == str(tmp_path / "ckpt")
+    assert record["weights"] == {name: 1.0 for name in REWARDS} and record["checkpoint"] == str(checkpoint)
     backend = HFBackend(str(tmp_path / "tuned"), batch_size=1)
     [completion] = backend.generate([Request([{"role": "user", "content": "Name a river."}], 0)], Sampling(0.7, 0.9, 8))
     assert completion.completion_tokens > 0

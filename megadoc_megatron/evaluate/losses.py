@@ -88,11 +88,11 @@ def check_dataset(dataset: IndexedDatasetView, loaded: LoadedModel) -> None:
                          dataset.prefix, fix="convert the held-out documents with the training tokenizer")
 
 
-def token_losses(model, tokens: torch.Tensor) -> torch.Tensor:
+def token_losses(model, tokens: torch.Tensor, grad: bool = False) -> torch.Tensor:
     """Per-token loss [batch, length - 1] of predicting tokens[:, 1:] from tokens[:, :-1]."""
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
     positions = torch.arange(inputs.shape[1], device=tokens.device).unsqueeze(0).expand_as(inputs)
-    with torch.no_grad():
+    with torch.set_grad_enabled(grad):
         return model(inputs, positions, None, labels=labels).float()
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from megadoc_megatron.errors import InputError
+from megadoc_megatron.evaluate.losses import token_losses
 from megadoc_megatron.synth.gates import repeated_ngram_fraction
 
 SELF_TALK = re.compile(r"^\s*(here is|here's|sure|certainly|i have|below is)\b", re.IGNORECASE)
@@ -141,14 +142,8 @@ class InfluenceReward(Reward):
     def _tokens(self, text: str) -> np.ndarray:
         return np.asarray(self.tokenizer.encode_batch([text])[0] + [self.tokenizer.eod], dtype=np.int64)
 
-    def _loss(self, model, tokens: torch.Tensor) -> torch.Tensor:
-        inputs, labels = tokens[:, :-1], tokens[:, 1:]
-        positions = torch.arange(inputs.shape[1], device=tokens.device).unsqueeze(0).expand_as(inputs)
-        return model(inputs, positions, None, labels=labels).float().mean()
-
     def _reference_loss(self, model) -> float:
-        with torch.no_grad():
-            return float(self._loss(model, self.reference))
+        return float(token_losses(model, self.reference).mean())
 
     def gain(self, text: str) -> float:
         """Reference loss before minus after `steps` SGD steps on the text; the weights are put back."""
@@ -162,7 +157,7 @@ class InfluenceReward(Reward):
             model.train()
             for _ in range(self.steps):
                 optimizer.zero_grad()
-                self._loss(model, tokens).backward()
+                token_losses(model, tokens, grad=True).mean().backward()
                 optimizer.step()
             return self.base_loss - self._reference_loss(model.eval())
         finally:
