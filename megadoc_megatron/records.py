@@ -10,6 +10,7 @@ import glob
 import gzip
 import io
 import json
+import math
 import os
 from pathlib import Path
 from typing import BinaryIO, Iterator
@@ -30,6 +31,21 @@ def write_text_atomic(path, text: str) -> None:
 
 def is_compressed(path) -> bool:
     return str(path).endswith(COMPRESSED_SUFFIXES)
+
+
+def update_digest(digest, path, whole_up_to: float = math.inf) -> None:
+    """Feed a file to a hash: its size, then its whole content if it holds at most `whole_up_to`
+    bytes, else its first and last MiB (cheap for the large files a content key can skip)."""
+    size = Path(path).stat().st_size
+    digest.update(f"{size}\0".encode())
+    with open(path, "rb") as stream:
+        if size <= whole_up_to:
+            for block in iter(lambda: stream.read(1 << 24), b""):
+                digest.update(block)
+        else:
+            digest.update(stream.read(1 << 20))
+            stream.seek(max(0, size - (1 << 20)))
+            digest.update(stream.read(1 << 20))
 
 
 def expand_inputs(inputs: list[str]) -> list[Path]:

@@ -20,6 +20,13 @@ DOCUMENTS = ["The Danube is the second-longest river in Europe. It flows east fr
              "Honey bees live in colonies with one queen. Workers tell each other where flowers are with a dance."]
 
 
+def test_tune_refuses_an_existing_output_before_loading_anything(tmp_path, capsys):
+    (tmp_path / "docs.jsonl").write_text(json.dumps({"id": "a", "text": DOCUMENTS[0]}) + "\n")
+    (tmp_path / "tuned").mkdir()
+    assert main(["synth", "tune", "--input", str(tmp_path / "docs.jsonl"), "--output", str(tmp_path / "tuned")]) == 2
+    assert "the output folder exists" in capsys.readouterr().err and not any((tmp_path / "tuned").iterdir())
+
+
 def test_rewards_score_what_they_say():
     length, reformat, rephrase = LengthReward(5, 1.25), FormatReward(5, "reformat"), FormatReward(5, "rephrase")
     source = "x" * 100
@@ -29,6 +36,11 @@ def test_rewards_score_what_they_say():
     repeated = " ".join(["the river flows east"] * 10)
     quality = QualityReward(5)(None, [repeated, DOCUMENTS[0]], [DOCUMENTS[0]] * 2)
     assert quality[0] < quality[1] == 0.0  # the gain over the source
+    class Exploding(LengthReward):
+        def score(self, output, source):
+            assert len(output) >= 5, "the floor must be applied before scoring"
+            return 0.5
+    assert Exploding(5)(None, ["long enough", "x"], [source] * 2) == [0.5, 0.0]
     with pytest.raises(InputError, match="NAME=WEIGHT"):
         parse_weights(["speed=1"])
 
@@ -78,6 +90,7 @@ def test_grpo_steps_with_every_reward_live_and_the_tuned_generator_loads(tmp_pat
             assert math.isfinite(entry[f"rewards/{name}/mean"]), (name, entry)
     record = json.loads((tmp_path / "tuned" / "tune.json").read_text())
     assert record["weights"] == {name: 1.0 for name in REWARDS} and record["checkpoint"] == str(checkpoint)
+    assert not (tmp_path / ".tuned.partial").exists() and not (tmp_path / "tuned" / "trainer").exists()
     backend = HFBackend(str(tmp_path / "tuned"), batch_size=1)
     [completion] = backend.generate([Request([{"role": "user", "content": "Name a river."}], 0)], Sampling(0.7, 0.9, 8))
     assert completion.completion_tokens > 0

@@ -29,7 +29,7 @@ import numpy as np
 from megadoc_megatron.data.indexed import dataset_paths, read_index
 from megadoc_megatron.data.preprocess import metadata_path
 from megadoc_megatron.errors import InputError
-from megadoc_megatron.records import write_text_atomic
+from megadoc_megatron.records import update_digest, write_text_atomic
 
 MEGATRON_SURPLUS = 0.005  # megatron-core's default mid_level_dataset_surplus
 FINAL_EPOCH_THRESHOLD = 0.8  # GPTDataset shuffles a final epoch used for less than this apart
@@ -71,15 +71,8 @@ def content_fingerprint(prefix) -> str:
     """Hash of the whole `.idx`, the `.bin` size and its first and last MiB."""
     bin_path, idx_path = dataset_paths(prefix)
     digest = hashlib.sha256()
-    with open(idx_path, "rb") as index:
-        for block in iter(lambda: index.read(1 << 24), b""):
-            digest.update(block)
-    size = bin_path.stat().st_size
-    digest.update(str(size).encode())
-    with open(bin_path, "rb") as stream:
-        digest.update(stream.read(1 << 20))
-        stream.seek(max(0, size - (1 << 20)))
-        digest.update(stream.read(1 << 20))
+    update_digest(digest, idx_path)
+    update_digest(digest, bin_path, whole_up_to=0)
     return digest.hexdigest()[:16]
 
 

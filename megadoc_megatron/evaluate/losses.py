@@ -105,13 +105,19 @@ def packed_sequences(dataset: IndexedDatasetView, seq_length: int, max_tokens: i
         held += len(pieces[-1])
         if wanted and held >= wanted:
             break
-    stream = np.concatenate(pieces).astype(np.int64)
+    return pack(np.concatenate(pieces), seq_length, wanted // seq_length if wanted else None, dataset.prefix)
+
+
+def pack(stream: np.ndarray, seq_length: int, max_sequences: int | None, source,
+         fix: str = "evaluate on more held-out documents") -> np.ndarray:
+    """[n, seq_length + 1] samples of a token stream, consecutive ones sharing a token (as GPTDataset)."""
+    stream = np.asarray(stream, dtype=np.int64)
     count = (len(stream) - 1) // seq_length
-    if wanted:
-        count = min(count, wanted // seq_length)
+    if max_sequences:
+        count = min(count, max_sequences)
     if count < 1:
-        raise InputError(f"{dataset.prefix} holds {len(stream)} tokens, fewer than one sequence of {seq_length + 1}",
-                         dataset.prefix, fix="evaluate on more held-out documents")
+        raise InputError(f"{source} holds {len(stream)} tokens, fewer than one sequence of {seq_length + 1}",
+                         source, fix=fix)
     return np.stack([stream[i * seq_length:(i + 1) * seq_length + 1] for i in range(count)])
 
 

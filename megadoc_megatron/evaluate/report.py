@@ -373,9 +373,10 @@ def build_report(run_dirs: list[str], output, eval_name: str | None = None) -> d
     header, rows = table_rows(runs)
     found = asymptotes(runs)
     plots = plot_all(runs, fit, folder, found)
-    text = markdown(header, rows, plots, fit, note, asymptote_rows(found))
+    asymptote_table = asymptote_rows(found)
+    text = markdown(header, rows, plots, fit, note, asymptote_table)
     write_text_atomic(folder / "report.md", text + "\n")
-    write_text_atomic(folder / "report.html", html_page(header, rows, plots, fit, note, asymptote_rows(found)))
+    write_text_atomic(folder / "report.html", html_page(header, rows, plots, fit, note, asymptote_table))
     summary = {"runs": [{k: v for k, v in vars(r).items() if k != "path"} for r in runs],
                "baseline_fit": fit.as_dict() if fit else None, "baseline_note": note, "plots": [p[0] for p in plots],
                "asymptotes": [{"over": a.over, "subject": a.subject, "points": a.points,

@@ -124,9 +124,9 @@ def check_recipe(recipe: Recipe, where: str, path) -> Recipe:
     return recipe
 
 
-def load_experiment(path, overrides: list[str] = (), recipes: list[dict] | None = None) -> Experiment:
+def load_experiment(path, overrides: list[str] = ()) -> Experiment:
     """Read and check an experiment config with `section.field=value` overrides (paths in them relative
-    to the working directory); `recipes` replaces its recipes (as `megadoc sweep` does)."""
+    to the working directory)."""
     path = Path(path).resolve()
     values = read_yaml(path, "a YAML experiment config (see examples/tiny_cpu/experiment.yaml)")
     extra = parse_overrides(list(overrides))
@@ -148,7 +148,7 @@ def load_experiment(path, overrides: list[str] = (), recipes: list[dict] | None 
     for section, name in [("data", "blend"), ("checkpoint", "dir")]:
         if name in (experiment.train.get(section) or {}):
             raise InputError(f"train.{section}.{name} is set by megadoc run", path, fix=f"remove {section}.{name}")
-    entries = experiment.recipes if recipes is None else recipes
+    entries = experiment.recipes
     if not isinstance(entries, list) or not entries:
         raise InputError("recipes: give a list of at least one recipe", path,
                          fix="e.g. `recipes: [{name: real, kind: real, epochs: 4}]`")

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megadoc_megatron.errors import InputError
-from megadoc_megatron.records import write_text_atomic
+from megadoc_megatron.records import update_digest, write_text_atomic
 
 OUT = "{out}"  # the stage's own folder, in command lines and files
 WHOLE_FILE_LIMIT = 64 << 20
@@ -44,16 +44,8 @@ def fingerprint(path) -> str:
     digest = hashlib.sha256()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for file in files:
-        size = file.stat().st_size
-        digest.update(f"{file.relative_to(path) if path.is_dir() else ''}\0{size}\0".encode())
-        with open(file, "rb") as stream:
-            if size <= WHOLE_FILE_LIMIT:
-                for block in iter(lambda: stream.read(1 << 24), b""):
-                    digest.update(block)
-            else:
-                digest.update(stream.read(1 << 20))
-                stream.seek(size - (1 << 20))
-                digest.update(stream.read(1 << 20))
+        digest.update(f"{file.relative_to(path) if path.is_dir() else ''}\0".encode())
+        update_digest(digest, file, WHOLE_FILE_LIMIT)
     return digest.hexdigest()
 
 

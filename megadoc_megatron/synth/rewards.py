@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from megadoc_megatron.errors import InputError
-from megadoc_megatron.evaluate.losses import token_losses
+from megadoc_megatron.evaluate.losses import load_model, pack, token_losses
 from megadoc_megatron.synth.gates import repeated_ngram_fraction
 
 SELF_TALK = re.compile(r"^\s*(here is|here's|sure|certainly|i have|below is)\b", re.IGNORECASE)
@@ -42,8 +42,11 @@ class Reward:
 
     def __call__(self, prompts, completions, source, **_) -> list[float]:
         texts = [c if isinstance(c, str) else c[-1]["content"] for c in completions]
-        scores = self.score_batch(texts, list(source))
-        return [0.0 if len(t.strip()) < self.floor_chars else float(s) for t, s in zip(texts, scores)]
+        kept = [i for i, text in enumerate(texts) if len(text.strip()) >= self.floor_chars]  # only these are scored
+        rewards = [0.0] * len(texts)
+        for i, score in zip(kept, self.score_batch([texts[i] for i in kept], [source[i] for i in kept])):
+            rewards[i] = float(score)
+        return rewards
 
     def score_batch(self, outputs: list[str], sources: list[str]) -> list[float]:
         return [self.score(o, s) for o, s in zip(outputs, sources)]
@@ -122,20 +125,14 @@ class InfluenceReward(Reward):
     def __init__(self, floor_chars: int, checkpoint: str, reference: list[str], device, steps: int = 2,
                  lr: float = 1e-3, max_reference_sequences: int = 8):
         from megadoc_megatron.data.tokenizer import load_tokenizer
-        from megadoc_megatron.evaluate.losses import load_model
 
         super().__init__("influence", floor_chars)
         self.loaded = load_model(checkpoint, None, device)
         self.tokenizer = load_tokenizer(self.loaded.tokenizer["type"], self.loaded.tokenizer["model"])
         self.device, self.steps, self.lr = device, steps, lr
-        length = self.loaded.seq_length
-        stream = np.concatenate([self._tokens(t) for t in reference])
-        count = min(max_reference_sequences, (len(stream) - 1) // length)
-        if count < 1:
-            raise InputError(f"the reference set holds {len(stream)} tokens, fewer than one sequence of {length + 1}",
-                             fix="give more reference documents")
-        self.reference = torch.as_tensor(np.stack([stream[i * length:(i + 1) * length + 1] for i in range(count)]),
-                                         device=device)
+        stream = [t for ids in self.tokenizer.encode_batch(reference) for t in (*ids, self.tokenizer.eod)]
+        self.reference = torch.as_tensor(pack(stream, self.loaded.seq_length, max_reference_sequences,
+                                              "the reference set", fix="give more reference documents"), device=device)
         self.base_loss = self._reference_loss(self.loaded.model)
         self._source_gain: dict[str, float] = {}
 

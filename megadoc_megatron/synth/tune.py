@@ -10,7 +10,10 @@ the settings, the base model and the pre-training checkpoint the influence rewar
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -83,10 +86,10 @@ def build_rewards(args, weights: dict[str, float], device):
     return [makers[name]() for name in weights]
 
 
-def _documents(inputs, args):
+def _documents(inputs, args, limit: int | None = None):
     from megadoc_megatron.synth.pipeline import read_documents
 
-    return list(read_documents(expand_inputs(inputs), args.id_key, args.text_key))
+    return list(itertools.islice(read_documents(expand_inputs(inputs), args.id_key, args.text_key), limit))
 
 
 def prompt_dataset(args, tokenizer):
@@ -99,7 +102,7 @@ def prompt_dataset(args, tokenizer):
     if style not in catalogue or catalogue[style].operation != "rephrase":
         raise InputError(f"no rephrase style named {style!r}", fix="see `megadoc synth styles`")
     rows = []
-    for _, text in _documents(args.input, args)[:args.max_documents]:
+    for _, text in _documents(args.input, args, args.max_documents):
         source = text[:args.max_source_chars]
         messages = catalogue[style].render(document=source)
         rows.append({"prompt": tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
@@ -120,12 +123,17 @@ def run_tune(args: argparse.Namespace) -> dict:
     weights = parse_weights(args.weights)
     if not weights:
         raise InputError("every reward weight is 0", fix="give at least one NAME=WEIGHT above 0")
+    output = Path(args.output)
+    if output.exists():
+        raise InputError("the output folder exists", output, fix="give a new --output (a tuned generator is never overwritten)")
+    # Everything is written here and renamed at the end: `--model OUTPUT` never finds half a generator.
+    staging = output.with_name(f".{output.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
     model = args.model or str(default_model_dir())
     tokenizer = load_chat_tokenizer(model)
     tokenizer.padding_side = "left"
     dataset, prompt = prompt_dataset(args, tokenizer)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    output = Path(args.output)
     if "influence" in weights:
         from megadoc_megatron.evaluate.losses import evaluation_process_group
 
@@ -133,7 +141,7 @@ def run_tune(args: argparse.Namespace) -> dict:
     try:
         reward_functions = build_rewards(args, weights, device)
         config = GRPOConfig(
-            output_dir=str(output / "trainer"), max_steps=args.steps, per_device_train_batch_size=args.num_generations,
+            output_dir=str(staging / "trainer"), max_steps=args.steps, per_device_train_batch_size=args.num_generations,
             num_generations=args.num_generations, max_completion_length=args.max_new_tokens,
             temperature=args.temperature, learning_rate=args.learning_rate, beta=args.beta,
             reward_weights=list(weights.values()), logging_steps=1, report_to=[], save_strategy="no",
@@ -145,15 +153,17 @@ def run_tune(args: argparse.Namespace) -> dict:
     finally:
         if "influence" in weights:
             shutdown()
-    trainer.save_model(str(output))
-    tokenizer.save_pretrained(str(output))
+    trainer.save_model(str(staging))
+    tokenizer.save_pretrained(str(staging))
+    shutil.rmtree(staging / "trainer", ignore_errors=True)
     history = [entry for entry in trainer.state.log_history if any(k.startswith("rewards/") for k in entry)]
-    write_text_atomic(output / "rewards.jsonl", "".join(json.dumps(entry) + "\n" for entry in history))
+    write_text_atomic(staging / "rewards.jsonl", "".join(json.dumps(entry) + "\n" for entry in history))
     record = {"base_model": args.model or DEFAULT_MODEL, "operation": args.tuned_operation, "style": prompt.style,
               "prompt_version": prompt.version, "weights": weights, "checkpoint": args.checkpoint,
               "reference": args.reference, "steps": args.steps, "num_generations": args.num_generations,
               "max_new_tokens": args.max_new_tokens, "learning_rate": args.learning_rate, "beta": args.beta,
               "floor_chars": args.floor_chars, "seconds": round(time.time() - start, 1),
               "final_rewards": {k: v for k, v in history[-1].items() if k.startswith("rewards/")} if history else {}}
-    write_text_atomic(output / "tune.json", json.dumps(record, indent=2) + "\n")
+    write_text_atomic(staging / "tune.json", json.dumps(record, indent=2) + "\n")
+    os.replace(staging, output)
     return record
