@@ -108,6 +108,36 @@ def test_an_interrupted_save_is_not_the_latest(reference, tmp_path):
     assert read_metrics(target)[ITERS]["loss"] == expected[ITERS]["loss"]
 
 
+def test_patience_stops_on_a_plateau_and_a_rerun_stays_stopped(tmp_path, blend_json):
+    """lr 0: the validation loss never improves, so patience 2 stops after the third validation."""
+    config = write_config(tmp_path, blend_json, tmp_path / "ckpt", optimizer={"lr": 0.0, "min_lr": 0.0},
+                          logging={"eval_interval": 1}, checkpoint={"save_interval": 0})
+    result = run_training(config, overrides=["patience=2"])
+    assert (result["stopped"], result["iterations"]) == ("plateau", 3)
+    assert checkpoint.latest_iteration(tmp_path / "ckpt") == 3  # saved where it stopped
+    again = run_training(config, overrides=["patience=2"])
+    assert (again["stopped"], again["iterations"]) == ("plateau", 3)
+    assert max(read_metrics(tmp_path / "ckpt")) == 3
+    with pytest.raises(InputError, match="needs validation during training"):
+        load_config(config, ["patience=2", "logging.eval_interval=0"])
+
+
+def test_init_from_starts_a_new_run_from_another_runs_weights(reference, tmp_path):
+    from megatron.core import dist_checkpointing
+
+    config, source, expected = reference
+    result = run_training(config, overrides=[f"checkpoint.dir={tmp_path / 'next'}", f"checkpoint.init_from={source}",
+                                             "train_iters=3"])
+    assert result["stopped"] == "end"
+    continued = read_metrics(tmp_path / "next")
+    assert sorted(continued) == [1, 2, 3] and continued[1]["lr"] == 0.0  # a fresh schedule, from the first sample
+    assert continued[1]["loss"] < expected[1]["loss"] - 0.3  # but trained weights
+    common = dist_checkpointing.load_common_state_dict(str(checkpoint.iteration_dir(tmp_path / "next", 3)))
+    assert common["info"]["init_from"] == {"dir": str(source.resolve()), "iteration": ITERS}
+    with pytest.raises(InputError, match="holds no checkpoint"):
+        run_training(config, overrides=[f"checkpoint.dir={tmp_path / 'other'}", f"checkpoint.init_from={tmp_path}"])
+
+
 def test_config_errors_name_the_field(tmp_path, blend_json):
     config = write_config(tmp_path, blend_json, tmp_path / "ckpt")
     with pytest.raises(InputError, match="unknown config field 'optimizer.lrr'"):

@@ -102,7 +102,8 @@ def _model_keys(chunks: list) -> list[str]:
 def _sharded_state(engine, scheduler, is_loading: bool, rng: dict | None) -> dict:
     state = {key: chunk.sharded_state_dict() for key, chunk in zip(_model_keys(engine.chunks), engine.chunks)}
     state["optimizer"] = engine.optimizer.sharded_state_dict(dict(state), is_loading=is_loading)
-    state["scheduler"] = scheduler.state_dict()
+    if scheduler is not None:
+        state["scheduler"] = scheduler.state_dict()
     if rng is not None or is_loading:
         state["rng_state"] = _sharded_rng(rng)
     return state
@@ -132,7 +133,8 @@ def save(root, iteration: int, consumed_samples: int, engine, scheduler, config:
 
 def load(root, engine, scheduler) -> tuple[int, int, str]:
     """Restore the latest complete checkpoint in root: (iteration, consumed samples, a note);
-    (0, 0, note) when there is none."""
+    (0, 0, note) when there is none. With scheduler None only the weights and the optimizer state
+    are restored (a new run starting from another run's checkpoint)."""
     from megatron.core import dist_checkpointing
 
     iteration = latest_iteration(root)
@@ -140,18 +142,19 @@ def load(root, engine, scheduler) -> tuple[int, int, str]:
         return 0, 0, f"no checkpoint in {root}: starting from scratch"
     source = iteration_dir(root, iteration)
     common = dist_checkpointing.load_common_state_dict(str(source))
-    same_layout = common["layout"] == layout()
+    restore_rng = scheduler is not None and common["layout"] == layout()  # RNG states belong to ranks
     state = _sharded_state(engine, scheduler, is_loading=True, rng=None)
-    if not same_layout:  # RNG states belong to ranks; another layout starts its own
+    if not restore_rng:
         del state["rng_state"]
     loaded = dist_checkpointing.load(state, str(source))
     for key, chunk in zip(_model_keys(engine.chunks), engine.chunks):
         chunk.load_state_dict(loaded[key])
     engine.optimizer.load_state_dict(loaded["optimizer"])
-    scheduler.load_state_dict(loaded["scheduler"])
-    if same_layout:
+    if scheduler is not None:
+        scheduler.load_state_dict(loaded["scheduler"])
+    if restore_rng:
         _restore_rng(loaded["rng_state"])
     note = f"resumed from {source} (iteration {iteration}, {common['consumed_samples']:,} samples consumed)"
-    if not same_layout:
+    if scheduler is not None and not restore_rng:
         note += f"; layout {common['layout']} -> {layout()}: RNG states start afresh"
     return iteration, common["consumed_samples"], note

@@ -73,6 +73,8 @@ class CheckpointConfig:
     dir: str = ""                        # empty: no checkpoints
     save_interval: int = 0               # iterations; 0: only at the end
     load: bool = True                    # resume from the latest complete checkpoint in dir
+    init_from: str = ""                  # while dir holds none: start from the latest checkpoint here (weights and
+                                         # optimizer state; iterations, data and learning-rate schedule start afresh)
 
 
 @dataclass
@@ -96,6 +98,7 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     seed: int = 1234
     train_iters: int | None = None       # None: the blend's iterations (exact epochs); fewer for a short run
+    patience: int = 0                    # stop once this many validations in a row found no new best loss (0: never)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -162,7 +165,7 @@ def merge_dicts(base: dict, extra: dict) -> dict:
     return merged
 
 
-PATH_FIELDS = (("data", "blend"), ("checkpoint", "dir"), ("logging", "tensorboard_dir"))
+PATH_FIELDS = (("data", "blend"), ("checkpoint", "dir"), ("checkpoint", "init_from"), ("logging", "tensorboard_dir"))
 
 
 def _resolve_paths(values: dict, base: Path) -> dict:
@@ -206,4 +209,7 @@ def load_config(path, overrides: list[str] = ()) -> TrainConfig:
                              fix=f"pip install {package}, or unset logging.{name}")
     if not config.data.blend:
         raise InputError("data.blend is not set", path, fix="point it at the blend.json written by `megadoc blend`")
+    if config.patience and not config.logging.eval_interval:
+        raise InputError(f"patience {config.patience} needs validation during training", path,
+                         fix="set logging.eval_interval (iterations between validations)")
     return config

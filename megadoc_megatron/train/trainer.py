@@ -110,6 +110,20 @@ def reduce_loss(reports: list[dict], device: torch.device) -> float:
     return loss.item()
 
 
+def plateaued(losses: list[float], patience: int) -> bool:
+    """Whether none of the last `patience` validation losses beat the best one before them."""
+    return 0 < patience < len(losses) and min(losses[-patience:]) >= min(losses[:-patience])
+
+
+def validation_history(checkpoint_dir: str, up_to: int) -> list[float]:
+    """The validation losses a resumed run had logged (metrics.jsonl beside the checkpoints)."""
+    path = Path(checkpoint_dir) / "metrics.jsonl" if checkpoint_dir and up_to else None
+    if path is None or not path.is_file():
+        return []
+    rows = (json.loads(line) for line in path.read_text().splitlines())
+    return [row["valid_loss"] for row in rows if "valid_loss" in row and row["iteration"] <= up_to]
+
+
 class Trainer:
     def __init__(self, config: TrainConfig, device: torch.device):
         from megatron.core import parallel_state
@@ -184,19 +198,40 @@ class Trainer:
                 losses.append(reduce_loss(self.run_schedule(batches, forward_only=True), self.device))
         return float(np.mean(losses))
 
+    def start(self) -> tuple[int, int, str]:
+        """(iteration, consumed samples, a note): resume from checkpoint.dir, else start from
+        checkpoint.init_from's weights and optimizer state, else from scratch."""
+        settings = self.config.checkpoint
+        start, consumed, note = 0, 0, "checkpoint.dir is empty: no checkpoints"
+        if settings.dir and settings.load:
+            start, consumed, note = checkpoint.load(settings.dir, self.engine, self.scheduler)
+        if start == 0 and settings.init_from:
+            if checkpoint.latest_iteration(settings.init_from) is None:
+                raise InputError("checkpoint.init_from holds no checkpoint", settings.init_from,
+                                 fix="point it at a checkpoint.dir of a finished run")
+            iteration, _, _ = checkpoint.load(settings.init_from, self.engine, scheduler=None)
+            self.scheduler.step(increment=0)  # the loaded optimizer state carries the old run's learning rate
+            self.info["init_from"] = {"dir": str(Path(settings.init_from).resolve()), "iteration": iteration}
+            note = (f"started from {settings.init_from} (iteration {iteration}): its weights and optimizer state; "
+                    "iterations, data and learning-rate schedule start afresh")
+        return start, consumed, note
+
     def train(self) -> dict:
         config, rank0 = self.config, dist.get_rank() == 0
-        start, consumed, note = 0, 0, "checkpoint.dir is empty: no checkpoints"
-        if config.checkpoint.dir and config.checkpoint.load:
-            start, consumed, note = checkpoint.load(config.checkpoint.dir, self.engine, self.scheduler)
+        start, consumed, note = self.start()
         train, valid = self.datasets()
         batches = self.batches(train, consumed, self.train_iters * self.global_batch, config.data.num_workers)
+        validations = validation_history(config.checkpoint.dir, start)  # read before rank 0 cuts the file
+        dist.barrier()
         logger = StepLogger(config.logging, self._metrics_file(start), self.train_iters, start, config.to_dict()) \
             if rank0 else None
         if rank0:
             print(f"{note}\n{self.describe()}", flush=True)
         last_loss, window_seconds, window_iters = None, 0.0, 0
-        for iteration in range(start + 1, self.train_iters + 1):
+        iteration = start
+        stopped = "plateau" if plateaued(validations, config.patience) else "end"
+        while stopped == "end" and iteration < self.train_iters:
+            iteration += 1
             step_start = time.perf_counter()
             last_loss, lr, grad_norm, updated = self.train_step(batches)
             consumed += self.global_batch
@@ -205,18 +240,29 @@ class Trainer:
                 if rank0:
                     logger.log(self._row(iteration, last_loss, lr, grad_norm, not updated, window_seconds / window_iters))
                 window_seconds, window_iters = 0.0, 0
-            if config.checkpoint.dir and (iteration == self.train_iters or config.checkpoint.save_interval
-                                          and iteration % config.checkpoint.save_interval == 0):
-                checkpoint.save(config.checkpoint.dir, iteration, consumed, self.engine, self.scheduler,
-                                config.to_dict(), self.info)
+            saved = config.checkpoint.dir and (iteration == self.train_iters or config.checkpoint.save_interval
+                                               and iteration % config.checkpoint.save_interval == 0)
+            if saved:
+                self.save(iteration, consumed)
             if valid is not None and (iteration == self.train_iters or config.logging.eval_interval
                                       and iteration % config.logging.eval_interval == 0):
-                valid_loss = self.validation_loss(valid)
+                validations.append(self.validation_loss(valid))
                 if rank0:
-                    logger.log({"iteration": iteration, "valid_loss": valid_loss})
+                    logger.log({"iteration": iteration, "valid_loss": validations[-1]})
+                if plateaued(validations, config.patience):
+                    stopped = "plateau"
+                    if config.checkpoint.dir and not saved:
+                        self.save(iteration, consumed)
         if rank0:
+            if stopped == "plateau":
+                print(f"stopped at iteration {iteration}: the validation loss has not improved on "
+                      f"{min(validations):.4f} in {config.patience} validations (patience)", flush=True)
             logger.close()
-        return {"iterations": self.train_iters, "final_loss": last_loss, "consumed_samples": consumed}
+        return {"iterations": iteration, "final_loss": last_loss, "consumed_samples": consumed, "stopped": stopped}
+
+    def save(self, iteration: int, consumed: int) -> None:
+        checkpoint.save(self.config.checkpoint.dir, iteration, consumed, self.engine, self.scheduler,
+                        self.config.to_dict(), self.info)
 
     def _row(self, iteration, loss, lr, grad_norm, skipped, seconds_per_iteration) -> dict:
         tflops = self.flops_per_iteration / seconds_per_iteration / dist.get_world_size() / 1e12
