@@ -3,6 +3,7 @@
 setting reruns only what depends on it, a killed run resumes."""
 
 import json
+import math
 import os
 import re
 import signal
@@ -50,10 +51,18 @@ def stage_folders(path) -> dict[str, str]:
 @pytest.mark.parametrize("change,message", [
     (lambda c: c.update(colour="red"), "unknown config field 'colour'"),
     (lambda c: c["corpus"].pop("heldout"), "corpus.heldout is not set"),
-    (lambda c: c["recipes"].append({"name": "x", "kind": "stitch", "synthetic_weight": 0.5}), "needs generations"),
+    (lambda c: c["recipes"].append({"name": "x", "kind": "stitch", "epochs": 1, "synthetic_weight": 0.5}),
+     "needs generations"),
     (lambda c: c["recipes"].append({"name": "x", "kind": "mash"}), "kind 'mash' is unknown"),
+    (lambda c: c["recipes"][0].update(train_tokens=1000), "give either epochs"),
+    (lambda c: c["recipes"][3].update(synthetic_weight=1), "1, synthetic data only, needs train_tokens"),
+    (lambda c: c["recipes"][0].update(styles=["qa"]), "styles is a list of rephrase styles"),
+    (lambda c: c["recipes"][4].update(refresh={"rounds": 1}), "a stretch recipe cannot refresh"),
+    (lambda c: c["recipes"][3].update(refresh={"rounds": 1}), "needs train.logging.eval_interval"),
+    (lambda c: c["recipes"][3].update(refresh={"rounds": 1, "tune": {"colour": 1}}),
+     "stitch_g2.refresh.tune.colour is not an option of `megadoc synth tune`"),
     (lambda c: c["recipes"].append(dict(c["recipes"][0])), "two recipes are named 'real'"),
-    (lambda c: c["recipes"][1].update(synthetic_weight=1.0), "strictly between 0 and 1"),
+    (lambda c: c["recipes"][1].update(synthetic_weight=0), "synthetic_weight must lie in (0, 1)"),
     (lambda c: c["generator"].update(colour=1), "generator/rephrase.colour is not an option of `megadoc synth rephrase`"),
     (lambda c: c["generator"].update(output="x"), "generator/rephrase.output is set by megadoc run"),
     (lambda c: c["generator"].update(allow_truncated="yes"), "must be true or false"),
@@ -90,9 +99,9 @@ SMALLER = ("--set", "rephrase.max_new_tokens=24", "--set", "rationale.max_new_to
            "generator.min_length_ratio=0")
 
 
-def run_example(work: Path, *extra, wait=True):
+def run_example(work: Path, *extra, wait=True, recipes=("real", "stitch_g2", "stretch_g2")):
     """The README's demo script with a still smaller corpus, generations and recipe list."""
-    command = ["bash", str(REPO / "examples/tiny_cpu/run.sh"), "--recipes", "real", "stitch_g2", "stretch_g2",
+    command = ["bash", str(REPO / "examples/tiny_cpu/run.sh"), *(["--recipes", *recipes] if recipes else []),
                *SMALLER, *extra]
     if extra[:1] == ("sweep",):
         command = ["bash", str(REPO / "examples/tiny_cpu/run.sh"), "sweep", *SMALLER, *extra[1:]]
@@ -167,6 +176,96 @@ def test_local_sweep_runs_the_start_point_and_its_neighbours_until_tuned(demo):
     assert re.search(r"^tuned: stitch_g2-E16-w0.5-lr0\.0(03|1)-wd0.1 beats every neighbour", output, re.MULTILINE)
     report = json.loads((work / "report/report.json").read_text())
     assert sorted(run["lr"] for run in report["runs"]) == [0.003, 0.01]
+
+
+REFRESH = {"name": "stitch_refresh", "kind": "stitch", "generations": 2, "epochs": 16, "synthetic_weight": 0.5,
+           "train": {"logging": {"eval_interval": 4}},
+           "refresh": {"rounds": 2, "patience": 2, "tune": {
+               "steps": 1, "num_generations": 2, "max_new_tokens": 24, "floor_chars": 20, "max_documents": 2,
+               "max_source_chars": 300, "influence_steps": 1}}}
+
+
+def test_two_refresh_rounds_tune_regenerate_continue_and_record_their_lineage(demo):
+    """Pre-train; then twice: GRPO-tune the generator (every reward live) against the newest
+    checkpoint, regenerate with it (the hf backend loads it), continue from that checkpoint with
+    every synthetic set so far. The data stages before the loop are the demo's, cached."""
+    from megatron.core import dist_checkpointing
+
+    from megadoc_megatron.synth.tune import REWARDS
+    from megadoc_megatron.train.checkpoint import iteration_dir
+
+    work, _ = demo
+    output = run_example(work, "--set", f"recipes=[{json.dumps(REFRESH)}]", "--no-report", recipes=())
+    assert started(output) == ["train-stitch_refresh", "tune-stitch_refresh-r1", "synth-rephrase-stitch_refresh-r1",
+                               "synthetic-stitch_refresh-r1", "train-stitch_refresh-r1", "tune-stitch_refresh-r2",
+                               "synth-rephrase-stitch_refresh-r2", "synthetic-stitch_refresh-r2",
+                               "train-stitch_refresh-r2", "eval-stitch_refresh"]
+    rounds = json.loads((work / "lineage/stitch_refresh.json").read_text())
+    assert [r["round"] for r in rounds] == [0, 1, 2] and "lineage of stitch_refresh:" in output
+    assert rounds[0]["generator"] == "SmolLM2-135M-Instruct" and rounds[0]["tuned_against"] is None
+    for before, entry in zip(rounds, rounds[1:]):
+        generator = Path(entry["generator"])
+        assert entry["tuned_against"] == before["checkpoint"]
+        tuned = json.loads((generator / "tune.json").read_text())
+        assert tuned["checkpoint"] == before["checkpoint"] and tuned["style"] == "faithful_rephrase"
+        assert tuned["weights"] == {name: 1.0 for name in REWARDS} and not (generator / "trainer").exists()
+        assert not (generator.parent / ".generator.partial").exists()
+        assert tuned["base_model"] == ("SmolLM2-135M-Instruct" if entry["round"] == 1 else before["generator"])
+        logged = [json.loads(line) for line in (generator / "rewards.jsonl").read_text().splitlines()]
+        assert logged and all(math.isfinite(e[f"rewards/{name}/mean"]) for e in logged for name in REWARDS)
+        records = [json.loads(line) for f in work.glob(f"stages/synth-rephrase-stitch_refresh-r{entry['round']}.*/"
+                                                       "shard-*.jsonl") for line in f.read_text().splitlines()]
+        assert records and {r["generator"]["model"] for r in records} == {str(generator)}
+        common = dist_checkpointing.load_common_state_dict(
+            str(iteration_dir(entry["checkpoint"], entry["iterations"])))
+        assert common["info"]["init_from"]["dir"] == before["checkpoint"]
+    for entry in rounds:
+        assert entry["stopped"] in ("plateau", "end") and 0 < entry["iterations"] <= entry["planned_iterations"]
+        assert (entry["stopped"] == "plateau") == (entry["iterations"] < entry["planned_iterations"])
+    final = json.loads((work / "runs/stitch_refresh/blend/blend.json").read_text())
+    assert [Path(d["prefix"]).parent.name.split(".")[0] for d in final["datasets"]] == [
+        "preprocess-train", "synthetic-stitch-g2", "synthetic-stitch_refresh-r1", "synthetic-stitch_refresh-r2"]
+    again = run_example(work, "--set", f"recipes=[{json.dumps(REFRESH)}]", "--no-report", recipes=())
+    assert started(again) == []  # every round is recorded as done: the run resumes, nothing reruns
+
+
+def test_mixture_study_trains_every_share_and_budget_and_fits_each_share(demo):
+    """w = 0 (real only) and w = 1 (synthetic only) at four token budgets: real blends, real
+    training, a fit over the budget per w, the report and its plot."""
+    work, _ = demo
+    output = run_example(work, "sweep", "--preset", "mixture", "--execute", "local",
+                         "--set", "mixture.data=[{name: hq, kind: simple, generations: 2}]",
+                         "--set", "mixture.synthetic_weight=[0, 1]",
+                         "--set", "mixture.train_tokens=[4096, 6144, 8192, 12288]",
+                         "--set", "train.optimizer.warmup_iters=1", "--set", "eval.long_context=null")
+    assert "synth-rephrase" not in started(output)  # the demo's generations
+    assert "8 of 8 points finished, 0 needed" in output
+    synthetic_only = json.loads(next(work.glob("stages/train-hq-w1-D12288.*/blend/blend.json")).read_text())
+    assert [d["stream"] for d in synthetic_only["datasets"]] == ["synthetic"]
+    assert synthetic_only["train_iters"] == 6 and synthetic_only["synthetic_weight_realized"] == 1
+    summary = json.loads((work / "mixture/mixture.json").read_text())["hq"]
+    for weight in ("0", "1"):
+        losses = summary["fits"][weight]["losses"]
+        assert list(losses) == ["4096", "6144", "8192", "12288"] and losses["12288"] < losses["4096"]
+        assert summary["fits"][weight]["fit"] or "needs" in summary["fits"][weight]["note"] \
+            or "does not decrease" in summary["fits"][weight]["note"]
+    assert set(summary["best_weight"].values()) <= {0.0, 1.0}
+    assert (work / "mixture/mixture.png").stat().st_size > 10_000 and "| 1 |" in (work / "mixture/mixture.md").read_text()
+
+
+def test_mixture_summary_fits_each_share_and_finds_the_best_one(tmp_path):
+    from megadoc_megatron.experiment.mixture import MixturePoint, mixture_summary, write_mixture_report
+
+    budgets, laws = [1e6, 2e6, 4e6, 8e6, 16e6], {0.0: (2.0, 0.3, 3.0), 0.3: (1.5, 0.3, 2.9), 1.0: (2.0, 0.3, 3.2)}
+    losses = {MixturePoint("real" if not w else "hq", w, int(b)): A / (b / 1e6) ** B + C
+              for w, (A, B, C) in laws.items() for b in budgets}
+    summary = mixture_summary(list(losses), ["hq"], losses)
+    for weight, (A, B, C) in laws.items():
+        fit = summary["hq"]["fits"][f"{weight:.4g}"]["fit"]
+        assert (fit["A"], fit["B"], fit["C"]) == pytest.approx((A, B, C), abs=0.02)
+    assert set(summary["hq"]["best_weight"].values()) == {0.3}
+    write_mixture_report(tmp_path, summary, [int(b) for b in budgets])
+    assert (tmp_path / "mixture/mixture.png").stat().st_size > 10_000
 
 
 @pytest.mark.parametrize("script,env,expected", [

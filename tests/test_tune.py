@@ -1,6 +1,6 @@
-"""`megadoc synth tune`: GRPO (TRL) steps of the real default generator with every reward live,
-the influence reward on a tiny megatron-core checkpoint trained here, and the tuned generator
-loaded back by the hf backend."""
+"""`megadoc synth tune`: the rewards, and the influence reward on a tiny megatron-core checkpoint
+trained here. The GRPO steps themselves (the real default generator, every reward live, the tuned
+generator loaded back by the hf backend) run in the refresh-loop test of test_experiment.py."""
 
 import json
 import math
@@ -10,7 +10,7 @@ import pytest
 from megadoc_megatron.cli import main
 from megadoc_megatron.errors import InputError
 from megadoc_megatron.synth.rewards import FormatReward, LengthReward, QualityReward
-from megadoc_megatron.synth.tune import REWARDS, parse_weights
+from megadoc_megatron.synth.tune import parse_weights
 
 from conftest import run_training, write_config
 
@@ -71,26 +71,3 @@ def test_influence_reward_scores_text_and_puts_the_weights_back(checkpoint, gold
         assert reward(None, ["zq " * 40], [reference[0]]) == [pytest.approx(noise - on_topic)]
     finally:
         shutdown()
-
-
-def test_grpo_steps_with_every_reward_live_and_the_tuned_generator_loads(tmp_path, checkpoint, golden_lines):
-    from megadoc_megatron.synth.backends import HFBackend, Request, Sampling
-
-    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"id": str(i), "text": t}) + "\n"
-                                                 for i, t in enumerate(DOCUMENTS)))
-    (tmp_path / "reference.jsonl").write_text(b"".join(golden_lines[50:56]).decode())
-    assert main(["synth", "tune", "--input", str(tmp_path / "docs.jsonl"), "--output", str(tmp_path / "tuned"),
-                 "--checkpoint", str(checkpoint), "--reference", str(tmp_path / "reference.jsonl"),
-                 "--steps", "2", "--num-generations", "2", "--max-new-tokens", "16", "--floor-chars", "10",
-                 "--learning-rate", "1e-5"]) == 0
-    logged = [json.loads(line) for line in (tmp_path / "tuned" / "rewards.jsonl").read_text().splitlines()]
-    assert len(logged) == 2
-    for entry in logged:
-        for name in REWARDS:
-            assert math.isfinite(entry[f"rewards/{name}/mean"]), (name, entry)
-    record = json.loads((tmp_path / "tuned" / "tune.json").read_text())
-    assert record["weights"] == {name: 1.0 for name in REWARDS} and record["checkpoint"] == str(checkpoint)
-    assert not (tmp_path / ".tuned.partial").exists() and not (tmp_path / "tuned" / "trainer").exists()
-    backend = HFBackend(str(tmp_path / "tuned"), batch_size=1)
-    [completion] = backend.generate([Request([{"role": "user", "content": "Name a river."}], 0)], Sampling(0.7, 0.9, 8))
-    assert completion.completion_tokens > 0

@@ -1,5 +1,6 @@
 """`megadoc blend`: Megatron blend weights and a train length that realize a mixing weight w for
-the synthetic stream and exactly E passes over the real training data.
+the synthetic stream and exactly E passes over the real training data (or, with --train-tokens,
+a token budget split w : 1 - w, for mixture studies; w = 1 trains on synthetic data only).
 
 How megatron-core spends a blend (core 0.16, `BlendedMegatronDatasetBuilder`, `GPTDataset`):
 - N train samples; dataset i is asked for ceil(N * w_i) samples (weights normalized) and built
@@ -114,16 +115,26 @@ def final_epoch_is_separate(train_tokens: int, full_passes: int, requested: int,
     return built - full_passes < int(FINAL_EPOCH_THRESHOLD * samples_per_epoch)
 
 
-def _check(datasets: list[BlendDataset], synthetic_weight: float, epochs: int, sequence_length: int,
-           global_batch_size: int) -> None:
-    if not 0 <= synthetic_weight < 1:
-        raise InputError(f"--synthetic-weight must lie in [0, 1), not {synthetic_weight}",
-                         fix="use e.g. 0.75 (the paper searched 0.5, 0.75, 0.9), or 0 for real data only")
+def _check(datasets: list[BlendDataset], synthetic_weight: float, epochs: int | None, sequence_length: int,
+           global_batch_size: int, train_tokens: int | None = None) -> None:
+    if (epochs is None) == (train_tokens is None):
+        raise InputError("give either --epochs (exact passes over the real data) or --train-tokens (a budget)",
+                         fix="e.g. -E 4, or --train-tokens 100000000")
+    if train_tokens is not None and not 0 <= synthetic_weight <= 1:
+        raise InputError(f"--synthetic-weight must lie in [0, 1], not {synthetic_weight}",
+                         fix="the share of the budget spent on synthetic data, e.g. 0.3")
+    if epochs is not None and not 0 <= synthetic_weight < 1:
+        raise InputError(f"--synthetic-weight must lie in [0, 1) with --epochs, not {synthetic_weight}",
+                         fix="use e.g. 0.75 (the paper searched 0.5, 0.75, 0.9), 0 for real data only, or "
+                             "--train-tokens for synthetic data only (w = 1)")
     if (synthetic_weight > 0) != any(d.stream == "synthetic" for d in datasets):
         raise InputError("a synthetic weight above 0 needs synthetic datasets, and synthetic datasets need a weight above 0",
                          fix="pass --synthetic PREFIX with -w > 0, or neither for a real-only run (-w 0)")
-    if epochs < 1:
+    if epochs is not None and epochs < 1:
         raise InputError(f"--epochs must be at least 1, not {epochs}", fix="count whole passes over the real data")
+    if train_tokens is not None and train_tokens < sequence_length * global_batch_size:
+        raise InputError(f"--train-tokens {train_tokens} is less than one batch ({sequence_length * global_batch_size})",
+                         fix="give a larger budget")
     if sequence_length < 1 or global_batch_size < 1:
         raise InputError("--seq-length and --global-batch-size must be positive")
     for dataset in datasets:
@@ -139,13 +150,52 @@ def _check(datasets: list[BlendDataset], synthetic_weight: float, epochs: int, s
                          fix="convert every stream with the same --tokenizer-type/--tokenizer-model")
 
 
-def plan_blend(real: list[BlendDataset], synthetic: list[BlendDataset], synthetic_weight: float, epochs: int,
-               sequence_length: int, global_batch_size: int) -> dict:
+def plan_blend(real: list[BlendDataset], synthetic: list[BlendDataset], synthetic_weight: float, epochs: int | None,
+               sequence_length: int, global_batch_size: int, train_tokens: int | None = None) -> dict:
     """Weights, train samples and iterations; fills in each dataset's weight, samples and epochs.
 
-    Without synthetic data (w = 0) the real datasets fill every batch, so the last batch may reach
-    up to one batch into pass E + 1 (shuffled apart, after the E passes); its epochs say so."""
-    _check(real + synthetic, synthetic_weight, epochs, sequence_length, global_batch_size)
+    With epochs: exactly E passes over the real data. Without synthetic data (w = 0) the real
+    datasets fill every batch, so the last batch may reach up to one batch into pass E + 1
+    (shuffled apart, after the E passes); its epochs say so. With train_tokens: a budget of
+    whole batches, w of it synthetic, the real data repeated (or not used up) as that falls out;
+    datasets of weight 0 (the real ones at w = 1) are left out."""
+    _check(real + synthetic, synthetic_weight, epochs, sequence_length, global_batch_size, train_tokens)
+    if train_tokens is None:
+        train_samples = _weigh_for_epochs(real, synthetic_weight, epochs, sequence_length, global_batch_size)
+    else:
+        train_samples = math.ceil(train_tokens / (sequence_length * global_batch_size)) * global_batch_size
+        _share(real, 1 - synthetic_weight, train_samples)
+    _share(synthetic, 1 - sum(d.weight for d in real), train_samples)
+    for dataset in real + synthetic:
+        dataset.epochs = dataset.samples * sequence_length / dataset.train_tokens
+    real_tokens = sum(d.train_tokens for d in real)
+    extra_real_tokens = sum(d.samples * sequence_length * d.original_fraction for d in synthetic)
+    return {
+        "train_samples": train_samples,
+        "train_iters": train_samples // global_batch_size,
+        "global_batch_size": global_batch_size,
+        "seq_length": sequence_length,
+        "epochs": epochs,
+        "train_tokens": train_tokens,
+        "synthetic_weight_requested": synthetic_weight,
+        "synthetic_weight_realized": sum(d.samples for d in synthetic) / train_samples,
+        "real_tokens_per_epoch": real_tokens,
+        "real_epochs_inside_synthetic": extra_real_tokens / real_tokens,
+        "datasets": [asdict(d) for d in real + synthetic if d.weight > 0],
+    }
+
+
+def _share(datasets: list[BlendDataset], share: float, train_samples: int) -> None:
+    """Split a share of the samples over datasets in proportion to their tokens."""
+    tokens = sum(d.train_tokens for d in datasets)
+    for dataset in datasets:
+        dataset.weight = share * dataset.train_tokens / tokens
+        dataset.samples = math.ceil(train_samples * dataset.weight)
+
+
+def _weigh_for_epochs(real: list[BlendDataset], synthetic_weight: float, epochs: int, sequence_length: int,
+                      global_batch_size: int) -> int:
+    """Weights of the real datasets such that megatron-core draws exactly E passes; the train samples."""
     real_samples = [samples_for_epochs(d.train_tokens, epochs, sequence_length) for d in real]
     train_iters = math.ceil(sum(real_samples) / ((1 - synthetic_weight) * global_batch_size))
     train_samples = train_iters * global_batch_size
@@ -153,7 +203,7 @@ def plan_blend(real: list[BlendDataset], synthetic: list[BlendDataset], syntheti
         # Half a sample below the target: ceil() gives the target despite float rounding.
         dataset.weight = (samples - 0.5) / train_samples
         dataset.samples = samples
-    if not synthetic:  # the weights are normalized: each real dataset is drawn from in proportion
+    if synthetic_weight == 0:  # the weights are normalized: each real dataset is drawn from in proportion
         for dataset in real:
             dataset.weight = dataset.samples / sum(real_samples)
             dataset.samples = math.ceil(train_samples * dataset.weight)
@@ -162,27 +212,7 @@ def plan_blend(real: list[BlendDataset], synthetic: list[BlendDataset], syntheti
             raise InputError(f"the real training split holds only {(dataset.train_tokens - 1) // sequence_length} "
                              f"samples per epoch: too few for megatron-core to keep {epochs} passes exact",
                              dataset.prefix, fix="add real data or lower --seq-length")
-    synthetic_share = 1 - sum(d.weight for d in real)
-    synthetic_tokens = sum(d.train_tokens for d in synthetic)
-    for dataset in synthetic:
-        dataset.weight = synthetic_share * dataset.train_tokens / synthetic_tokens
-        dataset.samples = math.ceil(train_samples * dataset.weight)
-    for dataset in real + synthetic:
-        dataset.epochs = dataset.samples * sequence_length / dataset.train_tokens
-    real_tokens = sum(d.train_tokens for d in real)
-    extra_real_tokens = sum(d.samples * sequence_length * d.original_fraction for d in synthetic)
-    return {
-        "train_samples": train_samples,
-        "train_iters": train_iters,
-        "global_batch_size": global_batch_size,
-        "seq_length": sequence_length,
-        "epochs": epochs,
-        "synthetic_weight_requested": synthetic_weight,
-        "synthetic_weight_realized": sum(d.samples for d in synthetic) / train_samples,
-        "real_tokens_per_epoch": real_tokens,
-        "real_epochs_inside_synthetic": extra_real_tokens / real_tokens,
-        "datasets": [asdict(d) for d in real + synthetic],
-    }
+    return train_samples
 
 
 def cache_folder(output_dir: Path, plan: dict, split: str, seed: int) -> Path:
@@ -212,6 +242,11 @@ def format_plan(plan: dict) -> str:
     for d in plan["datasets"]:
         lines.append(f"{d['stream']:<10} {d['weight']:>8.4f} {d['samples']:>12,} {d['train_tokens']:>14,} "
                      f"{d['epochs']:>8.3f}  {d['prefix']}")
+    if plan["epochs"] is None:
+        real = sum(d["samples"] for d in plan["datasets"] if d["stream"] == "real") * plan["seq_length"]
+        lines.append(f"token budget {plan['train_tokens']:,} ({plan['train_samples'] * plan['seq_length']:,} in whole "
+                     f"batches): {real / plan['real_tokens_per_epoch']:.3f} passes over the real data, not exact")
+        return "\n".join(lines)
     extra = plan["train_samples"] - sum(samples_for_epochs(d["train_tokens"], plan["epochs"], plan["seq_length"])
                                         for d in plan["datasets"])
     if plan["synthetic_weight_requested"] == 0 and extra:
@@ -225,15 +260,16 @@ def format_plan(plan: dict) -> str:
     return "\n".join(lines)
 
 
-def blend(real: list[str], synthetic: list[str] | None, synthetic_weight: float, epochs: int, seq_length: int,
+def blend(real: list[str], synthetic: list[str] | None, synthetic_weight: float, epochs: int | None, seq_length: int,
           global_batch_size: int, output_dir, split: str = "100,0,0", seed: int = 1234,
-          valid_data: list[str] | None = None) -> dict:
+          valid_data: list[str] | None = None, train_tokens: int | None = None) -> dict:
     """Plan the blend and write `data_args.txt`, `blend.json` (and `per_split_data_args.json`)."""
     synthetic = synthetic or []
     if not real:
         raise InputError("give at least one real dataset", fix="pass --real PREFIX")
     datasets = [describe_dataset(p, "real", split) for p in real] + [describe_dataset(p, "synthetic", split) for p in synthetic]
-    plan = plan_blend(datasets[:len(real)], datasets[len(real):], synthetic_weight, epochs, seq_length, global_batch_size)
+    plan = plan_blend(datasets[:len(real)], datasets[len(real):], synthetic_weight, epochs, seq_length,
+                      global_batch_size, train_tokens)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     plan.update(split=split, seed=seed, data_cache_path=str(cache_folder(output_dir.resolve(), plan, split, seed)))
@@ -258,7 +294,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--synthetic", nargs="+", default=[], help="synthetic dataset prefixes (none: a real-only run)")
     parser.add_argument("--synthetic-weight", "-w", type=float, required=True,
                         help="mixing weight w of the synthetic stream (0 for a real-only run)")
-    parser.add_argument("--epochs", "-E", type=int, required=True, help="exact passes over the real training data")
+    length = parser.add_mutually_exclusive_group(required=True)
+    length.add_argument("--epochs", "-E", type=int, help="exact passes over the real training data")
+    length.add_argument("--train-tokens", type=int,
+                        help="instead, a budget of training tokens, w of them synthetic (w may be 1: no real data)")
     parser.add_argument("--seq-length", type=int, required=True)
     parser.add_argument("--global-batch-size", type=int, required=True)
     parser.add_argument("--split", default="100,0,0", help="Megatron's train,valid,test split of every dataset")
@@ -271,7 +310,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     plan = blend(args.real, args.synthetic, args.synthetic_weight, args.epochs, args.seq_length,
-                 args.global_batch_size, args.output_dir, args.split, args.seed, args.valid_data)
+                 args.global_batch_size, args.output_dir, args.split, args.seed, args.valid_data, args.train_tokens)
     print(format_plan(plan))
     print(f"wrote {', '.join(plan['files'].values())}")
     print(f"Megatron-LM flags: {plan['megatron_flags']}")

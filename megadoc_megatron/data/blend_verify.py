@@ -60,7 +60,7 @@ def verify_blend(plan: dict) -> list[dict]:
         positions = built.shuffle_index[sample[which == i]]
         row = {"prefix": dataset["prefix"], "stream": dataset["stream"], "planned": dataset["samples"],
                "drawn": len(positions), "epochs": len(positions) * length / dataset["train_tokens"]}
-        if dataset["stream"] == "real":
+        if dataset["stream"] == "real" and plan["epochs"] is not None:
             full_passes = samples_for_epochs(dataset["train_tokens"], plan["epochs"], length)
             row["samples_in_full_passes"] = full_passes
             row["all_from_full_passes"] = bool(len(np.unique(positions)) == len(positions)
@@ -74,7 +74,7 @@ def format_verification(report: list[dict]) -> str:
              f"{'stream':<10} {'planned':>10} {'drawn':>10} {'epochs':>8}  dataset"]
     for row in report:
         note = ""
-        if row["stream"] == "real":
+        if "samples_in_full_passes" in row:
             note = (f"  ({row['samples_in_full_passes']:,} samples make the full passes; drawn only from them: "
                     f"{'yes' if row['all_from_full_passes'] else 'NO'})")
         lines.append(f"{row['stream']:<10} {row['planned']:>10,} {row['drawn']:>10,} {row['epochs']:>8.3f}  "

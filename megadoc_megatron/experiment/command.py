@@ -1,18 +1,21 @@
 """`megadoc run CONFIG`: the whole method from one experiment config, each stage cached and resumable.
 
 Outputs: WORK/stages/NAME.KEY/ (one folder per stage and settings), WORK/runs/RECIPE -> its
-training stage (checkpoints in ckpt/, evaluation results in ckpt/eval/), WORK/report -> the
-report stage (report.md, report.html, PNG plots).
+(last) training stage (checkpoints in ckpt/, evaluation results in ckpt/eval/), WORK/report -> the
+report stage (report.md, report.html, PNG plots), and for refresh recipes WORK/lineage/RECIPE.json:
+every round's generator, synthetic data and checkpoint, and how its training ended.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import time
 from pathlib import Path
 
 from megadoc_megatron.errors import InputError
+from megadoc_megatron.records import write_text_atomic
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,11 +60,45 @@ def run_experiment(experiment, report: bool = True, dry_run: bool = False) -> di
     if not dry_run:
         for name, train in plan.trains.items():
             point_link(work / "runs" / name, train.folder)
+            if (train.folder / "lineage.json").is_file():
+                rounds = lineage(train.folder)
+                (work / "lineage").mkdir(exist_ok=True)
+                write_text_atomic(work / "lineage" / f"{name}.json", json.dumps(rounds, indent=2) + "\n")
+                print(format_lineage(name, rounds))
         if report:
             point_link(work / "report", plan.report.folder)
             print((plan.report.folder / "report.md").read_text() if status["report"] == "cached" else "")
             print(f"report: {work / 'report' / 'report.md'} (and report.html, *.png)")
     return status
+
+
+def lineage(train_folder: Path) -> list[dict]:
+    """The refresh rounds up to a train stage (its lineage.json: generator, data, checkpoint), with
+    what each round's training did: iterations, why it stopped, best validation loss, and the
+    tuned generator's final rewards."""
+    from megadoc_megatron.train.checkpoint import latest_iteration
+
+    rounds = json.loads((train_folder / "lineage.json").read_text())["rounds"]
+    for entry in rounds:
+        checkpoint = Path(entry["checkpoint"])
+        planned = json.loads((checkpoint.parent / "blend" / "blend.json").read_text())["train_iters"]
+        rows = [json.loads(line) for line in (checkpoint / "metrics.jsonl").read_text().splitlines()]
+        entry["iterations"] = latest_iteration(checkpoint)
+        entry["planned_iterations"] = planned
+        entry["stopped"] = "plateau" if entry["iterations"] < planned else "end"
+        entry["best_valid_loss"] = min((r["valid_loss"] for r in rows if "valid_loss" in r), default=None)
+        tuned = Path(entry["generator"]) / "tune.json"
+        entry["generator_rewards"] = json.loads(tuned.read_text())["final_rewards"] if tuned.is_file() else None
+    return rounds
+
+
+def format_lineage(name: str, rounds: list[dict]) -> str:
+    lines = [f"lineage of {name}:", f"  {'round':<6} {'stopped':<8} {'iterations':>12} {'best valid':>11}  generator"]
+    for entry in rounds:
+        loss = f"{entry['best_valid_loss']:.4f}" if entry["best_valid_loss"] is not None else "—"
+        lines.append(f"  {entry['round']:<6} {entry['stopped']:<8} {entry['iterations']:>5}/{entry['planned_iterations']:<6}"
+                     f" {loss:>11}  {entry['generator']}")
+    return "\n".join(lines)
 
 
 def select_recipes(experiment, names: list[str] | None):

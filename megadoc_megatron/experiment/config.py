@@ -16,7 +16,8 @@ from pathlib import Path
 from megadoc_megatron.errors import InputError
 from megadoc_megatron.train.config import build_dataclass, merge_dicts, parse_overrides, read_yaml
 
-KINDS = ("real", "simple", "stitch", "stretch")
+KINDS = ("real", "simple", "stitch", "stretch", "textbook")
+REPHRASED_KINDS = ("simple", "stitch")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=+-]*$")
 
 
@@ -55,13 +56,25 @@ class LaunchConfig:
 
 
 @dataclass
+class RefreshConfig:
+    """SynPro's loop: pre-train to a plateau, tune the generator against that checkpoint,
+    regenerate, continue pre-training with the new synthetic set added; `rounds` times."""
+    rounds: int = 0                  # tune-regenerate-continue rounds after the first pre-training (0: none)
+    patience: int = 3                # validations without a new best loss that end each round's pre-training
+    tune: dict = field(default_factory=dict)  # flags of `megadoc synth tune`, e.g. {steps: 200, weights: [...]}
+
+
+@dataclass
 class Recipe:
     name: str = ""
-    kind: str = ""                   # real | simple | stitch | stretch
+    kind: str = ""                   # real | simple | stitch | stretch | textbook
     generations: int | None = None   # G: generations per document (synthetic kinds)
-    epochs: int = 1                  # E: exact passes over the real training data
-    synthetic_weight: float = 0.0    # w: share of the synthetic stream (0 for real)
+    epochs: int | None = None        # E: exact passes over the real training data, or
+    train_tokens: int | None = None  # ... a budget of training tokens, the real data repeated as it falls out
+    synthetic_weight: float = 0.0    # w: share of the synthetic stream (0 for real; 1, budget only: no real data)
+    styles: list | None = None       # simple/stitch: rephrase styles (default: the rephrase section's, else wikipedia)
     train: dict = field(default_factory=dict)  # overrides of the train section, e.g. {optimizer: {lr: 1e-3}}
+    refresh: RefreshConfig = field(default_factory=RefreshConfig)
 
 
 @dataclass
@@ -81,6 +94,7 @@ class Experiment:
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     recipes: list = field(default_factory=list)        # of Recipe once loaded
     sweep: dict | None = None                          # see `megadoc sweep`
+    mixture: dict | None = None                        # see `megadoc sweep --preset mixture` (experiment/mixture.py)
     source: Path = field(default=Path("."), metadata={"internal": True})  # the config file
 
 
@@ -89,13 +103,29 @@ PATH_FIELDS = [("corpus", "train"), ("corpus", "heldout"), ("tokenizer", "model"
                ("generator", "tokenizer"), ("generator", "prompts"), ("rephrase", "prompts"), ("rationale", "prompts")]
 
 
+TUNE_PATHS = ("reference", "faithfulness_model", "quality_model", "prompts")
+
+
+def _resolve_existing(value, base: Path):
+    if isinstance(value, str) and value and not Path(value).is_absolute() and (base / value).exists():
+        return str((base / value).resolve())
+    return value
+
+
+def _resolve_fields(section, names, base: Path) -> None:
+    """Relative paths (or lists of them) that exist relative to `base` become absolute."""
+    for name in names:
+        if isinstance(section, dict) and name in section:
+            value = section[name]
+            section[name] = [_resolve_existing(v, base) for v in value] if isinstance(value, list) \
+                else _resolve_existing(value, base)
+
+
 def _resolve(values: dict, base: Path) -> None:
     if isinstance(values.get("work_dir"), str):
         values["work_dir"] = str((base / values["work_dir"]).resolve())
     for section, name in PATH_FIELDS:
-        value = values.get(section, {}).get(name) if isinstance(values.get(section), dict) else None
-        if isinstance(value, str) and value and not Path(value).is_absolute() and (base / value).exists():
-            values[section][name] = str((base / value).resolve())
+        _resolve_fields(values.get(section), [name], base)
 
 
 def check_recipe(recipe: Recipe, where: str, path) -> Recipe:
@@ -106,17 +136,32 @@ def check_recipe(recipe: Recipe, where: str, path) -> Recipe:
         fail(f"name {recipe.name!r} is not a plain name", "use letters, digits and _ . = + -, e.g. stitch_g8")
     if recipe.kind not in KINDS:
         fail(f"kind {recipe.kind!r} is unknown", f"use one of: {', '.join(KINDS)}")
-    if recipe.epochs < 1:
+    if (recipe.epochs is None) == (recipe.train_tokens is None):
+        fail("give either epochs (exact passes over the real data) or train_tokens (a token budget)",
+             "e.g. epochs: 4")
+    if recipe.epochs is not None and recipe.epochs < 1:
         fail(f"epochs must be at least 1, not {recipe.epochs}", "count whole passes over the real data")
+    if recipe.train_tokens is not None and recipe.train_tokens < 1:
+        fail(f"train_tokens must be positive, not {recipe.train_tokens}", "e.g. train_tokens: 100000000")
+    highest = 1 if recipe.train_tokens else 1 - 1e-12  # with exact epochs there must be real data
     if recipe.kind == "real":
         if recipe.generations is not None or recipe.synthetic_weight != 0:
             fail("a real-only recipe has no generations and no synthetic weight", "drop generations and synthetic_weight")
     else:
         if not isinstance(recipe.generations, int) or recipe.generations < 1:
             fail(f"a {recipe.kind} recipe needs generations (G) of at least 1", "e.g. generations: 4")
-        if not 0 < recipe.synthetic_weight < 1:
-            fail(f"synthetic_weight must lie strictly between 0 and 1, not {recipe.synthetic_weight}",
-                 "e.g. synthetic_weight: 0.75")
+        if not 0 < recipe.synthetic_weight <= highest:
+            fail(f"synthetic_weight must lie in (0, {'1]' if recipe.train_tokens else '1)'}, not "
+                 f"{recipe.synthetic_weight}", "e.g. synthetic_weight: 0.75 (1, synthetic data only, needs train_tokens)")
+    if recipe.styles is not None and (recipe.kind not in REPHRASED_KINDS or not recipe.styles
+                                      or not all(isinstance(s, str) for s in recipe.styles)):
+        fail("styles is a list of rephrase styles, for simple and stitch recipes", "e.g. styles: [qa]")
+    refresh = recipe.refresh
+    if refresh.rounds:
+        if recipe.kind not in REPHRASED_KINDS:
+            fail(f"refresh regenerates rephrases: a {recipe.kind} recipe cannot refresh", "use it with simple or stitch")
+        if refresh.rounds < 0 or refresh.patience < 1:
+            fail("refresh needs rounds >= 0 and patience >= 1", "e.g. refresh: {rounds: 2, patience: 3}")
     reserved = {("data", "blend"), ("checkpoint", "dir")}
     for section, name in reserved:
         if name in (recipe.train.get(section) or {}):
@@ -153,7 +198,9 @@ def load_experiment(path, overrides: list[str] = ()) -> Experiment:
         raise InputError("recipes: give a list of at least one recipe", path,
                          fix="e.g. `recipes: [{name: real, kind: real, epochs: 4}]`")
     experiment.recipes = [check_recipe(build_dataclass(Recipe, entry, f"recipes[{i}]", path), f"recipes[{i}]", path)
-                              for i, entry in enumerate(entries)]
+                          for i, entry in enumerate(entries)]
+    for recipe in experiment.recipes:
+        _resolve_fields(recipe.refresh.tune, TUNE_PATHS, path.parent)
     names = [r.name for r in experiment.recipes]
     if len(set(names)) != len(names):
         duplicate = next(n for n in names if names.count(n) > 1)

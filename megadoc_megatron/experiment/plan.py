@@ -1,8 +1,9 @@
 """The stages of an experiment, as `megadoc` command lines built from its config.
 
-preprocess-train, preprocess-heldout -> synth-rephrase (largest G of the simple/stitch recipes),
-synth-rationale-gG (one per stretch G) -> synthetic-KIND-gG (megadocs, then preprocess) ->
-train-RECIPE (blend, then train) -> eval-RECIPE -> report.
+preprocess-train, preprocess-heldout -> synth-rephrase[-STYLES] (largest G of the simple/stitch
+recipes with those styles), synth-textbook, synth-rationale-gG (one per stretch G) ->
+synthetic-KIND[-STYLES]-gG (megadocs, then preprocess) -> train-RECIPE (blend, then train; with
+refresh rounds, see `refresh_rounds`) -> eval-RECIPE -> report.
 """
 
 from __future__ import annotations
@@ -14,12 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megadoc_megatron.errors import InputError
-from megadoc_megatron.experiment.config import Experiment, Recipe
+from megadoc_megatron.experiment.config import REPHRASED_KINDS, Experiment, Recipe
 from megadoc_megatron.experiment.stages import OUT, External, Graph, Stage
 from megadoc_megatron.train.config import config_from_dict, merge_dicts
-
-REPHRASED_KINDS = ("simple", "stitch")
-
 
 def command_parser(parser: argparse.ArgumentParser, names: list[str]) -> argparse.ArgumentParser:
     for name in names:
@@ -79,86 +77,192 @@ def _input(path: str):
 @dataclass
 class Plan:
     graph: Graph
-    trains: dict[str, Stage]     # recipe name -> its train stage
+    trains: dict[str, Stage]     # recipe name -> its (last) train stage
     evals: dict[str, Stage]      # recipe name -> its eval stage
     report: Stage
     eval_name: str               # the name of the evaluation results (`megadoc eval --name`)
 
 
+GENERATOR_RESERVED = {"input", "output", "generations", "id_key", "text_key", "task_index", "task_count"}
+
+
+class Planner:
+    """Builds the stages of an experiment; each `add` checks the stage's command lines."""
+
+    def __init__(self, experiment: Experiment):
+        self.experiment = experiment
+        self.commands = Commands(experiment)
+        self.graph = Graph(Path(experiment.work_dir))
+        self.corpus = experiment.corpus
+        self.tokenizer = ["--tokenizer-type", experiment.tokenizer.type,
+                          "--tokenizer-model", _input(experiment.tokenizer.model)]
+        self.preprocess_flags = self.commands.flags(
+            ["preprocess"], experiment.preprocess, "preprocess",
+            {"input", "output_prefix", "tokenizer_type", "tokenizer_model", "append_eod", "json_keys"})
+        self.megadocs_flags = self.commands.flags(
+            ["megadocs"], experiment.megadocs, "megadocs",
+            {"kind", "real", "generations", "output", "max_generations", "allow_uneven", "id_key", "text_key",
+             "tokenizer_type", "tokenizer_model"})
+
+    def add(self, stage: Stage) -> Stage:
+        self.commands.check(stage)
+        return self.graph.add(stage)
+
+    def preprocess(self, source, prefix: str, key: str) -> list:
+        return ["preprocess", "--input", source, "--output-prefix", f"{OUT}/{prefix}", "--json-keys", key,
+                *self.tokenizer, "--append-eod", *self.preprocess_flags]
+
+    def generator_flags(self, operation: str, replace: dict) -> list:
+        """The generator and OPERATION sections as `megadoc synth OPERATION` flags, `replace` on top
+        (another model brings its own tokenizer)."""
+        values = merge_dicts(self.experiment.generator, getattr(self.experiment, operation, {}))
+        if "model" in replace:
+            values.pop("tokenizer", None)
+        return self.commands.flags(["synth", operation], {**values, **replace}, f"generator/{operation}",
+                                   GENERATOR_RESERVED)
+
+    def synth(self, name: str, operation: str, generations: int, replace: dict) -> Stage:
+        return self.add(Stage(name, [["synth", operation, "--input", External(self.corpus.train), "--output", OUT,
+                                      "-G", generations, "--id-key", self.corpus.id_key, "--text-key",
+                                      self.corpus.text_key, *self.generator_flags(operation, replace)]]))
+
+    def synthetic(self, name: str, kind: str, generations: Stage, subset: int | None) -> Stage:
+        """Megadocs (or single synthetic documents) from a synth stage, converted to a Megatron dataset."""
+        megadocs_kind = "simple" if kind == "textbook" else kind
+        # Generators reject some outputs (quality gates): documents may have fewer than G generations.
+        build = ["megadocs", "--kind", megadocs_kind, "--real", External(self.corpus.train), "--generations",
+                 generations.folder, "--output", f"{OUT}/megadocs.jsonl",
+                 *(["--max-generations", subset] if subset else []), "--allow-uneven", "--id-key", self.corpus.id_key,
+                 "--text-key", self.corpus.text_key, *self.megadocs_flags]
+        return self.add(Stage(name, [build, self.preprocess(f"{OUT}/megadocs.jsonl", "synthetic", "text")]))
+
+
+def _source(recipe: Recipe) -> tuple | None:
+    """(operation, styles) of the synth stage whose generations a recipe takes; None: its own or none."""
+    if recipe.kind in REPHRASED_KINDS:
+        return "rephrase", tuple(recipe.styles or ())
+    return ("textbook", ()) if recipe.kind == "textbook" else None
+
+
+def _style_suffix(styles: list | None) -> str:
+    return "-" + "+".join(styles) if styles else ""
+
+
 def build_graph(experiment: Experiment) -> Plan:
-    commands = Commands(experiment)
-    graph = Graph(Path(experiment.work_dir))
+    planner = Planner(experiment)
     corpus, text_key = experiment.corpus, experiment.corpus.text_key
-    tokenizer = ["--tokenizer-type", experiment.tokenizer.type, "--tokenizer-model", _input(experiment.tokenizer.model)]
-    preprocess_flags = commands.flags(["preprocess"], experiment.preprocess, "preprocess",
-                                      {"input", "output_prefix", "tokenizer_type", "tokenizer_model", "append_eod", "json_keys"})
+    real = planner.add(Stage("preprocess-train", [planner.preprocess(External(corpus.train), "real", text_key)]))
+    heldout = planner.add(Stage("preprocess-heldout", [planner.preprocess(External(corpus.heldout), "heldout", text_key)]))
+    prefixes = {"real": f"{real.folder}/real_{text_key}_document", "heldout": f"{heldout.folder}/heldout_{text_key}_document"}
 
-    def add(stage: Stage) -> Stage:
-        commands.check(stage)
-        return graph.add(stage)
-
-    def preprocess(source, prefix: str, key: str) -> list:
-        return ["preprocess", "--input", source, "--output-prefix", f"{OUT}/{prefix}", "--json-keys", key, *tokenizer,
-                "--append-eod", *preprocess_flags]
-
-    real = add(Stage("preprocess-train", [preprocess(External(corpus.train), "real", text_key)]))
-    heldout = add(Stage("preprocess-heldout", [preprocess(External(corpus.heldout), "heldout", text_key)]))
-    real_prefix, heldout_prefix = f"{real.folder}/real_{text_key}_document", f"{heldout.folder}/heldout_{text_key}_document"
-
-    def synth(operation: str, generations: int) -> Stage:
-        flags = commands.flags(["synth", operation], merge_dicts(experiment.generator, getattr(experiment, operation)),
-                               f"generator/{operation}", {"input", "output", "generations", "id_key", "text_key",
-                                                          "task_index", "task_count"})
-        return add(Stage(f"synth-{operation}" + (f"-g{generations}" if operation == "rationale" else ""),
-                         [["synth", operation, "--input", External(corpus.train), "--output", OUT, "-G", generations,
-                           "--id-key", corpus.id_key, "--text-key", text_key, *flags]]))
-
-    rephrased = [r.generations for r in experiment.recipes if r.kind in REPHRASED_KINDS]
-    rephrase = synth("rephrase", max(rephrased)) if rephrased else None
-    megadocs_flags = commands.flags(["megadocs"], experiment.megadocs, "megadocs",
-                                    {"kind", "real", "generations", "output", "max_generations", "allow_uneven", "id_key",
-                                     "text_key", "tokenizer_type", "tokenizer_model"})
-    synthetic: dict[tuple[str, int], Stage] = {}
+    # One synth stage per rephrase style set and one for textbooks, at the largest G asked of it;
+    # smaller G take its first generations. Rationales depend on G (where they are inserted).
+    sources: dict[tuple, Stage] = {}
     for recipe in experiment.recipes:
-        key = (recipe.kind, recipe.generations)
+        key = _source(recipe)
+        if key and key not in sources:
+            generations = max(r.generations for r in experiment.recipes if _source(r) == key)
+            sources[key] = planner.synth(f"synth-{key[0]}{_style_suffix(recipe.styles)}", key[0], generations,
+                                         {"styles": recipe.styles} if recipe.styles else {})
+    synthetic: dict[tuple, Stage] = {}
+    for recipe in experiment.recipes:
+        key = (recipe.kind, recipe.generations, tuple(recipe.styles or ()))
         if recipe.kind == "real" or key in synthetic:
             continue
-        source = rephrase if recipe.kind in REPHRASED_KINDS else synth("rationale", recipe.generations)
-        subset = ["--max-generations", recipe.generations] if recipe.kind in REPHRASED_KINDS else []
-        # Generators reject some outputs (quality gates): documents may have fewer than G generations.
-        build = ["megadocs", "--kind", recipe.kind, "--real", External(corpus.train), "--generations", source.folder,
-                 "--output", f"{OUT}/megadocs.jsonl", *subset, "--allow-uneven", "--id-key", corpus.id_key,
-                 "--text-key", text_key, *megadocs_flags]
-        synthetic[key] = add(Stage(f"synthetic-{recipe.kind}-g{recipe.generations}",
-                                   [build, preprocess(f"{OUT}/megadocs.jsonl", "synthetic", "text")]))
+        if recipe.kind == "stretch":
+            source = planner.synth(f"synth-rationale-g{recipe.generations}", "rationale", recipe.generations, {})
+        else:
+            source = sources[_source(recipe)]
+        synthetic[key] = planner.synthetic(f"synthetic-{recipe.kind}{_style_suffix(recipe.styles)}-g{recipe.generations}",
+                                           recipe.kind, source, None if recipe.kind == "stretch" else recipe.generations)
 
-    trains = {recipe.name: add(train_stage(experiment, recipe, real_prefix, heldout_prefix,
-                                           synthetic.get((recipe.kind, recipe.generations))))
-              for recipe in experiment.recipes}
+    trains = {}
+    for recipe in experiment.recipes:
+        data = synthetic.get((recipe.kind, recipe.generations, tuple(recipe.styles or ())))
+        trains[recipe.name] = refresh_rounds(planner, recipe, prefixes, data) if recipe.refresh.rounds else \
+            planner.add(train_stage(experiment, recipe, prefixes, [data] if data else []))
     eval_name = "run-" + hashlib.sha256(json.dumps(experiment.eval.__dict__, sort_keys=True).encode()).hexdigest()[:8]
-    evals = {recipe: add(eval_stage(experiment, commands, recipe, train, heldout_prefix, eval_name))
+    evals = {recipe: planner.add(eval_stage(experiment, planner.commands, recipe, train, prefixes["heldout"], eval_name))
              for recipe, train in trains.items()}
-    report_flags = commands.flags(["report"], experiment.report, "report", {"runs", "output", "eval_name"})
-    report = add(Stage("report", [["report", *[f"{t.folder}/ckpt" for t in trains.values()], "--output", OUT,
-                                   "--eval-name", eval_name, *report_flags]]))
-    return Plan(graph, trains, evals, report, eval_name)
+    report_flags = planner.commands.flags(["report"], experiment.report, "report", {"runs", "output", "eval_name"})
+    report = planner.add(Stage("report", [["report", *[f"{t.folder}/ckpt" for t in trains.values()], "--output", OUT,
+                                           "--eval-name", eval_name, *report_flags]]))
+    return Plan(planner.graph, trains, evals, report, eval_name)
 
 
-def train_stage(experiment: Experiment, recipe: Recipe, real_prefix: str, heldout_prefix: str,
-                synthetic: Stage | None) -> Stage:
+def refresh_rounds(planner: Planner, recipe: Recipe, prefixes: dict, first: Stage) -> Stage:
+    """train-R (to a plateau), then per round N: tune-R-rN (GRPO against the last checkpoint, from the
+    last generator) -> synth-rephrase-R-rN (G rephrases by the tuned generator, in its style) ->
+    synthetic-R-rN -> train-R-rN (from the last checkpoint, every synthetic set so far). Each train
+    stage's lineage.json lists the rounds up to it."""
+    from megadoc_megatron.synth.tune import STYLE_OF_OPERATION
+
+    experiment, refresh = planner.experiment, recipe.refresh
+    if experiment.generator.get("backend") == "openai":
+        raise InputError(f"recipe {recipe.name}: refresh tunes a local generator, which an openai server does not serve",
+                         experiment.source, fix="use backend hf or vllm for refresh recipes")
+    tune_flags = planner.commands.flags(["synth", "tune"], refresh.tune, f"{recipe.name}.refresh.tune",
+                                        {"input", "output", "model", "checkpoint", "id_key", "text_key"})
+    style = refresh.tune.get("style") or STYLE_OF_OPERATION[refresh.tune.get("tuned_operation", "rephrase")]
+    reference = [] if "reference" in refresh.tune else ["--reference", External(planner.corpus.train)]
+    generator = experiment.generator.get("model")
+    model = ["--model", _input(generator)] if generator else []  # then the tuned one of the round before
+    data, train = [first], planner.add(train_stage(experiment, recipe, prefixes, [first], round_number=0,
+                                                   lineage=[_round(0, generator, None, first, None)]))
+    rounds = [_round(0, generator, None, first, train)]
+    for number in range(1, refresh.rounds + 1):
+        checkpoint = f"{train.folder}/ckpt"
+        tune = planner.add(Stage(f"tune-{recipe.name}-r{number}", [
+            ["synth", "tune", "--input", External(planner.corpus.train), "--output", f"{OUT}/generator",
+             "--checkpoint", checkpoint, *reference, "--id-key", planner.corpus.id_key,
+             "--text-key", planner.corpus.text_key, *model, *tune_flags]]))
+        generator = f"{tune.folder}/generator"
+        model = ["--model", generator]
+        source = planner.synth(f"synth-rephrase-{recipe.name}-r{number}", "rephrase", recipe.generations,
+                               {"model": generator, "styles": [style]})
+        data.append(planner.synthetic(f"synthetic-{recipe.name}-r{number}", recipe.kind, source, None))
+        pending = _round(number, generator, checkpoint, data[-1], None)
+        train = planner.add(train_stage(experiment, recipe, prefixes, data, round_number=number,
+                                        init_from=checkpoint, lineage=rounds + [pending]))
+        rounds.append({**pending, "checkpoint": f"{train.folder}/ckpt"})
+    return train
+
+
+def _round(number: int, generator, tuned_against, data: Stage, train: Stage | None) -> dict:
+    from megadoc_megatron.synth.default_model import DEFAULT_MODEL
+
+    return {"round": number, "generator": str(generator or DEFAULT_MODEL), "tuned_against": tuned_against,
+            "synthetic": str(data.folder), "checkpoint": f"{train.folder}/ckpt" if train else f"{OUT}/ckpt"}
+
+
+def train_stage(experiment: Experiment, recipe: Recipe, prefixes: dict, synthetic: list[Stage],
+                round_number: int | None = None, init_from: str = "", lineage: list | None = None) -> Stage:
     blend = experiment.blend
-    mix = ["--synthetic", f"{synthetic.folder}/synthetic_text_document"] if synthetic else []
+    mix = ["--synthetic", *[f"{s.folder}/synthetic_text_document" for s in synthetic]] if synthetic else []
+    length = ["-E", recipe.epochs] if recipe.epochs is not None else ["--train-tokens", recipe.train_tokens]
     config = merge_dicts(experiment.train, recipe.train)
     config = merge_dicts(config, {"data": {"blend": f"{OUT}/blend/blend.json"}, "checkpoint": {"dir": f"{OUT}/ckpt"}})
+    if round_number is not None:
+        config = merge_dicts(config, {"patience": recipe.refresh.patience,
+                                      "checkpoint": {"init_from": init_from} if init_from else {}})
+        if not (config.get("logging") or {}).get("eval_interval"):
+            raise InputError(f"recipe {recipe.name}: refresh stops each round on a validation plateau, so it needs "
+                             "train.logging.eval_interval", experiment.source,
+                             fix="e.g. `train: {logging: {eval_interval: 100}}`")
     config_from_dict(config, experiment.source)  # unknown fields and wrong types fail here, before anything runs
     run_info = {"name": recipe.name, "recipe": recipe.kind, "generations": recipe.generations}
-    return Stage(f"train-{recipe.name}", [
-        ["blend", "--real", real_prefix, *mix, "-w", recipe.synthetic_weight, "-E", recipe.epochs,
+    files = {"train.yaml": json.dumps(config, indent=2) + "\n"}
+    if round_number is not None:
+        run_info["round"] = round_number
+        files["lineage.json"] = json.dumps({"recipe": recipe.name, "rounds": lineage}, indent=2) + "\n"
+    files["ckpt/recipe.json"] = json.dumps(run_info) + "\n"
+    suffix = f"-r{round_number}" if round_number else ""
+    return Stage(f"train-{recipe.name}{suffix}", [
+        ["blend", "--real", prefixes["real"], *mix, "-w", recipe.synthetic_weight, *length,
          "--seq-length", blend.seq_length, "--global-batch-size", blend.global_batch_size, "--seed", blend.seed,
-         "--valid-data", heldout_prefix, "--output-dir", f"{OUT}/blend"],
+         "--valid-data", prefixes["heldout"], "--output-dir", f"{OUT}/blend"],
         ["train", f"{OUT}/train.yaml"]],
-        files={"train.yaml": json.dumps(config, indent=2) + "\n", "ckpt/recipe.json": json.dumps(run_info) + "\n"},
-        launcher=experiment.launch.train)
+        files=files, launcher=experiment.launch.train)
 
 
 def eval_stage(experiment: Experiment, commands: Commands, recipe: str, train: Stage, heldout_prefix: str,

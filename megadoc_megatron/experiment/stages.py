@@ -140,7 +140,7 @@ def _run_in_process(argv: list[str], log) -> int:
     run, ~10 s saved per stage on CPU); its output goes to the console and the stage's log."""
     from megadoc_megatron.cli import main
 
-    stdout, stderr = sys.stdout, sys.stderr
+    stdout, stderr, excepthook = sys.stdout, sys.stderr, sys.excepthook
     sys.stdout, sys.stderr = _Tee(stdout, log), _Tee(stderr, log)
     try:
         return main(argv)
@@ -149,8 +149,8 @@ def _run_in_process(argv: list[str], log) -> int:
     except Exception:
         traceback.print_exc()
         return 1
-    finally:
-        sys.stdout, sys.stderr = stdout, stderr
+    finally:  # torch.distributed.init_process_group wraps the excepthook, once per stage
+        sys.stdout, sys.stderr, sys.excepthook = stdout, stderr, excepthook
 
 
 def run_stage(stage: Stage) -> str:

@@ -120,22 +120,25 @@ def point_recipe(base, point: Point):
                    train={**base.train, "optimizer": optimizer})
 
 
-class Sweep:
+class Study:
+    """Runs of one experiment config that vary a recipe: each point is a recipe, run as `megadoc run`
+    would (the data stages are shared and cached)."""
+
     def __init__(self, config: str, overrides: list[str]):
-        from megadoc_megatron.experiment.config import check_recipe, load_experiment
+        from megadoc_megatron.experiment.config import load_experiment
 
         self.config, self.overrides = config, overrides
         self.experiment = load_experiment(Path(config), overrides)
-        self.base, self.axes = parse_sweep(self.experiment)
-        self.points = grid(self.axes)
-        self.start = start_point(self.experiment.sweep, self.base, self.axes, self.points)
-        self.recipes = {p: check_recipe(point_recipe(self.base, p), f"sweep point {p.name(self.base.name)}", self.experiment.source)
-                        for p in self.points}
+        self.points: list = []
+        self.recipes: dict = {}   # point -> Recipe
 
-    def with_recipes(self, points: list[Point]):
+    def point_name(self, point) -> str:
+        return self.recipes[point].name
+
+    def with_recipes(self, points: list):
         return replace(self.experiment, recipes=[self.recipes[p] for p in points])
 
-    def losses(self) -> dict[Point, float]:
+    def losses(self) -> dict:
         """The i.i.d. loss of every point whose evaluation has finished."""
         from megadoc_megatron.evaluate.report import latest_result
         from megadoc_megatron.experiment.plan import build_graph
@@ -148,6 +151,30 @@ class Sweep:
                 result = latest_result(plan.trains[name].folder / "ckpt", "loss", plan.eval_name)
                 found[point] = result["metrics"]["loss"]
         return found
+
+    def run_point(self, point) -> None:
+        from megadoc_megatron.experiment.command import run_experiment
+
+        run_experiment(self.with_recipes([point]), report=False)
+
+    def job_command(self, point, preset: str | None = None) -> str:
+        sets = [item for override in self.overrides for item in ("--set", override)]
+        return shlex.join(["megadoc", "sweep", str(Path(self.config).resolve()), *sets,
+                           *(["--preset", preset] if preset else []), "--point", self.point_name(point)])
+
+
+class Sweep(Study):
+    """The grid around one recipe, and the local-optimum check."""
+
+    def __init__(self, config: str, overrides: list[str]):
+        from megadoc_megatron.experiment.config import check_recipe
+
+        super().__init__(config, overrides)
+        self.base, self.axes = parse_sweep(self.experiment)
+        self.points = grid(self.axes)
+        self.start = start_point(self.experiment.sweep, self.base, self.axes, self.points)
+        self.recipes = {p: check_recipe(point_recipe(self.base, p), f"sweep point {p.name(self.base.name)}", self.experiment.source)
+                        for p in self.points}
 
     def needed(self, losses: dict[Point, float], mode: str) -> list[Point]:
         if mode == "grid":
@@ -174,21 +201,57 @@ class Sweep:
                          f"{verdict.best.name(self.base.name)} still to run")
         return "\n".join(lines)
 
-    def run_point(self, point: Point) -> None:
-        from megadoc_megatron.experiment.command import run_experiment
-
-        run_experiment(self.with_recipes([point]), report=False)
-
-    def job_command(self, point: Point) -> str:
-        sets = [item for override in self.overrides for item in ("--set", override)]
-        return shlex.join(["megadoc", "sweep", str(Path(self.config).resolve()), *sets, "--point",
-                           point.name(self.base.name)])
-
-    def report(self, losses: dict[Point, float]) -> None:
+    def report(self, losses: dict[Point, float]) -> dict:
         from megadoc_megatron.experiment.command import run_experiment
 
         if losses:
             run_experiment(self.with_recipes([p for p in self.points if p in losses]))
+        verdict = local_optimum(self.axes, losses)
+        return {"tuned": verdict.tuned, "best": verdict.best.name(self.base.name) if verdict.best else None}
+
+
+class MixtureStudy(Study):
+    """The `mixture` preset: every (data type, w, budget) point; see mixture.py."""
+
+    def __init__(self, config: str, overrides: list[str]):
+        from megadoc_megatron.experiment.config import check_recipe
+        from megadoc_megatron.experiment.mixture import MixturePoint, parse_mixture, point_recipe
+
+        super().__init__(config, overrides)
+        self.data, weights, self.budgets = parse_mixture(self.experiment)
+        first = next(iter(self.data.values()))
+        if any(d.train != first.train for d in self.data.values()):
+            raise InputError("mixture.data: the data types must share their train overrides (the real-only runs "
+                             "use them too)", self.experiment.source, fix="move them to the train section")
+        for data in self.data:
+            for weight in weights:
+                for budget in self.budgets:
+                    point = MixturePoint("real" if not weight else data, weight, budget)
+                    self.recipes[point] = check_recipe(point_recipe(self.data[data], point, first.train),
+                                                       f"mixture point {point.name}", self.experiment.source)
+        self.points = list(self.recipes)
+
+    def needed(self, losses: dict, mode: str) -> list:
+        return [p for p in self.points if p not in losses]
+
+    def summary(self, losses: dict) -> dict:
+        from megadoc_megatron.experiment.mixture import mixture_summary
+
+        return mixture_summary(self.points, list(self.data), losses)
+
+    def table(self, losses: dict, needed: list) -> str:
+        from megadoc_megatron.experiment.mixture import format_summary
+
+        return (format_summary(self.summary(losses), self.budgets)
+                + f"\n{len(losses)} of {len(self.points)} points finished, {len(needed)} needed")
+
+    def report(self, losses: dict) -> dict:
+        from megadoc_megatron.experiment.mixture import write_mixture_report
+
+        summary = self.summary(losses)
+        print(f"mixture report: {write_mixture_report(Path(self.experiment.work_dir), summary, self.budgets)} "
+              "(and mixture.json, mixture.png)")
+        return {"best_weight": {data: result["best_weight"] for data, result in summary.items()}}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -203,36 +266,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sbatch-args", default="", help='slurm: options for sbatch, e.g. "--nodes 1 --gres gpu:8 --time 4:00:00"')
     parser.add_argument("--dry-run", action="store_true", help="slurm: print the sbatch commands instead of running them")
     parser.add_argument("--point", help="run just this point (what each SLURM job does)")
+    parser.add_argument("--preset", choices=("mixture",),
+                        help="mixture: the synthetic-mixture study of the config's mixture section (w x budget x "
+                             "data type; always the whole grid), instead of the sweep section")
 
 
 def run(args: argparse.Namespace) -> dict:
-    sweep = Sweep(args.config, args.overrides)
+    study = MixtureStudy(args.config, args.overrides) if args.preset == "mixture" else Sweep(args.config, args.overrides)
     if args.point:
-        point = next((p for p in sweep.points if p.name(sweep.base.name) == args.point), None)
+        point = next((p for p in study.points if study.point_name(p) == args.point), None)
         if point is None:
-            raise InputError(f"no sweep point named {args.point!r}", sweep.experiment.source,
+            raise InputError(f"no sweep point named {args.point!r}", study.experiment.source,
                              fix="use a name from the table of `megadoc sweep CONFIG`")
-        sweep.run_point(point)
+        study.run_point(point)
         return {"ran": args.point}
-    losses = sweep.losses()
-    needed = sweep.needed(losses, args.mode)
+    losses = study.losses()
+    needed = study.needed(losses, args.mode)
     while args.execute == "local" and needed:
         for point in needed:
-            print(f"megadoc sweep: running {point.name(sweep.base.name)}", flush=True)
-            sweep.run_point(point)
-        losses = sweep.losses()
-        needed = sweep.needed(losses, args.mode)
+            print(f"megadoc sweep: running {study.point_name(point)}", flush=True)
+            study.run_point(point)
+        losses = study.losses()
+        needed = study.needed(losses, args.mode)
     if args.execute == "slurm":
         for point in needed:
-            command = ["sbatch", "--job-name", point.name(sweep.base.name), *shlex.split(args.sbatch_args),
-                       "--wrap", sweep.job_command(point)]
+            command = ["sbatch", "--job-name", study.point_name(point), *shlex.split(args.sbatch_args),
+                       "--wrap", study.job_command(point, args.preset)]
             print(shlex.join(command), flush=True)
             if not args.dry_run:
                 subprocess.run(command, check=True)
-    if args.execute == "local":
-        sweep.report(losses)
-    print(sweep.table(losses, needed))
-    verdict = local_optimum(sweep.axes, losses)
-    return {"losses": {p.name(sweep.base.name): v for p, v in losses.items()},
-            "needed": [p.name(sweep.base.name) for p in needed], "tuned": verdict.tuned,
-            "best": verdict.best.name(sweep.base.name) if verdict.best else None}
+    outcome = study.report(losses) if args.execute == "local" else {}
+    print(study.table(losses, needed))
+    return {"losses": {study.point_name(p): v for p, v in losses.items()},
+            "needed": [study.point_name(p) for p in needed], **outcome}
