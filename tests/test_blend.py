@@ -56,6 +56,22 @@ def test_real_only_blend_fills_the_last_batch_from_the_next_pass(streams, tmp_pa
         assert f"samples of pass {epochs + 1}" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("weight", [0.0, 1 / 3, 1.0])
+def test_a_token_budget_is_split_w_to_synthetic_as_megatron_core_draws_it(streams, tmp_path, capsys, weight):
+    real, synthetic = streams["long"]
+    mix = ["--synthetic", synthetic] if weight else []
+    assert main(["blend", "--real", real, *mix, "-w", str(weight), "--train-tokens", "20000", "--seq-length", "64",
+                 "--global-batch-size", "8", "--output-dir", str(tmp_path)]) == 0
+    plan = json.loads((tmp_path / "blend.json").read_text())
+    assert plan["train_iters"] == 40 and plan["epochs"] is None  # ceil(20000 / (64 * 8))
+    rows = verify_blend(plan)
+    assert [r["stream"] for r in rows] == (["synthetic"] if weight == 1 else ["real", "synthetic"][:1 + bool(weight)])
+    drawn = {r["stream"]: r["drawn"] for r in rows}
+    assert sum(drawn.values()) == plan["train_samples"]
+    assert drawn.get("synthetic", 0) / plan["train_samples"] == pytest.approx(weight, abs=1 / plan["train_samples"])
+    assert "token budget 20,000" in capsys.readouterr().out
+
+
 def test_several_real_datasets_each_get_exact_epochs(streams, tmp_path):
     (real_long, syn_long), (real_short, _) = streams["long"], streams["short"]
     plan = blend([real_long, real_short], [syn_long], 0.75, 3, 64, 8, tmp_path)

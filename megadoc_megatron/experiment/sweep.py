@@ -1,4 +1,5 @@
-"""`megadoc sweep CONFIG`: a grid over (E, w, lr, wd) around one recipe, and the local-optimum check.
+"""`megadoc sweep CONFIG`: a grid over (E, w, lr, wd) around one recipe, and the local-optimum check
+(`--preset mixture`: the synthetic-mixture study instead, see mixture.py).
 
 The config's `sweep` section names the recipe and the values of each axis:
 
@@ -55,6 +56,9 @@ def parse_sweep(experiment) -> tuple[object, dict[str, list]]:
         raise InputError(f"sweep.recipe {sweep['recipe']!r} is not a recipe of the config", source,
                          fix=f"choose from {', '.join(recipes)}")
     base = recipes[sweep["recipe"]]
+    if base.epochs is None:
+        raise InputError(f"sweep.recipe {base.name!r} has a token budget, not epochs", source,
+                         fix="sweep a recipe with epochs; for budgets and shares use --preset mixture")
     optimizer = {**experiment.train.get("optimizer", {}), **base.train.get("optimizer", {})}
     own = {"epochs": base.epochs, "synthetic_weight": base.synthetic_weight,
            "lr": optimizer.get("lr", OptimizerConfig.lr), "weight_decay": optimizer.get("weight_decay", OptimizerConfig.weight_decay)}
@@ -201,11 +205,13 @@ class Sweep(Study):
                          f"{verdict.best.name(self.base.name)} still to run")
         return "\n".join(lines)
 
-    def report(self, losses: dict[Point, float]) -> dict:
+    def report(self, losses: dict[Point, float]) -> None:
         from megadoc_megatron.experiment.command import run_experiment
 
         if losses:
             run_experiment(self.with_recipes([p for p in self.points if p in losses]))
+
+    def outcome(self, losses: dict[Point, float]) -> dict:
         verdict = local_optimum(self.axes, losses)
         return {"tuned": verdict.tuned, "best": verdict.best.name(self.base.name) if verdict.best else None}
 
@@ -245,13 +251,14 @@ class MixtureStudy(Study):
         return (format_summary(self.summary(losses), self.budgets)
                 + f"\n{len(losses)} of {len(self.points)} points finished, {len(needed)} needed")
 
-    def report(self, losses: dict) -> dict:
+    def report(self, losses: dict) -> None:
         from megadoc_megatron.experiment.mixture import write_mixture_report
 
-        summary = self.summary(losses)
-        print(f"mixture report: {write_mixture_report(Path(self.experiment.work_dir), summary, self.budgets)} "
-              "(and mixture.json, mixture.png)")
-        return {"best_weight": {data: result["best_weight"] for data, result in summary.items()}}
+        path = write_mixture_report(Path(self.experiment.work_dir), self.summary(losses), self.budgets)
+        print(f"mixture report: {path} (and mixture.json, mixture.png)")
+
+    def outcome(self, losses: dict) -> dict:
+        return {"best_weight": {data: result["best_weight"] for data, result in self.summary(losses).items()}}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -295,7 +302,8 @@ def run(args: argparse.Namespace) -> dict:
             print(shlex.join(command), flush=True)
             if not args.dry_run:
                 subprocess.run(command, check=True)
-    outcome = study.report(losses) if args.execute == "local" else {}
+    if args.execute == "local":
+        study.report(losses)
     print(study.table(losses, needed))
     return {"losses": {study.point_name(p): v for p, v in losses.items()},
-            "needed": [study.point_name(p) for p in needed], **outcome}
+            "needed": [study.point_name(p) for p in needed], **study.outcome(losses)}
