@@ -230,25 +230,24 @@ def test_two_refresh_rounds_tune_regenerate_continue_and_record_their_lineage(de
 
 
 def test_mixture_study_trains_every_share_and_budget_and_fits_each_share(demo):
-    """w = 0 (real only) and w = 1 (synthetic only) at four token budgets: real blends, real
-    training, a fit over the budget per w, the report and its plot."""
+    """w = 0 (real only) and w = 1 (synthetic only) at two token budgets: real blends, real
+    training, the report and its plot (the fits: the test below)."""
     work, _ = demo
     output = run_example(work, "sweep", "--preset", "mixture", "--execute", "local",
                          "--set", "mixture.data=[{name: hq, kind: simple, generations: 2}]",
                          "--set", "mixture.synthetic_weight=[0, 1]",
-                         "--set", "mixture.train_tokens=[4096, 6144, 8192, 12288]",
+                         "--set", "mixture.train_tokens=[4096, 12288]",
                          "--set", "train.optimizer.warmup_iters=1", "--set", "eval.long_context=null")
     assert "synth-rephrase" not in started(output)  # the demo's generations
-    assert "8 of 8 points finished, 0 needed" in output
+    assert "4 of 4 points finished, 0 needed" in output
     synthetic_only = json.loads(next(work.glob("stages/train-hq-w1-D12288.*/blend/blend.json")).read_text())
     assert [d["stream"] for d in synthetic_only["datasets"]] == ["synthetic"]
     assert synthetic_only["train_iters"] == 6 and synthetic_only["synthetic_weight_realized"] == 1
     summary = json.loads((work / "mixture/mixture.json").read_text())["hq"]
     for weight in ("0", "1"):
         losses = summary["fits"][weight]["losses"]
-        assert list(losses) == ["4096", "6144", "8192", "12288"] and losses["12288"] < losses["4096"]
-        assert summary["fits"][weight]["fit"] or "needs" in summary["fits"][weight]["note"] \
-            or "does not decrease" in summary["fits"][weight]["note"]
+        assert list(losses) == ["4096", "12288"] and losses["12288"] < losses["4096"]
+        assert "needs at least 4" in summary["fits"][weight]["note"]
     assert set(summary["best_weight"].values()) <= {0.0, 1.0}
     assert (work / "mixture/mixture.png").stat().st_size > 10_000 and "| 1 |" in (work / "mixture/mixture.md").read_text()
 

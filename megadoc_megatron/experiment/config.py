@@ -141,17 +141,20 @@ def check_recipe(recipe: Recipe, where: str, path) -> Recipe:
              "e.g. epochs: 4")
     if recipe.epochs is not None and recipe.epochs < 1:
         fail(f"epochs must be at least 1, not {recipe.epochs}", "count whole passes over the real data")
-    if recipe.train_tokens is not None and recipe.train_tokens < 1:
-        fail(f"train_tokens must be positive, not {recipe.train_tokens}", "e.g. train_tokens: 100000000")
-    highest = 1 if recipe.train_tokens else 1 - 1e-12  # with exact epochs there must be real data
+    budget = recipe.train_tokens is not None
+    if budget:
+        if not isinstance(recipe.train_tokens, (int, float)) or recipe.train_tokens < 1 \
+                or recipe.train_tokens != int(recipe.train_tokens):
+            fail(f"train_tokens must be a positive whole number, not {recipe.train_tokens}", "e.g. train_tokens: 1.0e+8")
+        recipe.train_tokens = int(recipe.train_tokens)  # YAML reads 1.0e+8 as a float
     if recipe.kind == "real":
         if recipe.generations is not None or recipe.synthetic_weight != 0:
             fail("a real-only recipe has no generations and no synthetic weight", "drop generations and synthetic_weight")
     else:
         if not isinstance(recipe.generations, int) or recipe.generations < 1:
             fail(f"a {recipe.kind} recipe needs generations (G) of at least 1", "e.g. generations: 4")
-        if not 0 < recipe.synthetic_weight <= highest:
-            fail(f"synthetic_weight must lie in (0, {'1]' if recipe.train_tokens else '1)'}, not "
+        if not (0 < recipe.synthetic_weight <= 1 if budget else 0 < recipe.synthetic_weight < 1):
+            fail(f"synthetic_weight must lie in (0, {'1]' if budget else '1)'}, not "
                  f"{recipe.synthetic_weight}", "e.g. synthetic_weight: 0.75 (1, synthetic data only, needs train_tokens)")
     if recipe.styles is not None and (recipe.kind not in REPHRASED_KINDS or not recipe.styles
                                       or not all(isinstance(s, str) for s in recipe.styles)):
