@@ -119,7 +119,7 @@ def _plan(blend: str | None) -> dict:
     return {}
 
 
-def _fit(points: list[tuple[float, float]], what: str):
+def fit_or_reason(points: list[tuple[float, float]], what: str):
     """The power-law fit of (x, loss) points, or (None, why not)."""
     from megadoc_megatron.evaluate.fits import fit_power_law
 
@@ -132,7 +132,7 @@ def _fit(points: list[tuple[float, float]], what: str):
 
 def baseline_fit(runs: list[Run]):
     """The fit of real-only runs over real tokens, or (None, why not)."""
-    return _fit([(r.real_tokens, r.iid_loss) for r in runs if r.recipe == "real" and r.iid_loss and r.real_tokens],
+    return fit_or_reason([(r.real_tokens, r.iid_loss) for r in runs if r.recipe == "real" and r.iid_loss and r.real_tokens],
                 "real-only data amounts")
 
 
@@ -152,7 +152,7 @@ def asymptotes(runs: list[Run]) -> list[Asymptote]:
     for run in runs:
         if run.ensemble:
             points = [(e["members"], e["loss"]) for e in run.ensemble]
-            found.append(Asymptote("ensemble members", run.name, points, *_fit(points, f"{run.name}'s ensemble members")))
+            found.append(Asymptote("ensemble members", run.name, points, *fit_or_reason(points, f"{run.name}'s ensemble members")))
     groups: dict[tuple, list] = {}
     for run in runs:
         if run.parameters and run.iid_loss is not None:
@@ -160,7 +160,7 @@ def asymptotes(runs: list[Run]) -> list[Asymptote]:
     for (recipe, generations), points in groups.items():
         if len({p[0] for p in points}) > 1:
             subject = recipe + (f" G={generations}" if generations else "")
-            found.append(Asymptote("parameters", subject, sorted(points), *_fit(points, f"{subject} model sizes")))
+            found.append(Asymptote("parameters", subject, sorted(points), *fit_or_reason(points, f"{subject} model sizes")))
     return found
 
 

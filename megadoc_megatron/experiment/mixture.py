@@ -96,7 +96,7 @@ def point_recipe(data, point: MixturePoint, real_train: dict):
 
 def mixture_summary(points: list[MixturePoint], data_names: list[str], losses: dict) -> dict:
     """Per data type: the fit over budget for each w, and the best w at each budget."""
-    from megadoc_megatron.evaluate.report import _fit
+    from megadoc_megatron.evaluate.report import fit_or_reason
 
     weights = sorted({p.weight for p in points})
     budgets = sorted({p.budget for p in points})
@@ -108,7 +108,7 @@ def mixture_summary(points: list[MixturePoint], data_names: list[str], losses: d
         fits = {}
         for weight in weights:
             found = [(b, loss(weight, b)) for b in budgets if loss(weight, b) is not None]
-            fit, note = _fit(found, f"budgets (w={weight:.3g})")
+            fit, note = fit_or_reason(found, f"budgets (w={weight:.3g})")
             fits[f"{weight:.4g}"] = {"fit": fit.as_dict() if fit else None, "note": note,
                                      "losses": {str(b): v for b, v in found}}
         best = {}
