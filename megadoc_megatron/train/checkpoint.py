@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import random
 import shutil
-from contextlib import contextmanager
 from pathlib import Path
-from unittest import mock
 
 import numpy as np
 import torch
@@ -22,6 +20,7 @@ import torch.distributed as dist
 
 from megadoc_megatron.errors import InputError
 from megadoc_megatron.records import write_text_atomic
+from megadoc_megatron.train.cuda_on_cpu import megatron_core_on_cpu
 
 TRACKER = "latest_checkpointed_iteration.txt"
 
@@ -40,19 +39,6 @@ def latest_iteration(root) -> int | None:
         raise InputError(f"the checkpoint tracker names {text!r}, which is not a checkpoint here", tracker,
                          fix="delete the tracker file to start afresh, or restore the missing iter_ folder")
     return int(text)
-
-
-@contextmanager
-def cuda_calls_on_cpu():
-    """megatron-core 0.16's torch_dist writer calls `torch.cuda.synchronize()` after staging tensors
-    to host memory and puts its failure flag on `torch.cuda.current_device()`. On a CPU-only torch
-    both would raise, so for the length of a save the first is a no-op and the second names the
-    CPU. With CUDA present nothing changes."""
-    if torch.cuda.is_available():
-        yield
-        return
-    with mock.patch("torch.cuda.synchronize"), mock.patch("torch.cuda.current_device", return_value="cpu"):
-        yield
 
 
 def layout() -> dict:
@@ -99,14 +85,32 @@ def _model_keys(chunks: list) -> list[str]:
     return ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
 
 
-def _sharded_state(engine, scheduler, is_loading: bool, rng: dict | None) -> dict:
-    state = {key: chunk.sharded_state_dict() for key, chunk in zip(_model_keys(engine.chunks), engine.chunks)}
-    state["optimizer"] = engine.optimizer.sharded_state_dict(dict(state), is_loading=is_loading)
+def _sharded_state(engine, scheduler, is_loading: bool, rng: dict | None, optimizer: bool = True,
+                   metadata: dict | None = None) -> dict:
+    """What megatron-core saves or loads; `metadata` (how the optimizer state is laid out) defaults
+    to the engine's: a load passes the checkpoint's."""
+    metadata = dict(metadata or engine.checkpoint_metadata or {})  # megatron-core adds process groups to it
+    state = {key: chunk.sharded_state_dict(metadata=metadata) for key, chunk in zip(_model_keys(engine.chunks), engine.chunks)}
+    if optimizer:
+        state["optimizer"] = engine.optimizer.sharded_state_dict(dict(state), is_loading=is_loading, metadata=metadata)
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
     if rng is not None or is_loading:
         state["rng_state"] = _sharded_rng(rng)
     return state
+
+
+def optimizer_mismatch(common: dict, engine) -> str | None:
+    """Why this engine cannot take the optimizer state of a checkpoint (its common state), or None."""
+    saved_format, saved_layout = common.get("optimizer_format", "portable"), common["layout"]
+    if saved_format != engine.optimizer_format:
+        return f"its optimizer state was kept by {saved_format}, this run's is kept by {engine.optimizer_format}"
+    current = layout()
+    sharding = (common.get("sharding_metadata") or {}).get("distrib_optim_sharding_type")
+    if sharding == "dp_reshardable" and any(saved_layout[k] != current[k] for k in ("tensor", "pipeline")):
+        return (f"its distributed-optimizer state is laid out for tensor {saved_layout['tensor']} x pipeline "
+                f"{saved_layout['pipeline']} ranks, this run has tensor {current['tensor']} x pipeline {current['pipeline']}")
+    return None
 
 
 def save(root, iteration: int, consumed_samples: int, engine, scheduler, config: dict, info: dict | None = None) -> Path:
@@ -121,8 +125,10 @@ def save(root, iteration: int, consumed_samples: int, engine, scheduler, config:
         target.mkdir(parents=True)
     dist.barrier()
     state = _sharded_state(engine, scheduler, is_loading=False, rng=_rng_states())
-    state.update(iteration=iteration, consumed_samples=consumed_samples, layout=layout(), config=config, info=info or {})
-    with cuda_calls_on_cpu():
+    state.update(iteration=iteration, consumed_samples=consumed_samples, layout=layout(), config=config, info=info or {},
+                 optimizer_format=engine.optimizer_format,
+                 sharding_metadata=dict(engine.checkpoint_metadata or {}))
+    with megatron_core_on_cpu():  # its writer synchronizes CUDA and flags failures on the current device
         dist_checkpointing.save(state, str(target))
     dist.barrier()
     if dist.get_rank() == 0:
@@ -133,8 +139,8 @@ def save(root, iteration: int, consumed_samples: int, engine, scheduler, config:
 
 def load(root, engine, scheduler) -> tuple[int, int, str]:
     """Restore the latest complete checkpoint in root: (iteration, consumed samples, a note);
-    (0, 0, note) when there is none. With scheduler None only the weights and the optimizer state
-    are restored (a new run starting from another run's checkpoint)."""
+    (0, 0, note) when there is none. With scheduler None (a new run starting from another run's
+    checkpoint) the weights are restored, and the optimizer state where this engine can take it."""
     from megatron.core import dist_checkpointing
 
     iteration = latest_iteration(root)
@@ -142,19 +148,31 @@ def load(root, engine, scheduler) -> tuple[int, int, str]:
         return 0, 0, f"no checkpoint in {root}: starting from scratch"
     source = iteration_dir(root, iteration)
     common = dist_checkpointing.load_common_state_dict(str(source))
+    mismatch = optimizer_mismatch(common, engine)
+    if mismatch and scheduler is not None:
+        raise InputError(f"cannot resume from this checkpoint: {mismatch}", source,
+                         fix="resume with the engine, parallel.distributed_optimizer and tensor/pipeline sizes it was "
+                             "saved with (checkpoint.reshardable_optimizer lets later saves change them), or start a "
+                             "new run from its weights with checkpoint.init_from")
     restore_rng = scheduler is not None and common["layout"] == layout()  # RNG states belong to ranks
-    state = _sharded_state(engine, scheduler, is_loading=True, rng=None)
+    state = _sharded_state(engine, scheduler, is_loading=True, rng=None, optimizer=not mismatch,
+                           metadata=common.get("sharding_metadata"))
     if not restore_rng:
         del state["rng_state"]
     loaded = dist_checkpointing.load(state, str(source))
     for key, chunk in zip(_model_keys(engine.chunks), engine.chunks):
         chunk.load_state_dict(loaded[key])
-    engine.optimizer.load_state_dict(loaded["optimizer"])
+    if not mismatch:
+        engine.optimizer.load_state_dict(loaded["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(loaded["scheduler"])
     if restore_rng:
         _restore_rng(loaded["rng_state"])
+    if scheduler is None:
+        note = f"the weights and optimizer state of {source}" if not mismatch else \
+            f"the weights of {source} (its optimizer state is not taken: {mismatch})"
+        return iteration, common["consumed_samples"], note
     note = f"resumed from {source} (iteration {iteration}, {common['consumed_samples']:,} samples consumed)"
-    if scheduler is not None and not restore_rng:
+    if not restore_rng:
         note += f"; layout {common['layout']} -> {layout()}: RNG states start afresh"
     return iteration, common["consumed_samples"], note

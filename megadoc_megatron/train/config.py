@@ -33,6 +33,8 @@ class DataConfig:
 class ModelConfig:
     preset: str = "tiny"
     backend: str = "auto"               # te | portable | auto (te when Transformer Engine imports on a GPU)
+    recompute: str = "none"             # none | selective (core attention) | full (every layer): activation
+                                        # memory for compute, as Megatron-LM's --recompute-granularity
     overrides: dict = field(default_factory=dict)  # any megatron-core TransformerConfig field
 
 
@@ -51,8 +53,10 @@ class ParallelConfig:
     pipeline: int = 1
     virtual_pipeline: int | None = None  # model chunks per pipeline stage (GPU schedules only)
     sequence_parallel: bool = False
-    distributed_optimizer: bool = True   # shard optimizer state over data-parallel ranks (GPU)
-    overlap_grad_reduce: bool = False    # GPU
+    distributed_optimizer: bool = True   # shard optimizer state over data-parallel ranks (engine megatron)
+    overlap_grad_reduce: bool = True     # reduce-scatter gradients during the backward pass (engine megatron)
+    overlap_param_gather: bool = True    # all-gather updated parameters during the next forward pass
+                                         # (engine megatron, with the distributed optimizer)
 
 
 @dataclass
@@ -66,6 +70,7 @@ class OptimizerConfig:
     adam_beta2: float = 0.95
     adam_eps: float = 1.0e-8
     clip_grad: float = 1.0
+    max_skipped_in_a_row: int = 10       # stop when this many updates in a row had non-finite gradients
 
 
 @dataclass
@@ -73,6 +78,9 @@ class CheckpointConfig:
     dir: str = ""                        # empty: no checkpoints
     save_interval: int = 0               # iterations; 0: only at the end
     load: bool = True                    # resume from the latest complete checkpoint in dir
+    reshardable_optimizer: bool = False  # engine megatron with the distributed optimizer: keep its state in model
+                                         # space, so a resume may change tensor/pipeline sizes (gathered at each
+                                         # save; Megatron-LM's --dist-ckpt-optim-fully-reshardable)
     init_from: str = ""                  # while dir holds none: start from the latest checkpoint here (weights and
                                          # optimizer state; iterations, data and learning-rate schedule start afresh)
 
@@ -84,7 +92,7 @@ class LoggingConfig:
     eval_iters: int = 1                  # global batches of held-out data per validation
     tensorboard_dir: str = ""
     wandb_project: str = ""
-    peak_tflops: float | None = None     # per device, for MFU; None: 989 (BF16 dense) on H100/H200, else no MFU
+    peak_tflops: float | None = None     # per device, for MFU; None: the GPU's datasheet peak (FP8 when on), else no MFU
 
 
 @dataclass
@@ -96,6 +104,7 @@ class TrainConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    engine: str = "auto"                 # megatron | portable | auto (megatron-core's on GPU, portable on CPU)
     seed: int = 1234
     train_iters: int | None = None       # None: the blend's iterations (exact epochs); fewer for a short run
     patience: int = 0                    # stop once this many validations in a row found no new best loss (0: never)

@@ -10,8 +10,13 @@ from pathlib import Path
 
 import torch
 
-# Dense BF16 peak per device (NVIDIA datasheets, SXM parts), for MFU when logging.peak_tflops is unset.
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+# Dense peak TFLOP/s per device (NVIDIA datasheets, without sparsity): (BF16, FP8), matched against
+# torch.cuda.get_device_name() in this order (the first part whose words all appear wins).
+PEAK_TFLOPS = [
+    ("H100 NVL", (835.0, 1671.0)), ("H100 PCIe", (756.0, 1513.0)), ("H100", (989.0, 1979.0)),  # SXM: "H100 80GB HBM3"
+    ("H200 NVL", (835.0, 1671.0)), ("H200", (989.0, 1979.0)), ("GH200", (989.0, 1979.0)),
+    ("B200", (2250.0, 4500.0)), ("GB200", (2500.0, 5000.0)), ("A100", (312.0, None)),
+]
 
 FLOPS_FORMULA = "Megatron-LM core_v0.16.1 num_floating_point_operations (dense GQA, SwiGLU, causal attention halved)"
 
@@ -31,12 +36,21 @@ def training_flops(config, padded_vocab: int, seq_length: int, batch_size: int) 
     return float(batch_size * seq_length * per_token)
 
 
-def peak_tflops(configured: float | None) -> float | None:
+def device_peak_tflops(device_name: str, fp8: str | None) -> float | None:
+    """The dense peak of a part at the precision its matrix multiplies run in (FP8 when on)."""
+    words = set(device_name.replace("-", " ").split())
+    for part, (bf16, fp8_peak) in PEAK_TFLOPS:
+        if set(part.split()) <= words:
+            return fp8_peak if fp8 else bf16
+    return None
+
+
+def peak_tflops(configured: float | None, fp8: str | None = None) -> float | None:
+    """logging.peak_tflops, else this GPU's datasheet peak for the precision; None on CPU."""
     if configured is not None:
         return configured
     if torch.cuda.is_available():
-        name = torch.cuda.get_device_name()
-        return next((peak for part, peak in PEAK_BF16_TFLOPS.items() if part in name), None)
+        return device_peak_tflops(torch.cuda.get_device_name(), fp8)
     return None
 
 
@@ -81,8 +95,10 @@ class StepLogger:
                  f"{row['tflops_per_device']:.2f} TFLOP/s/device"]
         if row.get("mfu") is not None:
             parts.append(f"MFU {100 * row['mfu']:.1f}%")
+        if row.get("warmup"):
+            parts.append("first iteration (warm-up)")
         if row.get("skipped"):
-            parts.append("update skipped (non-finite gradients)")
+            parts.append(f"{row['skipped']} update(s) skipped (non-finite gradients), {row['skipped_total']} in all")
         parts.append(f"ETA {eta}")
         return " | ".join(parts)
 

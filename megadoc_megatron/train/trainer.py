@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import random
 import time
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 
@@ -26,7 +27,8 @@ def masked_mean_loss(loss_mask: torch.Tensor, output: torch.Tensor):
     """Mean per-token loss of one micro-batch over the tokens the loss mask keeps."""
     mask = loss_mask.reshape(-1).float()
     loss = (output.float().reshape(-1) * mask).sum() / mask.sum().clamp(min=1.0)
-    return loss, {"lm loss": loss.detach()}
+    # A copy: megatron-core's schedule divides the returned loss in place by the micro-batch count.
+    return loss, {"lm loss": loss.clone().detach()}
 
 
 def forward_step(data_iterator, model, device: torch.device):
@@ -44,8 +46,9 @@ def resolve_backend(requested: str) -> str:
     return "te" if torch.cuda.is_available() and transformer_engine_available() else "portable"
 
 
-def build_model(config: TrainConfig, vocab_size: int, seq_length: int, device: torch.device):
-    """(TransformerConfig, model chunks of this rank) on `device`."""
+def build_model(config: TrainConfig, vocab_size: int, seq_length: int, device: torch.device, engine: str = "portable"):
+    """(TransformerConfig, model chunks of this rank, padded vocabulary) on `device`, with the fast
+    paths Megatron-LM would use for this engine and device."""
     from megatron.core import parallel_state
 
     from megadoc_megatron.model import build_gpt, padded_vocab_size, transformer_config
@@ -53,11 +56,16 @@ def build_model(config: TrainConfig, vocab_size: int, seq_length: int, device: t
     backend = resolve_backend(config.model.backend)
     parallel, precision = config.parallel, config.precision
     dtype = torch.bfloat16 if precision.bf16 else torch.float32
+    fast_paths = dict(
+        # TE accumulates weight gradients straight into megatron-core DDP's FP32 buffers.
+        gradient_accumulation_fusion=engine == "megatron" and backend == "te",
+        deallocate_pipeline_outputs=engine == "megatron",
+        cross_entropy_loss_fusion=device.type == "cuda", **recompute_settings(config.model.recompute))
     model_config = transformer_config(
         config.model.preset, backend, parallel.tensor, parallel.pipeline, parallel.sequence_parallel,
         precision.bf16, precision.fp8, precision.fp8_recipe, precision.fp8_amax_history_len,
         precision.fp8_amax_compute_algo, pipeline_dtype=dtype,
-        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline, **config.model.overrides)
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline, **{**fast_paths, **config.model.overrides})
     padded = padded_vocab_size(vocab_size)
     if padded % parallel.tensor:
         raise InputError(f"the padded vocabulary ({padded}) does not split over {parallel.tensor} tensor-parallel ranks",
@@ -70,6 +78,17 @@ def build_model(config: TrainConfig, vocab_size: int, seq_length: int, device: t
         chunk = build_gpt(model_config, padded, seq_length, backend, first, last, vp_stage)
         chunks.append(chunk.to(device))
     return model_config, chunks, padded
+
+
+def recompute_settings(recompute: str) -> dict:
+    """TransformerConfig fields of model.recompute (Megatron-LM's --recompute-* flags)."""
+    if recompute == "none":
+        return {}
+    if recompute == "selective":
+        return {"recompute_granularity": "selective"}
+    if recompute == "full":
+        return {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+    raise InputError(f"unknown model.recompute {recompute!r}", fix="use none, selective or full")
 
 
 def build_scheduler(optimizer, settings, train_iters: int):
@@ -129,9 +148,10 @@ class Trainer:
         from megatron.core import parallel_state
 
         from megadoc_megatron.data.blend_verify import dataset_tokenizer
-        from megadoc_megatron.train.engine import megatron_engine, portable_engine
+        from megadoc_megatron.train.engine import megatron_engine, portable_engine, resolve_engine
 
         self.config, self.device = config, device
+        self.engine_name = resolve_engine(config.engine, device)
         self.plan = load_plan(config.data.blend)
         self.seq_length, self.global_batch = self.plan["seq_length"], self.plan["global_batch_size"]
         data_parallel = parallel_state.get_data_parallel_world_size()
@@ -152,12 +172,14 @@ class Trainer:
                              self.plan["datasets"][0]["prefix"], fix="convert it with `megadoc preprocess`")
         self.info = {"seq_length": self.seq_length, "vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer.describe()}
         seed_everything(config.seed)
-        self.model_config, chunks, self.padded_vocab = build_model(config, tokenizer.vocab_size, self.seq_length, device)
-        self.engine = megatron_engine(chunks, self.model_config, config) if device.type == "cuda" \
+        self.model_config, chunks, self.padded_vocab = build_model(config, tokenizer.vocab_size, self.seq_length, device,
+                                                                   self.engine_name)
+        self.info["backend"] = resolve_backend(config.model.backend)
+        self.engine = megatron_engine(chunks, self.model_config, config) if self.engine_name == "megatron" \
             else portable_engine(chunks, config)
         self.scheduler = build_scheduler(self.engine.optimizer, config.optimizer, self.train_iters)
         self.flops_per_iteration = training_flops(self.model_config, self.padded_vocab, self.seq_length, self.global_batch)
-        self.peak = peak_tflops(config.logging.peak_tflops)
+        self.peak = peak_tflops(config.logging.peak_tflops, config.precision.fp8)
 
     def batches(self, dataset, start: int, end: int, num_workers: int = 0):
         """This rank's micro-batches of samples [start, end), as the schedule takes them: one iterator,
@@ -193,7 +215,7 @@ class Trainer:
         samples = self.config.logging.eval_iters * self.global_batch
         batches = self.batches(valid, 0, samples)
         losses = []
-        with torch.no_grad():
+        with torch.no_grad(), self.engine.params_synchronized():
             for _ in range(self.config.logging.eval_iters):
                 losses.append(reduce_loss(self.run_schedule(batches, forward_only=True), self.device))
         return float(np.mean(losses))
@@ -209,11 +231,10 @@ class Trainer:
             if checkpoint.latest_iteration(settings.init_from) is None:
                 raise InputError("checkpoint.init_from holds no checkpoint", settings.init_from,
                                  fix="point it at a checkpoint.dir of a finished run")
-            iteration, _, _ = checkpoint.load(settings.init_from, self.engine, scheduler=None)
+            iteration, _, taken = checkpoint.load(settings.init_from, self.engine, scheduler=None)
             self.scheduler.step(increment=0)  # the loaded optimizer state carries the old run's learning rate
             self.info["init_from"] = {"dir": str(Path(settings.init_from).resolve()), "iteration": iteration}
-            note = (f"started from {settings.init_from} (iteration {iteration}): its weights and optimizer state; "
-                    "iterations, data and learning-rate schedule start afresh")
+            note = f"started from {taken}; iterations, data and learning-rate schedule start afresh"
         return start, consumed, note
 
     def train(self) -> dict:
@@ -227,19 +248,22 @@ class Trainer:
             if rank0 else None
         if rank0:
             print(f"{note}\n{self.describe()}", flush=True)
-        last_loss, window_seconds, window_iters = None, 0.0, 0
+        last_loss, timer, skips = None, StepTimer(self.device), SkipCounter(config.optimizer.max_skipped_in_a_row)
         iteration = start
         stopped = "plateau" if plateaued(validations, config.patience) else "end"
         while stopped == "end" and iteration < self.train_iters:
             iteration += 1
-            step_start = time.perf_counter()
             last_loss, lr, grad_norm, updated = self.train_step(batches)
             consumed += self.global_batch
-            window_seconds, window_iters = window_seconds + time.perf_counter() - step_start, window_iters + 1
-            if iteration % config.logging.log_interval == 0 or iteration == self.train_iters:
+            timer.tick()
+            skips.count(updated, iteration, grad_norm)
+            if iteration % config.logging.log_interval == 0 or iteration == self.train_iters or skips.exhausted:
+                seconds, warmup = timer.read()
                 if rank0:
-                    logger.log(self._row(iteration, last_loss, lr, grad_norm, not updated, window_seconds / window_iters))
-                window_seconds, window_iters = 0.0, 0
+                    logger.log(self._row(iteration, last_loss, lr, grad_norm, skips, seconds, warmup))
+                skips.window = 0
+            if skips.exhausted:
+                raise skips.error(config.checkpoint.dir)
             saved = config.checkpoint.dir and (iteration == self.train_iters or config.checkpoint.save_interval
                                                and iteration % config.checkpoint.save_interval == 0)
             if saved:
@@ -253,23 +277,27 @@ class Trainer:
                     stopped = "plateau"
                     if config.checkpoint.dir and not saved:
                         self.save(iteration, consumed)
+                timer.restart()  # validation and saving are not training time
         if rank0:
             if stopped == "plateau":
                 print(f"stopped at iteration {iteration}: the validation loss has not improved on "
                       f"{min(validations):.4f} in {config.patience} validations (patience)", flush=True)
             logger.close()
-        return {"iterations": iteration, "final_loss": last_loss, "consumed_samples": consumed, "stopped": stopped}
+        return {"iterations": iteration, "final_loss": last_loss, "consumed_samples": consumed, "stopped": stopped,
+                "skipped_iterations": skips.total}
 
     def save(self, iteration: int, consumed: int) -> None:
-        checkpoint.save(self.config.checkpoint.dir, iteration, consumed, self.engine, self.scheduler,
-                        self.config.to_dict(), self.info)
+        with self.engine.params_synchronized():
+            checkpoint.save(self.config.checkpoint.dir, iteration, consumed, self.engine, self.scheduler,
+                            self.config.to_dict(), self.info)
 
-    def _row(self, iteration, loss, lr, grad_norm, skipped, seconds_per_iteration) -> dict:
+    def _row(self, iteration, loss, lr, grad_norm, skips, seconds_per_iteration, warmup) -> dict:
         tflops = self.flops_per_iteration / seconds_per_iteration / dist.get_world_size() / 1e12
         return {"iteration": iteration, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                 "tokens_per_s": self.global_batch * self.seq_length / seconds_per_iteration,
                 "seconds_per_iteration": seconds_per_iteration, "tflops_per_device": tflops,
-                "mfu": tflops / self.peak if self.peak else None, "skipped": skipped}
+                "mfu": tflops / self.peak if self.peak else None, "warmup": warmup,
+                "skipped": skips.window, "skipped_total": skips.total}
 
     def _metrics_file(self, start: int) -> Path | None:
         """metrics.jsonl beside the checkpoints, cut back to the resumed iteration."""
@@ -286,18 +314,81 @@ class Trainer:
         from megadoc_megatron.train.checkpoint import layout
 
         parameters = sum(p.numel() for chunk in self.engine.chunks for p in chunk.parameters())
-        return (f"model {self.config.model.preset} ({resolve_backend(self.config.model.backend)} layers, "
+        peak = f"{self.peak:.0f} TFLOP/s per device" if self.peak else "unknown (set logging.peak_tflops)"
+        return (f"model {self.config.model.preset} ({self.info['backend']} layers, "
                 f"{parameters:,} parameters on this rank) | parallel {layout()} | "
                 f"{self.train_iters} iterations x {self.global_batch} sequences x {self.seq_length} tokens "
                 f"({self.num_microbatches} micro-batches of {self.config.data.micro_batch_size}) | "
-                f"engine {'megatron-core' if self.device.type == 'cuda' else 'portable (CPU)'} | "
-                f"FLOPs: {FLOPS_FORMULA}")
+                f"engine {self.engine_name} on {self.device.type} | peak for MFU {peak} | FLOPs: {FLOPS_FORMULA}")
+
+
+class StepTimer:
+    """Seconds per iteration over the iterations since the last reading. The first iteration
+    (allocation, kernel selection, the data's first touch) is timed on its own and never mixed into
+    a window. CUDA is synchronized at each reading, not at every step."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.restart()
+        self.first_seconds = None
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def restart(self) -> None:
+        self.start, self.iterations = self._now(), 0
+
+    def tick(self) -> None:
+        if self.first_seconds is None:
+            self.first_seconds = self._now() - self.start
+            self.restart()
+        else:
+            self.iterations += 1
+
+    def read(self) -> tuple[float, bool]:
+        """(seconds per iteration, whether that is the first iteration's warm-up time)."""
+        if self.iterations == 0:
+            return self.first_seconds, True
+        seconds = (self._now() - self.start) / self.iterations
+        self.restart()
+        return seconds, False
+
+
+class SkipCounter:
+    """Updates skipped for non-finite gradients: in the logging window, in all, and in a row."""
+
+    def __init__(self, limit: int):
+        self.limit, self.window, self.total, self.in_a_row, self.last = limit, 0, 0, 0, None
+
+    def count(self, updated: bool, iteration: int, grad_norm) -> None:
+        self.in_a_row = 0 if updated else self.in_a_row + 1
+        self.window += not updated
+        self.total += not updated
+        if not updated:
+            self.last = (iteration, grad_norm)
+
+    @property
+    def exhausted(self) -> bool:
+        return 0 < self.limit <= self.in_a_row
+
+    def error(self, checkpoint_dir: str) -> InputError:
+        iteration, norm = self.last
+        return InputError(f"training diverged: the last {self.in_a_row} updates (to iteration {iteration}) were skipped "
+                          f"because the gradient norm was not finite ({norm})", checkpoint_dir or None,
+                          fix="lower optimizer.lr or lengthen optimizer.warmup_iters, then resume from the last "
+                              "checkpoint (optimizer.max_skipped_in_a_row sets this limit)")
 
 
 def train(config: TrainConfig, launch=None) -> dict:
     """Initialize the process groups, train, tear down."""
+    from megadoc_megatron.train.cuda_on_cpu import megatron_core_on_cpu
+    from megadoc_megatron.train.engine import resolve_engine
+
     device = initialize(config.parallel, launch)
     try:
-        return Trainer(config, device).train()
+        with megatron_core_on_cpu() if resolve_engine(config.engine, device) == "megatron" else nullcontext():
+            return Trainer(config, device).train()
     finally:
         shutdown()

@@ -1,0 +1,164 @@
+"""megatron-core's GPU training engine, run on CPU (`megatron_core_on_cpu`): DistributedDataParallel,
+the distributed optimizer with overlapped gradient reduce-scatter and parameter all-gather, the
+no-pipelining and 1F1B schedules, finalize_model_grads. It must train exactly like the portable
+engine, log the true loss whatever the micro-batch count, skip updates with non-finite gradients,
+and save checkpoints that resume under other layouts."""
+
+import json
+import math
+import shutil
+
+import pytest
+import torch
+
+from megadoc_megatron.errors import InputError
+from megadoc_megatron.train import checkpoint, trainer
+from megadoc_megatron.train.distributed import LaunchEnvironment, free_port
+
+from conftest import ITERS, SAVE_AT, run_training, write_config
+
+
+def metrics(checkpoint_dir) -> tuple[dict[int, dict], dict[int, float]]:
+    """(training rows by iteration, validation losses by iteration) of a run's metrics.jsonl."""
+    rows = [json.loads(line) for line in (checkpoint_dir / "metrics.jsonl").read_text().splitlines()]
+    return ({row["iteration"]: row for row in rows if "loss" in row},
+            {row["iteration"]: row["valid_loss"] for row in rows if "valid_loss" in row})
+
+
+def train_run(tmp_path, blend_json, name: str, *overrides: str):
+    target = tmp_path / name
+    run_training(write_config(tmp_path, blend_json, target), overrides=list(overrides))
+    return target, *metrics(target)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, blend_json):
+    """One uninterrupted run per engine: 4 micro-batches of 2 per iteration, FP32."""
+    tmp = tmp_path_factory.mktemp("engines")
+    return {engine: train_run(tmp, blend_json, engine, f"engine={engine}") for engine in ("megatron", "portable")}
+
+
+def test_megatron_core_engine_trains_like_the_portable_engine(runs):
+    _, megatron, megatron_valid = runs["megatron"]
+    _, portable, portable_valid = runs["portable"]
+    assert sorted(megatron) == sorted(portable) == list(range(1, ITERS + 1))
+    for step in portable:
+        assert megatron[step]["loss"] == pytest.approx(portable[step]["loss"], rel=1e-6)
+        assert megatron[step]["lr"] == portable[step]["lr"]
+        # megatron-core's norm without apex/TE is torch.norm, which on CPU is off by ~1e-4 (the
+        # gradients themselves are bit-identical); the portable engine sums squares.
+        assert megatron[step]["grad_norm"] == pytest.approx(portable[step]["grad_norm"], rel=1e-3)
+    assert megatron_valid == pytest.approx(portable_valid, rel=1e-6)
+    assert megatron[1]["warmup"] and not any(megatron[step]["warmup"] for step in range(2, ITERS + 1))
+
+
+def test_logged_loss_does_not_depend_on_the_micro_batch_count(runs, tmp_path, blend_json):
+    """megatron-core's schedule divides the loss it is given by the micro-batch count, in place."""
+    _, four, four_valid = runs["megatron"]
+    _, one, one_valid = train_run(tmp_path, blend_json, "one", "engine=megatron", "data.micro_batch_size=8")
+    for step in four:
+        assert one[step]["loss"] == pytest.approx(four[step]["loss"], rel=1e-5)
+    assert one_valid == pytest.approx(four_valid, rel=1e-5)
+
+
+@pytest.fixture()
+def poisoned_iterations(monkeypatch):
+    """Iterations (1-based, counted per run) whose loss, and so every gradient, is NaN."""
+    bad, counter = set(), []
+    real_train, real_step, real_loss = trainer.Trainer.train, trainer.Trainer.train_step, trainer.masked_mean_loss
+
+    def train(self):
+        counter.clear()
+        return real_train(self)
+
+    def train_step(self, batches):
+        counter.append(1)
+        return real_step(self, batches)
+
+    def masked_mean_loss(loss_mask, output):
+        return real_loss(loss_mask, output * float("nan") if len(counter) in bad and output.requires_grad else output)
+
+    monkeypatch.setattr(trainer.Trainer, "train", train)
+    monkeypatch.setattr(trainer.Trainer, "train_step", train_step)
+    monkeypatch.setattr(trainer, "masked_mean_loss", masked_mean_loss)
+    return bad
+
+
+@pytest.mark.parametrize("engine", ["megatron", "portable"])
+def test_non_finite_gradients_skip_the_update(engine, runs, tmp_path, blend_json, poisoned_iterations):
+    _, reference, _ = runs[engine]
+    poisoned_iterations.add(3)
+    target, rows, valid = train_run(tmp_path, blend_json, "nan", f"engine={engine}")
+    assert math.isnan(rows[3]["grad_norm"]) and (rows[3]["skipped"], rows[3]["skipped_total"]) == (1, 1)
+    assert rows[4]["lr"] == reference[3]["lr"]  # the schedule did not advance either
+    assert all(math.isfinite(rows[step]["loss"]) for step in rows if step != 3)
+    assert all(math.isfinite(loss) for loss in valid.values())
+    assert rows[ITERS]["skipped_total"] == 1
+
+    poisoned_iterations.update(range(1, ITERS + 1))
+    with pytest.raises(InputError, match="training diverged: the last 3 updates"):
+        train_run(tmp_path, blend_json, "diverged", f"engine={engine}", "optimizer.max_skipped_in_a_row=3")
+    rows, _ = metrics(tmp_path / "diverged")
+    assert rows[3]["skipped_total"] == 3 and max(rows) == 3
+
+
+def _rank(rank, port, config, overrides):
+    run_training(config, LaunchEnvironment(rank, 2, rank, "127.0.0.1", port, "test"), overrides)
+
+
+def resume_copy(source, tmp_path):
+    """A checkpoint folder holding only iteration SAVE_AT of source."""
+    target = tmp_path / "ckpt"
+    shutil.copytree(checkpoint.iteration_dir(source, SAVE_AT), checkpoint.iteration_dir(target, SAVE_AT))
+    (target / checkpoint.TRACKER).write_text(f"{SAVE_AT}\n")
+    return target
+
+
+@pytest.fixture(scope="module")
+def reshardable_run(tmp_path_factory, blend_json):
+    """The megatron-core run again, its distributed-optimizer state saved in model space."""
+    tmp = tmp_path_factory.mktemp("reshardable")
+    return train_run(tmp, blend_json, "run", "engine=megatron", "checkpoint.reshardable_optimizer=true")
+
+
+@pytest.mark.parametrize("layout", ["parallel.tensor=2", "parallel.pipeline=2", "data.micro_batch_size=2"],
+                         ids=["TP2", "PP2", "DP2"])
+def test_megatron_core_engine_layouts_continue_the_single_process_run(request, runs, tmp_path, blend_json, layout):
+    """Two gloo processes resume the single-process checkpoint and match its losses: tensor parallel
+    or the 1F1B schedule (from model-space optimizer state), or the distributed optimizer sharded
+    over two data-parallel ranks (from its bucket-space state) with overlapped reduce-scatter and
+    all-gather, validated and saved after parameter all-gathers the next forward would finish."""
+    data_parallel = layout.startswith("data")
+    source, expected, expected_valid = runs["megatron"] if data_parallel else request.getfixturevalue("reshardable_run")
+    target = resume_copy(source, tmp_path)
+    config = write_config(tmp_path, blend_json, target)
+    torch.multiprocessing.spawn(_rank, args=(free_port(), config, ["engine=megatron", layout]), nprocs=2, join=True)
+    resumed, valid = metrics(target)
+    assert sorted(resumed) == list(range(SAVE_AT + 1, ITERS + 1))
+    for step in resumed:
+        assert resumed[step]["loss"] == pytest.approx(expected[step]["loss"], rel=1e-5)
+        assert resumed[step]["grad_norm"] == pytest.approx(expected[step]["grad_norm"], rel=1e-3)
+    assert valid[ITERS] == pytest.approx(expected_valid[ITERS], rel=1e-5)
+
+
+def test_optimizer_state_that_cannot_be_taken_is_refused_on_resume(runs, tmp_path, blend_json):
+    source, expected, _ = runs["megatron"]
+    config = write_config(tmp_path, blend_json, resume_copy(source, tmp_path))
+    with pytest.raises(InputError, match="kept by megatron-core's distributed optimizer, this run's is kept by portable"):
+        run_training(config, overrides=["engine=portable"])
+    with pytest.raises(torch.multiprocessing.ProcessRaisedException, match="laid out for tensor 1 x pipeline 1 ranks, "
+                                                                           "this run has tensor 2 x pipeline 1"):
+        torch.multiprocessing.spawn(_rank, args=(free_port(), config, ["engine=megatron", "parallel.tensor=2"]),
+                                    nprocs=2, join=True)
+
+
+@pytest.mark.parametrize("engines", [("megatron", "portable"), ("portable", "megatron")], ids=["to-portable", "to-megatron"])
+def test_a_new_run_starts_from_the_other_engines_weights(engines, runs, tmp_path, blend_json, capsys):
+    saved_by, engine = engines
+    source, expected, _ = runs[saved_by]
+    result = run_training(write_config(tmp_path, blend_json, tmp_path / "next"),
+                          overrides=[f"engine={engine}", f"checkpoint.init_from={source}", "train_iters=3"])
+    assert result["iterations"] == 3
+    assert "(its optimizer state is not taken: its optimizer state was kept by" in capsys.readouterr().out
+    first, _ = metrics(tmp_path / "next")
+    assert first[1]["loss"] < expected[1]["loss"] - 0.3  # trained weights
