@@ -61,6 +61,19 @@ def test_logged_loss_does_not_depend_on_the_micro_batch_count(runs, tmp_path, bl
     assert one_valid == pytest.approx(four_valid, rel=1e-5)
 
 
+def test_document_masking_trains_alike_on_both_engines(runs, tmp_path, blend_json):
+    """data.reset_attention_mask: each micro-batch goes in as one packed row with document bounds."""
+    _, unmasked, _ = runs["portable"]
+    _, megatron, megatron_valid = train_run(tmp_path, blend_json, "megatron", "engine=megatron",
+                                            "data.reset_attention_mask=true")
+    _, portable, portable_valid = train_run(tmp_path, blend_json, "portable", "engine=portable",
+                                            "data.reset_attention_mask=true")
+    for step in portable:
+        assert megatron[step]["loss"] == pytest.approx(portable[step]["loss"], rel=1e-5)
+    assert megatron_valid == pytest.approx(portable_valid, rel=1e-5)
+    assert any(abs(portable[step]["loss"] - unmasked[step]["loss"]) > 1e-4 for step in portable)  # masks matter
+
+
 @pytest.fixture()
 def poisoned_iterations(monkeypatch):
     """Iterations (1-based, counted per run) whose loss, and so every gradient, is NaN."""

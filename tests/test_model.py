@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 
 from megadoc_megatron.errors import InputError
-from megadoc_megatron.model import PRESETS, build_gpt, layer_spec, parameter_count, transformer_config
+from megadoc_megatron.model import PRESETS, build_gpt, document_packing, layer_spec, parameter_count, transformer_config
 from megadoc_megatron.model.gpt import PortableCoreAttention, transformer_engine_available
 from megadoc_megatron.train.distributed import free_port
 
@@ -69,6 +69,43 @@ def test_model_is_causal(one_process):
         before, after = model(tokens, positions, None), model(changed, positions, None)
     torch.testing.assert_close(before[:, :20], after[:, :20])
     assert not torch.allclose(before[:, 20:], after[:, 20:])
+
+
+EOD = 0
+
+
+def per_token_losses(model, rows: list[list[int]], packed: bool) -> torch.Tensor:
+    """[rows, length - 1] losses of predicting each row's next tokens, the rows packed as in training."""
+    tokens = torch.tensor(rows)
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    positions = torch.arange(inputs.shape[1]).expand_as(inputs)
+    if not packed:
+        return model(inputs, positions, None, labels=labels)
+    flat = model(inputs.reshape(1, -1), positions.reshape(1, -1), None, labels=labels.reshape(1, -1),
+                 packed_seq_params=document_packing(inputs, EOD))
+    return flat.reshape(inputs.shape)
+
+
+def test_a_documents_loss_is_the_same_packed_with_others_or_alone(one_process):
+    """Document masking (megatron-core's packed "thd" format): attention stays inside each document
+    and RoPE restarts at each; in a plain causal pass the same document sees its neighbours."""
+    model = tiny_model().eval()
+    generator = torch.Generator().manual_seed(3)
+    document = lambda n: torch.randint(1, VOCAB, (n,), generator=generator).tolist() + [EOD]  # noqa: E731
+    first, second, third, fourth = document(9), document(14), document(20), document(5)
+    row = first + second + third[:10]
+    packed_rows = [row, third[10:] + fourth + document(40)[:len(row) - len(third[10:]) - len(fourth)]]
+    with torch.no_grad():
+        packed = per_token_losses(model, packed_rows, packed=True)
+        unmasked = per_token_losses(model, packed_rows, packed=False)
+        alone = per_token_losses(model, [second], packed=False)[0]
+        fourth_alone = per_token_losses(model, [fourth + [EOD]], packed=False)[0]
+    start = len(first)  # `second` in row 0, predicting its tokens after its first one, up to its EOD
+    torch.testing.assert_close(packed[0, start:start + len(second) - 1], alone, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(unmasked[0, start:start + len(second) - 1], alone, rtol=1e-3, atol=1e-3)
+    start = len(third) - 10  # `fourth` in row 1, after the end of `third`
+    torch.testing.assert_close(packed[1, start:start + len(fourth) - 1], fourth_alone[:len(fourth) - 1],
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_tiny_model_learns_a_batch(one_process):

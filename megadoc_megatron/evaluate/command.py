@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> dict:
                 losses.check_dataset(dataset, loaded)
                 if sequences is None:
                     sequences = losses.packed_sequences(dataset, loaded.seq_length, args.max_tokens)
-                member_losses.append(losses.sequence_losses(loaded.model, sequences, device, args.micro_batch))
+                member_losses.append(losses.sequence_losses(loaded, sequences, device, args.micro_batch))
                 members.append(loaded)
                 del loaded.model
             metrics = {"tokens": int(member_losses[0].size), "ensembles": losses.ensemble_losses(member_losses)}

@@ -35,6 +35,7 @@ class LoadedModel:
     seq_length: int
     vocab_size: int
     tokenizer: dict         # the training tokenizer's type, model path and fingerprint
+    eod: int | None = None  # the end-of-document id when trained with document masking (packed sequences)
 
 
 def load_model(root, iteration: int | None, device: torch.device) -> LoadedModel:
@@ -65,7 +66,8 @@ def load_model(root, iteration: int | None, device: torch.device) -> LoadedModel
     loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(source))
     model.load_state_dict(loaded["model"])
     model.eval()
-    return LoadedModel(model, source, iteration, info["seq_length"], info["vocab_size"], info["tokenizer"])
+    eod = info["tokenizer"].get("eod") if config.data.reset_attention_mask else None
+    return LoadedModel(model, source, iteration, info["seq_length"], info["vocab_size"], info["tokenizer"], eod)
 
 
 def evaluation_process_group():
@@ -88,12 +90,20 @@ def check_dataset(dataset: IndexedDatasetView, loaded: LoadedModel) -> None:
                          dataset.prefix, fix="convert the held-out documents with the training tokenizer")
 
 
-def token_losses(model, tokens: torch.Tensor, grad: bool = False) -> torch.Tensor:
-    """Per-token loss [batch, length - 1] of predicting tokens[:, 1:] from tokens[:, :-1]."""
+def token_losses(model, tokens: torch.Tensor, grad: bool = False, eod: int | None = None) -> torch.Tensor:
+    """Per-token loss [batch, length - 1] of predicting tokens[:, 1:] from tokens[:, :-1]; with `eod`,
+    each document attends only to itself (the document masking of training)."""
+    from megadoc_megatron.model import document_packing
+
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
     positions = torch.arange(inputs.shape[1], device=tokens.device).unsqueeze(0).expand_as(inputs)
     with torch.set_grad_enabled(grad):
-        return model(inputs, positions, None, labels=labels).float()
+        if eod is None:
+            return model(inputs, positions, None, labels=labels).float()
+        packed = document_packing(inputs, eod)
+        flat = model(inputs.reshape(1, -1), positions.reshape(1, -1), None, labels=labels.reshape(1, -1),
+                     packed_seq_params=packed)
+        return flat.float().reshape(inputs.shape)
 
 
 def packed_sequences(dataset: IndexedDatasetView, seq_length: int, max_tokens: int | None) -> np.ndarray:
@@ -121,18 +131,18 @@ def pack(stream: np.ndarray, seq_length: int, max_sequences: int | None, source,
     return np.stack([stream[i * seq_length:(i + 1) * seq_length + 1] for i in range(count)])
 
 
-def sequence_losses(model, sequences: np.ndarray, device, micro_batch: int) -> np.ndarray:
-    """Per-token losses [n, seq_length] of equal-length sequences."""
+def sequence_losses(loaded: LoadedModel, sequences: np.ndarray, device, micro_batch: int) -> np.ndarray:
+    """Per-token losses [n, seq_length] of equal-length sequences, masked as in training."""
     out = []
     for start in range(0, len(sequences), micro_batch):
         batch = torch.as_tensor(sequences[start:start + micro_batch], device=device)
-        out.append(token_losses(model, batch).cpu().numpy())
+        out.append(token_losses(loaded.model, batch, eod=loaded.eod).cpu().numpy())
     return np.concatenate(out)
 
 
 def iid_loss(loaded: LoadedModel, dataset, device, micro_batch: int = 4, max_tokens: int | None = None) -> dict:
     sequences = packed_sequences(dataset, loaded.seq_length, max_tokens)
-    losses = sequence_losses(loaded.model, sequences, device, micro_batch)
+    losses = sequence_losses(loaded, sequences, device, micro_batch)
     return {"loss": float(losses.mean()), "tokens": int(losses.size), "sequences": len(sequences)}
 
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.gpt import GPTModel
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.models.gpt.gpt_layer_specs import (get_gpt_layer_local_spec,
                                                       get_gpt_layer_with_transformer_engine_spec)
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -100,6 +101,8 @@ class PortableCoreAttention(torch.nn.Module):
 
     Takes megatron-core's core-attention arguments: query/key/value [seq, batch, heads, dim],
     key/value with fewer heads under grouped-query attention; returns [seq, batch, heads * dim].
+    With packed sequences (`packed_seq_params`, format "thd": [tokens, heads, dim]) each document
+    of `cu_seqlens_q` attends only to itself.
     """
 
     def __init__(self, config: TransformerConfig, layer_number: int, attn_mask_type=None, **unused):
@@ -108,8 +111,16 @@ class PortableCoreAttention(torch.nn.Module):
 
     def forward(self, query, key, value, attention_mask=None, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
-        if packed_seq_params is not None or attention_bias is not None:
-            raise NotImplementedError("packed sequences and attention bias need the Transformer Engine spec")
+        if attention_bias is not None:
+            raise NotImplementedError("attention bias needs the Transformer Engine spec")
+        if packed_seq_params is None:
+            return self._attend(query, key, value, attention_mask)
+        bounds = packed_seq_params.cu_seqlens_q.tolist()
+        documents = [self._attend(*(t[start:end].unsqueeze(1) for t in (query, key, value)))
+                     for start, end in zip(bounds[:-1], bounds[1:])]
+        return torch.cat(documents)
+
+    def _attend(self, query, key, value, attention_mask=None):
         group = query.size(2) // key.size(2)
         if group > 1:
             key, value = key.repeat_interleave(group, dim=2), value.repeat_interleave(group, dim=2)
@@ -119,6 +130,23 @@ class PortableCoreAttention(torch.nn.Module):
         else:  # megatron's mask is True where attention is NOT allowed
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=~attention_mask, scale=self.config.softmax_scale)
         return out.permute(2, 0, 1, 3).reshape(query.size(0), query.size(1), -1)
+
+
+def document_packing(tokens: torch.Tensor, eod: int, device: torch.device | None = None) -> PackedSeqParams:
+    """Document masking for a [batch, seq] micro-batch that the model takes flattened to [1, batch *
+    seq]: megatron-core's packed-sequence ("thd") parameters, in which every document (ending at
+    its end-of-document token, or at the end of its row) attends only to itself and RoPE positions
+    restart at each document. Transformer Engine honours these, where it silently ignores the
+    attention mask of Megatron-LM's --reset-attention-mask; the portable attention honours them too.
+    Computed on the CPU tensor, then moved to `device`, so that no step waits for the GPU."""
+    rows, length = tokens.shape
+    ends = (tokens.reshape(-1) == eod).nonzero().flatten() + 1
+    row_ends = torch.arange(1, rows + 1) * length
+    bounds = torch.unique(torch.cat([torch.zeros(1, dtype=torch.long), ends.cpu(), row_ends]))
+    longest = int((bounds[1:] - bounds[:-1]).max())
+    bounds = bounds.to(torch.int32).to(device or tokens.device, non_blocking=True)
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=bounds, cu_seqlens_kv=bounds,
+                           max_seqlen_q=longest, max_seqlen_kv=longest)
 
 
 class PortableRotaryEmbedding(RotaryEmbedding):

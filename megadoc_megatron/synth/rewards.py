@@ -140,7 +140,7 @@ class InfluenceReward(Reward):
         return np.asarray(self.tokenizer.encode_batch([text])[0] + [self.tokenizer.eod], dtype=np.int64)
 
     def _reference_loss(self, model) -> float:
-        return float(token_losses(model, self.reference).mean())
+        return float(token_losses(model, self.reference, eod=self.loaded.eod).mean())
 
     def gain(self, text: str) -> float:
         """Reference loss before minus after `steps` SGD steps on the text; the weights are put back."""

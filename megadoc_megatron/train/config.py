@@ -25,7 +25,8 @@ class DataConfig:
     blend: str = ""                     # blend.json from `megadoc blend`: datasets, seq length, global batch, iterations
     micro_batch_size: int = 1
     eod_mask_loss: bool = False         # no loss on the end-of-document token
-    reset_attention_mask: bool = False  # documents packed in one sequence do not attend to each other
+    reset_attention_mask: bool = False  # documents packed in one sequence do not attend to each other (packed
+                                        # sequences with cu_seqlens: honoured by Transformer Engine and portable layers)
     num_workers: int = 0                # DataLoader worker processes
 
 

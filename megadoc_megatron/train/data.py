@@ -49,8 +49,9 @@ def build_datasets(plan: dict, train_samples: int, valid_samples: int, data_conf
         random_seed=plan["seed"], sequence_length=plan["seq_length"],
         blend_per_split=[train_blend, valid_blend, None], path_to_cache=plan["data_cache_path"],
         tokenizer=dataset_tokenizer(plan["datasets"][0]["prefix"]),
-        reset_position_ids=data_config.reset_attention_mask, reset_attention_mask=data_config.reset_attention_mask,
-        eod_mask_loss=data_config.eod_mask_loss, create_attention_mask=data_config.reset_attention_mask,
+        # Document masking is applied in the forward step (packed sequences), not by dense masks here.
+        reset_position_ids=False, reset_attention_mask=False, create_attention_mask=False,
+        eod_mask_loss=data_config.eod_mask_loss,
         mid_level_dataset_surplus=MEGATRON_SURPLUS)
     Path(plan["data_cache_path"]).mkdir(parents=True, exist_ok=True)
     sizes = [train_samples, valid_samples if valid else 0, 0]

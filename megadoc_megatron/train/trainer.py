@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from megadoc_megatron.errors import InputError
+from megadoc_megatron.model import document_packing
 from megadoc_megatron.records import write_text_atomic
 from megadoc_megatron.train import checkpoint
 from megadoc_megatron.train.config import TrainConfig
@@ -31,10 +32,15 @@ def masked_mean_loss(loss_mask: torch.Tensor, output: torch.Tensor):
     return loss, {"lm loss": loss.clone().detach()}
 
 
-def forward_step(data_iterator, model, device: torch.device):
-    """megatron-core's forward_step_func: (output, loss function of the output)."""
-    batch = {key: value.to(device, non_blocking=True) for key, value in next(data_iterator).items()}
-    output = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"])
+def forward_step(data_iterator, model, device: torch.device, eod: int | None = None):
+    """megatron-core's forward_step_func: (output, loss function of the output). With `eod` (document
+    masking) the micro-batch goes in as one packed row, each document attending only to itself."""
+    batch, packed = next(data_iterator), None
+    if eod is not None:
+        packed = document_packing(batch["tokens"], eod, device)
+        batch = {key: value.reshape(1, -1) for key, value in batch.items()}
+    batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], packed_seq_params=packed)
     return output, partial(masked_mean_loss, batch["loss_mask"])
 
 
@@ -171,6 +177,7 @@ class Trainer:
             raise InputError("the dataset has no tokenizer record, so the vocabulary size is unknown",
                              self.plan["datasets"][0]["prefix"], fix="convert it with `megadoc preprocess`")
         self.info = {"seq_length": self.seq_length, "vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer.describe()}
+        self.eod = tokenizer.eod if config.data.reset_attention_mask else None
         seed_everything(config.seed)
         self.model_config, chunks, self.padded_vocab = build_model(config, tokenizer.vocab_size, self.seq_length, device,
                                                                    self.engine_name)
@@ -191,11 +198,13 @@ class Trainer:
     def run_schedule(self, batches, forward_only: bool) -> list[dict]:
         for chunk in self.engine.chunks:
             chunk.train(not forward_only)
+        micro_batch, seq_length = self.config.data.micro_batch_size, self.seq_length
+        if self.eod is not None:  # packed: one row of all the micro-batch's tokens
+            micro_batch, seq_length = 1, micro_batch * seq_length
         return self.engine.forward_backward(
-            forward_step_func=partial(forward_step, device=self.device),
-            data_iterator=batches,
-            model=self.engine.model, num_microbatches=self.num_microbatches, seq_length=self.seq_length,
-            micro_batch_size=self.config.data.micro_batch_size, forward_only=forward_only)
+            forward_step_func=partial(forward_step, device=self.device, eod=self.eod),
+            data_iterator=batches, model=self.engine.model, num_microbatches=self.num_microbatches,
+            seq_length=seq_length, micro_batch_size=micro_batch, forward_only=forward_only)
 
     def train_step(self, batches) -> tuple[float, float, float, bool]:
         """One iteration: (loss, learning rate used, gradient norm, whether the update was applied)."""
