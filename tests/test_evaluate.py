@@ -191,7 +191,7 @@ def test_report_tables_and_plots_the_runs(runs, held_out, tmp_path):
     assert real_row[1:8] == ["real", "—", "1", "0.5", "0.003", "0.1", f"{loss:.4f}"]
     assert stitch_row[1:3] == ["stitch", "2"]
     assert "No data efficiency: a scaling fit over real-only data amounts needs at least 4" in report["markdown"]
-    from megadoc_megatron.model.gpt import PRESETS, padded_vocab_size, parameter_count
+    from megadoc_megatron.model.presets import PRESETS, padded_vocab_size, parameter_count
 
     assert report["runs"][0]["parameters"] == parameter_count(PRESETS["tiny"], padded_vocab_size(8000))
     assert report["plots"] == ["loss_vs_generations.png", "loss_vs_position.png", "asymptotes.png"]

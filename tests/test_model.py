@@ -8,8 +8,9 @@ import torch
 import torch.distributed as dist
 
 from megadoc_megatron.errors import InputError
-from megadoc_megatron.model import PRESETS, build_gpt, document_packing, layer_spec, parameter_count, transformer_config
-from megadoc_megatron.model.gpt import PortableCoreAttention, transformer_engine_available
+from megadoc_megatron.model.gpt import (PortableCoreAttention, build_gpt, document_packing, layer_spec,
+                                        transformer_config, transformer_engine_available)
+from megadoc_megatron.model.presets import PRESETS, parameter_count
 from megadoc_megatron.train.distributed import free_port
 
 VOCAB, SEQ, BATCH = 256, 32, 4

@@ -5,6 +5,8 @@ an interrupted save is never taken as the latest; config and launch errors are c
 import importlib.util
 import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -14,7 +16,8 @@ import pytest
 import torch
 
 from megadoc_megatron.errors import InputError
-from megadoc_megatron.model import PRESETS, parameter_count, transformer_config
+from megadoc_megatron.model.gpt import transformer_config
+from megadoc_megatron.model.presets import PRESETS, parameter_count
 from megadoc_megatron.train import checkpoint
 from megadoc_megatron.train.config import load_config
 from megadoc_megatron.train.distributed import LaunchEnvironment, first_slurm_host, free_port, launch_environment
@@ -190,6 +193,86 @@ def test_slurm_script_builds_the_srun_line():
     line = subprocess.run(["bash", str(script)], env=env, check=True, capture_output=True, text=True).stdout.strip()
     assert line == ("MASTER_ADDR=gpu001 MASTER_PORT=29734 srun --kill-on-bad-exit=1 python -m megadoc_megatron.cli "
                     "train cfg.yaml --set optimizer.lr=1e-3 --set parallel.tensor=2")
+
+
+def documented_sbatch_launches():
+    """Every `CONFIG=... sbatch ...` example in the comments of the shipped configs and scripts:
+    (where, script, config, SET overrides, nodes)."""
+    launches = []
+    for source in sorted((REPO / "examples").rglob("*")):
+        if source.suffix not in (".sbatch", ".yaml"):
+            continue
+        comment = "\n".join(line.lstrip("#").strip() for line in source.read_text().splitlines() if line.startswith("#"))
+        for command in comment.replace("\\\n", " ").splitlines():
+            words = shlex.split(command) if "sbatch" in command and "CONFIG=" in command else []
+            if words:
+                assigned = dict(word.split("=", 1) for word in words[:words.index("sbatch")] if "=" in word)
+                script = REPO / next(word for word in words if word.endswith(".sbatch"))
+                nodes = words[words.index("--nodes") + 1] if "--nodes" in words else \
+                    re.search(r"#SBATCH --nodes=(\d+)", script.read_text()).group(1)
+                launches.append((source.name, script, REPO / assigned["CONFIG"], assigned.get("SET", "").split(), int(nodes)))
+    return launches
+
+
+def test_every_documented_launch_can_run_its_config(golden):
+    """Each example launch of a shipped config: world size from the script (nodes x tasks per node,
+    or torchrun's processes), global batch and sequence length from the experiment beside it."""
+    from megadoc_megatron.experiment.config import load_experiment
+    from megadoc_megatron.train.config import config_from_dict, merge_dicts
+    from megadoc_megatron.train.layout import launcher_world_size, plan_layout
+
+    launches = documented_sbatch_launches()
+    assert {(script.name, nodes) for _, script, *_, nodes in launches} >= {("train.sbatch", 1), ("train.sbatch", 2),
+                                                                           ("train.sbatch", 4), ("run.sbatch", 1)}
+    corpus = [f"corpus.{split}={golden / 'golden_input.jsonl'}" for split in ("train", "heldout")]  # not read here
+    for where, script, config_path, overrides, nodes in launches:
+        experiment = load_experiment(config_path.parent / "experiment.yaml",
+                                     [*corpus, "launch.train=torchrun --standalone --nproc-per-node 8"])
+        blend = experiment.blend
+        if script.name == "train.sbatch":
+            tasks = int(re.search(r"#SBATCH --ntasks-per-node=(\d+)", script.read_text()).group(1))
+            config = load_config(config_path, ["logging.tensorboard_dir=", *overrides])
+            plan_layout(config, nodes * tasks, blend.global_batch_size, blend.seq_length, where)
+        else:  # run.sbatch: the experiment's recipes, trained by torchrun on the node's GPUs
+            for recipe in experiment.recipes:
+                config = config_from_dict(merge_dicts(experiment.train, recipe.train), config_path)
+                plan_layout(config, launcher_world_size(experiment.launch.train), blend.global_batch_size,
+                            blend.seq_length, where)
+
+
+def test_a_launch_that_cannot_run_is_refused_before_it_starts(tmp_path, blend_json):
+    from megadoc_megatron.cli import main
+    from megadoc_megatron.train.layout import launcher_world_size
+
+    config = write_config(tmp_path, blend_json, tmp_path / "ckpt")  # global batch 8 x 64 tokens, micro-batch 2
+    assert main(["train", config, "--check", "--world-size", "4"]) == 0
+    with pytest.raises(InputError, match="8 processes cannot run this config: the global batch of 8 sequences does "
+                                         "not split into micro-batches of 2 on 8 data-parallel.*Fix: set "
+                                         "data.micro_batch_size to a divisor of 1"):
+        run_training(config, LaunchEnvironment(0, 8, 0, "127.0.0.1", 1, "test"))  # no process group: refused before
+    with pytest.raises(InputError, match="tensor 8 does not divide the 4 attention heads"):
+        run_training(config, LaunchEnvironment(0, 8, 0, "127.0.0.1", 1, "test"), ["parallel.tensor=8"])
+    with pytest.raises(InputError, match="2 layers do not split into pipeline 4"):
+        run_training(config, LaunchEnvironment(0, 4, 0, "127.0.0.1", 1, "test"), ["parallel.pipeline=4"])
+    with pytest.raises(InputError, match="interleaved schedule needs the 1 micro-batches per rank to be a multiple"):
+        run_training(config, LaunchEnvironment(0, 2, 0, "127.0.0.1", 1, "test"),
+                     ["parallel.pipeline=2", "parallel.virtual_pipeline=1", "data.micro_batch_size=8",
+                      "model.overrides={num_layers: 4}"])
+    assert launcher_world_size("torchrun --nnodes 2 --nproc-per-node=8") == 16
+    assert launcher_world_size("") == 1 and launcher_world_size("torchrun --nproc-per-node gpu") is None
+
+
+def test_memory_estimate_asks_for_recomputation_where_megatron_lm_would():
+    """The 1.5B preset at micro-batch 8 x 4096 on 8 GPUs does not fit 80 GB; full recomputation or a
+    micro-batch of 4 does (Llama-3 vocabulary)."""
+    from megadoc_megatron.train.layout import memory_estimate_gb, plan_layout
+
+    def estimate(*overrides):
+        config = load_config(REPO / "examples" / "repro_300m" / "train.yaml",
+                             ["logging.tensorboard_dir=", "model.preset=1.5B", *overrides])
+        return memory_estimate_gb(config, plan_layout(config, 8, 64, 4096), 4096, 128256)
+
+    assert estimate() > 80 > estimate("model.recompute=full") and estimate("data.micro_batch_size=4") < 80
 
 
 def test_paper_config_is_valid():

@@ -93,7 +93,7 @@ def check_dataset(dataset: IndexedDatasetView, loaded: LoadedModel) -> None:
 def token_losses(model, tokens: torch.Tensor, grad: bool = False, eod: int | None = None) -> torch.Tensor:
     """Per-token loss [batch, length - 1] of predicting tokens[:, 1:] from tokens[:, :-1]; with `eod`,
     each document attends only to itself (the document masking of training)."""
-    from megadoc_megatron.model import document_packing
+    from megadoc_megatron.model.gpt import document_packing
 
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
     positions = torch.arange(inputs.shape[1], device=tokens.device).unsqueeze(0).expand_as(inputs)

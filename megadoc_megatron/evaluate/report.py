@@ -94,7 +94,7 @@ def _checkpoint_common(source: Path) -> dict:
 
 
 def _parameters(model: dict, vocab_size: int | None) -> int | None:
-    from megadoc_megatron.model.gpt import PRESETS, padded_vocab_size, parameter_count
+    from megadoc_megatron.model.presets import PRESETS, padded_vocab_size, parameter_count
 
     if vocab_size is None or model["preset"] not in PRESETS:
         return None

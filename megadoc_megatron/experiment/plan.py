@@ -18,6 +18,7 @@ from megadoc_megatron.errors import InputError
 from megadoc_megatron.experiment.config import REPHRASED_KINDS, Experiment, Recipe
 from megadoc_megatron.experiment.stages import OUT, External, Graph, Stage
 from megadoc_megatron.train.config import config_from_dict, merge_dicts
+from megadoc_megatron.train.layout import launcher_world_size, plan_layout
 
 def command_parser(parser: argparse.ArgumentParser, names: list[str]) -> argparse.ArgumentParser:
     for name in names:
@@ -249,7 +250,10 @@ def train_stage(experiment: Experiment, recipe: Recipe, prefixes: dict, syntheti
             raise InputError(f"recipe {recipe.name}: refresh stops each round on a validation plateau, so it needs "
                              "train.logging.eval_interval", experiment.source,
                              fix="e.g. `train: {logging: {eval_interval: 100}}`")
-    config_from_dict(config, experiment.source)  # unknown fields and wrong types fail here, before anything runs
+    checked = config_from_dict(config, experiment.source)  # unknown fields and wrong types fail here, before anything runs
+    world_size = launcher_world_size(experiment.launch.train)
+    if world_size is not None:  # and a launch that cannot run it
+        plan_layout(checked, world_size, blend.global_batch_size, blend.seq_length, experiment.source)
     run_info = {"name": recipe.name, "recipe": recipe.kind, "generations": recipe.generations}
     files = {"train.yaml": json.dumps(config, indent=2) + "\n"}
     if round_number is not None:

@@ -12,57 +12,21 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.models.gpt import GPTModel
-from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.models.gpt.gpt_layer_specs import (get_gpt_layer_local_spec,
                                                       get_gpt_layer_with_transformer_engine_spec)
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megadoc_megatron.errors import InputError
+from megadoc_megatron.model.presets import PRESETS, ModelPreset
 
 BACKENDS = ("te", "portable")
-
-
-@dataclass(frozen=True)
-class ModelPreset:
-    hidden_size: int
-    ffn_hidden_size: int
-    num_layers: int
-    num_attention_heads: int
-    num_query_groups: int
-
-
-# The paper's Llama-style sizes (METHOD.md), plus a tiny one for CPU tests and demos.
-PRESETS = {
-    "tiny": ModelPreset(64, 176, 2, 4, 2),
-    "150M": ModelPreset(512, 1792, 6, 8, 8),
-    "300M": ModelPreset(768, 2688, 12, 12, 12),
-    "600M": ModelPreset(1024, 3584, 24, 16, 8),
-    "1.5B": ModelPreset(1536, 5376, 36, 16, 8),
-}
-
-
-def parameter_count(preset: ModelPreset, vocab_size: int) -> int:
-    """Parameters of the Llama-style model: untied input/output embeddings, no biases."""
-    head_dim = preset.hidden_size // preset.num_attention_heads
-    attention = 2 * preset.hidden_size ** 2 + 2 * preset.hidden_size * preset.num_query_groups * head_dim
-    mlp = 3 * preset.hidden_size * preset.ffn_hidden_size
-    norms = 2 * preset.hidden_size
-    return preset.num_layers * (attention + mlp + norms) + preset.hidden_size + 2 * vocab_size * preset.hidden_size
-
-
-def padded_vocab_size(vocab_size: int, divisible_by: int = 128) -> int:
-    """The vocabulary padded to a multiple of 128. Unlike Megatron-LM (128 x tensor-parallel size)
-    the padding does not depend on the layout, so a checkpoint resumes under any tensor-parallel
-    size (any power of two up to 128 divides it) with the same logits."""
-    return math.ceil(vocab_size / divisible_by) * divisible_by
 
 
 def transformer_config(preset: str | ModelPreset, backend: str = "portable", tensor_parallel: int = 1,

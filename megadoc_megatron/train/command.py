@@ -3,6 +3,7 @@
 Launch: `megadoc train cfg.yaml` (one process), `torchrun --nproc-per-node 8 -m megadoc_megatron.cli
 train cfg.yaml` (one node) or `srun megadoc train cfg.yaml` (SLURM; see examples/slurm/train.sbatch).
 World size = tensor x pipeline x data parallel; the data-parallel size is what is left over.
+`--check` tells, without starting anything, whether a launch of that size can run the config.
 Kept apart from trainer.py so that building the CLI does not import torch (2-3 s).
 """
 
@@ -17,9 +18,37 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML training config (see examples/repro_300m/train.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override a config field, e.g. --set optimizer.lr=1e-3 (repeatable)")
+    parser.add_argument("--check", action="store_true",
+                        help="only check that --world-size processes can run this config (batch, tensor/pipeline/data "
+                             "split, heads, layers, vocabulary) and print the layout; starts nothing")
+    parser.add_argument("--world-size", type=int, help="with --check: processes (default: as launched, else 1)")
+    parser.add_argument("--global-batch-size", type=int, help="with --check: instead of the blend's")
+    parser.add_argument("--seq-length", type=int, help="with --check: instead of the blend's")
 
 
 def run(args: argparse.Namespace) -> dict:
+    config = load_config(args.config, args.overrides)
+    if args.check:
+        return check(config, args)
     from megadoc_megatron.train.trainer import train
 
-    return train(load_config(args.config, args.overrides))
+    return train(config)
+
+
+def check(config, args: argparse.Namespace) -> dict:
+    from megadoc_megatron.train.distributed import launch_environment
+    from megadoc_megatron.train.layout import memory_estimate_gb, plan_layout
+
+    batch, length, vocab = args.global_batch_size, args.seq_length, None
+    if batch is None or length is None:
+        from megadoc_megatron.data.blend_verify import dataset_tokenizer
+        from megadoc_megatron.train.data import load_plan
+
+        plan = load_plan(config.data.blend)
+        batch, length = batch or plan["global_batch_size"], length or plan["seq_length"]
+        vocab = dataset_tokenizer(plan["datasets"][0]["prefix"]).vocab_size
+    world_size = args.world_size or launch_environment().world_size
+    layout = plan_layout(config, world_size, batch, length, args.config)
+    memory = f"; about {memory_estimate_gb(config, layout, length, vocab):.1f} GB per GPU (estimate)" if vocab else ""
+    print(f"ok: {layout.describe()} (global batch {batch} x {length} tokens){memory}")
+    return {"layout": layout.__dict__}

@@ -56,6 +56,19 @@ def launch_environment(env=os.environ) -> LaunchEnvironment:
     return LaunchEnvironment(0, 1, 0, "127.0.0.1", free_port(), "single")
 
 
+def one_cuda_connection(parallel, env=os.environ) -> None:
+    """With tensor parallelism, megatron-core orders its communication kernels before the compute that
+    depends on them by queueing everything on one hardware queue: CUDA_DEVICE_MAX_CONNECTIONS=1,
+    read when the CUDA context is created (Megatron-LM refuses sequence parallelism without it).
+    Set here, before that, so that no launcher has to remember it."""
+    if parallel.tensor == 1:
+        return
+    current = env.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    if current != "1":
+        raise InputError(f"CUDA_DEVICE_MAX_CONNECTIONS is {current}; tensor parallelism ({parallel.tensor}) needs 1",
+                         fix="unset it (megadoc train sets it) or export CUDA_DEVICE_MAX_CONNECTIONS=1")
+
+
 def initialize(parallel, launch: LaunchEnvironment | None = None):
     """torch.distributed (NCCL on GPU, gloo on CPU) and megatron-core's model-parallel groups."""
     import torch
@@ -63,13 +76,9 @@ def initialize(parallel, launch: LaunchEnvironment | None = None):
     from megatron.core import parallel_state
 
     launch = launch or launch_environment()
-    model_parallel = parallel.tensor * parallel.pipeline
-    if launch.world_size % model_parallel:
-        raise InputError(f"{launch.world_size} processes cannot hold tensor {parallel.tensor} x pipeline "
-                         f"{parallel.pipeline} model-parallel groups",
-                         fix="launch a multiple of parallel.tensor * parallel.pipeline processes")
     cuda = torch.cuda.is_available()
     if cuda:
+        one_cuda_connection(parallel)
         torch.cuda.set_device(launch.local_rank)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", rank=launch.rank, world_size=launch.world_size,

@@ -15,12 +15,13 @@ import torch
 import torch.distributed as dist
 
 from megadoc_megatron.errors import InputError
-from megadoc_megatron.model import document_packing
+from megadoc_megatron.model.gpt import document_packing
 from megadoc_megatron.records import write_text_atomic
 from megadoc_megatron.train import checkpoint
 from megadoc_megatron.train.config import TrainConfig
 from megadoc_megatron.train.data import build_datasets, load_plan, micro_batches
-from megadoc_megatron.train.distributed import initialize, shutdown
+from megadoc_megatron.train.distributed import initialize, launch_environment, shutdown
+from megadoc_megatron.train.layout import memory_estimate_gb, plan_layout
 from megadoc_megatron.train.metrics import FLOPS_FORMULA, StepLogger, peak_tflops, training_flops
 
 
@@ -57,7 +58,8 @@ def build_model(config: TrainConfig, vocab_size: int, seq_length: int, device: t
     paths Megatron-LM would use for this engine and device."""
     from megatron.core import parallel_state
 
-    from megadoc_megatron.model import build_gpt, padded_vocab_size, transformer_config
+    from megadoc_megatron.model.gpt import build_gpt, transformer_config
+    from megadoc_megatron.model.presets import padded_vocab_size
 
     backend = resolve_backend(config.model.backend)
     parallel, precision = config.parallel, config.precision
@@ -160,13 +162,8 @@ class Trainer:
         self.engine_name = resolve_engine(config.engine, device)
         self.plan = load_plan(config.data.blend)
         self.seq_length, self.global_batch = self.plan["seq_length"], self.plan["global_batch_size"]
-        data_parallel = parallel_state.get_data_parallel_world_size()
-        per_step = config.data.micro_batch_size * data_parallel
-        if self.global_batch % per_step:
-            raise InputError(f"the blend's global batch of {self.global_batch} sequences does not split into "
-                             f"micro-batches of {config.data.micro_batch_size} on {data_parallel} data-parallel ranks",
-                             config.data.blend, fix="pick data.micro_batch_size dividing global batch / data-parallel size")
-        self.num_microbatches = self.global_batch // per_step
+        self.layout = plan_layout(config, dist.get_world_size(), self.global_batch, self.seq_length, config.data.blend)
+        self.num_microbatches = self.layout.num_microbatches
         self.train_iters = config.train_iters or self.plan["train_iters"]
         if self.train_iters > self.plan["train_iters"]:
             raise InputError(f"train_iters {self.train_iters} is beyond the blend's {self.plan['train_iters']} "
@@ -177,6 +174,7 @@ class Trainer:
             raise InputError("the dataset has no tokenizer record, so the vocabulary size is unknown",
                              self.plan["datasets"][0]["prefix"], fix="convert it with `megadoc preprocess`")
         self.info = {"seq_length": self.seq_length, "vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer.describe()}
+        self.memory_gb = memory_estimate_gb(config, self.layout, self.seq_length, tokenizer.vocab_size)
         self.eod = tokenizer.eod if config.data.reset_attention_mask else None
         seed_everything(config.seed)
         self.model_config, chunks, self.padded_vocab = build_model(config, tokenizer.vocab_size, self.seq_length, device,
@@ -257,6 +255,10 @@ class Trainer:
             if rank0 else None
         if rank0:
             print(f"{note}\n{self.describe()}", flush=True)
+            if self.device.type == "cuda" and self.memory_gb > 0.9 * torch.cuda.get_device_properties(self.device).total_memory / 2 ** 30:
+                print(f"warning: this layout needs about {self.memory_gb:.0f} GB per GPU, near or above the "
+                      f"{torch.cuda.get_device_properties(self.device).total_memory / 2 ** 30:.0f} GB it has: set "
+                      "model.recompute: full, or a smaller data.micro_batch_size", flush=True)
         last_loss, timer, skips = None, StepTimer(self.device), SkipCounter(config.optimizer.max_skipped_in_a_row)
         iteration = start
         stopped = "plateau" if plateaued(validations, config.patience) else "end"
@@ -328,7 +330,8 @@ class Trainer:
                 f"{parameters:,} parameters on this rank) | parallel {layout()} | "
                 f"{self.train_iters} iterations x {self.global_batch} sequences x {self.seq_length} tokens "
                 f"({self.num_microbatches} micro-batches of {self.config.data.micro_batch_size}) | "
-                f"engine {self.engine_name} on {self.device.type} | peak for MFU {peak} | FLOPs: {FLOPS_FORMULA}")
+                f"engine {self.engine_name} on {self.device.type} | about {self.memory_gb:.1f} GB per rank (estimate) | "
+                f"peak for MFU {peak} | FLOPs: {FLOPS_FORMULA}")
 
 
 class StepTimer:
@@ -395,6 +398,9 @@ def train(config: TrainConfig, launch=None) -> dict:
     from megadoc_megatron.train.cuda_on_cpu import megatron_core_on_cpu
     from megadoc_megatron.train.engine import resolve_engine
 
+    launch = launch or launch_environment()
+    plan = load_plan(config.data.blend)
+    plan_layout(config, launch.world_size, plan["global_batch_size"], plan["seq_length"], config.data.blend)
     device = initialize(config.parallel, launch)
     try:
         with megatron_core_on_cpu() if resolve_engine(config.engine, device) == "megatron" else nullcontext():
