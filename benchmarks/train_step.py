@@ -7,14 +7,14 @@
 Both loops train the same model object with the same optimizer; rounds alternate between them.
 - ours: `Trainer.train_step`: the data loader over megatron-core's blended GPTDataset, the
   engine's schedule (megatron-core's on GPU, the portable one on CPU), gradient finalization,
-  clipping, the optimizer, the LR scheduler and the loss reduction the logger needs.
+  clipping, the optimizer with its non-finite check, the LR scheduler and the loss reduction.
 - bare: the model's forward/backward over the same number of micro-batches already in memory,
-  the same gradient finalization and `optimizer.step()`: nothing but what any step must do.
+  the same gradient finalization and megatron-core's own `optimizer.step()`: nothing but what
+  any step must do.
 Prints median step times, tokens/s, model TFLOP/s (Megatron-LM's formula) and ours/bare.
 
 Data: Python's standard-library docstrings and a SentencePiece tokenizer made by
-examples/tiny_cpu/make_corpus.py (kept in --work between runs); the held-out split stands in
-as the "synthetic" stream, which makes no difference to step time.
+examples/tiny_cpu/make_corpus.py (kept in --work between runs; benchmarks/stdlib_data.py).
 """
 
 from __future__ import annotations
@@ -22,52 +22,34 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def prepare_blend(work: Path, seq_length: int, global_batch: int) -> str:
-    from megadoc_megatron.data.blend import blend
-    from megadoc_megatron.data.preprocess import preprocess
-
-    if not (work / "tokenizer.model").is_file():
-        subprocess.run([sys.executable, str(REPO / "examples/tiny_cpu/make_corpus.py"), "--output-dir", str(work)],
-                       check=True)
-    prefixes = []
-    for split in ("train", "heldout"):
-        prefix = work / "data" / split
-        if not Path(f"{prefix}_text_document.idx").is_file():
-            preprocess([str(work / f"{split}.jsonl")], str(prefix), "SentencePieceTokenizer",
-                       str(work / "tokenizer.model"), append_eod=True, workers=2)
-        prefixes.append(f"{prefix}_text_document")
-    plan = blend([prefixes[0]], [prefixes[1]], 0.5, 1, seq_length, global_batch, work / f"blend-{seq_length}-{global_batch}")
-    return plan["files"]["plan"]
+from stdlib_data import stdlib_blend
 
 
 def bare_step(trainer, microbatches: list[dict]) -> None:
-    """Forward/backward of every micro-batch, the same gradient finalization, the optimizer step."""
+    """Forward/backward of every micro-batch, the engine's gradient finalization, megatron-core's
+    own optimizer step (the portable engine's on that engine)."""
     from megadoc_megatron.train.engine import finalize_portable_grads
 
     engine = trainer.engine
     (model,) = engine.model
     model.train()
-    if trainer.device.type == "cuda":
+    megatron = engine.name == "megatron"
+    if megatron:
         model.zero_grad_buffer()
     engine.optimizer.zero_grad()
     for batch in microbatches:
         loss = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"]).float().mean()
         (loss / len(microbatches)).backward()
-    if trainer.device.type == "cuda":
+    if megatron:
         model.finish_grad_sync()
+        engine.optimizer.optimizer.step()  # megatron-core's, without our non-finite check
     else:
         finalize_portable_grads(engine.chunks)
-    engine.optimizer.step()
+        engine.optimizer.step()
 
 
 def timed(step, count: int, device) -> list[float]:
@@ -100,7 +82,7 @@ def main() -> None:
     from megadoc_megatron.train.trainer import Trainer
 
     args.work.mkdir(parents=True, exist_ok=True)
-    blend_json = prepare_blend(args.work, args.seq_length, args.global_batch)
+    blend_json = stdlib_blend(args.work, args.seq_length, args.global_batch, 2 + args.rounds * args.steps * 2)
     config_path = args.work / "bench.yaml"
     config_path.write_text(json.dumps({
         "data": {"blend": blend_json, "micro_batch_size": args.micro_batch}, "model": {"preset": args.preset},

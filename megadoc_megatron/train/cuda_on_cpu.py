@@ -2,9 +2,10 @@
 gradient buffers, the (distributed) optimizer, the pipeline schedules and `finalize_model_grads`.
 
 Those places are not CUDA programs; they only *place* tensors on CUDA (`device="cuda"`,
-`torch.cuda.current_device()`, `.cuda()`) and check `tensor.type()` for `torch.cuda.*` names.
-Inside `megatron_core_on_cpu()` every such placement lands on the CPU, `.type()` names the CUDA
-type a GPU would have, and `torch.cuda.synchronize()` does nothing. Everything else runs as
+`torch.cuda.current_device()`, `.cuda()`), check `tensor.type()` for `torch.cuda.*` names and
+order work on streams. Inside `megatron_core_on_cpu()` every such placement lands on the CPU,
+`.type()` names the CUDA type a GPU would have, and streams, events and `torch.cuda.synchronize()`
+do nothing (on CPU every operation has finished when it returns). Everything else runs as
 written, with torch's CPU kernels and gloo collectives. This is how the CPU tests and the GPU
 check's CPU form run the very engine our GPU users get (engine: megatron), and how checkpoints
 are saved on CPU (megatron-core's writer synchronizes CUDA and puts a flag on the current device).
@@ -15,7 +16,7 @@ the GPU check's job (benchmarks/gpu_check.py).
 
 from __future__ import annotations
 
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from unittest import mock
 
 import torch
@@ -52,6 +53,20 @@ class _CudaPlacementOnCpu(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+class _CompletedWork:
+    """A CUDA stream or event on CPU, where every operation has finished when it returns."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_event(self, *args) -> None: ...
+    def wait_stream(self, *args) -> None: ...
+    def record_event(self, *args) -> "_CompletedWork": return _CompletedWork()
+    def record(self, *args) -> None: ...
+    def synchronize(self) -> None: ...
+    def query(self) -> bool: return True
+
+
 @contextmanager
 def megatron_core_on_cpu():
     """Within: megatron-core's CUDA tensor placements go to the CPU (see the module docstring).
@@ -62,5 +77,8 @@ def megatron_core_on_cpu():
     with ExitStack() as stack:
         stack.enter_context(mock.patch("torch.cuda.current_device", return_value=0))
         stack.enter_context(mock.patch("torch.cuda.synchronize"))
+        for name in ("current_stream", "default_stream", "Stream", "Event"):  # core 0.19 waits on streams
+            stack.enter_context(mock.patch(f"torch.cuda.{name}", _CompletedWork))
+        stack.enter_context(mock.patch("torch.cuda.stream", lambda *args: nullcontext()))
         stack.enter_context(_CudaPlacementOnCpu())
         yield

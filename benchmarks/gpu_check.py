@@ -1,0 +1,374 @@
+#!/usr/bin/env python3
+"""The GPU check: proof, in minutes on one GPU, that the training path GPU users run works.
+
+  python benchmarks/gpu_check.py [--out gpu_check.json] [--work /tmp/megadoc-gpu-check]
+  python benchmarks/gpu_check.py --device cpu --tiny          # the same checks on CPU (CI)
+
+Prints one JSON summary and exits 1 if any check fails. Nothing is installed or downloaded:
+1. environment: versions, the device, the peak TFLOP/s used for MFU (by part and precision);
+2. data: the standard library's docstrings, a SentencePiece tokenizer trained on them, converted
+   and blended by megadoc itself (benchmarks/stdlib_data.py);
+3. parity: the 150M preset in BF16 (tiny in FP32 on CPU), 20 iterations with megatron-core's
+   engine and with the portable engine (same layers, seed and data): iteration 1 at about ln(V),
+   every iteration's loss within PARITY_RTOL, also with document masking (packed sequences); and
+   megatron-core's engine logs the same losses with 1 and with 8 micro-batches per iteration
+   (within MICRO_BATCH_RTOL);
+4. throughput: the 150M and 300M presets at sequence 4096 (tiny at 256 on CPU): tokens/s, model
+   TFLOP/s, MFU and peak memory of `megadoc train`'s step, next to a bare megatron-core
+   forward/backward/step loop on the same model in the same run (our overhead as a ratio);
+5. resume: save at 10, resume to 20: iterations 11-20 match the uninterrupted run (RESUME_RTOL);
+6. evaluation: the checkpoint loaded by `megadoc eval` reproduces the logged validation loss on
+   the same validation samples (EVAL_RTOL), and `megadoc eval loss` on the held-out set is reported;
+7. non-finite gradients: a NaN loss at iteration 3 skips that update and is reported, training
+   goes on finite, and NaN at every iteration stops the run after optimizer.max_skipped_in_a_row.
+
+What a bare CUDA machine with torch needs: megatron-core, as a wheel for its Python (0.19.0 for
+Python 3.12, 2.4 MB; it needs only torch, numpy and packaging), and sentencepiece, numpy, pyyaml
+and tqdm if the machine lacks them. Here, in the repository root:
+
+  echo /.whl/ >> .git/info/exclude
+  python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+      --platform manylinux_2_28_x86_64 -d .whl megatron-core==0.19.0
+
+There, before the check:
+
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
+  PYTHONPATH=/tmp/site:. python3 benchmarks/gpu_check.py --out gpu_check.json
+
+Transformer Engine, flash-attn and apex are not needed: without them the portable layer spec runs
+on the GPU and the summary lists what was therefore not checked (TE layers, FP8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+# BF16 tolerances: the engines round differently (megatron-core accumulates micro-batch gradients in
+# FP32 buffers, the portable engine in BF16), and so do GEMMs of other shapes. The defects these
+# checks exist for (a loss divided by the micro-batch count, an update lost or applied twice, a
+# wrong optimizer state) move the loss by far more.
+PARITY_RTOL = 5e-3       # per-iteration loss, megatron-core vs portable engine, 20 iterations
+MICRO_BATCH_RTOL = 5e-3  # per-iteration loss, 1 vs 8 micro-batches
+RESUME_RTOL = 1e-3       # iterations 11-20 resumed vs uninterrupted (GPU kernels are not all deterministic)
+EVAL_RTOL = 2e-3         # the evaluator on the validation samples vs the logged validation loss
+HELD_OUT_RTOL = 0.05     # `megadoc eval loss` (the whole held-out set, in document order) vs validation
+
+FULL = {"parity": {"preset": "150M", "bf16": True, "seq": 1024, "batch": 8},
+        "throughput": [{"preset": "150M", "seq": 4096, "batch": 16, "micro": 4},
+                       {"preset": "300M", "seq": 4096, "batch": 16, "micro": 4}],
+        "timing": {"warmup": 3, "steps": 10, "rounds": 2}}
+TINY = {"parity": {"preset": "tiny", "bf16": False, "seq": 128, "batch": 8},
+        "throughput": [{"preset": "tiny", "seq": 256, "batch": 8, "micro": 4}],
+        "timing": {"warmup": 1, "steps": 3, "rounds": 2}}
+ITERATIONS, SAVE_AT = 20, 10
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="tiny model and short sequences (the CPU form)")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/megadoc-gpu-check"))
+    parser.add_argument("--out", type=Path, help="also write the JSON summary here")
+    return parser.parse_args()
+
+
+class Check:
+    """Shared state of one check run: sizes, device, data, and the runs made so far."""
+
+    def __init__(self, args):
+        import torch
+
+        self.args, self.sizes = args, TINY if args.tiny else FULL
+        self.device = torch.device(args.device)
+        self.runs = args.work / "runs"
+        shutil.rmtree(self.runs, ignore_errors=True)
+        self.runs.mkdir(parents=True)
+
+    def config(self, name: str, blend_json: str, preset: str, bf16: bool, micro: int, **extra) -> Path:
+        values = {"data": {"blend": blend_json, "micro_batch_size": micro}, "model": {"preset": preset},
+                  "precision": {"bf16": bf16}, "optimizer": {"lr": 1.0e-3, "warmup_iters": 2, "min_lr": 1.0e-4},
+                  "checkpoint": {"dir": str(self.runs / name), "save_interval": SAVE_AT},
+                  "logging": {"eval_interval": SAVE_AT, "eval_iters": 1}, "train_iters": ITERATIONS}
+        for section, fields in extra.items():
+            values[section] = {**values.get(section, {}), **fields} if isinstance(fields, dict) else fields
+        path = self.runs / f"{name}.yaml"
+        path.write_text(json.dumps(values))
+        return path
+
+    def train(self, name: str, blend_json: str, *overrides: str, micro: int | None = None, **extra) -> dict:
+        """Train a parity-sized run; its metrics by iteration and validation losses."""
+        from megadoc_megatron.train.config import load_config
+        from megadoc_megatron.train.trainer import train
+
+        sizes = self.sizes["parity"]
+        path = self.config(name, blend_json, sizes["preset"], sizes["bf16"], micro or 2, **extra)
+        result = train(load_config(path, list(overrides)))
+        rows = [json.loads(line) for line in (self.runs / name / "metrics.jsonl").read_text().splitlines()]
+        return {"result": result, "loss": {r["iteration"]: r["loss"] for r in rows if "loss" in r},
+                "grad_norm": {r["iteration"]: r["grad_norm"] for r in rows if "loss" in r},
+                "skipped": {r["iteration"]: r["skipped"] for r in rows if "loss" in r},
+                "valid": {r["iteration"]: r["valid_loss"] for r in rows if "valid_loss" in r},
+                "path": path}
+
+
+def worst_relative(a: dict, b: dict) -> float:
+    return max(abs(a[k] - b[k]) / abs(b[k]) for k in b if k in a)
+
+
+def environment(check: Check) -> dict:
+    import megatron.core
+    import torch
+
+    from megadoc_megatron.model.gpt import transformer_engine_available
+    from megadoc_megatron.train.metrics import peak_tflops
+
+    cuda = check.device.type == "cuda"
+    return {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "megatron_core": megatron.core.__version__, "transformer_engine": transformer_engine_available(),
+            "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+            "memory_gb": round(torch.cuda.get_device_properties(0).total_memory / 2 ** 30, 1) if cuda else None,
+            "peak_tflops": {"bf16": peak_tflops(None), "fp8": peak_tflops(None, "hybrid")}, "ok": True}
+
+
+def parity(check: Check, blend_json: str) -> dict:
+    megatron = check.train("megatron", blend_json, "engine=megatron")
+    portable = check.train("portable", blend_json, "engine=portable", checkpoint={"save_interval": 0})
+    batch = check.sizes["parity"]["batch"]
+    one = check.train("one-micro-batch", blend_json, "engine=megatron", micro=batch, checkpoint={"save_interval": 0})
+    eight = check.train("eight-micro-batches", blend_json, "engine=megatron", micro=1, checkpoint={"save_interval": 0})
+    masked = {engine: check.train(f"masked-{engine}", blend_json, f"engine={engine}", "data.reset_attention_mask=true",
+                                  checkpoint={"save_interval": 0}) for engine in ("megatron", "portable")}
+    check.megatron = megatron
+    first = megatron["loss"][1]
+    uniform = math.log(check.padded_vocab)
+    result = {"iterations": ITERATIONS, "first_loss": first, "ln_vocab": uniform,
+              "engines_worst_rtol": worst_relative(megatron["loss"], portable["loss"]),
+              "micro_batches_1_vs_8_worst_rtol": worst_relative(eight["loss"], one["loss"]),
+              "document_masking_engines_worst_rtol": worst_relative(masked["megatron"]["loss"],
+                                                                    masked["portable"]["loss"]),
+              "tolerances": {"engines": PARITY_RTOL, "micro_batches": MICRO_BATCH_RTOL},
+              "losses": {"megatron": [megatron["loss"][i] for i in sorted(megatron["loss"])],
+                         "portable": [portable["loss"][i] for i in sorted(portable["loss"])]}}
+    result["ok"] = (abs(first - uniform) / uniform < 0.05 and result["engines_worst_rtol"] <= PARITY_RTOL
+                    and result["document_masking_engines_worst_rtol"] <= PARITY_RTOL
+                    and result["micro_batches_1_vs_8_worst_rtol"] <= MICRO_BATCH_RTOL)
+    return result
+
+
+def resume(check: Check, blend_json: str) -> dict:
+    from megadoc_megatron.train import checkpoint
+
+    source, target = check.runs / "megatron", check.runs / "resumed"
+    shutil.copytree(checkpoint.iteration_dir(source, SAVE_AT), checkpoint.iteration_dir(target, SAVE_AT))
+    (target / checkpoint.TRACKER).write_text(f"{SAVE_AT}\n")
+    resumed = check.train("resumed", blend_json, "engine=megatron")
+    expected = {k: v for k, v in check.megatron["loss"].items() if k > SAVE_AT}
+    worst = worst_relative(resumed["loss"], expected)
+    return {"iterations": sorted(resumed["loss"]), "worst_rtol": worst, "tolerance": RESUME_RTOL,
+            "ok": sorted(resumed["loss"]) == sorted(expected) and worst <= RESUME_RTOL}
+
+
+def evaluation(check: Check, blend_json: str) -> dict:
+    """The checkpoint through megadoc eval's loader on the validation samples; then the command."""
+    import numpy as np
+    import torch
+
+    from megadoc_megatron.cli import main as megadoc
+    from megadoc_megatron.evaluate.losses import evaluation_process_group, load_model, token_losses
+    from megadoc_megatron.train.config import load_config
+    from megadoc_megatron.train.data import build_datasets, load_plan
+    from megadoc_megatron.train.distributed import shutdown
+
+    logged = check.megatron["valid"][ITERATIONS]
+    plan = load_plan(blend_json)
+    config = load_config(check.megatron["path"])
+    device = evaluation_process_group()
+    try:
+        loaded = load_model(check.runs / "megatron", None, device)
+        _, valid = build_datasets(plan, plan["train_samples"], plan["global_batch_size"], config.data)
+        micro = config.data.micro_batch_size
+        losses = []
+        for start in range(0, plan["global_batch_size"], micro):
+            tokens = torch.stack([torch.as_tensor(valid[i]["tokens"]) for i in range(start, start + micro)])
+            labels = torch.stack([torch.as_tensor(valid[i]["labels"]) for i in range(start, start + micro)])
+            sequences = torch.cat([tokens, labels[:, -1:]], dim=1).to(device)
+            with torch.no_grad():
+                losses.append(float(token_losses(loaded.model, sequences, eod=loaded.eod).mean()))
+        same_samples = float(np.mean(losses))
+    finally:
+        shutdown()
+    held_out = plan["files"].get("per_split_data_args")
+    held_prefix = json.loads(Path(held_out).read_text())["valid"][1]
+    megadoc(["eval", "loss", str(check.runs / "megatron"), "--data", held_prefix])
+    (result_file,) = (check.runs / "megatron" / "eval").glob("loss.*.json")
+    command_loss = json.loads(result_file.read_text())["metrics"]["loss"]
+    rtol = abs(same_samples - logged) / logged
+    return {"logged_validation_loss": logged, "evaluator_on_validation_samples": same_samples, "rtol": rtol,
+            "tolerance": EVAL_RTOL, "megadoc_eval_loss_held_out": command_loss,
+            "held_out_vs_validation_rtol": abs(command_loss - logged) / logged,
+            "ok": rtol <= EVAL_RTOL and abs(command_loss - logged) / logged <= HELD_OUT_RTOL}
+
+
+@contextlib.contextmanager
+def nan_loss_at(iterations: set[int]):
+    """The loss (so every gradient) of these iterations of each run is NaN: a fault, injected."""
+    from megadoc_megatron.train import trainer
+
+    counter = []
+    real_train, real_step, real_loss = trainer.Trainer.train, trainer.Trainer.train_step, trainer.masked_mean_loss
+
+    def train(self):
+        counter.clear()
+        return real_train(self)
+
+    def train_step(self, batches):
+        counter.append(1)
+        return real_step(self, batches)
+
+    def masked_mean_loss(loss_mask, output):
+        poisoned = len(counter) in iterations and output.requires_grad
+        return real_loss(loss_mask, output * float("nan") if poisoned else output)
+
+    trainer.Trainer.train, trainer.Trainer.train_step, trainer.masked_mean_loss = train, train_step, masked_mean_loss
+    try:
+        yield
+    finally:
+        trainer.Trainer.train, trainer.Trainer.train_step, trainer.masked_mean_loss = real_train, real_step, real_loss
+
+
+def non_finite(check: Check, blend_json: str) -> dict:
+    from megadoc_megatron.errors import InputError
+
+    with nan_loss_at({3}):
+        run = check.train("nan-once", blend_json, "engine=megatron", checkpoint={"dir": str(check.runs / "nan-once"),
+                                                                                 "save_interval": 0})
+    finite_after = all(math.isfinite(run["loss"][i]) for i in run["loss"] if i > 3)
+    stopped = None
+    with nan_loss_at(set(range(1, ITERATIONS + 1))):
+        try:
+            check.train("nan-always", blend_json, "engine=megatron", "optimizer.max_skipped_in_a_row=3",
+                        checkpoint={"dir": str(check.runs / "nan-always"), "save_interval": 0})
+        except InputError as error:
+            stopped = str(error)
+    return {"skipped_at_3": run["skipped"][3], "grad_norm_at_3": str(run["grad_norm"][3]),
+            "skipped_total": run["result"]["skipped_iterations"], "finite_after": finite_after,
+            "final_valid_loss": run["valid"][ITERATIONS], "stopped_when_always_nan": stopped,
+            "ok": run["skipped"][3] == 1 and run["result"]["skipped_iterations"] == 1 and finite_after
+            and math.isfinite(run["valid"][ITERATIONS]) and stopped is not None and "diverged" in stopped}
+
+
+def throughput(check: Check) -> dict:
+    import torch
+    from train_step import bare_step, timed
+
+    from megadoc_megatron.train.config import load_config
+    from megadoc_megatron.train.distributed import initialize, shutdown
+    from megadoc_megatron.train.trainer import Trainer
+    from stdlib_data import stdlib_blend
+
+    timing, out = check.sizes["timing"], {}
+    for size in check.sizes["throughput"]:
+        steps_needed = timing["warmup"] + 2 * timing["rounds"] * timing["steps"] + 2
+        blend_json = stdlib_blend(check.args.work, size["seq"], size["batch"], steps_needed)
+        path = check.config(f"throughput-{size['preset']}", blend_json, size["preset"], check.device.type == "cuda",
+                            size["micro"], checkpoint={"dir": ""}, logging={"eval_interval": 0}, engine="megatron")
+        config = load_config(path, [f"train_iters={steps_needed}"])
+        device = initialize(config.parallel)
+        try:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            trainer = Trainer(config, device)
+            train, _ = trainer.datasets()
+            total = trainer.train_iters * trainer.global_batch
+            stream = trainer.batches(train, 0, total, config.data.num_workers)
+            first = trainer.batches(train, 0, total)
+            in_memory = [{k: v.to(device) for k, v in next(first).items()} for _ in range(trainer.num_microbatches)]
+            for _ in range(timing["warmup"]):
+                trainer.train_step(stream)
+                bare_step(trainer, in_memory)
+            ours, bare = [], []
+            for _ in range(timing["rounds"]):
+                ours += timed(lambda: trainer.train_step(stream), timing["steps"], device)
+                bare += timed(lambda: bare_step(trainer, in_memory), timing["steps"], device)
+            peak_memory = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
+        finally:
+            shutdown()
+        tokens = trainer.global_batch * trainer.seq_length
+        row = {"seq_length": trainer.seq_length, "global_batch": trainer.global_batch,
+               "micro_batches": trainer.num_microbatches, "backend": trainer.info["backend"],
+               "peak_memory_gb": round(peak_memory, 2) if peak_memory else None,
+               "memory_estimate_gb": round(trainer.memory_gb, 2)}
+        for name, times in (("ours", ours), ("bare", bare)):
+            median = statistics.median(times)
+            tflops = trainer.flops_per_iteration / median / 1e12
+            row[name] = {"seconds_per_step": median, "tokens_per_s": tokens / median, "tflops": tflops,
+                         "mfu": tflops / trainer.peak if trainer.peak else None}
+        row["ours_over_bare"] = row["ours"]["seconds_per_step"] / row["bare"]["seconds_per_step"]
+        out[size["preset"]] = row
+    return {**out, "ok": all(row["ours"]["tokens_per_s"] > 0 for row in out.values())}
+
+
+def main() -> int:
+    args = parse_args()
+    if args.device == "cpu":
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch is imported
+    started = time.perf_counter()
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import torch
+
+    from megadoc_megatron.data.blend_verify import dataset_tokenizer
+    from megadoc_megatron.model.presets import padded_vocab_size
+    from megadoc_megatron.train.cuda_on_cpu import megatron_core_on_cpu
+    from stdlib_data import stdlib_blend
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print(json.dumps({"ok": False, "error": "no CUDA device (use --device cpu for the CPU form)"}))
+        return 1
+    args.work.mkdir(parents=True, exist_ok=True)
+    check = Check(args)
+    summary = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "checks": {}}
+    parity_sizes = check.sizes["parity"]
+    blend_json = None
+    steps = [("environment", lambda: environment(check)), ("parity", lambda: parity(check, blend_json)),
+             ("resume", lambda: resume(check, blend_json)), ("evaluation", lambda: evaluation(check, blend_json)),
+             ("non_finite", lambda: non_finite(check, blend_json)), ("throughput", lambda: throughput(check))]
+    with megatron_core_on_cpu():  # megatron-core's engine on CPU for the CPU form; nothing on GPU
+        blend_json = stdlib_blend(args.work, parity_sizes["seq"], parity_sizes["batch"], ITERATIONS)
+        check.padded_vocab = padded_vocab_size(dataset_tokenizer(json.loads(Path(blend_json).read_text())
+                                                                 ["datasets"][0]["prefix"]).vocab_size)
+        for name, step in steps:
+            step_started = time.perf_counter()
+            try:
+                summary["checks"][name] = step()
+            except Exception as error:  # noqa: BLE001 - every failure is reported in the summary
+                summary["checks"][name] = {"ok": False, "error": f"{type(error).__name__}: {error}",
+                                           "traceback": traceback.format_exc(limit=6)}
+            summary["checks"][name]["seconds"] = round(time.perf_counter() - step_started, 1)
+    engine_env = summary["checks"]["environment"]
+    summary["not_checked"] = [] if engine_env.get("transformer_engine") else [
+        "Transformer Engine is not installed: its layer spec, FP8 and TE's fused kernels were not run "
+        "(the portable layer spec ran on the same engines)"]
+    if args.device == "cpu":
+        summary["not_checked"].append("CPU form: CUDA kernels, streams and NCCL were not run")
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    summary["ok"] = all(result.get("ok") for result in summary["checks"].values())
+    text = json.dumps(summary, indent=2, default=str)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    return 0 if summary["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

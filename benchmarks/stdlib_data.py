@@ -1,0 +1,35 @@
+"""Training data every machine has, for the benchmarks and the GPU check: the standard library's
+docstrings and a SentencePiece tokenizer trained on them (examples/tiny_cpu/make_corpus.py), kept
+in a work folder between runs, converted and blended with megadoc's own commands."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def stdlib_blend(work: Path, seq_length: int, global_batch: int, iterations: int) -> str:
+    """blend.json of a real-only blend of `iterations` global batches (the training docstrings,
+    repeated as often as that takes), validated on the held-out docstrings."""
+    from megadoc_megatron.data.blend import blend
+    from megadoc_megatron.data.preprocess import preprocess
+
+    work = Path(work)
+    if not (work / "corpus.json").is_file():
+        subprocess.run([sys.executable, str(REPO / "examples/tiny_cpu/make_corpus.py"), "--output-dir", str(work)],
+                       check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    prefixes = {}
+    for split in ("train", "heldout"):
+        prefix = work / "data" / split
+        if not Path(f"{prefix}_text_document.idx").is_file():
+            preprocess([str(work / f"{split}.jsonl")], str(prefix), "SentencePieceTokenizer",
+                       str(work / "tokenizer.model"), append_eod=True, workers=2)
+        prefixes[split] = f"{prefix}_text_document"
+    plan = blend([prefixes["train"]], [], 0.0, None, seq_length, global_batch,
+                 work / f"blend-{seq_length}-{global_batch}-{iterations}", valid_data=[prefixes["heldout"]],
+                 train_tokens=iterations * seq_length * global_batch)
+    return plan["files"]["plan"]
