@@ -170,6 +170,38 @@ def test_evaluation_refuses_data_of_another_tokenizer_and_missing_checkpoints(ru
     assert not list(runs[0].glob("eval/loss.hf_text_document*"))
 
 
+def test_a_checkpoint_of_transformer_engine_layers_loads_into_portable_layers(runs, tmp_path):
+    """TE fuses the pre-attention and pre-MLP norms into the next linear layer (other tensor names):
+    a checkpoint saved under TE's names and marked as TE's loads on a CPU machine's portable layers
+    with the same weights."""
+    from megatron.core import dist_checkpointing
+
+    from megadoc_megatron.evaluate.losses import evaluation_process_group, load_model
+    from megadoc_megatron.train import checkpoint
+    from megadoc_megatron.train.distributed import shutdown
+
+    source = checkpoint.iteration_dir(runs[0], ITERS)
+    common = dist_checkpointing.load_common_state_dict(str(source))
+    device = evaluation_process_group()
+    try:
+        original = load_model(runs[0], None, device).model
+        as_te = checkpoint.model_state(original, backend="portable", saved_backend="te")
+        assert {t.key for t in as_te.values()} >= {"decoder.layers.self_attention.linear_qkv.layer_norm_weight",
+                                                   "decoder.layers.mlp.linear_fc1.layer_norm_weight"}
+        target = checkpoint.iteration_dir(tmp_path, ITERS)
+        target.mkdir(parents=True)
+        with checkpoint.megatron_core_on_cpu():
+            dist_checkpointing.save({"model": as_te, "config": common["config"],
+                                     "info": {**common["info"], "backend": "te"}}, str(target))
+        (tmp_path / checkpoint.TRACKER).write_text(f"{ITERS}\n")
+        loaded = load_model(tmp_path, None, device).model
+        for (name, weight), (_, expected) in zip(loaded.state_dict().items(), original.state_dict().items()):
+            if isinstance(weight, torch.Tensor):
+                assert torch.equal(weight, expected), name
+    finally:
+        shutdown()
+
+
 # --- report ---
 
 def test_report_tables_and_plots_the_runs(runs, held_out, tmp_path):

@@ -45,7 +45,7 @@ def load_model(root, iteration: int | None, device: torch.device) -> LoadedModel
 
     from megadoc_megatron.train import checkpoint
     from megadoc_megatron.train.config import ParallelConfig, config_from_dict
-    from megadoc_megatron.train.trainer import build_model
+    from megadoc_megatron.train.trainer import build_model, resolve_backend
 
     root = Path(root)
     iteration = iteration if iteration is not None else checkpoint.latest_iteration(root)
@@ -63,8 +63,9 @@ def load_model(root, iteration: int | None, device: torch.device) -> LoadedModel
                                  precision=dataclasses.replace(config.precision, fp8=None,
                                                                bf16=config.precision.bf16 and device.type == "cuda"))
     _, (model,), _ = build_model(config, info["vocab_size"], info["seq_length"], device)
-    loaded = dist_checkpointing.load({"model": model.sharded_state_dict()}, str(source))
-    model.load_state_dict(loaded["model"])
+    backend = resolve_backend(config.model.backend)  # a GPU (TE) checkpoint loads into portable layers on CPU
+    state = checkpoint.model_state(model, backend=backend, saved_backend=info.get("backend"))
+    checkpoint.load_model_state(model, dist_checkpointing.load({"model": state}, str(source))["model"])
     model.eval()
     eod = info["tokenizer"].get("eod") if config.data.reset_attention_mask else None
     return LoadedModel(model, source, iteration, info["seq_length"], info["vocab_size"], info["tokenizer"], eod)

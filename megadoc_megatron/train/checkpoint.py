@@ -10,6 +10,7 @@ interrupted by a kill is never taken as the latest.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import shutil
 from pathlib import Path
@@ -85,14 +86,48 @@ def _model_keys(chunks: list) -> list[str]:
     return ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
 
 
+# Transformer Engine's layer spec fuses the norm before attention and before the MLP into the
+# linear layer after it; the portable spec keeps them apart. Same weights, other names.
+TE_NORM_NAMES = {"input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+                 "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight"}
+
+
+def model_state(chunk, metadata: dict | None = None, backend: str | None = None, saved_backend: str | None = None):
+    """A model chunk's sharded state dict, its tensors named as a checkpoint of `saved_backend`'s
+    layers names them (checkpoints move between the Transformer Engine and portable specs; TE's
+    FP8 metadata, which the portable spec has no place for, is left out)."""
+    state = chunk.sharded_state_dict(metadata=dict(metadata or {}))  # megatron-core adds process groups to it
+    if saved_backend is None or saved_backend == backend:
+        return state
+    renames = TE_NORM_NAMES if saved_backend == "te" else {te: ours for ours, te in TE_NORM_NAMES.items()}
+    renamed = {}
+    for name, item in state.items():
+        if name.endswith("_extra_state"):
+            continue
+        ending = next((ending for ending in renames if item.key.endswith(ending)), None)
+        renamed[name] = dataclasses.replace(item, key=item.key[:-len(ending)] + renames[ending]) if ending else item
+    return renamed
+
+
+def load_model_state(chunk, loaded: dict) -> None:
+    """Load weights into a chunk; only TE's FP8 metadata may be missing (from a portable checkpoint)."""
+    missing, unexpected = chunk.load_state_dict(loaded, strict=False)
+    wrong = [key for key in missing if not key.endswith("_extra_state")] + list(unexpected)
+    if wrong:
+        raise InputError(f"the checkpoint's model does not fit this one: {wrong[:3]}",
+                         fix="load it with the model preset and overrides it was trained with")
+
+
 def _sharded_state(engine, scheduler, is_loading: bool, rng: dict | None, optimizer: bool = True,
-                   metadata: dict | None = None) -> dict:
+                   metadata: dict | None = None, saved_backend: str | None = None) -> dict:
     """What megatron-core saves or loads; `metadata` (how the optimizer state is laid out) defaults
-    to the engine's: a load passes the checkpoint's."""
-    metadata = dict(metadata or engine.checkpoint_metadata or {})  # megatron-core adds process groups to it
-    state = {key: chunk.sharded_state_dict(metadata=metadata) for key, chunk in zip(_model_keys(engine.chunks), engine.chunks)}
+    to the engine's: a load passes the checkpoint's, and the layer spec the checkpoint was saved with."""
+    metadata = metadata or engine.checkpoint_metadata
+    state = {key: model_state(chunk, metadata, engine.backend, saved_backend)
+             for key, chunk in zip(_model_keys(engine.chunks), engine.chunks)}
     if optimizer:
-        state["optimizer"] = engine.optimizer.sharded_state_dict(dict(state), is_loading=is_loading, metadata=metadata)
+        state["optimizer"] = engine.optimizer.sharded_state_dict(dict(state), is_loading=is_loading,
+                                                                 metadata=dict(metadata or {}))
     if scheduler is not None:
         state["scheduler"] = scheduler.state_dict()
     if rng is not None or is_loading:
@@ -100,11 +135,17 @@ def _sharded_state(engine, scheduler, is_loading: bool, rng: dict | None, optimi
     return state
 
 
+def saved_backend(common: dict) -> str | None:
+    return (common.get("info") or {}).get("backend")
+
+
 def optimizer_mismatch(common: dict, engine) -> str | None:
     """Why this engine cannot take the optimizer state of a checkpoint (its common state), or None."""
     saved_format, saved_layout = common.get("optimizer_format", "portable"), common["layout"]
     if saved_format != engine.optimizer_format:
         return f"its optimizer state was kept by {saved_format}, this run's is kept by {engine.optimizer_format}"
+    if saved_backend(common) not in (None, engine.backend):
+        return f"it was trained with {saved_backend(common)} layers, this run has {engine.backend} layers"
     current = layout()
     sharding = (common.get("sharding_metadata") or {}).get("distrib_optim_sharding_type")
     if sharding == "dp_reshardable" and any(saved_layout[k] != current[k] for k in ("tensor", "pipeline")):
@@ -156,12 +197,12 @@ def load(root, engine, scheduler) -> tuple[int, int, str]:
                              "new run from its weights with checkpoint.init_from")
     restore_rng = scheduler is not None and common["layout"] == layout()  # RNG states belong to ranks
     state = _sharded_state(engine, scheduler, is_loading=True, rng=None, optimizer=not mismatch,
-                           metadata=common.get("sharding_metadata"))
+                           metadata=common.get("sharding_metadata"), saved_backend=saved_backend(common))
     if not restore_rng:
         del state["rng_state"]
     loaded = dist_checkpointing.load(state, str(source))
     for key, chunk in zip(_model_keys(engine.chunks), engine.chunks):
-        chunk.load_state_dict(loaded[key])
+        load_model_state(chunk, loaded[key])
     if not mismatch:
         engine.optimizer.load_state_dict(loaded["optimizer"])
     if scheduler is not None:

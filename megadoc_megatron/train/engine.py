@@ -53,6 +53,7 @@ class Engine:
     optimizer: object
     forward_backward: Callable
     optimizer_format: str                # how checkpoints keep the optimizer state (see checkpoint.load)
+    backend: str = "portable"            # the layer spec: te | portable
     checkpoint_metadata: dict | None = None  # megatron-core's sharded_state_dict metadata
     params_synchronized: Callable = nullcontext
 
@@ -250,7 +251,7 @@ def finalize_portable_grads(chunks: list) -> None:
     _all_reduce_grads(params, parallel_state.get_data_parallel_group(), average=True)
 
 
-def portable_engine(chunks: list, config) -> Engine:
+def portable_engine(chunks: list, config, backend: str) -> Engine:
     if len(chunks) > 1:
         raise InputError("virtual pipeline stages need megatron-core's interleaved schedule",
                          fix="use engine megatron (or auto on a GPU), or unset parallel.virtual_pipeline")
@@ -260,7 +261,7 @@ def portable_engine(chunks: list, config) -> Engine:
         optimizer.zero_grad()
         return portable_forward_backward(**kwargs)
 
-    return Engine("portable", chunks, chunks, optimizer, forward_backward, "portable")
+    return Engine("portable", chunks, chunks, optimizer, forward_backward, "portable", backend)
 
 
 class CoreOptimizer:
@@ -357,7 +358,7 @@ def _adam_step_kept(parts: list):
             del part._set_main_param_and_optimizer_states
 
 
-def megatron_engine(chunks: list, transformer_config, config) -> Engine:
+def megatron_engine(chunks: list, transformer_config, config, backend: str) -> Engine:
     """megatron-core's DDP, optimizer and pipeline schedules."""
     from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
                                            finalize_model_grads)
@@ -417,4 +418,4 @@ def megatron_engine(chunks: list, transformer_config, config) -> Engine:
     optimizer_format = "megatron-core's distributed optimizer" if parallel.distributed_optimizer \
         else "megatron-core's optimizer"
     return Engine("megatron", chunks, model, CoreOptimizer(optimizer, settings.clip_grad), forward_backward,
-                  optimizer_format, metadata, params_synchronized)
+                  optimizer_format, backend, metadata, params_synchronized)

@@ -180,8 +180,8 @@ class Trainer:
         self.model_config, chunks, self.padded_vocab = build_model(config, tokenizer.vocab_size, self.seq_length, device,
                                                                    self.engine_name)
         self.info["backend"] = resolve_backend(config.model.backend)
-        self.engine = megatron_engine(chunks, self.model_config, config) if self.engine_name == "megatron" \
-            else portable_engine(chunks, config)
+        self.engine = megatron_engine(chunks, self.model_config, config, self.info["backend"]) \
+            if self.engine_name == "megatron" else portable_engine(chunks, config, self.info["backend"])
         self.scheduler = build_scheduler(self.engine.optimizer, config.optimizer, self.train_iters)
         self.flops_per_iteration = training_flops(self.model_config, self.padded_vocab, self.seq_length, self.global_batch)
         self.peak = peak_tflops(config.logging.peak_tflops, config.precision.fp8)
