@@ -8,7 +8,7 @@ Prints one JSON summary and exits 1 if any check fails. Nothing is installed or 
 1. environment: versions, the device, the peak TFLOP/s used for MFU (by part and precision);
 2. data: the standard library's docstrings, a SentencePiece tokenizer trained on them, converted
    and blended by megadoc itself (benchmarks/stdlib_data.py);
-3. parity: the 150M preset in BF16 (tiny in FP32 on CPU), 20 iterations with megatron-core's
+3. parity: the 150M preset in BF16 (tiny in FP32 on CPU), 20 iterations (8) with megatron-core's
    engine and with the portable engine (same layers, seed and data): iteration 1 at about ln(V),
    every iteration's loss within PARITY_RTOL, also with document masking (packed sequences); and
    megatron-core's engine logs the same losses with 1 and with 8 micro-batches per iteration
@@ -16,7 +16,7 @@ Prints one JSON summary and exits 1 if any check fails. Nothing is installed or 
 4. throughput: the 150M and 300M presets at sequence 4096 (tiny at 256 on CPU): tokens/s, model
    TFLOP/s, MFU and peak memory of `megadoc train`'s step, next to a bare megatron-core
    forward/backward/step loop on the same model in the same run (our overhead as a ratio);
-5. resume: save at 10, resume to 20: iterations 11-20 match the uninterrupted run (RESUME_RTOL);
+5. resume: save at 10, resume to 20 (4 and 8): the resumed iterations match the uninterrupted run;
 6. evaluation: the checkpoint loaded by `megadoc eval` reproduces the logged validation loss on
    the same validation samples (EVAL_RTOL), and `megadoc eval loss` on the held-out set is reported;
 7. non-finite gradients: a NaN loss at iteration 3 skips that update and is reported, training
@@ -64,14 +64,13 @@ RESUME_RTOL = 1e-3       # iterations 11-20 resumed vs uninterrupted (GPU kernel
 EVAL_RTOL = 2e-3         # the evaluator on the validation samples vs the logged validation loss
 HELD_OUT_RTOL = 0.05     # `megadoc eval loss` (the whole held-out set, in document order) vs validation
 
-FULL = {"parity": {"preset": "150M", "bf16": True, "seq": 1024, "batch": 8},
+FULL = {"parity": {"preset": "150M", "bf16": True, "seq": 1024, "batch": 8, "iterations": 20, "save_at": 10},
         "throughput": [{"preset": "150M", "seq": 4096, "batch": 16, "micro": 4},
                        {"preset": "300M", "seq": 4096, "batch": 16, "micro": 4}],
         "timing": {"warmup": 3, "steps": 10, "rounds": 2}}
-TINY = {"parity": {"preset": "tiny", "bf16": False, "seq": 128, "batch": 8},
+TINY = {"parity": {"preset": "tiny", "bf16": False, "seq": 128, "batch": 8, "iterations": 8, "save_at": 4},
         "throughput": [{"preset": "tiny", "seq": 256, "batch": 8, "micro": 4}],
         "timing": {"warmup": 1, "steps": 3, "rounds": 2}}
-ITERATIONS, SAVE_AT = 20, 10
 
 
 def parse_args():
@@ -91,6 +90,7 @@ class Check:
 
         self.args, self.sizes = args, TINY if args.tiny else FULL
         self.device = torch.device(args.device)
+        self.iterations, self.save_at = self.sizes["parity"]["iterations"], self.sizes["parity"]["save_at"]
         self.runs = args.work / "runs"
         shutil.rmtree(self.runs, ignore_errors=True)
         self.runs.mkdir(parents=True)
@@ -98,8 +98,8 @@ class Check:
     def config(self, name: str, blend_json: str, preset: str, bf16: bool, micro: int, **extra) -> Path:
         values = {"data": {"blend": blend_json, "micro_batch_size": micro}, "model": {"preset": preset},
                   "precision": {"bf16": bf16}, "optimizer": {"lr": 1.0e-3, "warmup_iters": 2, "min_lr": 1.0e-4},
-                  "checkpoint": {"dir": str(self.runs / name), "save_interval": SAVE_AT},
-                  "logging": {"eval_interval": SAVE_AT, "eval_iters": 1}, "train_iters": ITERATIONS}
+                  "checkpoint": {"dir": str(self.runs / name), "save_interval": self.save_at},
+                  "logging": {"eval_interval": self.save_at, "eval_iters": 1}, "train_iters": self.iterations}
         for section, fields in extra.items():
             values[section] = {**values.get(section, {}), **fields} if isinstance(fields, dict) else fields
         path = self.runs / f"{name}.yaml"
@@ -152,7 +152,7 @@ def parity(check: Check, blend_json: str) -> dict:
     check.megatron = megatron
     first = megatron["loss"][1]
     uniform = math.log(check.padded_vocab)
-    result = {"iterations": ITERATIONS, "first_loss": first, "ln_vocab": uniform,
+    result = {"iterations": check.iterations, "first_loss": first, "ln_vocab": uniform,
               "engines_worst_rtol": worst_relative(megatron["loss"], portable["loss"]),
               "micro_batches_1_vs_8_worst_rtol": worst_relative(eight["loss"], one["loss"]),
               "document_masking_engines_worst_rtol": worst_relative(masked["megatron"]["loss"],
@@ -170,10 +170,10 @@ def resume(check: Check, blend_json: str) -> dict:
     from megadoc_megatron.train import checkpoint
 
     source, target = check.runs / "megatron", check.runs / "resumed"
-    shutil.copytree(checkpoint.iteration_dir(source, SAVE_AT), checkpoint.iteration_dir(target, SAVE_AT))
-    (target / checkpoint.TRACKER).write_text(f"{SAVE_AT}\n")
+    shutil.copytree(checkpoint.iteration_dir(source, check.save_at), checkpoint.iteration_dir(target, check.save_at))
+    (target / checkpoint.TRACKER).write_text(f"{check.save_at}\n")
     resumed = check.train("resumed", blend_json, "engine=megatron")
-    expected = {k: v for k, v in check.megatron["loss"].items() if k > SAVE_AT}
+    expected = {k: v for k, v in check.megatron["loss"].items() if k > check.save_at}
     worst = worst_relative(resumed["loss"], expected)
     return {"iterations": sorted(resumed["loss"]), "worst_rtol": worst, "tolerance": RESUME_RTOL,
             "ok": sorted(resumed["loss"]) == sorted(expected) and worst <= RESUME_RTOL}
@@ -190,7 +190,7 @@ def evaluation(check: Check, blend_json: str) -> dict:
     from megadoc_megatron.train.data import build_datasets, load_plan
     from megadoc_megatron.train.distributed import shutdown
 
-    logged = check.megatron["valid"][ITERATIONS]
+    logged = check.megatron["valid"][check.iterations]
     plan = load_plan(blend_json)
     config = load_config(check.megatron["path"])
     device = evaluation_process_group()
@@ -255,7 +255,7 @@ def non_finite(check: Check, blend_json: str) -> dict:
                                                                                  "save_interval": 0})
     finite_after = all(math.isfinite(run["loss"][i]) for i in run["loss"] if i > 3)
     stopped = None
-    with nan_loss_at(set(range(1, ITERATIONS + 1))):
+    with nan_loss_at(set(range(1, check.iterations + 1))):
         try:
             check.train("nan-always", blend_json, "engine=megatron", "optimizer.max_skipped_in_a_row=3",
                         checkpoint={"dir": str(check.runs / "nan-always"), "save_interval": 0})
@@ -263,9 +263,9 @@ def non_finite(check: Check, blend_json: str) -> dict:
             stopped = str(error)
     return {"skipped_at_3": run["skipped"][3], "grad_norm_at_3": str(run["grad_norm"][3]),
             "skipped_total": run["result"]["skipped_iterations"], "finite_after": finite_after,
-            "final_valid_loss": run["valid"][ITERATIONS], "stopped_when_always_nan": stopped,
+            "final_valid_loss": run["valid"][check.iterations], "stopped_when_always_nan": stopped,
             "ok": run["skipped"][3] == 1 and run["result"]["skipped_iterations"] == 1 and finite_after
-            and math.isfinite(run["valid"][ITERATIONS]) and stopped is not None and "diverged" in stopped}
+            and math.isfinite(run["valid"][check.iterations]) and stopped is not None and "diverged" in stopped}
 
 
 def throughput(check: Check) -> dict:
@@ -344,7 +344,7 @@ def main() -> int:
              ("resume", lambda: resume(check, blend_json)), ("evaluation", lambda: evaluation(check, blend_json)),
              ("non_finite", lambda: non_finite(check, blend_json)), ("throughput", lambda: throughput(check))]
     with megatron_core_on_cpu():  # megatron-core's engine on CPU for the CPU form; nothing on GPU
-        blend_json = stdlib_blend(args.work, parity_sizes["seq"], parity_sizes["batch"], ITERATIONS)
+        blend_json = stdlib_blend(args.work, parity_sizes["seq"], parity_sizes["batch"], parity_sizes["iterations"])
         check.padded_vocab = padded_vocab_size(dataset_tokenizer(json.loads(Path(blend_json).read_text())
                                                                  ["datasets"][0]["prefix"]).vocab_size)
         for name, step in steps:

@@ -180,13 +180,32 @@ def test_local_sweep_runs_the_start_point_and_its_neighbours_until_tuned(demo):
 
 REFRESH = {"name": "stitch_refresh", "kind": "stitch", "generations": 2, "epochs": 16, "synthetic_weight": 0.5,
            "train": {"logging": {"eval_interval": 4}},
-           "refresh": {"rounds": 2, "patience": 2, "tune": {
+           "refresh": {"rounds": 1, "patience": 2, "tune": {
                "steps": 1, "num_generations": 2, "max_new_tokens": 24, "floor_chars": 20, "max_documents": 2,
                "max_source_chars": 300, "influence_steps": 1}}}
 
 
-def test_two_refresh_rounds_tune_regenerate_continue_and_record_their_lineage(demo):
-    """Pre-train; then twice: GRPO-tune the generator (every reward live) against the newest
+def test_each_refresh_round_tunes_the_last_generator_against_the_last_checkpoint(config):
+    """The plan of two rounds: round 2 tunes round 1's generator against round 1's checkpoint,
+    regenerates with it, and continues from that checkpoint with both synthetic sets."""
+    def two_rounds(c):
+        c["recipes"] = [{**REFRESH, "refresh": {**REFRESH["refresh"], "rounds": 2}}]
+    stages = {s.name: s for s in build_graph(load_experiment(config(two_rounds))).graph.stages}
+    tune, first, second = stages["tune-stitch_refresh-r2"], stages["tune-stitch_refresh-r1"], stages["train-stitch_refresh-r1"]
+    (command,) = tune.commands
+    assert command[command.index("--model") + 1] == f"{first.folder}/generator"
+    assert command[command.index("--checkpoint") + 1] == f"{second.folder}/ckpt"
+    (synth,) = stages["synth-rephrase-stitch_refresh-r2"].commands
+    assert synth[synth.index("--model") + 1] == f"{tune.folder}/generator"
+    final = json.loads(stages["train-stitch_refresh-r2"].files["train.yaml"])
+    assert final["checkpoint"]["init_from"] == f"{second.folder}/ckpt"
+    blend = stages["train-stitch_refresh-r2"].commands[0]
+    assert [s.split("/")[-2].split(".")[0] for s in blend[blend.index("--synthetic") + 1:blend.index("-w")]] == [
+        "synthetic-stitch-g2", "synthetic-stitch_refresh-r1", "synthetic-stitch_refresh-r2"]
+
+
+def test_a_refresh_round_tunes_regenerates_continues_and_records_its_lineage(demo):
+    """Pre-train; then a round: GRPO-tune the generator (every reward live) against the newest
     checkpoint, regenerate with it (the hf backend loads it), continue from that checkpoint with
     every synthetic set so far. The data stages before the loop are the demo's, cached."""
     from megatron.core import dist_checkpointing
@@ -197,11 +216,9 @@ def test_two_refresh_rounds_tune_regenerate_continue_and_record_their_lineage(de
     work, _ = demo
     output = run_example(work, "--set", f"recipes=[{json.dumps(REFRESH)}]", "--no-report", recipes=())
     assert started(output) == ["train-stitch_refresh", "tune-stitch_refresh-r1", "synth-rephrase-stitch_refresh-r1",
-                               "synthetic-stitch_refresh-r1", "train-stitch_refresh-r1", "tune-stitch_refresh-r2",
-                               "synth-rephrase-stitch_refresh-r2", "synthetic-stitch_refresh-r2",
-                               "train-stitch_refresh-r2", "eval-stitch_refresh"]
+                               "synthetic-stitch_refresh-r1", "train-stitch_refresh-r1", "eval-stitch_refresh"]
     rounds = json.loads((work / "lineage/stitch_refresh.json").read_text())
-    assert [r["round"] for r in rounds] == [0, 1, 2] and "lineage of stitch_refresh:" in output
+    assert [r["round"] for r in rounds] == [0, 1] and "lineage of stitch_refresh:" in output
     assert rounds[0]["generator"] == "SmolLM2-135M-Instruct" and rounds[0]["tuned_against"] is None
     for before, entry in zip(rounds, rounds[1:]):
         generator = Path(entry["generator"])
@@ -224,7 +241,7 @@ def test_two_refresh_rounds_tune_regenerate_continue_and_record_their_lineage(de
         assert (entry["stopped"] == "plateau") == (entry["iterations"] < entry["planned_iterations"])
     final = json.loads((work / "runs/stitch_refresh/blend/blend.json").read_text())
     assert [Path(d["prefix"]).parent.name.split(".")[0] for d in final["datasets"]] == [
-        "preprocess-train", "synthetic-stitch-g2", "synthetic-stitch_refresh-r1", "synthetic-stitch_refresh-r2"]
+        "preprocess-train", "synthetic-stitch-g2", "synthetic-stitch_refresh-r1"]
     again = run_example(work, "--set", f"recipes=[{json.dumps(REFRESH)}]", "--no-report", recipes=())
     assert started(again) == []  # every round is recorded as done: the run resumes, nothing reruns
 

@@ -28,7 +28,7 @@ def test_gpu_check_cpu_form(tmp_path):
     assert set(checks) == {"environment", "parity", "resume", "evaluation", "non_finite", "throughput"}
     parity = checks["parity"]
     assert abs(parity["first_loss"] - parity["ln_vocab"]) < 0.05 * parity["ln_vocab"]
-    assert parity["losses"]["megatron"][-1] < parity["losses"]["megatron"][0] - 0.2  # it trains
+    assert parity["losses"]["megatron"][-1] < parity["losses"]["megatron"][0] - 0.03  # it trains
     assert checks["non_finite"]["skipped_at_3"] == 1 and "diverged" in checks["non_finite"]["stopped_when_always_nan"]
     assert checks["throughput"]["tiny"]["ours"]["tokens_per_s"] > 0
     assert any("Transformer Engine" in line or "CPU form" in line for line in summary["not_checked"])
