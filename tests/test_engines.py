@@ -13,6 +13,7 @@ import torch
 
 from megadoc_megatron.errors import InputError
 from megadoc_megatron.train import checkpoint, trainer
+from megadoc_megatron.train.config import ParallelConfig, TrainConfig
 from megadoc_megatron.train.distributed import LaunchEnvironment, free_port
 
 from conftest import ITERS, SAVE_AT, run_training, write_config
@@ -175,3 +176,27 @@ def test_a_new_run_starts_from_the_other_engines_weights(engines, runs, tmp_path
     assert "(its optimizer state is not taken: its optimizer state was kept by" in capsys.readouterr().out
     first, _ = metrics(tmp_path / "next")
     assert first[1]["loss"] < expected[1]["loss"] - 0.3  # trained weights
+
+
+def test_megatron_lms_fast_paths_where_they_apply():
+    from megadoc_megatron.train.distributed import one_cuda_connection
+    from megadoc_megatron.train.metrics import device_peak_tflops
+    from megadoc_megatron.train.trainer import fast_paths, recompute_settings
+
+    assert fast_paths("megatron", "te", "cuda") == {"gradient_accumulation_fusion": True,
+                                                    "deallocate_pipeline_outputs": True, "cross_entropy_loss_fusion": True}
+    assert fast_paths("portable", "te", "cuda")["gradient_accumulation_fusion"] is False  # no FP32 buffers to fuse into
+    assert not any(fast_paths("megatron", "portable", "cpu")[k] for k in ("gradient_accumulation_fusion",
+                                                                         "cross_entropy_loss_fusion"))
+    assert recompute_settings("full") == {"recompute_granularity": "full", "recompute_method": "uniform",
+                                          "recompute_num_layers": 1}
+    env = {}
+    one_cuda_connection(TrainConfig(parallel=ParallelConfig(tensor=2)).parallel, env)
+    assert env == {"CUDA_DEVICE_MAX_CONNECTIONS": "1"}
+    with pytest.raises(InputError, match="CUDA_DEVICE_MAX_CONNECTIONS is 8; tensor parallelism .2. needs 1"):
+        one_cuda_connection(TrainConfig(parallel=ParallelConfig(tensor=2)).parallel, {"CUDA_DEVICE_MAX_CONNECTIONS": "8"})
+    assert [device_peak_tflops(name, None) for name in ("NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA H100 NVL",
+                                                        "NVIDIA H200", "NVIDIA GH200 480GB", "NVIDIA B200")] == \
+        [989.0, 756.0, 835.0, 989.0, 989.0, 2250.0]
+    assert device_peak_tflops("NVIDIA H100 80GB HBM3", "hybrid") == 1979.0
+    assert device_peak_tflops("NVIDIA A100-SXM4-80GB", "hybrid") is None  # no FP8 on Ampere

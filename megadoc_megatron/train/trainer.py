@@ -64,16 +64,12 @@ def build_model(config: TrainConfig, vocab_size: int, seq_length: int, device: t
     backend = resolve_backend(config.model.backend)
     parallel, precision = config.parallel, config.precision
     dtype = torch.bfloat16 if precision.bf16 else torch.float32
-    fast_paths = dict(
-        # TE accumulates weight gradients straight into megatron-core DDP's FP32 buffers.
-        gradient_accumulation_fusion=engine == "megatron" and backend == "te",
-        deallocate_pipeline_outputs=engine == "megatron",
-        cross_entropy_loss_fusion=device.type == "cuda", **recompute_settings(config.model.recompute))
+    fast = {**fast_paths(engine, backend, device.type), **recompute_settings(config.model.recompute)}
     model_config = transformer_config(
         config.model.preset, backend, parallel.tensor, parallel.pipeline, parallel.sequence_parallel,
         precision.bf16, precision.fp8, precision.fp8_recipe, precision.fp8_amax_history_len,
         precision.fp8_amax_compute_algo, pipeline_dtype=dtype,
-        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline, **{**fast_paths, **config.model.overrides})
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline, **{**fast, **config.model.overrides})
     padded = padded_vocab_size(vocab_size)
     if padded % parallel.tensor:
         raise InputError(f"the padded vocabulary ({padded}) does not split over {parallel.tensor} tensor-parallel ranks",
@@ -86,6 +82,16 @@ def build_model(config: TrainConfig, vocab_size: int, seq_length: int, device: t
         chunk = build_gpt(model_config, padded, seq_length, backend, first, last, vp_stage)
         chunks.append(chunk.to(device))
     return model_config, chunks, padded
+
+
+def fast_paths(engine: str, backend: str, device_type: str) -> dict:
+    """The TransformerConfig fast paths Megatron-LM turns on where they apply."""
+    return {
+        # TE layers accumulate weight gradients straight into megatron-core DDP's FP32 buffers.
+        "gradient_accumulation_fusion": engine == "megatron" and backend == "te",
+        "deallocate_pipeline_outputs": engine == "megatron",  # 1F1B frees activations it has sent on
+        "cross_entropy_loss_fusion": device_type == "cuda",
+    }
 
 
 def recompute_settings(recompute: str) -> dict:
