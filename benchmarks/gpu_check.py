@@ -42,7 +42,6 @@ on the GPU and the summary lists what was therefore not checked (TE layers, FP8)
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -220,35 +219,9 @@ def evaluation(check: Check, blend_json: str) -> dict:
             "ok": rtol <= EVAL_RTOL and abs(command_loss - logged) / logged <= HELD_OUT_RTOL}
 
 
-@contextlib.contextmanager
-def nan_loss_at(iterations: set[int]):
-    """The loss (so every gradient) of these iterations of each run is NaN: a fault, injected."""
-    from megadoc_megatron.train import trainer
-
-    counter = []
-    real_train, real_step, real_loss = trainer.Trainer.train, trainer.Trainer.train_step, trainer.masked_mean_loss
-
-    def train(self):
-        counter.clear()
-        return real_train(self)
-
-    def train_step(self, batches):
-        counter.append(1)
-        return real_step(self, batches)
-
-    def masked_mean_loss(loss_mask, output):
-        poisoned = len(counter) in iterations and output.requires_grad
-        return real_loss(loss_mask, output * float("nan") if poisoned else output)
-
-    trainer.Trainer.train, trainer.Trainer.train_step, trainer.masked_mean_loss = train, train_step, masked_mean_loss
-    try:
-        yield
-    finally:
-        trainer.Trainer.train, trainer.Trainer.train_step, trainer.masked_mean_loss = real_train, real_step, real_loss
-
-
 def non_finite(check: Check, blend_json: str) -> dict:
     from megadoc_megatron.errors import InputError
+    from megadoc_megatron.train.faults import nan_loss_at
 
     with nan_loss_at({3}):
         run = check.train("nan-once", blend_json, "engine=megatron", checkpoint={"dir": str(check.runs / "nan-once"),
@@ -270,7 +243,7 @@ def non_finite(check: Check, blend_json: str) -> dict:
 
 def throughput(check: Check) -> dict:
     import torch
-    from train_step import bare_step, timed
+    from train_step import compare_steps
 
     from megadoc_megatron.train.config import load_config
     from megadoc_megatron.train.distributed import initialize, shutdown
@@ -289,18 +262,7 @@ def throughput(check: Check) -> dict:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             trainer = Trainer(config, device)
-            train, _ = trainer.datasets()
-            total = trainer.train_iters * trainer.global_batch
-            stream = trainer.batches(train, 0, total, config.data.num_workers)
-            first = trainer.batches(train, 0, total)
-            in_memory = [{k: v.to(device) for k, v in next(first).items()} for _ in range(trainer.num_microbatches)]
-            for _ in range(timing["warmup"]):
-                trainer.train_step(stream)
-                bare_step(trainer, in_memory)
-            ours, bare = [], []
-            for _ in range(timing["rounds"]):
-                ours += timed(lambda: trainer.train_step(stream), timing["steps"], device)
-                bare += timed(lambda: bare_step(trainer, in_memory), timing["steps"], device)
+            ours, bare = compare_steps(trainer, timing["warmup"], timing["steps"], timing["rounds"])
             peak_memory = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else None
         finally:
             shutdown()

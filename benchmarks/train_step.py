@@ -65,6 +65,24 @@ def timed(step, count: int, device) -> list[float]:
     return times
 
 
+def compare_steps(trainer, warmup: int, steps: int, rounds: int) -> tuple[list[float], list[float]]:
+    """Seconds per step of (ours, bare), in alternating rounds after `warmup` steps of each (the
+    first ones allocate, select kernels and touch the data)."""
+    train, _ = trainer.datasets()
+    total = trainer.train_iters * trainer.global_batch
+    stream = trainer.batches(train, 0, total, trainer.config.data.num_workers)
+    first_batch = trainer.batches(train, 0, total)
+    in_memory = [{k: v.to(trainer.device) for k, v in next(first_batch).items()} for _ in range(trainer.num_microbatches)]
+    for _ in range(warmup):
+        trainer.train_step(stream)
+        bare_step(trainer, in_memory)
+    ours, bare = [], []
+    for _ in range(rounds):
+        ours += timed(lambda: trainer.train_step(stream), steps, trainer.device)
+        bare += timed(lambda: bare_step(trainer, in_memory), steps, trainer.device)
+    return ours, bare
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="tiny")
@@ -92,17 +110,7 @@ def main() -> None:
     device = initialize(config.parallel)
     try:
         trainer = Trainer(config, device)
-        train, _ = trainer.datasets()
-        total = trainer.train_iters * trainer.global_batch
-        stream = trainer.batches(train, 0, total, config.data.num_workers)
-        first_batch = trainer.batches(train, 0, total)
-        in_memory = [{k: v.to(device) for k, v in next(first_batch).items()} for _ in range(trainer.num_microbatches)]
-        trainer.train_step(stream)  # warm-up: allocations, first-touch of the data
-        bare_step(trainer, in_memory)
-        ours, bare = [], []
-        for _ in range(args.rounds):
-            ours += timed(lambda: trainer.train_step(stream), args.steps, device)
-            bare += timed(lambda: bare_step(trainer, in_memory), args.steps, device)
+        ours, bare = compare_steps(trainer, 1, args.steps, args.rounds)
     finally:
         shutdown()
     tokens = trainer.global_batch * trainer.seq_length

@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from megadoc_megatron.errors import InputError
-from megadoc_megatron.train import checkpoint, trainer
+from megadoc_megatron.train import checkpoint
 from megadoc_megatron.train.config import ParallelConfig, TrainConfig
 from megadoc_megatron.train.distributed import LaunchEnvironment, free_port
+from megadoc_megatron.train.faults import nan_loss_at
 
 from conftest import ITERS, SAVE_AT, run_training, write_config
 
@@ -75,42 +76,18 @@ def test_document_masking_trains_alike_on_both_engines(runs, tmp_path, blend_jso
     assert any(abs(portable[step]["loss"] - unmasked[step]["loss"]) > 1e-4 for step in portable)  # masks matter
 
 
-@pytest.fixture()
-def poisoned_iterations(monkeypatch):
-    """Iterations (1-based, counted per run) whose loss, and so every gradient, is NaN."""
-    bad, counter = set(), []
-    real_train, real_step, real_loss = trainer.Trainer.train, trainer.Trainer.train_step, trainer.masked_mean_loss
-
-    def train(self):
-        counter.clear()
-        return real_train(self)
-
-    def train_step(self, batches):
-        counter.append(1)
-        return real_step(self, batches)
-
-    def masked_mean_loss(loss_mask, output):
-        return real_loss(loss_mask, output * float("nan") if len(counter) in bad and output.requires_grad else output)
-
-    monkeypatch.setattr(trainer.Trainer, "train", train)
-    monkeypatch.setattr(trainer.Trainer, "train_step", train_step)
-    monkeypatch.setattr(trainer, "masked_mean_loss", masked_mean_loss)
-    return bad
-
-
 @pytest.mark.parametrize("engine", ["megatron", "portable"])
-def test_non_finite_gradients_skip_the_update(engine, runs, tmp_path, blend_json, poisoned_iterations):
+def test_non_finite_gradients_skip_the_update(engine, runs, tmp_path, blend_json):
     _, reference, _ = runs[engine]
-    poisoned_iterations.add(3)
-    target, rows, valid = train_run(tmp_path, blend_json, "nan", f"engine={engine}")
+    with nan_loss_at({3}):
+        target, rows, valid = train_run(tmp_path, blend_json, "nan", f"engine={engine}")
     assert math.isnan(rows[3]["grad_norm"]) and (rows[3]["skipped"], rows[3]["skipped_total"]) == (1, 1)
     assert rows[4]["lr"] == reference[3]["lr"]  # the schedule did not advance either
     assert all(math.isfinite(rows[step]["loss"]) for step in rows if step != 3)
     assert all(math.isfinite(loss) for loss in valid.values())
     assert rows[ITERS]["skipped_total"] == 1
 
-    poisoned_iterations.update(range(1, ITERS + 1))
-    with pytest.raises(InputError, match="training diverged: the last 3 updates"):
+    with nan_loss_at(set(range(1, ITERS + 1))), pytest.raises(InputError, match="training diverged: the last 3 updates"):
         train_run(tmp_path, blend_json, "diverged", f"engine={engine}", "optimizer.max_skipped_in_a_row=3")
     rows, _ = metrics(tmp_path / "diverged")
     assert rows[3]["skipped_total"] == 3 and max(rows) == 3

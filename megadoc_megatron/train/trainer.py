@@ -70,10 +70,7 @@ def build_model(config: TrainConfig, vocab_size: int, seq_length: int, device: t
         precision.bf16, precision.fp8, precision.fp8_recipe, precision.fp8_amax_history_len,
         precision.fp8_amax_compute_algo, pipeline_dtype=dtype,
         virtual_pipeline_model_parallel_size=parallel.virtual_pipeline, **{**fast, **config.model.overrides})
-    padded = padded_vocab_size(vocab_size)
-    if padded % parallel.tensor:
-        raise InputError(f"the padded vocabulary ({padded}) does not split over {parallel.tensor} tensor-parallel ranks",
-                         fix="use a power of two for parallel.tensor")
+    padded = padded_vocab_size(vocab_size)  # splits over the tensor size (plan_layout checks it)
     chunks = []
     for stage in range(parallel.virtual_pipeline or 1):
         vp_stage = stage if parallel.virtual_pipeline else None
@@ -159,7 +156,6 @@ def validation_history(checkpoint_dir: str, up_to: int) -> list[float]:
 
 class Trainer:
     def __init__(self, config: TrainConfig, device: torch.device):
-        from megatron.core import parallel_state
 
         from megadoc_megatron.data.blend_verify import dataset_tokenizer
         from megadoc_megatron.train.engine import megatron_engine, portable_engine, resolve_engine
@@ -260,11 +256,7 @@ class Trainer:
         logger = StepLogger(config.logging, self._metrics_file(start), self.train_iters, start, config.to_dict()) \
             if rank0 else None
         if rank0:
-            print(f"{note}\n{self.describe()}", flush=True)
-            if self.device.type == "cuda" and self.memory_gb > 0.9 * torch.cuda.get_device_properties(self.device).total_memory / 2 ** 30:
-                print(f"warning: this layout needs about {self.memory_gb:.0f} GB per GPU, near or above the "
-                      f"{torch.cuda.get_device_properties(self.device).total_memory / 2 ** 30:.0f} GB it has: set "
-                      "model.recompute: full, or a smaller data.micro_batch_size", flush=True)
+            print(f"{note}\n{self.describe()}{self._memory_warning()}", flush=True)
         last_loss, timer, skips = None, StepTimer(self.device), SkipCounter(config.optimizer.max_skipped_in_a_row)
         iteration = start
         stopped = "plateau" if plateaued(validations, config.patience) else "end"
@@ -285,8 +277,9 @@ class Trainer:
                                                and iteration % config.checkpoint.save_interval == 0)
             if saved:
                 self.save(iteration, consumed)
-            if valid is not None and (iteration == self.train_iters or config.logging.eval_interval
-                                      and iteration % config.logging.eval_interval == 0):
+            validated = valid is not None and (iteration == self.train_iters or config.logging.eval_interval
+                                               and iteration % config.logging.eval_interval == 0)
+            if validated:
                 validations.append(self.validation_loss(valid))
                 if rank0:
                     logger.log({"iteration": iteration, "valid_loss": validations[-1]})
@@ -294,7 +287,8 @@ class Trainer:
                     stopped = "plateau"
                     if config.checkpoint.dir and not saved:
                         self.save(iteration, consumed)
-                timer.restart()  # validation and saving are not training time
+            if saved or validated:
+                timer.restart()  # not training time
         if rank0:
             if stopped == "plateau":
                 print(f"stopped at iteration {iteration}: the validation loss has not improved on "
@@ -326,6 +320,14 @@ class Trainer:
             if path.is_file() and start else []
         write_text_atomic(path, "".join(line + "\n" for line in kept))
         return path
+
+    def _memory_warning(self) -> str:
+        if self.device.type != "cuda":
+            return ""
+        memory = torch.cuda.get_device_properties(self.device).total_memory / 2 ** 30
+        return "" if self.memory_gb < 0.9 * memory else (
+            f"\nwarning: this layout needs about {self.memory_gb:.0f} GB per GPU, near or above the {memory:.0f} GB "
+            "it has: set model.recompute: full, or a smaller data.micro_batch_size")
 
     def describe(self) -> str:
         from megadoc_megatron.train.checkpoint import layout
