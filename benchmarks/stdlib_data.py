@@ -21,7 +21,7 @@ def stdlib_blend(work: Path, seq_length: int, global_batch: int, iterations: int
     work = Path(work)
     if not (work / "corpus.json").is_file():
         subprocess.run([sys.executable, str(REPO / "examples/tiny_cpu/make_corpus.py"), "--output-dir", str(work)],
-                       check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+                       check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
     prefixes = {}
     for split in ("train", "heldout"):
         prefix = work / "data" / split

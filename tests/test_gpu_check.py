@@ -29,6 +29,7 @@ def test_gpu_check_cpu_form(tmp_path):
     parity = checks["parity"]
     assert abs(parity["first_loss"] - parity["ln_vocab"]) < 0.05 * parity["ln_vocab"]
     assert parity["losses"]["megatron"][-1] < parity["losses"]["megatron"][0] - 0.03  # it trains
+    assert checks["resume"]["worst_rtol"] == 0.0  # megatron-core's engine resumes exactly (FP32, CPU)
     assert checks["non_finite"]["skipped_at_3"] == 1 and "diverged" in checks["non_finite"]["stopped_when_always_nan"]
     assert checks["throughput"]["tiny"]["ours"]["tokens_per_s"] > 0
     assert any("Transformer Engine" in line or "CPU form" in line for line in summary["not_checked"])

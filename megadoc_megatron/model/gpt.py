@@ -77,22 +77,21 @@ class PortableCoreAttention(torch.nn.Module):
                 packed_seq_params=None):
         if attention_bias is not None:
             raise NotImplementedError("attention bias needs the Transformer Engine spec")
+        if attention_mask is not None:  # megadoc masks documents with packed_seq_params, never a dense mask
+            raise NotImplementedError("dense attention masks are not supported: use packed_seq_params")
         if packed_seq_params is None:
-            return self._attend(query, key, value, attention_mask)
+            return self._causal(query, key, value)
         bounds = packed_seq_params.cu_seqlens_q.tolist()
-        documents = [self._attend(*(t[start:end].unsqueeze(1) for t in (query, key, value)))
+        documents = [self._causal(*(t[start:end].unsqueeze(1) for t in (query, key, value)))
                      for start, end in zip(bounds[:-1], bounds[1:])]
         return torch.cat(documents)
 
-    def _attend(self, query, key, value, attention_mask=None):
+    def _causal(self, query, key, value):
         group = query.size(2) // key.size(2)
         if group > 1:
             key, value = key.repeat_interleave(group, dim=2), value.repeat_interleave(group, dim=2)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        if attention_mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.config.softmax_scale)
-        else:  # megatron's mask is True where attention is NOT allowed
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=~attention_mask, scale=self.config.softmax_scale)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.config.softmax_scale)
         return out.permute(2, 0, 1, 3).reshape(query.size(0), query.size(1), -1)
 
 

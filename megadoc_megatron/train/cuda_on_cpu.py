@@ -33,8 +33,12 @@ def _relocated(device):
 
 
 def _is_device(value) -> bool:
-    return isinstance(value, (int, torch.device)) and not isinstance(value, bool) or \
-        isinstance(value, str) and value.split(":")[0] in ("cuda", "cpu", "meta")
+    """Whether a positional argument of `Tensor.to` names a device (not a dtype or a tensor)."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, (int, torch.device)):
+        return True
+    return isinstance(value, str) and value.split(":")[0] in ("cuda", "cpu", "meta")
 
 
 class _CudaPlacementOnCpu(TorchFunctionMode):

@@ -116,8 +116,12 @@ class PortableOptimizer:
             return False, norm, None
         scale = self.clip_grad / (norm + 1.0e-6) if 0 < self.clip_grad < norm else 1.0
         for param in self.model_params:
-            if param.grad is not None:
-                param.master.grad = param.grad.float() * scale if param.master is not param else param.grad.mul_(scale)
+            if param.grad is None:
+                continue
+            if param.master is param:
+                param.grad.mul_(scale)
+            else:
+                param.master.grad = param.grad.float() * scale
         self.optimizer.step()
         for param in self.model_params:
             if param.master is not param:
@@ -265,7 +269,8 @@ def portable_engine(chunks: list, config, backend: str) -> Engine:
 
 
 class CoreOptimizer:
-    """megatron-core's optimizer with two repairs; everything else is the wrapped optimizer's.
+    """megatron-core's optimizer with repairs to its step and its loading; everything else is the
+    wrapped optimizer's.
 
     - `step()` skips the update when the gradient norm is not finite. megatron-core's own step only
       skips when a loss scaler (FP16) finds an overflow; with BF16 or FP32 it applies NaN/inf
