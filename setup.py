@@ -15,6 +15,7 @@ setup(
         "numpy>=1.24",
         "sentencepiece>=0.2",
         "tokenizers>=0.20",
+        "gigatoken>=0.10",  # the converter's fast path for HuggingFace tokenizers (checked against tokenizers)
         "transformers>=4.45",
         "pyyaml",
         "tqdm",

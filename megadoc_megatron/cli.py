@@ -14,6 +14,7 @@ from megadoc_megatron.errors import InputError
 STAGES = {
     "synth": ("megadoc_megatron.synth.command", "generate rephrases or rationales of a real corpus (hf, openai, vllm)"),
     "preprocess": ("megadoc_megatron.data.preprocess", "tokenize JSONL into Megatron indexed datasets (.bin/.idx)"),
+    "merge": ("megadoc_megatron.data.merge", "join indexed datasets in order (the shards of a preprocess array)"),
     "inspect": ("megadoc_megatron.data.inspect", "summarize an indexed dataset and decode a document"),
     "megadocs": ("megadoc_megatron.megadocs", "assemble the synthetic stream: simple, stitch or stretch megadocs"),
     "blend": ("megadoc_megatron.data.blend", "weights and train length for a mixing weight w and exactly E real epochs"),

@@ -22,10 +22,13 @@ COMPRESSED_SUFFIXES = (".gz", ".zst")
 
 
 def write_text_atomic(path, text: str) -> None:
-    """Write under a temporary name, then rename: readers see the old file or the new one."""
+    """Write under a temporary name, sync, then rename: readers see the old file or the new one."""
     path = Path(path)
     temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # concurrent writers never share it
-    temporary.write_text(text, encoding="utf-8")
+    with open(temporary, "w", encoding="utf-8") as stream:
+        stream.write(text)
+        stream.flush()
+        os.fsync(stream.fileno())  # a crash never leaves the new name on a short file
     os.replace(temporary, path)
 
 
@@ -49,7 +52,8 @@ def update_digest(digest, path, whole_up_to: float = math.inf) -> None:
 
 
 def expand_inputs(inputs: list[str]) -> list[Path]:
-    """Files named by paths, globs or folders (searched recursively for JSONL), in sorted order."""
+    """Files named by paths, globs or folders (searched recursively for JSONL), in sorted order; a
+    file named twice (say by a relative and an absolute path, or by a glob and a folder) is read once."""
     files: list[Path] = []
     for item in inputs:
         path = Path(item).expanduser()
@@ -62,11 +66,8 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
         if not found:
             raise InputError("no input files found", item,
                              fix=f"pass a file, a glob or a folder holding {', '.join(JSONL_SUFFIXES)} files")
-        files.extend(found)
-    duplicates = sorted({str(p) for p in files if files.count(p) > 1})
-    if duplicates:
-        raise InputError(f"input files named more than once: {', '.join(duplicates)}", fix="name each file once")
-    return [p.resolve() for p in files]
+        files.extend(path.resolve() for path in found)
+    return list(dict.fromkeys(files))
 
 
 def open_binary(path) -> BinaryIO:

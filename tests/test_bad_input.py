@@ -34,11 +34,13 @@ def convert(path, prefix, tokenizer_type, model, **kwargs):
                       max_part_mb=0.05, **kwargs)
 
 
+# SmolLM2 goes through `tokenizers` (gigatoken refuses it), Qwen through gigatoken's path
+@pytest.mark.parametrize("tokenizer", ["hf_tokenizer", "qwen_tokenizer"])
 @pytest.mark.parametrize("name,bad,reason", BAD_LINES, ids=[case[0] for case in BAD_LINES])
-def test_bad_line_is_named_and_nothing_is_written(golden_lines, tmp_path, hf_tokenizer, name, bad, reason):
+def test_bad_line_is_named_and_nothing_is_written(golden, golden_lines, tmp_path, tokenizer, name, bad, reason):
     path = with_bad_line(golden_lines, tmp_path, bad)
     with pytest.raises(InputError) as caught:
-        convert(path, tmp_path / "out", "HuggingFaceTokenizer", hf_tokenizer)
+        convert(path, tmp_path / "out", "HuggingFaceTokenizer", golden / tokenizer)
     error = caught.value
     assert (error.path, error.line) == (str(path), BAD_LINE_NUMBER)
     assert reason in error.message and error.fix
@@ -46,10 +48,13 @@ def test_bad_line_is_named_and_nothing_is_written(golden_lines, tmp_path, hf_tok
     assert not list(tmp_path.glob("out*.bin")) and not list(tmp_path.glob("out*.idx"))
 
 
+@pytest.mark.parametrize("case", ["spm_eod", "qwen_eod"])
 @pytest.mark.parametrize("name,bad,reason", BAD_LINES, ids=[case[0] for case in BAD_LINES])
-def test_skip_bad_lines_records_every_reject(golden, golden_lines, tmp_path, spm_model, name, bad, reason):
+def test_skip_bad_lines_records_every_reject(golden, golden_lines, tmp_path, case, name, bad, reason):
+    tokenizer_type, model = {"spm_eod": ("SentencePieceTokenizer", "spm8k.model"),
+                             "qwen_eod": ("HuggingFaceTokenizer", "qwen_tokenizer")}[case]
     path = with_bad_line(golden_lines, tmp_path, bad)
-    summary = convert(path, tmp_path / "out", "SentencePieceTokenizer", spm_model, skip_bad_lines=True)
+    summary = convert(path, tmp_path / "out", tokenizer_type, golden / model, skip_bad_lines=True)
     assert summary["rejected"] == 1 and summary["documents"] == 66
     rejects = [json.loads(row) for row in (tmp_path / "out_rejected.jsonl").read_text().splitlines()]
     assert [(r["file"], r["line"]) for r in rejects] == [(str(path), BAD_LINE_NUMBER)]
@@ -58,7 +63,7 @@ def test_skip_bad_lines_records_every_reject(golden, golden_lines, tmp_path, spm
     # Everything else is exactly what Megatron-LM makes of the clean input.
     for suffix in (".bin", ".idx"):
         assert (tmp_path / f"out_text_document{suffix}").read_bytes() == (
-            golden / f"megatron_out/spm_eod_text_document{suffix}").read_bytes()
+            golden / f"megatron_out/{case}_text_document{suffix}").read_bytes()
 
 
 @pytest.fixture()

@@ -287,6 +287,12 @@ def test_mixture_summary_fits_each_share_and_finds_the_best_one(tmp_path):
 @pytest.mark.parametrize("script,env,expected", [
     ("preprocess.sbatch", {"INPUT": "real/a.jsonl", "PREFIX": "data/real", "TOKENIZER_MODEL": "/models/tok"},
      [("preprocess", "input", ["real/a.jsonl"]), ("preprocess", "tokenizer_type", "HuggingFaceTokenizer")]),
+    ("preprocess.sbatch", {"INPUT": "real/*.jsonl", "PREFIX": "data/real", "TOKENIZER_MODEL": "/m", "SHARDS": "4",
+                           "SLURM_ARRAY_TASK_ID": "2"}, [("preprocess", "shard", (2, 4))]),
+    ("preprocess.sbatch", {"INPUT": "real/*.jsonl", "PREFIX": "data/real", "TOKENIZER_MODEL": "/m", "SHARDS": "4",
+                           "MERGE": "1", "JSON_KEYS": "text title"},
+     [("merge", "input", ["data/real_shard*of00004_text_document.idx"]),
+      ("merge", "output_prefix", "data/real_title_document")]),
     ("eval.sbatch", {"CHECKPOINTS": "runs/a/ckpt runs/b/ckpt", "DATA": "data/held", "TASKS": "piqa sciq"},
      [("eval", "evaluator", "loss"), ("eval", "evaluator", "long-context"), ("eval", "tasks", ["piqa", "sciq"])]),
     ("run.sbatch", {"CONFIG": "exp.yaml", "SET": "work_dir=/scratch/x", "ARGS": "--recipes real"},

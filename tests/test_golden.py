@@ -15,7 +15,11 @@ CASES = {
     "hf_eod": ("HuggingFaceTokenizer", "hf_tokenizer", True, 2),
     "hf_noeod": ("HuggingFaceTokenizer", "hf_tokenizer", False, 1),
     "spm_eod": ("SentencePieceTokenizer", "spm8k.model", True, 2),
+    "qwen_eod": ("HuggingFaceTokenizer", "qwen_tokenizer", True, 2),  # vocabulary 151,851: int32 tokens
 }
+# gigatoken loads the Qwen tokenizer and gives its ids; it refuses SmolLM2's ("no single-byte vocab
+# entry for byte 0x04"), and SentencePiece stays on sentencepiece.
+TOKENIZED_WITH = {"hf_eod": "reference", "hf_noeod": "reference", "spm_eod": "reference", "qwen_eod": "gigatoken"}
 
 
 def convert_golden_case(golden, tmp_path, name, **overrides):
@@ -35,7 +39,54 @@ def assert_same_as_golden(golden, prefix, name):
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_byte_identical_to_megatron_lm(golden, tmp_path, name):
-    assert_same_as_golden(golden, convert_golden_case(golden, tmp_path, name)[0], name)
+    prefix, summary = convert_golden_case(golden, tmp_path, name)
+    assert summary["tokenized_with"] == TOKENIZED_WITH[name]
+    assert_same_as_golden(golden, prefix, name)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_byte_identical_through_an_array_and_a_merge(golden, tmp_path, name):
+    from megadoc_megatron.data.merge import merge
+
+    shards = 3
+    for index in range(shards):  # three array tasks, each a contiguous share of ~30 byte ranges
+        summary = convert_golden_case(golden, tmp_path, name, max_part_mb=0.016, shard=(index, shards))[1]
+        assert 0 < summary["documents"] < 66
+    merged = merge([str(tmp_path / f"{name}_shard*of00003_text_document.idx")], str(tmp_path / "merged_text_document"))
+    assert merged["inputs"] == shards and merged["documents"] == 66
+    assert_same_as_golden(golden, tmp_path / "merged_text_document", name)
+
+
+def test_gigatoken_that_parts_ways_with_tokenizers_is_caught(golden, tmp_path, capsys):
+    """gigatoken ignores `single_word` on an added token (it splits "ab<|endoftext|>cd", tokenizers does
+    not): the probe finds it, the run says so and converts with tokenizers, still byte-identical."""
+    import json
+    import shutil
+
+    folder = tmp_path / "single_word_qwen"
+    shutil.copytree(golden / "qwen_tokenizer", folder)
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    next(t for t in spec["added_tokens"] if t["content"] == "<|endoftext|>")["single_word"] = True
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    summary = preprocess([str(golden / "golden_input.jsonl")], str(tmp_path / "qwen_eod"), "HuggingFaceTokenizer",
+                         str(folder), append_eod=True, workers=2)
+    assert summary["tokenized_with"] == "reference"
+    assert "gigatoken cannot stand in for HuggingFaceTokenizer here: its ids differ" in capsys.readouterr().err
+    assert_same_as_golden(golden, tmp_path / "qwen_eod_text_document", "qwen_eod")
+
+
+def test_a_document_gigatoken_encodes_differently_is_named(golden):
+    """The check of each part's first documents, on a fabricated disagreement."""
+    from megadoc_megatron.data.preprocess import GigatokenUnusable, Part, PartResult, _check_sample
+    from megadoc_megatron.data.tokenizer import load_tokenizer
+
+    reference = load_tokenizer("HuggingFaceTokenizer", golden / "qwen_tokenizer")
+    text = "Penguins swim."
+    ids = reference.encode_batch([text])[0]
+    part = Part(3, 0, "corpus.jsonl", 4096, None)
+    _check_sample(PartResult(3, "stem", sample=[("line 2", text, list(ids))]), part, reference)
+    with pytest.raises(GigatokenUnusable, match=r"corpus.jsonl, line 2 of the part starting at byte 4096"):
+        _check_sample(PartResult(3, "stem", sample=[("line 2", text, [*ids[:-1], ids[-1] + 1])]), part, reference)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

@@ -54,6 +54,11 @@ def concatenate_files(sources: list[Path], destination: Path) -> None:
                 shutil.copyfileobj(src, out, 1 << 24)
 
 
+def _header(dtype, sequences: int, document_boundaries: int) -> bytes:
+    return INDEX_MAGIC + struct.pack("<QBQQ", INDEX_VERSION, DTYPE_CODES[np.dtype(dtype).type], sequences,
+                                     document_boundaries)
+
+
 def _nonempty_lengths(length_file: Path) -> tuple[np.ndarray, np.ndarray]:
     lengths = np.fromfile(length_file, dtype=np.int32)
     return lengths, lengths[lengths > 0]
@@ -72,11 +77,7 @@ def write_index(idx_path: Path, dtype, length_files: list[Path]) -> None:
         documents += len(lengths)
         sequences += len(nonempty)
     with open(idx_path, "wb") as out:
-        out.write(INDEX_MAGIC)
-        out.write(struct.pack("<Q", INDEX_VERSION))
-        out.write(struct.pack("<B", DTYPE_CODES[np.dtype(dtype).type]))
-        out.write(struct.pack("<Q", sequences))
-        out.write(struct.pack("<Q", documents + 1))
+        out.write(_header(dtype, sequences, documents + 1))
         for length_file in length_files:
             _nonempty_lengths(length_file)[1].tofile(out)
         byte_offset = 0
@@ -92,20 +93,24 @@ def write_index(idx_path: Path, dtype, length_files: list[Path]) -> None:
             boundary += int(np.count_nonzero(lengths))
 
 
-def commit_dataset(prefix, dtype, token_files: list[Path], length_files: list[Path]) -> None:
-    """Assemble parts into `{prefix}.bin/.idx`, so that no reader ever sees a mismatched pair.
+def _sync(path: Path) -> None:
+    with open(path, "rb+") as stream:
+        os.fsync(stream.fileno())
 
-    Both files are written under temporary names; the old `.idx` is removed before the
-    new `.bin` takes its name, and the new `.idx` appears last.
+
+def _commit(prefix, write_bin, write_idx) -> None:
+    """Write `{prefix}.bin/.idx` so that no reader ever sees a mismatched or short pair.
+
+    Both are written under temporary names and synced; the old `.idx` is removed before
+    the new `.bin` takes its name, and the new `.idx` appears last.
     """
     bin_path, idx_path = dataset_paths(prefix)
     bin_tmp, idx_tmp = _temporary(bin_path), _temporary(idx_path)
     try:
-        if len(token_files) == 1:
-            os.replace(token_files[0], bin_tmp)  # the only part: no copy needed
-        else:
-            concatenate_files(token_files, bin_tmp)
-        write_index(idx_tmp, dtype, length_files)
+        write_bin(bin_tmp)
+        write_idx(idx_tmp)
+        _sync(bin_tmp)
+        _sync(idx_tmp)
     except BaseException:
         bin_tmp.unlink(missing_ok=True)
         idx_tmp.unlink(missing_ok=True)
@@ -113,6 +118,58 @@ def commit_dataset(prefix, dtype, token_files: list[Path], length_files: list[Pa
     idx_path.unlink(missing_ok=True)
     os.replace(bin_tmp, bin_path)
     os.replace(idx_tmp, idx_path)
+    directory = os.open(bin_path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # the renames themselves survive a crash
+    finally:
+        os.close(directory)
+
+
+def commit_dataset(prefix, dtype, token_files: list[Path], length_files: list[Path]) -> None:
+    """Assemble converter parts (token files, int32 document lengths) into `{prefix}.bin/.idx`."""
+    def write_bin(bin_tmp: Path) -> None:
+        if len(token_files) == 1:
+            os.replace(token_files[0], bin_tmp)  # the only part: no copy needed
+        else:
+            concatenate_files(token_files, bin_tmp)
+
+    _commit(prefix, write_bin, lambda idx_tmp: write_index(idx_tmp, dtype, length_files))
+
+
+def merge_datasets(prefixes: list, output_prefix) -> IndexedDatasetView:
+    """One dataset holding the documents of `prefixes` in order, as Megatron-LM's
+    `tools/merge_datasets.py` makes it; the index is copied in slices, so memory stays flat."""
+    views = [read_index(prefix) for prefix in prefixes]
+    dtypes = {np.dtype(view.dtype).name for view in views}
+    if len(dtypes) > 1:
+        raise InputError(f"the datasets hold different token types ({', '.join(sorted(dtypes))})",
+                         fix="merge datasets made with one tokenizer")
+
+    def write_idx(idx_tmp: Path) -> None:
+        sequences = sum(len(view.sequence_lengths) for view in views)
+        documents = sum(view.num_documents for view in views)
+        with open(idx_tmp, "wb") as out:
+            out.write(_header(views[0].dtype if views else np.uint16, sequences, documents + 1))
+            for view in views:
+                _copy_shifted(view.sequence_lengths, 0, out)
+            byte_offset = 0
+            for view in views:
+                _copy_shifted(view.sequence_pointers, byte_offset, out)
+                byte_offset += view.num_tokens * np.dtype(view.dtype).itemsize
+            np.zeros(1, dtype=np.int64).tofile(out)
+            sequence_offset = 0
+            for view in views:
+                _copy_shifted(view.document_indices[1:], sequence_offset, out)
+                sequence_offset += len(view.sequence_lengths)
+
+    _commit(output_prefix, lambda bin_tmp: concatenate_files([dataset_paths(v.prefix)[0] for v in views], bin_tmp),
+            write_idx)
+    return read_index(output_prefix)
+
+
+def _copy_shifted(array: np.ndarray, shift: int, out, slice_size: int = 1 << 24) -> None:
+    for start in range(0, len(array), slice_size):
+        (np.asarray(array[start:start + slice_size]) + np.array(shift, dtype=array.dtype)).tofile(out)
 
 
 @dataclass
@@ -167,12 +224,37 @@ def read_index(prefix) -> IndexedDatasetView:
         header = stream.read(HEADER_BYTES)
     if header[: len(INDEX_MAGIC)] != INDEX_MAGIC:
         raise InputError("not a Megatron indexed dataset (bad magic)", idx_path, fix="rebuild it with `megadoc preprocess`")
+    if len(header) < HEADER_BYTES:
+        raise InputError(f"the index is cut short ({len(header)} bytes)", idx_path, fix=_REBUILD)
     version, code, sequences, documents = struct.unpack("<QBQQ", header[len(INDEX_MAGIC):])
     if version != INDEX_VERSION or code not in CODE_DTYPES:
         raise InputError(f"unsupported index version {version} or dtype code {code}", idx_path)
+    expected = HEADER_BYTES + sequences * 12 + documents * 8
+    if idx_path.stat().st_size != expected:
+        raise InputError(f"the index is {idx_path.stat().st_size:,} bytes but its header describes {expected:,} "
+                         "(cut short or corrupt)", idx_path, fix=_REBUILD)
     offset = HEADER_BYTES
     arrays = []
     for dtype, count in ((np.int32, sequences), (np.int64, sequences), (np.int64, documents)):
         arrays.append(_memmap(idx_path, dtype, offset, count))
         offset += count * np.dtype(dtype).itemsize
-    return IndexedDatasetView(str(prefix), CODE_DTYPES[code], *arrays)
+    view = IndexedDatasetView(str(prefix), CODE_DTYPES[code], *arrays)
+    _check_token_file(view, bin_path)
+    return view
+
+
+_REBUILD = "convert the data again (megadoc preprocess) or copy the dataset again; .bin and .idx must come from one run"
+
+
+def _check_token_file(view: IndexedDatasetView, bin_path: Path) -> None:
+    """The `.bin` holds exactly the tokens the index points at (checked at its end, in O(1))."""
+    if len(view.document_indices) and view.document_indices[-1] != len(view.sequence_lengths):
+        raise InputError("the index's document boundaries do not end at its last sequence", view.prefix + ".idx",
+                         fix=_REBUILD)
+    itemsize = np.dtype(view.dtype).itemsize
+    expected = int(view.sequence_pointers[-1]) + int(view.sequence_lengths[-1]) * itemsize if len(
+        view.sequence_lengths) else 0
+    actual = bin_path.stat().st_size
+    if actual != expected:
+        raise InputError(f"the token file is {actual:,} bytes but its index describes {expected:,}", bin_path,
+                         fix=_REBUILD)

@@ -14,24 +14,24 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import itertools
 import json
 import math
 import multiprocessing
 import os
+import re
 import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from megadoc_megatron import __version__
 from megadoc_megatron.data.indexed import commit_dataset
-from megadoc_megatron.data.tokenizer import TOKENIZER_TYPES, load_tokenizer
+from megadoc_megatron.data.tokenizer import TOKENIZER_TYPES, GigatokenEncoder, load_tokenizer
 from megadoc_megatron.errors import InputError
 from megadoc_megatron.records import (count_lines_before, expand_inputs, is_compressed, iter_lines,
                                       line_starts, parse_record, write_text_atomic)
@@ -39,6 +39,9 @@ from megadoc_megatron.records import (count_lines_before, expand_inputs, is_comp
 BATCH_LINES = 512
 BATCH_BYTES = 4 << 20
 MIN_PART_BYTES = 1 << 20
+REFERENCE, GIGATOKEN = "reference", "gigatoken"
+SAMPLE_CHARS = 1 << 14  # of each part's first documents, re-encoded by the reference to check gigatoken
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,11 @@ class Options:
     append_eod: bool
     skip_bad_lines: bool
     parts_dir: str
+    backend: str  # REFERENCE or GIGATOKEN
+    eod: int
+    vocab_size: int
+    dtype: str
+    probe: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -67,7 +75,7 @@ class Part:
         """Part file name: changes whenever the input file or a setting that shapes tokens changes."""
         stat = os.stat(self.path)
         key = [self.path, stat.st_size, stat.st_mtime_ns, self.start, self.end, options.json_keys,
-               options.append_eod, options.skip_bad_lines, tokenizer_fingerprint, __version__]
+               options.append_eod, options.skip_bad_lines, tokenizer_fingerprint, options.backend, __version__]
         return f"part{self.index:06d}-" + hashlib.sha1(json.dumps(key).encode()).hexdigest()[:12]
 
 
@@ -81,7 +89,13 @@ class PartResult:
     rejected: int = 0
     bytes: int = 0
     tokens: dict = field(default_factory=dict)
+    files: dict = field(default_factory=dict)  # part file name -> size, checked before a marker is trusted
     error: InputError | None = None
+    refused: str | None = None  # why gigatoken could not load the tokenizer
+    sample: list | None = None  # [(label, text, ids)] for the reference to check; never in the marker
+
+    def marker(self) -> str:
+        return json.dumps(asdict(replace(self, sample=None, error=None)))
 
 
 # ---------------------------------------------------------------- worker side
@@ -92,7 +106,13 @@ _worker: dict = {}
 def _init_worker(options: Options) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker process
     _worker["options"] = options
-    _worker["tokenizer"] = load_tokenizer(options.tokenizer_type, options.tokenizer_model)
+    if options.backend == REFERENCE:
+        _worker["encoder"] = load_tokenizer(options.tokenizer_type, options.tokenizer_model)
+        return
+    try:
+        _worker["encoder"] = GigatokenEncoder(Path(options.tokenizer_model))
+    except Exception as error:  # it refuses some tokenizers; the main process then falls back
+        _worker["encoder"], _worker["refused"] = None, str(error).strip().splitlines()[0]
 
 
 def _texts_of(record: dict, keys, path, line) -> list[str]:
@@ -114,14 +134,9 @@ def _texts_of(record: dict, keys, path, line) -> list[str]:
     return texts
 
 
-def _to_arrays(ids: list[list[int]], tokenizer, append_eod: bool) -> tuple[np.ndarray, np.ndarray]:
-    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-    tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
-    if append_eod:
-        nonempty = lengths > 0
-        tokens = np.insert(tokens, np.cumsum(lengths)[nonempty], tokenizer.eod)
-        lengths = lengths + nonempty
-    return tokens, lengths
+def _append_eod(tokens: np.ndarray, lengths: np.ndarray, eod: int) -> tuple[np.ndarray, np.ndarray]:
+    nonempty = lengths > 0
+    return np.insert(tokens, np.cumsum(lengths)[nonempty], eod), lengths + nonempty
 
 
 def _out_of_vocab_documents(tokens: np.ndarray, lengths: np.ndarray, vocab_size: int) -> np.ndarray:
@@ -149,17 +164,39 @@ class _PartWriter:
         tokens.astype(self.dtype).tofile(self.tokens[key])
         lengths.astype(np.int32).tofile(self.lengths[key])
 
-    def close(self) -> None:
-        for stream in [*self.tokens.values(), *self.lengths.values(), self.rejects]:
+    def close(self, durable: bool = False) -> dict:
+        """Close every file (on disk for good if `durable`); returns their names and sizes."""
+        streams = [*self.tokens.values(), *self.lengths.values(), self.rejects]
+        for stream in streams:
+            if durable:
+                stream.flush()
+                os.fsync(stream.fileno())
             stream.close()
+        return {Path(stream.name).name: os.path.getsize(stream.name) for stream in streams}
 
 
-def _convert_batch(batch: list[tuple[int, bytes]], part: Part, writer: _PartWriter, result: PartResult) -> None:
-    options, tokenizer = _worker["options"], _worker["tokenizer"]
+def _records_fast(batch: list[tuple[int, bytes]], keys) -> tuple[list, list, list] | None:
+    """The batch's lines, raw lines and texts when every non-blank line is a good record, else
+    None (then `_records_checked` finds which lines are bad, and why)."""
+    kept = [(line, raw) for line, raw in batch if not raw.isspace()]
+    if any(SURROGATE_ESCAPE.search(raw) for _, raw in kept):
+        return None
+    try:
+        records = [json.loads(raw.decode("utf-8")) for _, raw in kept]
+        texts = [[record[key] for key in keys] for record in records]
+    except (ValueError, KeyError, TypeError, IndexError):  # bad UTF-8 or JSON, missing key, not an object
+        return None
+    if not all(type(text) is str for row in texts for text in row):
+        return None
+    return [line for line, _ in kept], [raw for _, raw in kept], texts
+
+
+def _records_checked(batch, part: Part, writer: _PartWriter, result: PartResult) -> tuple[list, list, list]:
+    """Line by line, naming what is wrong with each bad line (rejected, or raised)."""
+    options = _worker["options"]
     lines, raws, texts = [], [], []
     for line, raw in batch:
-        if not raw.strip():
-            result.blank_lines += 1
+        if raw.isspace():
             continue
         try:
             texts.append(_texts_of(parse_record(raw, part.path, line), options.json_keys, part.path, line))
@@ -171,14 +208,26 @@ def _convert_batch(batch: list[tuple[int, bytes]], part: Part, writer: _PartWrit
             continue
         lines.append(line)
         raws.append(raw)
-    arrays = {}
-    for column, key in enumerate(options.json_keys):
-        ids = tokenizer.encode_batch([row[column] for row in texts])
-        arrays[key] = _to_arrays(ids, tokenizer, options.append_eod)
+    return lines, raws, texts
+
+
+def _encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    options = _worker["options"]
+    tokens, lengths = _worker["encoder"].encode_flat(texts)
+    return _append_eod(tokens, lengths, options.eod) if options.append_eod else (tokens, lengths)
+
+
+def _convert_batch(batch: list[tuple[int, bytes]], part: Part, writer: _PartWriter, result: PartResult) -> None:
+    options = _worker["options"]
+    result.blank_lines += sum(1 for _, raw in batch if raw.isspace())
+    lines, raws, texts = _records_fast(batch, options.json_keys) or _records_checked(batch, part, writer, result)
+    arrays = {key: _encode([row[column] for row in texts]) for column, key in enumerate(options.json_keys)}
+    if result.sample is None and options.backend == GIGATOKEN:
+        result.sample = _sample(texts, lines)
     keep = np.ones(len(lines), dtype=bool)
     for key, (tokens, lengths) in arrays.items():
-        for document in _out_of_vocab_documents(tokens, lengths, tokenizer.vocab_size):
-            error = InputError(f"a token id of {key!r} is outside the vocabulary (size {tokenizer.vocab_size})",
+        for document in _out_of_vocab_documents(tokens, lengths, options.vocab_size):
+            error = InputError(f"a token id of {key!r} is outside the vocabulary (size {options.vocab_size})",
                                part.path, lines[document],
                                fix="use the tokenizer whose vocabulary covers its own ids (check added tokens)")
             if not options.skip_bad_lines:
@@ -195,6 +244,23 @@ def _convert_batch(batch: list[tuple[int, bytes]], part: Part, writer: _PartWrit
     result.documents += int(keep.sum())
 
 
+def _sample(texts, lines) -> list:
+    """The probe texts and the part's first documents, with gigatoken's ids, for the main process
+    to check against the reference tokenizer."""
+    labels, chosen, chars = [], [], 0
+    for row, line in zip(texts, lines):
+        for text in row:
+            chars += len(text)
+            if chars > SAMPLE_CHARS:
+                break
+            labels.append(f"line {line}")
+            chosen.append(text)
+    probe = () if _worker.get("probe_sent") else _worker["options"].probe  # once per worker: it never changes
+    _worker["probe_sent"] = True
+    ids = _worker["encoder"].encode_batch([*probe, *chosen])
+    return list(zip(["a probe text"] * len(probe) + labels, [*probe, *chosen], ids))
+
+
 def _batches(part: Part):
     batch, size = [], 0
     for line, raw in enumerate(iter_lines(part.path, part.start, part.end), start=1):
@@ -209,10 +275,13 @@ def _batches(part: Part):
 def _convert_part(job: tuple[Part, str]) -> PartResult:
     """Convert one part, in a worker. Bad input comes back in `error` (line numbers within the part)."""
     part, stem = job
-    options, tokenizer = _worker["options"], _worker["tokenizer"]
-    parts_dir = Path(options.parts_dir)
+    options = _worker["options"]
     result = PartResult(part.index, stem)
-    writer = _PartWriter(parts_dir, stem, options.json_keys, tokenizer.dtype)
+    if _worker["encoder"] is None:
+        result.refused = _worker["refused"]
+        return result
+    parts_dir = Path(options.parts_dir)
+    writer = _PartWriter(parts_dir, stem, options.json_keys, options.dtype)
     try:
         for batch, size in _batches(part):
             _convert_batch(batch, part, writer, result)
@@ -220,12 +289,13 @@ def _convert_part(job: tuple[Part, str]) -> PartResult:
             result.bytes += size
     except InputError as error:
         result.error = error
-        return result
-    finally:
         writer.close()
-    marker = parts_dir / f"{stem}.done.json"
-    marker.with_suffix(".tmp").write_text(json.dumps(asdict(result)))
-    os.replace(marker.with_suffix(".tmp"), marker)  # a killed worker never leaves a half-written marker
+        return result
+    except BaseException:
+        writer.close()
+        raise
+    result.files = writer.close(durable=True)
+    write_text_atomic(parts_dir / f"{stem}.done.json", result.marker())  # after its files are on disk
     return result
 
 
@@ -257,14 +327,39 @@ def _input_bytes(part: Part) -> int:
     return (part.end or os.path.getsize(part.path)) - part.start
 
 
-def _run_parts(parts, stems, options: Options, workers: int) -> dict[int, PartResult]:
+class GigatokenUnusable(Exception):
+    """gigatoken cannot load the tokenizer, or gives other ids than the reference tokenizer."""
+
+
+def _finished_part(parts_dir: Path, stem: str) -> PartResult | None:
+    """The result an earlier run recorded for a part, if its files are all there, whole."""
+    marker = parts_dir / f"{stem}.done.json"
+    if not marker.is_file():
+        return None
+    result = PartResult(**json.loads(marker.read_text()))
+    if all(os.path.isfile(parts_dir / name) and os.path.getsize(parts_dir / name) == size
+           for name, size in result.files.items()):
+        return result
+    marker.unlink()  # e.g. its token file was moved into an output that was never completed
+    return None
+
+
+def _check_sample(result: PartResult, part: Part, reference) -> None:
+    """Raise GigatokenUnusable unless the reference tokenizer gives gigatoken's ids for the sample."""
+    if result.refused:
+        raise GigatokenUnusable(f"it cannot load this tokenizer ({result.refused})")
+    expected = reference.encode_batch([text for _, text, _ in result.sample or []])
+    for (label, text, ids), reference_ids in zip(result.sample or [], expected):
+        if list(reference_ids) != ids:
+            where = label if label.startswith("a probe") else f"{part.path}, {label} of the part starting at byte {part.start}"
+            raise GigatokenUnusable(f"its ids differ from {reference.type_name}'s for {where}: {text[:60]!r}")
+
+
+def _run_parts(parts, stems, options: Options, workers: int, reference) -> dict[int, PartResult]:
     """Convert the parts not already done by an earlier run; results keyed by part index."""
     parts_dir = Path(options.parts_dir)
-    results = {}
-    for part in parts:
-        done = parts_dir / f"{stems[part.index]}.done.json"
-        if done.is_file():
-            results[part.index] = PartResult(**json.loads(done.read_text()))
+    results = {part.index: result for part in parts
+               if (result := _finished_part(parts_dir, stems[part.index])) is not None}
     todo = [(part, stems[part.index]) for part in parts if part.index not in results]
     if results:
         print(f"resuming: {len(results)} of {len(parts)} parts were converted by an earlier run", file=sys.stderr)
@@ -273,6 +368,7 @@ def _run_parts(parts, stems, options: Options, workers: int) -> dict[int, PartRe
     from tqdm import tqdm
 
     total = sum(_input_bytes(part) for part, _ in todo)
+    by_index = {part.index: part for part in parts}
     # An executor, not multiprocessing.Pool: a worker killed (say by the OOM killer) raises
     # BrokenProcessPool here instead of hanging the run forever.
     executor = ProcessPoolExecutor(min(workers, len(todo)), multiprocessing.get_context("spawn"),
@@ -281,12 +377,15 @@ def _run_parts(parts, stems, options: Options, workers: int) -> dict[int, PartRe
         with tqdm(total=total, unit="B", unit_scale=True, desc="preprocess", disable=None, file=sys.stderr) as bar:
             for future in as_completed([executor.submit(_convert_part, job) for job in todo]):
                 result = future.result()
+                part = by_index[result.index]
+                if options.backend == GIGATOKEN:
+                    _check_sample(result, part, reference)
                 if result.error is not None:
-                    error, part = result.error, parts[result.index]
+                    error = result.error
                     line = count_lines_before(part.path, part.start) + error.line  # the worker counted from its part
                     raise InputError(error.message, error.path, line, error.fix)
                 results[result.index] = result
-                bar.update(_input_bytes(parts[result.index]))
+                bar.update(_input_bytes(part))
     except BrokenProcessPool:
         raise InputError("a worker process died (out of memory?)", options.parts_dir,
                          fix="lower --workers or --max-part-mb and run the same command again: finished parts are reused"
@@ -306,8 +405,8 @@ def _merge_rejects(parts, stems, results, parts_dir: Path, destination: Path) ->
     lines_before, previous_path = 0, None
     with open(temporary, "w", encoding="utf-8") as out:
         for part in parts:  # in input order, so the lines of earlier parts of a file are known
-            if part.path != previous_path:
-                lines_before, previous_path = 0, part.path
+            if part.path != previous_path:  # an array task may start inside a file
+                lines_before, previous_path = count_lines_before(part.path, part.start), part.path
             with open(parts_dir / f"{stems[part.index]}.rejects.jsonl", encoding="utf-8") as rejects:
                 for row in rejects:
                     record = json.loads(row)
@@ -356,32 +455,65 @@ def _commit_outputs(groups, stems, results, options: Options, tokenizer) -> list
     return written
 
 
+def _backend_for(tokenizer, fast: bool) -> str:
+    """gigatoken for HuggingFace tokenizers (checked against `tokenizers` as it runs), else the reference.
+    SentencePiece stays on `sentencepiece`: gigatoken reads "<s>" in a text as the control token."""
+    if not fast or tokenizer.type_name != "HuggingFaceTokenizer":
+        return REFERENCE
+    try:
+        GigatokenEncoder.version()
+    except ImportError:
+        print("gigatoken is not installed: converting with tokenizers (slower); pip install gigatoken", file=sys.stderr)
+        return REFERENCE
+    return GIGATOKEN
+
+
+def _shard_parts(parts: list[Part], shard: tuple[int, int] | None) -> list[Part]:
+    """Array task `index` of `count` takes a contiguous run of the parts, so its dataset is the
+    corpus's documents from one point to another, and the shards merge in task order."""
+    if shard is None:
+        return parts
+    index, count = shard
+    return parts[len(parts) * index // count:len(parts) * (index + 1) // count]
+
+
 def preprocess(inputs: list[str], output_prefix: str, tokenizer_type: str, tokenizer_model: str,
                json_keys=("text",), append_eod: bool = False, workers: int | None = None,
-               skip_bad_lines: bool = False, merge: bool = True, max_part_mb: float = 256) -> dict:
-    """Convert JSONL inputs into Megatron indexed datasets; returns counts and timings."""
+               skip_bad_lines: bool = False, merge: bool = True, max_part_mb: float = 256,
+               fast_tokenizer: bool = True, shard: tuple[int, int] | None = None) -> dict:
+    """Convert JSONL inputs into Megatron indexed datasets; returns counts and timings.
+
+    With `shard=(i, n)` this is array task i of n: it converts its share of the corpus into
+    `{output_prefix}_shard{i}of{n}`, and `merge_datasets` joins the n shards in order into what
+    one run over the whole corpus writes."""
     started = time.perf_counter()
     workers = workers or os.cpu_count() or 1
-    if workers < 1:
-        raise InputError(f"--workers must be at least 1, not {workers}")
+    _check_shard(workers, shard, merge)
     files = expand_inputs(inputs)
     tokenizer = load_tokenizer(tokenizer_type, tokenizer_model)
     output_prefix = str(Path(output_prefix).expanduser().resolve())
+    if shard is not None:
+        output_prefix = shard_prefix(output_prefix, *shard)
     Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
     parts_dir = Path(f"{output_prefix}.parts")
     parts_dir.mkdir(exist_ok=True)
     options = Options(tokenizer_type, str(tokenizer.model_path), tuple(json_keys), append_eod, skip_bad_lines,
-                      str(parts_dir))
-    parts = plan_parts(files, workers, int(max_part_mb * (1 << 20)))
-    fingerprint = tokenizer.fingerprint()
-    stems = {part.index: part.stem(options, fingerprint) for part in parts}
-    results = _run_parts(parts, stems, options, workers)
-
+                      str(parts_dir), _backend_for(tokenizer, fast_tokenizer), tokenizer.eod, tokenizer.vocab_size,
+                      np.dtype(tokenizer.dtype).name)
+    # The plan depends on the corpus, --workers and the shard count only: every array task computes the same.
+    all_parts = plan_parts(files, workers * (shard[1] if shard else 1), int(max_part_mb * (1 << 20)))
+    parts = _shard_parts(all_parts, shard)
+    results, options = _convert(parts, options, workers, tokenizer)
+    if not sum(r.documents for r in results.values()) and shard is None:
+        shutil.rmtree(parts_dir)  # nothing in it worth resuming from
+        raise InputError("the input holds no documents", ", ".join(map(str, files)),
+                         fix="check the --input paths and --json-keys; blank and rejected lines are not documents")
     if merge:
         groups = [(output_prefix, parts)]
     else:
         width = len(str(len(files) - 1))
         groups = [(f"{output_prefix}_{i:0{width}d}", [p for p in parts if p.file_index == i]) for i in range(len(files))]
+    stems = _stems(parts, options, tokenizer)
     datasets = _commit_outputs(groups, stems, results, options, tokenizer)
     rejected = sum(r.rejected for r in results.values())
     rejects_path = Path(f"{output_prefix}_rejected.jsonl")
@@ -396,6 +528,7 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_type: str, token
         "datasets": datasets,
         "files": len(files),
         "parts": len(parts),
+        "tokenized_with": options.backend,
         "lines": sum(r.lines for r in results.values()),
         "blank_lines": sum(r.blank_lines for r in results.values()),
         "documents": sum(r.documents for r in results.values()),
@@ -405,6 +538,42 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_type: str, token
         "bytes": in_bytes,
         "seconds": seconds,
     }
+
+
+def _check_shard(workers: int, shard, merge: bool) -> None:
+    if workers < 1:
+        raise InputError(f"--workers must be at least 1, not {workers}")
+    if shard is None:
+        return
+    index, count = shard
+    if not 0 <= index < count:
+        raise InputError(f"--shard {index}/{count}: the task index must be in [0, {count})",
+                         fix="pass --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT with --array=0-(N-1)")
+    if not merge:
+        raise InputError("--shard and --no-merge do not go together",
+                         fix="--no-merge already writes one dataset per input file: give each task its own files")
+
+
+def shard_prefix(output_prefix: str, index: int, count: int) -> str:
+    return f"{output_prefix}_shard{index:05d}of{count:05d}"
+
+
+def _stems(parts, options: Options, tokenizer) -> dict[int, str]:
+    fingerprint = tokenizer.fingerprint() + (GigatokenEncoder.version() if options.backend == GIGATOKEN else "")
+    return {part.index: part.stem(options, fingerprint) for part in parts}
+
+
+def _convert(parts, options: Options, workers: int, tokenizer) -> tuple[dict[int, PartResult], Options]:
+    """Every part converted (gigatoken first where it may serve, the reference if it cannot)."""
+    if options.backend == GIGATOKEN:
+        options = replace(options, probe=tuple(tokenizer.probe_texts()))
+        try:
+            return _run_parts(parts, _stems(parts, options, tokenizer), options, workers, tokenizer), options
+        except GigatokenUnusable as why:
+            print(f"gigatoken cannot stand in for {tokenizer.type_name} here: {why}. "
+                  f"Tokenizing with the `tokenizers` package instead (slower).", file=sys.stderr)
+            options = replace(options, backend=REFERENCE, probe=())
+    return _run_parts(parts, _stems(parts, options, tokenizer), options, workers, tokenizer), options
 
 
 def format_summary(summary: dict) -> str:
@@ -438,15 +607,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="write bad lines with their reason to PREFIX_rejected.jsonl and go on")
     proc.add_argument("--max-part-mb", type=float, default=256,
                       help="largest byte range of a plain input file given to one worker at a time")
+    proc.add_argument("--no-gigatoken", dest="fast_tokenizer", action="store_false",
+                      help="tokenize with tokenizers only (by default gigatoken does, where it gives the same ids)")
+    proc.add_argument("--shard", type=_shard_argument, metavar="I/N",
+                      help="be task I of an array of N (0-based, e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT): "
+                           "convert that share into PREFIX_shardIofN; join the shards with `megadoc merge`")
     out = parser.add_argument_group("output data")
     out.add_argument("--output-prefix", required=True, help="outputs are PREFIX_{key}_document.bin/.idx")
     out.add_argument("--no-merge", dest="merge", action="store_false",
                      help="one dataset per input file, PREFIX_{i}_{key}_document, instead of one merged dataset")
 
 
+def _shard_argument(value: str) -> tuple[int, int]:
+    index, _, count = value.partition("/")
+    if not (index.isdigit() and count.isdigit() and int(count) > 0):
+        raise argparse.ArgumentTypeError(f"expected I/N with 0 <= I < N, e.g. 3/16, not {value!r}")
+    return int(index), int(count)
+
+
 def run(args: argparse.Namespace) -> dict:
     summary = preprocess(args.input, args.output_prefix, args.tokenizer_type, args.tokenizer_model,
                          args.json_keys, args.append_eod, args.workers, args.skip_bad_lines, args.merge,
-                         args.max_part_mb)
+                         args.max_part_mb, args.fast_tokenizer, args.shard)
     print(format_summary(summary))
     return summary

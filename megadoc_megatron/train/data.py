@@ -15,6 +15,7 @@ import torch
 
 from megadoc_megatron.data.blend import MEGATRON_SURPLUS
 from megadoc_megatron.data.blend_verify import dataset_tokenizer
+from megadoc_megatron.data.indexed import read_index
 from megadoc_megatron.errors import InputError
 
 
@@ -27,6 +28,8 @@ def load_plan(path) -> dict:
     if missing:
         raise InputError(f"the blend names a dataset file that is missing: {missing[0]}", path,
                          fix="rerun `megadoc preprocess` for it, or `megadoc blend` with the datasets you have")
+    for prefix in [d["prefix"] for d in plan["datasets"]] + validation_prefixes(plan):
+        read_index(prefix)  # a cut or mismatched .bin/.idx stops the run here, before any training
     return plan
 
 

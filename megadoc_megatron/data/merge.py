@@ -1,0 +1,73 @@
+"""`megadoc merge`: join indexed datasets in order into one (the shards of a `preprocess --shard`
+array, or any datasets of one tokenizer), as Megatron-LM's `tools/merge_datasets.py` does, with
+memory flat in their size. The shards of an array merge into the bytes one run writes."""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+from pathlib import Path
+
+from megadoc_megatron import __version__
+from megadoc_megatron.data.indexed import merge_datasets
+from megadoc_megatron.data.preprocess import metadata_path
+from megadoc_megatron.errors import InputError
+from megadoc_megatron.records import write_text_atomic
+
+
+def dataset_prefixes(inputs: list[str]) -> list[str]:
+    """Prefixes named directly, or by globs of `.idx` files (sorted), in the order given."""
+    prefixes: list[str] = []
+    for item in inputs:
+        found = sorted(glob.glob(item)) if glob.has_magic(item) else [item]
+        found = [path.removesuffix(".idx").removesuffix(".bin") for path in found if not path.endswith(".bin")]
+        if not found:
+            raise InputError("no dataset matches", item, fix="pass prefixes or a glob of .idx files")
+        prefixes.extend(found)
+    seen = [str(Path(p).resolve()) for p in prefixes]
+    if len(set(seen)) != len(seen):
+        raise InputError("a dataset is named more than once", fix="name each dataset once")
+    return prefixes
+
+
+def merged_metadata(prefixes: list[str], output_prefix: str, view) -> dict | None:
+    """The sidecar of the merged dataset, when every input has one; its tokenizer must be the same."""
+    sidecars = [metadata_path(p) for p in prefixes]
+    if not all(path.is_file() for path in sidecars):
+        return None
+    records = [json.loads(path.read_text()) for path in sidecars]
+    fingerprints = {r["tokenizer"]["fingerprint"] for r in records}
+    if len(fingerprints) > 1:
+        raise InputError("the datasets were made with different tokenizers", ", ".join(map(str, sidecars)),
+                         fix="merge datasets made with one tokenizer")
+    return {**records[0], "prefix": str(output_prefix), "documents": view.num_documents, "tokens": view.num_tokens,
+            "inputs": sorted({i for r in records for i in r["inputs"]}), "merged_from": [str(p) for p in prefixes],
+            "created_by": f"megadoc-megatron {__version__}"}
+
+
+def merge(inputs: list[str], output_prefix: str) -> dict:
+    prefixes = dataset_prefixes(inputs)
+    Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
+    view = merge_datasets(prefixes, output_prefix)
+    if not view.num_documents:
+        raise InputError("the merged datasets hold no documents", ", ".join(prefixes),
+                         fix="check that the conversion found the input")
+    metadata = merged_metadata(prefixes, output_prefix, view)
+    if metadata is not None:
+        write_text_atomic(metadata_path(output_prefix), json.dumps(metadata, indent=2) + "\n")
+    return {"prefix": str(output_prefix), "inputs": len(prefixes), "documents": view.num_documents,
+            "tokens": view.num_tokens}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input", nargs="+", required=True,
+                        help="dataset prefixes in order, or a glob of .idx files (sorted), e.g. 'out/c_shard*_text_document.idx'")
+    parser.add_argument("--output-prefix", required=True, help="the merged dataset, e.g. out/c_text_document")
+
+
+def run(args: argparse.Namespace) -> dict:
+    summary = merge(args.input, args.output_prefix)
+    print(f"{summary['prefix']}.bin/.idx: {summary['documents']:,} documents, {summary['tokens']:,} tokens "
+          f"from {summary['inputs']} datasets")
+    return summary

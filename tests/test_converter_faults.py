@@ -1,0 +1,113 @@
+"""Faults around the converter: an interrupted assembly resumes, cut or mismatched dataset files are
+refused by every reader before any training, files are synced before they are trusted, an empty
+corpus is an error, a file named twice is read once."""
+
+import json
+import os
+
+import pytest
+
+from megadoc_megatron.cli import main
+from megadoc_megatron.data import indexed
+from megadoc_megatron.data.indexed import read_index
+from megadoc_megatron.data.preprocess import preprocess
+from megadoc_megatron.errors import InputError
+
+
+def convert_golden(golden, prefix, spm_model, inputs=None, **kwargs):
+    inputs = inputs or [str(golden / "golden_input.jsonl")]
+    return preprocess(inputs, str(prefix), "SentencePieceTokenizer", str(spm_model), append_eod=True,
+                      **{"workers": 2, **kwargs})
+
+
+def same_as_golden(golden, prefix) -> bool:
+    return all((prefix.parent / f"{prefix.name}_text_document{suffix}").read_bytes()
+               == (golden / f"megatron_out/spm_eod_text_document{suffix}").read_bytes() for suffix in (".bin", ".idx"))
+
+
+def test_interrupted_assembly_of_a_single_part_resumes(golden, tmp_path, spm_model, monkeypatch):
+    """The only part's token file is moved into the output; an interruption before the index is
+    written used to leave its marker trusted and every rerun failing on the missing file."""
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(indexed, "write_index", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            convert_golden(golden, tmp_path / "out", spm_model)
+    assert list((tmp_path / "out.parts").glob("*.done.json")) and not list(tmp_path.glob("out_*.bin"))
+    summary = convert_golden(golden, tmp_path / "out", spm_model)
+    assert summary["parts"] == 1 and same_as_golden(golden, tmp_path / "out")
+
+
+@pytest.fixture()
+def dataset(golden, tmp_path, spm_model):
+    convert_golden(golden, tmp_path / "out", spm_model)
+    return tmp_path / "out_text_document"
+
+
+CUTS = {
+    "bin_cut": (".bin", lambda data: data[:-2], "the token file is"),
+    "bin_longer": (".bin", lambda data: data + b"\0\0", "the token file is"),
+    "idx_cut": (".idx", lambda data: data[:-8], "the index is"),
+    "idx_header_cut": (".idx", lambda data: data[:20], "the index is cut short"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CUTS))
+def test_cut_or_mismatched_files_are_refused_by_every_reader(dataset, name, capsys):
+    from megadoc_megatron.data.blend import describe_dataset
+    from megadoc_megatron.train.data import load_plan
+
+    suffix, cut, message = CUTS[name]
+    path = dataset.with_name(dataset.name + suffix)
+    path.write_bytes(cut(path.read_bytes()))
+    with pytest.raises(InputError, match=message) as caught:
+        read_index(dataset)
+    assert str(caught.value.path) == str(path) and "convert the data again" in caught.value.fix
+    assert main(["inspect", str(dataset)]) == 2
+    assert capsys.readouterr().err.strip().startswith(f"megadoc inspect: error: {path}: {message}")
+    with pytest.raises(InputError, match=message):
+        describe_dataset(str(dataset), "real", "100,0,0")  # megadoc blend
+    plan = dataset.parent / "blend.json"
+    plan.write_text(json.dumps({"datasets": [{"prefix": str(dataset)}], "files": {}}))
+    with pytest.raises(InputError, match=message):
+        load_plan(plan)  # megadoc train, before any process group starts
+
+
+def test_part_files_and_outputs_are_synced_before_they_are_trusted(golden, tmp_path, spm_model, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    convert_golden(golden, tmp_path / "one", spm_model, workers=1)  # synced in the worker: not seen here
+    names = [os.path.basename(path) for path in synced]
+    assert names[:2] == ["one_text_document.bin.tmp", "one_text_document.idx.tmp"]
+    assert str(tmp_path) in synced  # the folder, after the renames
+
+    from megadoc_megatron.data import preprocess as converter
+
+    synced.clear()
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    options = converter.Options("SentencePieceTokenizer", str(spm_model), ("text",), True, False, str(parts),
+                                converter.REFERENCE, 2, 8000, "uint16")
+    converter._init_worker(options)
+    part = converter.Part(0, 0, str(golden / "golden_input.jsonl"), 0, None)
+    converter._convert_part((part, "stem"))
+    marker = next(i for i, path in enumerate(synced) if ".done.json" in path)
+    assert {os.path.basename(p) for p in synced[:marker]} >= {"stem.text.tokens", "stem.text.lengths"}
+
+
+def test_an_input_without_documents_is_an_error(tmp_path, spm_model):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n  \n\n")
+    with pytest.raises(InputError, match="holds no documents"):
+        preprocess([str(empty)], str(tmp_path / "out"), "SentencePieceTokenizer", str(spm_model))
+    assert not list(tmp_path.glob("out*"))
+
+
+def test_a_file_named_twice_is_read_once(golden, tmp_path, spm_model, monkeypatch):
+    monkeypatch.chdir(golden)
+    summary = convert_golden(golden, tmp_path / "out", spm_model,
+                             inputs=["golden_input.jsonl", str(golden / "golden_input.jsonl"), str(golden / "*.jsonl")])
+    assert summary["files"] == 1 and same_as_golden(golden, tmp_path / "out")
