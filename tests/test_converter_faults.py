@@ -90,10 +90,10 @@ def test_part_files_and_outputs_are_synced_before_they_are_trusted(golden, tmp_p
     parts = tmp_path / "parts"
     parts.mkdir()
     options = converter.Options("SentencePieceTokenizer", str(spm_model), ("text",), True, False, str(parts),
-                                converter.REFERENCE, 2, 8000, "uint16")
+                                converter.REFERENCE)
     converter._init_worker(options)
     part = converter.Part(0, 0, str(golden / "golden_input.jsonl"), 0, None)
-    converter._convert_part((part, "stem"))
+    converter._convert_part((part, "stem", converter.Encoding(2, 8000, "uint16")))
     marker = next(i for i, path in enumerate(synced) if ".done.json" in path)
     assert {os.path.basename(p) for p in synced[:marker]} >= {"stem.text.tokens", "stem.text.lengths"}
 

@@ -86,7 +86,7 @@ def test_killed_worker_fails_the_run_instead_of_hanging(tmp_path, golden_lines, 
     deadline = time.monotonic() + 60
     workers = []
     while not workers and time.monotonic() < deadline:
-        workers = [p for p in psutil.Process(run.pid).children() if "spawn_main" in " ".join(p.cmdline())]
+        workers = psutil.Process(run.pid).children()  # forked from the main process
         time.sleep(0.05)
     assert workers, "no worker process appeared"
     workers[0].kill()  # as the OOM killer would

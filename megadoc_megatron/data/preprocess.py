@@ -13,6 +13,7 @@ again; the part folder is removed once the outputs are complete.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -31,16 +32,17 @@ import numpy as np
 
 from megadoc_megatron import __version__
 from megadoc_megatron.data.indexed import commit_dataset
-from megadoc_megatron.data.tokenizer import TOKENIZER_TYPES, GigatokenEncoder, load_tokenizer
+from megadoc_megatron.data.tokenizer import (TOKENIZER_TYPES, GigatokenEncoder, load_tokenizer, optimal_dtype, probe_texts,
+                                             tokenizer_fingerprint, tokenizer_path)
 from megadoc_megatron.errors import InputError
 from megadoc_megatron.records import (count_lines_before, expand_inputs, is_compressed, iter_lines,
-                                      line_starts, parse_record, write_text_atomic)
+                                      line_starts, open_binary, parse_record, write_text_atomic)
 
 BATCH_LINES = 512
 BATCH_BYTES = 4 << 20
 MIN_PART_BYTES = 1 << 20
 REFERENCE, GIGATOKEN = "reference", "gigatoken"
-SAMPLE_CHARS = 1 << 14  # of each part's first documents, re-encoded by the reference to check gigatoken
+SAMPLE_CHARS = 1 << 13  # of each part's first documents, re-encoded by the reference to check gigatoken
 SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
@@ -55,10 +57,21 @@ class Options:
     skip_bad_lines: bool
     parts_dir: str
     backend: str  # REFERENCE or GIGATOKEN
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """What the main process's tokenizer says, sent with each part (the workers start before it loads)."""
+
     eod: int
     vocab_size: int
     dtype: str
-    probe: tuple[str, ...] = ()
+    probe: tuple[str, ...] = ()  # texts for the reference to check gigatoken on
+
+    @classmethod
+    def of(cls, tokenizer, probe=()) -> "Encoding":
+        """For the reference tokenizer, or gigatoken's (checked against the reference's once it loads)."""
+        return cls(tokenizer.eod, tokenizer.vocab_size, np.dtype(optimal_dtype(tokenizer.vocab_size)).name, tuple(probe))
 
 
 @dataclass(frozen=True)
@@ -91,7 +104,6 @@ class PartResult:
     tokens: dict = field(default_factory=dict)
     files: dict = field(default_factory=dict)  # part file name -> size, checked before a marker is trusted
     error: InputError | None = None
-    refused: str | None = None  # why gigatoken could not load the tokenizer
     sample: list | None = None  # [(label, text, ids)] for the reference to check; never in the marker
 
     def marker(self) -> str:
@@ -111,7 +123,9 @@ def _init_worker(options: Options) -> None:
         return
     try:
         _worker["encoder"] = GigatokenEncoder(Path(options.tokenizer_model))
-    except Exception as error:  # it refuses some tokenizers; the main process then falls back
+    except InputError:
+        raise
+    except Exception as error:  # it refuses some tokenizers: then the reference does the work
         _worker["encoder"], _worker["refused"] = None, str(error).strip().splitlines()[0]
 
 
@@ -161,7 +175,9 @@ class _PartWriter:
         self.rejects.write(json.dumps(record, ensure_ascii=False) + "\n")
 
     def write(self, key: str, tokens: np.ndarray, lengths: np.ndarray) -> None:
-        tokens.astype(self.dtype).tofile(self.tokens[key])
+        # gigatoken's uint32 ids, all checked below the vocabulary size, are the same bits as int32
+        same_width = tokens.dtype.kind in "iu" and tokens.dtype.itemsize == np.dtype(self.dtype).itemsize
+        (tokens.view(self.dtype) if same_width else tokens.astype(self.dtype)).tofile(self.tokens[key])
         lengths.astype(np.int32).tofile(self.lengths[key])
 
     def close(self, durable: bool = False) -> dict:
@@ -212,9 +228,14 @@ def _records_checked(batch, part: Part, writer: _PartWriter, result: PartResult)
 
 
 def _encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    options = _worker["options"]
     tokens, lengths = _worker["encoder"].encode_flat(texts)
-    return _append_eod(tokens, lengths, options.eod) if options.append_eod else (tokens, lengths)
+    return _with_eod(tokens, lengths)
+
+
+def _with_eod(tokens: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    if not _worker["options"].append_eod:
+        return tokens, lengths
+    return _append_eod(tokens, lengths, _worker["encoding"].eod)
 
 
 def _convert_batch(batch: list[tuple[int, bytes]], part: Part, writer: _PartWriter, result: PartResult) -> None:
@@ -225,9 +246,10 @@ def _convert_batch(batch: list[tuple[int, bytes]], part: Part, writer: _PartWrit
     if result.sample is None and options.backend == GIGATOKEN:
         result.sample = _sample(texts, lines)
     keep = np.ones(len(lines), dtype=bool)
+    vocab_size = _worker["encoding"].vocab_size
     for key, (tokens, lengths) in arrays.items():
-        for document in _out_of_vocab_documents(tokens, lengths, options.vocab_size):
-            error = InputError(f"a token id of {key!r} is outside the vocabulary (size {options.vocab_size})",
+        for document in _out_of_vocab_documents(tokens, lengths, vocab_size):
+            error = InputError(f"a token id of {key!r} is outside the vocabulary (size {vocab_size})",
                                part.path, lines[document],
                                fix="use the tokenizer whose vocabulary covers its own ids (check added tokens)")
             if not options.skip_bad_lines:
@@ -255,10 +277,7 @@ def _sample(texts, lines) -> list:
                 break
             labels.append(f"line {line}")
             chosen.append(text)
-    probe = () if _worker.get("probe_sent") else _worker["options"].probe  # once per worker: it never changes
-    _worker["probe_sent"] = True
-    ids = _worker["encoder"].encode_batch([*probe, *chosen])
-    return list(zip(["a probe text"] * len(probe) + labels, [*probe, *chosen], ids))
+    return _probe_sample() + list(zip(labels, chosen, _worker["encoder"].encode_batch(chosen)))
 
 
 def _batches(part: Part):
@@ -272,21 +291,19 @@ def _batches(part: Part):
     yield batch, size
 
 
-def _convert_part(job: tuple[Part, str]) -> PartResult:
+def _convert_part(job: tuple[Part, str, Encoding]) -> PartResult:
     """Convert one part, in a worker. Bad input comes back in `error` (line numbers within the part)."""
-    part, stem = job
+    part, stem, _worker["encoding"] = job
     options = _worker["options"]
     result = PartResult(part.index, stem)
-    if _worker["encoder"] is None:
-        result.refused = _worker["refused"]
-        return result
     parts_dir = Path(options.parts_dir)
-    writer = _PartWriter(parts_dir, stem, options.json_keys, options.dtype)
+    writer = _PartWriter(parts_dir, stem, options.json_keys, _worker["encoding"].dtype)
     try:
-        for batch, size in _batches(part):
-            _convert_batch(batch, part, writer, result)
-            result.lines += len(batch)
-            result.bytes += size
+        if not (options.backend == GIGATOKEN and _convert_whole(part, writer, result)):
+            for batch, size in _batches(part):
+                _convert_batch(batch, part, writer, result)
+                result.lines += len(batch)
+                result.bytes += size
     except InputError as error:
         result.error = error
         writer.close()
@@ -297,6 +314,110 @@ def _convert_part(job: tuple[Part, str]) -> PartResult:
     result.files = writer.close(durable=True)
     write_text_atomic(parts_dir / f"{stem}.done.json", result.marker())  # after its files are on disk
     return result
+
+
+def _convert_whole(part: Part, writer: _PartWriter, result: PartResult) -> bool:
+    """The part read and tokenized by gigatoken in Rust, when it is clean JSONL: every line one
+    `{...}` naming each key once, every line read as a document, every id in the vocabulary.
+    Otherwise nothing is written and False comes back (the line-by-line path then names any bad line)."""
+    options = _worker["options"]
+    with _readable_copy(part) as path:
+        lines = _clean_line_count(path, options.json_keys) if path else None
+        if not lines:
+            return False
+        arrays = {key: _worker["encoder"].encode_jsonl(path, key) for key in options.json_keys}
+    if any(len(lengths) != lines or (len(tokens) and tokens.max() >= _worker["encoding"].vocab_size)
+           for tokens, lengths in arrays.values()):
+        return False
+    result.sample = _sample_of_part(part, arrays[options.json_keys[0]], options.json_keys[0])
+    for key, (tokens, lengths) in arrays.items():
+        writer.write(key, *_with_eod(tokens, lengths))
+        result.tokens[key] = int(lengths.sum()) + (int(np.count_nonzero(lengths)) if options.append_eod else 0)
+    result.lines = result.documents = lines
+    result.bytes = _input_bytes(part)
+    return True
+
+
+@contextlib.contextmanager
+def _readable_copy(part: Part):
+    """A path holding exactly the part's bytes: the file itself, or for a byte range an in-memory
+    copy made by the kernel (Linux memfd; None elsewhere)."""
+    if part.start == 0 and part.end is None:
+        yield part.path
+        return
+    if not hasattr(os, "memfd_create") or is_compressed(part.path):
+        yield None
+        return
+    copy = os.memfd_create("megadoc-part")
+    try:
+        with open(part.path, "rb") as source:
+            offset, end = part.start, part.start + _input_bytes(part)
+            while offset < end:
+                sent = os.sendfile(copy, source.fileno(), offset, end - offset)
+                if not sent:
+                    break
+                offset += sent
+        yield f"/proc/self/fd/{copy}"
+    finally:
+        os.close(copy)
+
+
+def _clean_line_count(path: str, keys) -> int | None:
+    """How many lines the JSONL file holds if each is `{...}` (no blank line) and holds every key
+    exactly once as a quoted string, else None. Blocks end at line ends, so memory stays flat."""
+    patterns = [json.dumps(key).encode() for key in keys]
+    lines, carry = 0, b""
+    with open_binary(path) as stream:
+        while True:
+            block = stream.read(1 << 24)
+            data = carry + block
+            cut = len(data) if not block else data.rfind(b"\n") + 1
+            if cut:
+                count = _clean_lines(data[:cut], patterns)
+                if count is None:
+                    return None
+                lines += count
+            carry = data[cut:]
+            if not block:
+                return lines
+
+
+def _clean_lines(chunk: bytes, patterns) -> int | None:
+    array = np.frombuffer(chunk, dtype=np.uint8)
+    ends = np.flatnonzero(array == ord("\n"))
+    if not chunk.endswith(b"\n"):
+        ends = np.append(ends, len(chunk))
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    if np.any(ends - starts < 2):
+        return None
+    last = ends - 1
+    last = last - (array[last] == ord("\r"))
+    if not ((array[starts] == ord("{")).all() and (array[last] == ord("}")).all()):
+        return None
+    return len(starts) if all(chunk.count(pattern) == len(starts) for pattern in patterns) else None
+
+
+def _sample_of_part(part: Part, arrays, key: str) -> list:
+    """The probe and the part's first documents as Python's json reads them, with the ids gigatoken
+    gave: the main process checks both the reading and the tokenizing against the reference."""
+    tokens, lengths = arrays
+    ends = np.cumsum(lengths)
+    texts, chars = [], 0
+    for line, raw in enumerate(iter_lines(part.path, part.start, part.end), start=1):
+        text = parse_record(raw, part.path, line)[key]
+        chars += len(text)
+        if chars > SAMPLE_CHARS and texts:
+            break
+        texts.append((f"line {line}", text, tokens[ends[line - 1] - lengths[line - 1]:ends[line - 1]].tolist()))
+    return _probe_sample() + texts
+
+
+def _probe_sample() -> list:
+    if _worker.get("probe_sent"):  # once per worker: it never changes
+        return []
+    _worker["probe_sent"] = True
+    probe = _worker["encoding"].probe
+    return list(zip(["a probe text"] * len(probe), probe, _worker["encoder"].encode_batch(list(probe))))
 
 
 # ---------------------------------------------------------------- main process
@@ -346,8 +467,6 @@ def _finished_part(parts_dir: Path, stem: str) -> PartResult | None:
 
 def _check_sample(result: PartResult, part: Part, reference) -> None:
     """Raise GigatokenUnusable unless the reference tokenizer gives gigatoken's ids for the sample."""
-    if result.refused:
-        raise GigatokenUnusable(f"it cannot load this tokenizer ({result.refused})")
     expected = reference.encode_batch([text for _, text, _ in result.sample or []])
     for (label, text, ids), reference_ids in zip(result.sample or [], expected):
         if list(reference_ids) != ids:
@@ -355,37 +474,20 @@ def _check_sample(result: PartResult, part: Part, reference) -> None:
             raise GigatokenUnusable(f"its ids differ from {reference.type_name}'s for {where}: {text[:60]!r}")
 
 
-def _run_parts(parts, stems, options: Options, workers: int, reference) -> dict[int, PartResult]:
-    """Convert the parts not already done by an earlier run; results keyed by part index."""
-    parts_dir = Path(options.parts_dir)
-    results = {part.index: result for part in parts
-               if (result := _finished_part(parts_dir, stems[part.index])) is not None}
-    todo = [(part, stems[part.index]) for part in parts if part.index not in results]
-    if results:
-        print(f"resuming: {len(results)} of {len(parts)} parts were converted by an earlier run", file=sys.stderr)
-    if not todo:
-        return results
-    from tqdm import tqdm
-
-    total = sum(_input_bytes(part) for part, _ in todo)
-    by_index = {part.index: part for part in parts}
+@contextlib.contextmanager
+def _worker_pool(options: Options, workers: int):
+    """Worker processes holding the tokenizer this process loads (`_worker`): forked where fork is
+    safe to use (Linux), so that the tokenizer loads once; spawned elsewhere, loading it again."""
+    _init_worker(options)
+    if _worker["encoder"] is None:
+        raise GigatokenUnusable(f"it cannot load this tokenizer ({_worker['refused']})")
+    fork = sys.platform == "linux"
     # An executor, not multiprocessing.Pool: a worker killed (say by the OOM killer) raises
-    # BrokenProcessPool here instead of hanging the run forever.
-    executor = ProcessPoolExecutor(min(workers, len(todo)), multiprocessing.get_context("spawn"),
-                                   initializer=_init_worker, initargs=(options,))
+    # BrokenProcessPool instead of hanging the run forever.
+    executor = ProcessPoolExecutor(workers, multiprocessing.get_context("fork" if fork else "spawn"),
+                                   initializer=None if fork else _init_worker, initargs=() if fork else (options,))
     try:
-        with tqdm(total=total, unit="B", unit_scale=True, desc="preprocess", disable=None, file=sys.stderr) as bar:
-            for future in as_completed([executor.submit(_convert_part, job) for job in todo]):
-                result = future.result()
-                part = by_index[result.index]
-                if options.backend == GIGATOKEN:
-                    _check_sample(result, part, reference)
-                if result.error is not None:
-                    error = result.error
-                    line = count_lines_before(part.path, part.start) + error.line  # the worker counted from its part
-                    raise InputError(error.message, error.path, line, error.fix)
-                results[result.index] = result
-                bar.update(_input_bytes(part))
+        yield executor
     except BrokenProcessPool:
         raise InputError("a worker process died (out of memory?)", options.parts_dir,
                          fix="lower --workers or --max-part-mb and run the same command again: finished parts are reused"
@@ -396,7 +498,100 @@ def _run_parts(parts, stems, options: Options, workers: int, reference) -> dict[
         raise
     finally:
         executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _run_parts(parts, stems, encoding: Encoding, options: Options, pool, reference) -> dict[int, PartResult]:
+    """Convert the parts not already done by an earlier run (gigatoken's checked against the
+    reference as they come); results keyed by part index."""
+    parts_dir = Path(options.parts_dir)
+    results = {part.index: result for part in parts
+               if (result := _finished_part(parts_dir, stems[part.index])) is not None}
+    todo = [part for part in parts if part.index not in results]
+    if results:
+        print(f"resuming: {len(results)} of {len(parts)} parts were converted by an earlier run", file=sys.stderr)
+    futures = [pool.submit(_convert_part, (part, stems[part.index], encoding)) for part in todo]
+    if options.backend == GIGATOKEN:  # waits for the reference to load, while the workers convert
+        if replace(Encoding.of(reference), probe=encoding.probe) != encoding:
+            raise GigatokenUnusable(f"its vocabulary size or EOD id ({encoding.vocab_size}, {encoding.eod}) differ from "
+                                    f"{reference.type_name}'s ({reference.vocab_size}, {reference.eod})")
+    from tqdm import tqdm
+
+    tqdm.monitor_interval = 0  # no monitor thread: a later worker pool forks a single-threaded process
+    by_index = {part.index: part for part in parts}
+    with tqdm(total=sum(map(_input_bytes, todo)), unit="B", unit_scale=True, desc="preprocess", disable=None,
+              file=sys.stderr) as bar:
+        for future in as_completed(futures):
+            result = future.result()
+            part = by_index[result.index]
+            if options.backend == GIGATOKEN:
+                _check_sample(result, part, reference)
+            if result.error is not None:
+                error = result.error
+                line = count_lines_before(part.path, part.start) + error.line  # the worker counted from its part
+                raise InputError(error.message, error.path, line, error.fix)
+            results[result.index] = result
+            bar.update(_input_bytes(part))
     return results
+
+
+class _ReferenceProcess:
+    """The reference tokenizer in a process of its own, for gigatoken's checks: it loads on another
+    core while this process loads gigatoken (each takes about a second for a 150k vocabulary)."""
+
+    def __init__(self, tokenizer_type: str, tokenizer_model: str):
+        context = multiprocessing.get_context("spawn")
+        self._connection, child = context.Pipe()
+        self._process = context.Process(target=_serve_reference, args=(child, tokenizer_type, tokenizer_model),
+                                        daemon=True)
+        self._process.start()
+        child.close()
+        self._described = None
+
+    def _ask(self, *request):
+        try:
+            self._connection.send(request)
+            reply = self._connection.recv()
+        except (EOFError, OSError):
+            raise InputError("the process of the reference tokenizer died (out of memory?)",
+                             fix="run the same command again: finished parts are reused") from None
+        if isinstance(reply, BaseException):
+            raise reply
+        return reply
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self._ask("encode", texts)
+
+    def describe(self) -> dict:
+        if self._described is None:
+            self._described = self._ask("describe")
+        return self._described
+
+    type_name = property(lambda self: self.describe()["type"])
+    vocab_size = property(lambda self: self.describe()["vocab_size"])
+    eod = property(lambda self: self.describe()["eod"])
+
+    def close(self) -> None:
+        self._connection.close()
+        self._process.join(timeout=10)
+        if self._process.is_alive():
+            self._process.terminate()
+
+
+def _serve_reference(connection, tokenizer_type: str, tokenizer_model: str) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        tokenizer = load_tokenizer(tokenizer_type, tokenizer_model)
+    except Exception as error:  # sent back to the asking process, which raises it
+        tokenizer = error
+    while True:
+        try:
+            kind, *args = connection.recv()
+        except EOFError:
+            return
+        if isinstance(tokenizer, Exception):
+            connection.send(tokenizer)
+        else:
+            connection.send(tokenizer.describe() if kind == "describe" else tokenizer.encode_batch(*args))
 
 
 def _merge_rejects(parts, stems, results, parts_dir: Path, destination: Path) -> None:
@@ -430,14 +625,15 @@ def recorded_tokenizer(prefix):
     return load_tokenizer(recorded["type"], recorded["model"])
 
 
-def _commit_outputs(groups, stems, results, options: Options, tokenizer) -> list[dict]:
+def _commit_outputs(groups, stems, results, options: Options, tokenizer: dict) -> list[dict]:
     parts_dir = Path(options.parts_dir)
     written = []
     for output_prefix, group in groups:
         for key in options.json_keys:
             prefix = f"{output_prefix}_{key}_document"
             files = [parts_dir / f"{stems[p.index]}.{key}" for p in group]
-            commit_dataset(prefix, tokenizer.dtype, [Path(f"{f}.tokens") for f in files],
+            dtype = optimal_dtype(tokenizer["vocab_size"])
+            commit_dataset(prefix, dtype, [Path(f"{f}.tokens") for f in files],
                            [Path(f"{f}.lengths") for f in files])
             summary = {
                 "prefix": prefix,
@@ -446,8 +642,8 @@ def _commit_outputs(groups, stems, results, options: Options, tokenizer) -> list
                 "inputs": sorted({p.path for p in group}),
                 "json_key": key,
                 "append_eod": options.append_eod,
-                "dtype": np.dtype(tokenizer.dtype).name,
-                "tokenizer": tokenizer.describe(),
+                "dtype": np.dtype(dtype).name,
+                "tokenizer": tokenizer,
                 "created_by": f"megadoc-megatron {__version__}",
             }
             write_text_atomic(metadata_path(prefix), json.dumps(summary, indent=2) + "\n")
@@ -455,10 +651,10 @@ def _commit_outputs(groups, stems, results, options: Options, tokenizer) -> list
     return written
 
 
-def _backend_for(tokenizer, fast: bool) -> str:
+def _backend_for(tokenizer_type: str, fast: bool) -> str:
     """gigatoken for HuggingFace tokenizers (checked against `tokenizers` as it runs), else the reference.
     SentencePiece stays on `sentencepiece`: gigatoken reads "<s>" in a text as the control token."""
-    if not fast or tokenizer.type_name != "HuggingFaceTokenizer":
+    if not fast or tokenizer_type != "HuggingFaceTokenizer":
         return REFERENCE
     try:
         GigatokenEncoder.version()
@@ -490,20 +686,19 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_type: str, token
     workers = workers or os.cpu_count() or 1
     _check_shard(workers, shard, merge)
     files = expand_inputs(inputs)
-    tokenizer = load_tokenizer(tokenizer_type, tokenizer_model)
+    model_path = tokenizer_path(tokenizer_type, tokenizer_model)
     output_prefix = str(Path(output_prefix).expanduser().resolve())
     if shard is not None:
         output_prefix = shard_prefix(output_prefix, *shard)
     Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
     parts_dir = Path(f"{output_prefix}.parts")
     parts_dir.mkdir(exist_ok=True)
-    options = Options(tokenizer_type, str(tokenizer.model_path), tuple(json_keys), append_eod, skip_bad_lines,
-                      str(parts_dir), _backend_for(tokenizer, fast_tokenizer), tokenizer.eod, tokenizer.vocab_size,
-                      np.dtype(tokenizer.dtype).name)
+    options = Options(tokenizer_type, str(model_path), tuple(json_keys), append_eod, skip_bad_lines, str(parts_dir),
+                      _backend_for(tokenizer_type, fast_tokenizer))
     # The plan depends on the corpus, --workers and the shard count only: every array task computes the same.
     all_parts = plan_parts(files, workers * (shard[1] if shard else 1), int(max_part_mb * (1 << 20)))
     parts = _shard_parts(all_parts, shard)
-    results, options = _convert(parts, options, workers, tokenizer)
+    results, options, tokenizer = _convert(parts, options, workers)  # tokenizer: its description
     if not sum(r.documents for r in results.values()) and shard is None:
         shutil.rmtree(parts_dir)  # nothing in it worth resuming from
         raise InputError("the input holds no documents", ", ".join(map(str, files)),
@@ -513,7 +708,7 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_type: str, token
     else:
         width = len(str(len(files) - 1))
         groups = [(f"{output_prefix}_{i:0{width}d}", [p for p in parts if p.file_index == i]) for i in range(len(files))]
-    stems = _stems(parts, options, tokenizer)
+    stems = _stems(parts, options)
     datasets = _commit_outputs(groups, stems, results, options, tokenizer)
     rejected = sum(r.rejected for r in results.values())
     rejects_path = Path(f"{output_prefix}_rejected.jsonl")
@@ -558,22 +753,37 @@ def shard_prefix(output_prefix: str, index: int, count: int) -> str:
     return f"{output_prefix}_shard{index:05d}of{count:05d}"
 
 
-def _stems(parts, options: Options, tokenizer) -> dict[int, str]:
-    fingerprint = tokenizer.fingerprint() + (GigatokenEncoder.version() if options.backend == GIGATOKEN else "")
+def _stems(parts, options: Options) -> dict[int, str]:
+    fingerprint = tokenizer_fingerprint(options.tokenizer_type, Path(options.tokenizer_model))
+    fingerprint += GigatokenEncoder.version() if options.backend == GIGATOKEN else ""
     return {part.index: part.stem(options, fingerprint) for part in parts}
 
 
-def _convert(parts, options: Options, workers: int, tokenizer) -> tuple[dict[int, PartResult], Options]:
-    """Every part converted (gigatoken first where it may serve, the reference if it cannot)."""
+def _convert(parts, options: Options, workers: int) -> tuple[dict[int, PartResult], Options, dict]:
+    """Every part converted, gigatoken first where it may serve; also the tokenizer's description."""
     if options.backend == GIGATOKEN:
-        options = replace(options, probe=tuple(tokenizer.probe_texts()))
         try:
-            return _run_parts(parts, _stems(parts, options, tokenizer), options, workers, tokenizer), options
+            return _convert_with(parts, options, workers)
         except GigatokenUnusable as why:
-            print(f"gigatoken cannot stand in for {tokenizer.type_name} here: {why}. "
-                  f"Tokenizing with the `tokenizers` package instead (slower).", file=sys.stderr)
-            options = replace(options, backend=REFERENCE, probe=())
-    return _run_parts(parts, _stems(parts, options, tokenizer), options, workers, tokenizer), options
+            print(f"gigatoken cannot stand in for {options.tokenizer_type} here: {why}. "
+                  "Tokenizing with the `tokenizers` package instead (slower).", file=sys.stderr)
+            options = replace(options, backend=REFERENCE)
+    return _convert_with(parts, options, workers)
+
+
+def _convert_with(parts, options: Options, workers: int) -> tuple[dict[int, PartResult], Options, dict]:
+    # started first: the reference loads in its process while gigatoken loads in this one
+    checker = _ReferenceProcess(options.tokenizer_type, options.tokenizer_model) if options.backend == GIGATOKEN else None
+    try:
+        with _worker_pool(options, min(workers, len(parts))) as pool:
+            encoder = _worker["encoder"]
+            encoding = Encoding.of(encoder, probe_texts(encoder.json_path) if checker else ())
+            reference = checker or encoder
+            results = _run_parts(parts, _stems(parts, options), encoding, options, pool, reference)
+            return results, options, reference.describe()
+    finally:
+        if checker:
+            checker.close()
 
 
 def format_summary(summary: dict) -> str:
