@@ -39,7 +39,9 @@ MEASURE = """
 import json, resource, subprocess, sys, time
 command, env = json.loads(sys.argv[1])
 started = time.perf_counter()
-subprocess.run(command, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+if done.returncode:
+    sys.exit(" ".join(command[:3]) + " failed: " + done.stderr[-3000:])
 print(json.dumps([time.perf_counter() - started, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024]))
 """
 
@@ -104,23 +106,27 @@ def first_part(path: Path, destination: Path, fraction: float) -> None:
 def measure(command: list[str], env: dict | None = None) -> tuple[float, float]:
     """(seconds, peak RSS in MB of the largest process) of a whole command."""
     done = subprocess.run([sys.executable, "-c", MEASURE, json.dumps([command, env or dict(os.environ)])],
-                          check=True, capture_output=True, text=True)
+                          capture_output=True, text=True)
+    if done.returncode:
+        sys.exit(done.stderr)
     seconds, rss = json.loads(done.stdout)
     return seconds, rss
 
 
-def ours_command(path: Path, prefix: Path, args) -> list[str]:
+def ours_command(path: Path, prefix: Path, args, *extra: str) -> list[str]:
     return [sys.executable, "-m", "megadoc_megatron.cli", "preprocess", "--input", str(path), "--output-prefix",
             str(prefix), "--tokenizer-type", args.tokenizer_type, "--tokenizer-model", args.tokenizer_model,
-            "--workers", str(args.workers)] + (["--append-eod"] if args.append_eod else [])
+            "--workers", str(args.workers), *extra] + (["--append-eod"] if args.append_eod else [])
 
 
 def with_env(**values) -> dict:
     return {**os.environ, **{k: str(v) for k, v in values.items()}}
 
 
-def with_pythonpath(checkout: Path, **values) -> dict:
-    return with_env(PYTHONPATH=os.pathsep.join(filter(None, [str(checkout), os.environ.get("PYTHONPATH")])), **values)
+def with_pythonpath(checkout: Path, inherit: bool = True, **values) -> dict:
+    """The checkout first on PYTHONPATH, then ours when the same interpreter runs it."""
+    inherited = os.environ.get("PYTHONPATH") if inherit else None
+    return with_env(PYTHONPATH=os.pathsep.join(filter(None, [str(checkout), inherited])), **values)
 
 
 def gigatoken_loads(model: str) -> bool:
@@ -185,10 +191,13 @@ def main() -> None:
               f"{args.tokenizer_type} {args.tokenizer_model}")
 
         ours, rss = best(args.repeat, ours_command(path, tmp / "ours", args))
-        _, rss_quarter = best(1, ours_command(quarter, tmp / "quarter", args))
         summary = json.loads(Path(f"{tmp}/ours_text_document.json").read_text())
         print(f"megadoc preprocess: {ours:.2f} s, {megabytes / ours:.1f} MB/s, {summary['tokens'] / ours:,.0f} tokens/s; "
-              f"peak RSS {rss:.0f} MB (a quarter of the input: {rss_quarter:.0f} MB)")
+              f"peak RSS {rss:.0f} MB")
+        # Parts grow with the input up to --max-part-mb: with the cap reached at both sizes, memory is flat.
+        _, rss_small_parts = best(1, ours_command(path, tmp / "small_parts", args, "--max-part-mb", "2"))
+        _, rss_quarter = best(1, ours_command(quarter, tmp / "quarter", args, "--max-part-mb", "2"))
+        print(f"peak RSS with 2 MB parts: {rss_small_parts:.0f} MB, on a quarter of the input {rss_quarter:.0f} MB")
 
         if gigatoken_loads(args.tokenizer_model):
             limit, limit_rss = best(args.repeat, [sys.executable, "-c", LIMIT, args.tokenizer_model, str(path),
@@ -212,7 +221,8 @@ def main() -> None:
         if args.megatron_lm_fast:
             command = [args.megatron_python, "-c", MEGATRON_FAST, str(path), str(tmp / "fast_text_document"),
                        args.tokenizer_type, args.tokenizer_model, "1" if args.append_eod else "0"]
-            theirs, theirs_rss = measure(command, with_pythonpath(args.megatron_lm_fast, RAYON_NUM_THREADS=args.workers))
+            theirs, theirs_rss = measure(command, with_pythonpath(args.megatron_lm_fast, inherit=False,
+                                                                 RAYON_NUM_THREADS=args.workers))
             print(f"(c) Megatron-LM's gigatoken path: {theirs:.2f} s, peak RSS {theirs_rss:.0f} MB -> ours is "
                   f"{theirs / ours:.1f}x faster (target >= 2x); byte-identical: "
                   f"{identical(tmp / 'ours_text_document', tmp / 'fast_text_document')}")

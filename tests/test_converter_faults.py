@@ -111,3 +111,16 @@ def test_a_file_named_twice_is_read_once(golden, tmp_path, spm_model, monkeypatc
     summary = convert_golden(golden, tmp_path / "out", spm_model,
                              inputs=["golden_input.jsonl", str(golden / "golden_input.jsonl"), str(golden / "*.jsonl")])
     assert summary["files"] == 1 and same_as_golden(golden, tmp_path / "out")
+
+
+def test_merge_joins_datasets_in_order_and_refuses_mixed_token_types(golden, tmp_path, capsys):
+    made_by_megatron = str(golden / "megatron_out/hf_eod_text_document")  # no sidecar: none is written
+    assert main(["merge", "--input", made_by_megatron, made_by_megatron, "--output-prefix", str(tmp_path / "twice")]) == 0
+    once, twice = read_index(made_by_megatron), read_index(tmp_path / "twice")
+    assert twice.num_documents == 2 * once.num_documents and twice.num_tokens == 2 * once.num_tokens
+    assert list(twice.document_tokens(once.num_documents + 5)) == list(once.document_tokens(5))
+    assert not (tmp_path / "twice.json").exists()
+    code = main(["merge", "--input", made_by_megatron, str(golden / "megatron_out/qwen_eod_text_document"),
+                 "--output-prefix", str(tmp_path / "mixed")])
+    assert code == 2 and "different token types (int32, uint16)" in capsys.readouterr().err
+    assert not list(tmp_path.glob("mixed*"))

@@ -41,6 +41,7 @@ def assert_same_as_golden(golden, prefix, name):
 def test_byte_identical_to_megatron_lm(golden, tmp_path, name):
     prefix, summary = convert_golden_case(golden, tmp_path, name)
     assert summary["tokenized_with"] == TOKENIZED_WITH[name]
+    assert summary["parts_read_in_rust"] == (summary["parts"] if TOKENIZED_WITH[name] == "gigatoken" else 0)
     assert_same_as_golden(golden, prefix, name)
 
 
@@ -55,6 +56,21 @@ def test_byte_identical_through_an_array_and_a_merge(golden, tmp_path, name):
     merged = merge([str(tmp_path / f"{name}_shard*of00003_text_document.idx")], str(tmp_path / "merged_text_document"))
     assert merged["inputs"] == shards and merged["documents"] == 66
     assert_same_as_golden(golden, tmp_path / "merged_text_document", name)
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".zst"])
+def test_compressed_input_through_gigatoken(golden, tmp_path, suffix):
+    import gzip
+
+    import zstandard
+
+    data = (golden / "golden_input.jsonl").read_bytes()
+    path = tmp_path / f"input.jsonl{suffix}"
+    path.write_bytes(gzip.compress(data) if suffix == ".gz" else zstandard.compress(data))
+    summary = preprocess([str(path)], str(tmp_path / "qwen_eod"), "HuggingFaceTokenizer",
+                         str(golden / "qwen_tokenizer"), append_eod=True, workers=2)
+    assert summary["tokenized_with"] == "gigatoken"
+    assert_same_as_golden(golden, tmp_path / "qwen_eod_text_document", "qwen_eod")
 
 
 def test_gigatoken_that_parts_ways_with_tokenizers_is_caught(golden, tmp_path, capsys):
@@ -94,6 +110,7 @@ def test_byte_identical_when_cut_into_many_parts(golden, tmp_path, name):
     # ~30 byte ranges of the 0.5 MB input, assembled in order.
     prefix, summary = convert_golden_case(golden, tmp_path, name, max_part_mb=0.016)
     assert summary["parts"] >= 15
+    assert summary["parts_read_in_rust"] == (summary["parts"] if TOKENIZED_WITH[name] == "gigatoken" else 0)
     assert_same_as_golden(golden, prefix, name)
 
 

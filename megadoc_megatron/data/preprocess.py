@@ -103,6 +103,7 @@ class PartResult:
     bytes: int = 0
     tokens: dict = field(default_factory=dict)
     files: dict = field(default_factory=dict)  # part file name -> size, checked before a marker is trusted
+    read_in_rust: bool = False  # clean JSONL, read and tokenized by gigatoken; else line by line
     error: InputError | None = None
     sample: list | None = None  # [(label, text, ids)] for the reference to check; never in the marker
 
@@ -334,6 +335,7 @@ def _convert_whole(part: Part, writer: _PartWriter, result: PartResult) -> bool:
         writer.write(key, *_with_eod(tokens, lengths))
         result.tokens[key] = int(lengths.sum()) + (int(np.count_nonzero(lengths)) if options.append_eod else 0)
     result.lines = result.documents = lines
+    result.read_in_rust = True
     result.bytes = _input_bytes(part)
     return True
 
@@ -675,7 +677,7 @@ def _shard_parts(parts: list[Part], shard: tuple[int, int] | None) -> list[Part]
 
 def preprocess(inputs: list[str], output_prefix: str, tokenizer_type: str, tokenizer_model: str,
                json_keys=("text",), append_eod: bool = False, workers: int | None = None,
-               skip_bad_lines: bool = False, merge: bool = True, max_part_mb: float = 256,
+               skip_bad_lines: bool = False, merge: bool = True, max_part_mb: float = 64,
                fast_tokenizer: bool = True, shard: tuple[int, int] | None = None) -> dict:
     """Convert JSONL inputs into Megatron indexed datasets; returns counts and timings.
 
@@ -724,6 +726,7 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_type: str, token
         "files": len(files),
         "parts": len(parts),
         "tokenized_with": options.backend,
+        "parts_read_in_rust": sum(r.read_in_rust for r in results.values()),
         "lines": sum(r.lines for r in results.values()),
         "blank_lines": sum(r.blank_lines for r in results.values()),
         "documents": sum(r.documents for r in results.values()),
@@ -794,6 +797,9 @@ def format_summary(summary: dict) -> str:
         f"{summary['lines']:,} lines from {summary['files']} file(s) in {seconds:.1f} s: "
         f"{summary['documents'] / seconds:,.0f} docs/s, {summary['tokens'] / seconds:,.0f} tokens/s, "
         f"{summary['bytes'] / seconds / 1e6:.1f} MB/s")
+    if summary["tokenized_with"] == GIGATOKEN:
+        lines.append(f"tokenized by gigatoken, checked against tokenizers; {summary['parts_read_in_rust']} of "
+                     f"{summary['parts']} part(s) clean JSONL read in Rust, the others line by line")
     if summary["blank_lines"]:
         lines.append(f"{summary['blank_lines']:,} blank line(s) skipped")
     if summary["rejected"]:
@@ -815,7 +821,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     proc.add_argument("--workers", type=int, default=os.cpu_count(), help="worker processes (default: all cores)")
     proc.add_argument("--skip-bad-lines", action="store_true",
                       help="write bad lines with their reason to PREFIX_rejected.jsonl and go on")
-    proc.add_argument("--max-part-mb", type=float, default=256,
+    proc.add_argument("--max-part-mb", type=float, default=64,
                       help="largest byte range of a plain input file given to one worker at a time")
     proc.add_argument("--no-gigatoken", dest="fast_tokenizer", action="store_false",
                       help="tokenize with tokenizers only (by default gigatoken does, where it gives the same ids)")
