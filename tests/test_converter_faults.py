@@ -114,8 +114,15 @@ def test_a_file_named_twice_is_read_once(golden, tmp_path, spm_model, monkeypatc
 
 
 def test_merge_joins_datasets_in_order_and_refuses_mixed_token_types(golden, tmp_path, capsys):
+    import shutil
+
     made_by_megatron = str(golden / "megatron_out/hf_eod_text_document")  # no sidecar: none is written
-    assert main(["merge", "--input", made_by_megatron, made_by_megatron, "--output-prefix", str(tmp_path / "twice")]) == 0
+    for suffix in (".bin", ".idx"):
+        shutil.copy(made_by_megatron + suffix, tmp_path / f"copy{suffix}")
+    assert main(["merge", "--input", made_by_megatron, made_by_megatron, "--output-prefix", str(tmp_path / "x")]) == 2
+    assert "a dataset is named more than once" in capsys.readouterr().err
+    assert main(["merge", "--input", made_by_megatron, str(tmp_path / "copy"), "--output-prefix",
+                 str(tmp_path / "twice")]) == 0
     once, twice = read_index(made_by_megatron), read_index(tmp_path / "twice")
     assert twice.num_documents == 2 * once.num_documents and twice.num_tokens == 2 * once.num_tokens
     assert list(twice.document_tokens(once.num_documents + 5)) == list(once.document_tokens(5))
@@ -124,3 +131,13 @@ def test_merge_joins_datasets_in_order_and_refuses_mixed_token_types(golden, tmp
                  "--output-prefix", str(tmp_path / "mixed")])
     assert code == 2 and "different token types (int32, uint16)" in capsys.readouterr().err
     assert not list(tmp_path.glob("mixed*"))
+
+
+def test_array_tasks_beyond_the_parts_write_empty_shards_that_merge(golden, tmp_path, spm_model):
+    from megadoc_megatron.data.merge import merge
+
+    for index in range(3):  # the golden input is one part: two of the three tasks have nothing to do
+        summary = convert_golden(golden, tmp_path / "out", spm_model, shard=(index, 3))
+        assert summary["documents"] in (0, 66)
+    merge([str(tmp_path / "out_shard*of00003_text_document.idx")], str(tmp_path / "out_text_document"))
+    assert same_as_golden(golden, tmp_path / "out")

@@ -2,12 +2,18 @@
 `tools/preprocess_data.py` (default tokenizer system, no sentence splitting).
 
 How it scales: the inputs are cut into parts (whole compressed files; byte ranges of
-plain files, cut at line starts). Each worker process reads its part itself,
-tokenizes it in batches and writes the tokens plus one int32 length per document to
-a part folder, so no token crosses a process boundary. The parts are then assembled
-in input order into one dataset (or one per input file with `--no-merge`). A part
-that finished survives an interrupted run and is reused when the same command runs
+plain files, cut at line starts). Worker processes, forked from the process that loaded
+the tokenizer, each read a part themselves and write its tokens plus one int32 length per
+document to a part folder, so no token crosses a process boundary. The parts are then
+assembled in input order into one dataset (or one per input file with `--no-merge`). A
+part that finished survives an interrupted run and is reused when the same command runs
 again; the part folder is removed once the outputs are complete.
+
+How it is fast: a HuggingFace tokenizer is run by gigatoken (Rust), which reads a clean
+JSONL part and tokenizes it in one call (`_convert_whole`); other parts go line by line
+with Python's json (`_convert_batch`). gigatoken's ids are checked against the reference
+tokenizer (`tokenizers`), which loads and answers in a process of its own: a probe of texts
+and each part's first documents. Any difference makes the run say so and use the reference.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import itertools
 import json
 import math
 import multiprocessing
@@ -43,6 +50,7 @@ BATCH_BYTES = 4 << 20
 MIN_PART_BYTES = 1 << 20
 REFERENCE, GIGATOKEN = "reference", "gigatoken"
 SAMPLE_CHARS = 1 << 13  # of each part's first documents, re-encoded by the reference to check gigatoken
+SAMPLE_LINES = 256  # the documents to check are picked among a part's first lines
 SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
@@ -61,7 +69,7 @@ class Options:
 
 @dataclass(frozen=True)
 class Encoding:
-    """What the main process's tokenizer says, sent with each part (the workers start before it loads)."""
+    """What the loaded tokenizer says (gigatoken's is checked against the reference's), sent with each part."""
 
     eod: int
     vocab_size: int
@@ -268,17 +276,22 @@ def _convert_batch(batch: list[tuple[int, bytes]], part: Part, writer: _PartWrit
 
 
 def _sample(texts, lines) -> list:
-    """The probe texts and the part's first documents, with gigatoken's ids, for the main process
-    to check against the reference tokenizer."""
-    labels, chosen, chars = [], [], 0
-    for row, line in zip(texts, lines):
-        for text in row:
-            chars += len(text)
-            if chars > SAMPLE_CHARS:
-                break
-            labels.append(f"line {line}")
-            chosen.append(text)
-    return _probe_sample() + list(zip(labels, chosen, _worker["encoder"].encode_batch(chosen)))
+    """The probe and the part's first documents, with gigatoken's ids, for the main process to check
+    against the reference tokenizer (the line-by-line path)."""
+    chosen = _fitting((f"line {line}", text) for row, line in zip(texts, lines) for text in row)
+    ids = _worker["encoder"].encode_batch([text for _, text in chosen])
+    return _probe_sample() + [(label, text, list(i)) for (label, text), i in zip(chosen, ids)]
+
+
+def _fitting(candidates) -> list:
+    """The first (label, text, ...) whose texts fit together in SAMPLE_CHARS (longer ones are
+    skipped), among the first SAMPLE_LINES."""
+    chosen, chars = [], 0
+    for candidate in itertools.islice(candidates, SAMPLE_LINES):
+        if chars + len(candidate[1]) <= SAMPLE_CHARS:
+            chosen.append(candidate)
+            chars += len(candidate[1])
+    return chosen
 
 
 def _batches(part: Part):
@@ -404,14 +417,10 @@ def _sample_of_part(part: Part, arrays, key: str) -> list:
     gave: the main process checks both the reading and the tokenizing against the reference."""
     tokens, lengths = arrays
     ends = np.cumsum(lengths)
-    texts, chars = [], 0
-    for line, raw in enumerate(iter_lines(part.path, part.start, part.end), start=1):
-        text = parse_record(raw, part.path, line)[key]
-        chars += len(text)
-        if chars > SAMPLE_CHARS and texts:
-            break
-        texts.append((f"line {line}", text, tokens[ends[line - 1] - lengths[line - 1]:ends[line - 1]].tolist()))
-    return _probe_sample() + texts
+    lines = enumerate(iter_lines(part.path, part.start, part.end), start=1)
+    chosen = _fitting((f"line {line}", parse_record(raw, part.path, line)[key], line) for line, raw in lines)
+    return _probe_sample() + [(label, text, tokens[ends[line - 1] - lengths[line - 1]:ends[line - 1]].tolist())
+                              for label, text, line in chosen]
 
 
 def _probe_sample() -> list:
@@ -778,7 +787,7 @@ def _convert_with(parts, options: Options, workers: int) -> tuple[dict[int, Part
     # started first: the reference loads in its process while gigatoken loads in this one
     checker = _ReferenceProcess(options.tokenizer_type, options.tokenizer_model) if options.backend == GIGATOKEN else None
     try:
-        with _worker_pool(options, min(workers, len(parts))) as pool:
+        with _worker_pool(options, max(1, min(workers, len(parts)))) as pool:
             encoder = _worker["encoder"]
             encoding = Encoding.of(encoder, probe_texts(encoder.json_path) if checker else ())
             reference = checker or encoder
