@@ -55,7 +55,7 @@ class Tokenizer:
 
     def encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """All token ids one after another, and the token count of each text."""
-        return flatten(self.encode_batch(texts))
+        return _flat_lists(self.encode_batch(texts))
 
     def decode(self, ids) -> str:
         raise NotImplementedError
@@ -209,7 +209,7 @@ def added_tokens(json_path: Path) -> list[dict]:
             size *= 8
 
 
-def flatten(ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+def _flat_lists(ids: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
     tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=int(lengths.sum()))
     return tokens, lengths
@@ -224,7 +224,7 @@ class GigatokenEncoder:
         import gigatoken
 
         self.json_path = _tokenizer_json(model_path)
-        self._tokenizer = gigatoken.Tokenizer(str(model_path))
+        self._tokenizer = gigatoken.Tokenizer(str(self.json_path))  # the file: no config-driven lookup
         self.vocab_size = self._tokenizer.vocab_size
         eos = eos_text(self.json_path)
         eos_ids = self.encode_batch([eos])[0] if eos else []
@@ -241,17 +241,17 @@ class GigatokenEncoder:
         return self._tokenizer.encode_batch_list(texts, parallel=False)
 
     def encode_flat(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        return _flat(self._tokenizer.encode_batch(texts, parallel=False))
+        return _flat_awkward(self._tokenizer.encode_batch(texts, parallel=False))
 
     def encode_jsonl(self, path: str, key: str) -> tuple[np.ndarray, np.ndarray]:
         """The `key` text of every line gigatoken's JSON reader accepts (it skips the others, and is
         laxer than Python's json: the caller checks the count and the lines' shape)."""
         import gigatoken
 
-        return _flat(self._tokenizer.encode_files(gigatoken.JsonlFileSource([path], key), parallel=False))
+        return _flat_awkward(self._tokenizer.encode_files(gigatoken.JsonlFileSource([path], key), parallel=False))
 
 
-def _flat(encoded) -> tuple[np.ndarray, np.ndarray]:
+def _flat_awkward(encoded) -> tuple[np.ndarray, np.ndarray]:
     """Tokens (uint32) and per-document counts of gigatoken's awkward array, without copies."""
     offsets = np.asarray(encoded.layout.offsets)
     return np.asarray(encoded.layout.content.data)[offsets[0]:offsets[-1]], np.diff(offsets)
