@@ -52,6 +52,9 @@ REFERENCE, GIGATOKEN = "reference", "gigatoken"
 SAMPLE_CHARS = 1 << 13  # of each part's first documents, re-encoded by the reference to check gigatoken
 SAMPLE_LINES = 256  # the documents to check are picked among a part's first lines
 SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+# Child processes are forked where that is safe (Linux): they start at once, inherit what this
+# process loaded, and a caller's script needs no `if __name__ == "__main__"` guard.
+START_METHOD = "fork" if sys.platform == "linux" else "spawn"
 
 
 @dataclass(frozen=True)
@@ -193,8 +196,8 @@ class _PartWriter:
         """Close every file (on disk for good if `durable`); returns their names and sizes."""
         streams = [*self.tokens.values(), *self.lengths.values(), self.rejects]
         for stream in streams:
-            if durable:
-                stream.flush()
+            stream.flush()
+            if durable and stream.tell():  # an empty file has nothing to lose (its marker says 0 bytes)
                 os.fsync(stream.fileno())
             stream.close()
         return {Path(stream.name).name: os.path.getsize(stream.name) for stream in streams}
@@ -492,10 +495,10 @@ def _worker_pool(options: Options, workers: int):
     _init_worker(options)
     if _worker["encoder"] is None:
         raise GigatokenUnusable(f"it cannot load this tokenizer ({_worker['refused']})")
-    fork = sys.platform == "linux"
+    fork = START_METHOD == "fork"
     # An executor, not multiprocessing.Pool: a worker killed (say by the OOM killer) raises
     # BrokenProcessPool instead of hanging the run forever.
-    executor = ProcessPoolExecutor(workers, multiprocessing.get_context("fork" if fork else "spawn"),
+    executor = ProcessPoolExecutor(workers, multiprocessing.get_context(START_METHOD),
                                    initializer=None if fork else _init_worker, initargs=() if fork else (options,))
     try:
         yield executor
@@ -550,10 +553,10 @@ class _ReferenceProcess:
     core while this process loads gigatoken (each takes about a second for a 150k vocabulary)."""
 
     def __init__(self, tokenizer_type: str, tokenizer_model: str):
-        context = multiprocessing.get_context("spawn")
+        context = multiprocessing.get_context(START_METHOD)
         self._connection, child = context.Pipe()
-        self._process = context.Process(target=_serve_reference, args=(child, tokenizer_type, tokenizer_model),
-                                        daemon=True)
+        self._process = context.Process(target=_serve_reference,
+                                        args=(child, self._connection, tokenizer_type, tokenizer_model), daemon=True)
         self._process.start()
         child.close()
         self._described = None
@@ -588,7 +591,8 @@ class _ReferenceProcess:
             self._process.terminate()
 
 
-def _serve_reference(connection, tokenizer_type: str, tokenizer_model: str) -> None:
+def _serve_reference(connection, asking_end, tokenizer_type: str, tokenizer_model: str) -> None:
+    asking_end.close()  # a forked child holds it too: closed here, the asker's exit ends the loop below
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     try:
         tokenizer = load_tokenizer(tokenizer_type, tokenizer_model)
@@ -620,6 +624,8 @@ def _merge_rejects(parts, stems, results, parts_dir: Path, destination: Path) ->
                                           "reason": record["reason"], "text": record["text"]},
                                          ensure_ascii=False) + "\n")
             lines_before += results[part.index].lines
+        out.flush()
+        os.fsync(out.fileno())
     os.replace(temporary, destination)
 
 
