@@ -123,3 +123,17 @@ def test_bad_tokenizer_flags(golden, tmp_path, tokenizer_type, model, message):
 def test_hf_folder_without_tokenizer_json(golden, tmp_path):
     with pytest.raises(InputError, match="no tokenizer.json"):
         preprocess([str(golden / "golden_input.jsonl")], str(tmp_path / "out"), "HuggingFaceTokenizer", str(tmp_path))
+
+
+def test_a_line_only_gigatoken_accepts_among_the_checked_ones_goes_line_by_line(golden, golden_lines, tmp_path):
+    """gigatoken reads `{"text": "x",}`; Python's json does not. Among the first documents, which are
+    read by both for the check, such a line sends its part line by line, where it is rejected."""
+    path = tmp_path / "input.jsonl"
+    path.write_bytes(b'{"text": "a trailing comma",}\n' + b"".join(golden_lines))
+    summary = preprocess([str(path)], str(tmp_path / "out"), "HuggingFaceTokenizer", str(golden / "qwen_tokenizer"),
+                         append_eod=True, workers=2, skip_bad_lines=True)
+    assert summary["tokenized_with"] == "gigatoken" and summary["parts_read_in_rust"] == 0
+    assert summary["rejected"] == 1 and summary["documents"] == 66
+    for suffix in (".bin", ".idx"):
+        assert (tmp_path / f"out_text_document{suffix}").read_bytes() == (
+            golden / f"megatron_out/qwen_eod_text_document{suffix}").read_bytes()

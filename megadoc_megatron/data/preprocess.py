@@ -346,7 +346,10 @@ def _convert_whole(part: Part, writer: _PartWriter, result: PartResult) -> bool:
     if any(len(lengths) != lines or (len(tokens) and tokens.max() >= _worker["encoding"].vocab_size)
            for tokens, lengths in arrays.values()):
         return False
-    result.sample = _sample_of_part(part, arrays[options.json_keys[0]], options.json_keys[0])
+    try:
+        result.sample = _sample_of_part(part, arrays[options.json_keys[0]], options.json_keys[0])
+    except InputError:  # a line gigatoken read but Python's json refuses: line by line, it is named
+        return False
     for key, (tokens, lengths) in arrays.items():
         writer.write(key, *_with_eod(tokens, lengths))
         result.tokens[key] = int(lengths.sum()) + (int(np.count_nonzero(lengths)) if options.append_eod else 0)
