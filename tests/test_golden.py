@@ -58,6 +58,21 @@ def test_byte_identical_through_an_array_and_a_merge(golden, tmp_path, name):
     assert_same_as_golden(golden, tmp_path / "merged_text_document", name)
 
 
+@pytest.mark.parametrize("blank,in_rust", [(b"\n", True), (b"  \n", False), (b"\r\n", False)])
+def test_blank_lines_skipped_in_rust_when_empty(golden, golden_lines, tmp_path, blank, in_rust):
+    """gigatoken skips empty lines as we do, but stops at a line of whitespace: such a part goes line by line."""
+    lines = list(golden_lines)
+    for at in (0, 30, 31, len(lines)):
+        lines.insert(at, blank)
+    path = tmp_path / "input.jsonl"
+    path.write_bytes(b"".join(lines))
+    summary = preprocess([str(path)], str(tmp_path / "qwen_eod"), "HuggingFaceTokenizer",
+                         str(golden / "qwen_tokenizer"), append_eod=True, workers=2)
+    assert summary["blank_lines"] == 4 and summary["documents"] == 66
+    assert summary["parts_read_in_rust"] == (summary["parts"] if in_rust else 0)
+    assert_same_as_golden(golden, tmp_path / "qwen_eod_text_document", "qwen_eod")
+
+
 @pytest.mark.parametrize("suffix", [".gz", ".zst"])
 def test_compressed_input_through_gigatoken(golden, tmp_path, suffix):
     import gzip

@@ -335,15 +335,17 @@ def _convert_part(job: tuple[Part, str, Encoding]) -> PartResult:
 
 def _convert_whole(part: Part, writer: _PartWriter, result: PartResult) -> bool:
     """The part read and tokenized by gigatoken in Rust, when it is clean JSONL: every line one
-    `{...}` naming each key once, every line read as a document, every id in the vocabulary.
-    Otherwise nothing is written and False comes back (the line-by-line path then names any bad line)."""
+    `{...}` naming each key once (or empty), every such line read as a document, every id in the
+    vocabulary. Otherwise nothing is written and False comes back (the line-by-line path then names
+    any bad line)."""
     options = _worker["options"]
     with _readable_copy(part) as path:
-        lines = _clean_line_count(path, options.json_keys) if path else None
-        if not lines:
+        counts = _clean_line_counts(path, options.json_keys) if path else None
+        if not counts or not counts[0]:
             return False
         arrays = {key: _worker["encoder"].encode_jsonl(path, key) for key in options.json_keys}
-    if any(len(lengths) != lines or (len(tokens) and tokens.max() >= _worker["encoding"].vocab_size)
+    documents, blank_lines = counts
+    if any(len(lengths) != documents or (len(tokens) and tokens.max() >= _worker["encoding"].vocab_size)
            for tokens, lengths in arrays.values()):
         return False
     try:
@@ -353,7 +355,7 @@ def _convert_whole(part: Part, writer: _PartWriter, result: PartResult) -> bool:
     for key, (tokens, lengths) in arrays.items():
         writer.write(key, *_with_eod(tokens, lengths))
         result.tokens[key] = int(lengths.sum()) + (int(np.count_nonzero(lengths)) if options.append_eod else 0)
-    result.lines = result.documents = lines
+    result.documents, result.blank_lines, result.lines = documents, blank_lines, documents + blank_lines
     result.read_in_rust = True
     result.bytes = _input_bytes(part)
     return True
@@ -383,39 +385,45 @@ def _readable_copy(part: Part):
         os.close(copy)
 
 
-def _clean_line_count(path: str, keys) -> int | None:
-    """How many lines the JSONL file holds if each is `{...}` (no blank line) and holds every key
-    exactly once as a quoted string, else None. Blocks end at line ends, so memory stays flat."""
+def _clean_line_counts(path: str, keys) -> tuple[int, int] | None:
+    """(documents, empty lines) of the JSONL file if each line is `{...}` holding every key exactly
+    once as a quoted string, or empty (gigatoken skips those, as we do), else None. Blocks end at
+    line ends, so memory stays flat."""
     patterns = [json.dumps(key).encode() for key in keys]
-    lines, carry = 0, b""
+    documents = empty = 0
+    carry = b""
     with open_binary(path) as stream:
         while True:
             block = stream.read(1 << 24)
             data = carry + block
             cut = len(data) if not block else data.rfind(b"\n") + 1
             if cut:
-                count = _clean_lines(data[:cut], patterns)
-                if count is None:
+                counts = _clean_lines(data[:cut], patterns)
+                if counts is None:
                     return None
-                lines += count
+                documents, empty = documents + counts[0], empty + counts[1]
             carry = data[cut:]
             if not block:
-                return lines
+                return documents, empty
 
 
-def _clean_lines(chunk: bytes, patterns) -> int | None:
+def _clean_lines(chunk: bytes, patterns) -> tuple[int, int] | None:
     array = np.frombuffer(chunk, dtype=np.uint8)
     ends = np.flatnonzero(array == ord("\n"))
     if not chunk.endswith(b"\n"):
         ends = np.append(ends, len(chunk))
     starts = np.concatenate([[0], ends[:-1] + 1])
-    if np.any(ends - starts < 2):
+    filled = ends > starts
+    starts, ends = starts[filled], ends[filled]
+    if np.any(ends - starts < 2):  # a lone character, "\r" among them: whitespace gigatoken stops at
         return None
     last = ends - 1
     last = last - (array[last] == ord("\r"))
     if not ((array[starts] == ord("{")).all() and (array[last] == ord("}")).all()):
         return None
-    return len(starts) if all(chunk.count(pattern) == len(starts) for pattern in patterns) else None
+    if not all(chunk.count(pattern) == len(starts) for pattern in patterns):
+        return None
+    return len(starts), int(np.count_nonzero(~filled))
 
 
 def _sample_of_part(part: Part, arrays, key: str) -> list:
@@ -423,10 +431,12 @@ def _sample_of_part(part: Part, arrays, key: str) -> list:
     gave: the main process checks both the reading and the tokenizing against the reference."""
     tokens, lengths = arrays
     ends = np.cumsum(lengths)
-    lines = enumerate(iter_lines(part.path, part.start, part.end), start=1)
-    chosen = _fitting((f"line {line}", parse_record(raw, part.path, line)[key], line) for line, raw in lines)
-    return _probe_sample() + [(label, text, tokens[ends[line - 1] - lengths[line - 1]:ends[line - 1]].tolist())
-                              for label, text, line in chosen]
+    filled = ((line, raw) for line, raw in enumerate(iter_lines(part.path, part.start, part.end), start=1)
+              if raw.strip())
+    chosen = _fitting((f"line {line}", parse_record(raw, part.path, line)[key], document)
+                      for document, (line, raw) in enumerate(filled))
+    return _probe_sample() + [(label, text, tokens[ends[document] - lengths[document]:ends[document]].tolist())
+                              for label, text, document in chosen]
 
 
 def _probe_sample() -> list:
