@@ -36,9 +36,10 @@ def _temporary(path: Path) -> Path:
     return path.with_name(path.name + ".tmp")
 
 
-def concatenate_files(sources: list[Path], destination: Path) -> None:
-    """destination = the sources, one after another, copied in the kernel where possible."""
-    with open(destination, "wb", buffering=0) as out:
+def concatenate_files(sources: list[Path], destination: Path, append: bool = False) -> None:
+    """destination = (its content, if `append`, then) the sources, one after another, copied in the
+    kernel where possible."""
+    with open(destination, "ab" if append else "wb", buffering=0) as out:
         for source in sources:
             with open(source, "rb", buffering=0) as src:
                 size, copied = os.fstat(src.fileno()).st_size, 0
@@ -125,15 +126,37 @@ def _commit(prefix, write_bin, write_idx) -> None:
         os.close(directory)
 
 
-def commit_dataset(prefix, dtype, token_files: list[Path], length_files: list[Path]) -> None:
-    """Assemble converter parts (token files, int32 document lengths) into `{prefix}.bin/.idx`."""
-    def write_bin(bin_tmp: Path) -> None:
-        if len(token_files) == 1:
-            os.replace(token_files[0], bin_tmp)  # the only part: no copy needed
-        else:
-            concatenate_files(token_files, bin_tmp)
+class DatasetAssembler:
+    """`{prefix}.bin/.idx` from converter parts (token files, int32 document lengths), in order.
 
-    _commit(prefix, write_bin, lambda idx_tmp: write_index(idx_tmp, dtype, length_files))
+    Each part's tokens are appended to the growing `.bin.tmp` (by the kernel, then synced) as soon
+    as it and every part before it are done (`append`), so that joining overlaps converting; `commit`
+    appends the rest, writes the `.idx` and renames. A lone part is moved into place, not copied."""
+
+    def __init__(self, prefix, dtype, token_files: list[Path], length_files: list[Path]):
+        self.prefix, self.dtype = prefix, dtype
+        self.token_files, self.length_files = token_files, length_files
+        self.appended = 0
+        self._bin_tmp = _temporary(dataset_paths(prefix)[0])
+
+    def append(self, ready: int) -> None:
+        """Append the token files of parts [appended, ready): the first `ready` parts are done."""
+        if len(self.token_files) > 1 and ready > self.appended:
+            concatenate_files(self.token_files[self.appended:ready], self._bin_tmp, append=self.appended > 0)
+            _sync(self._bin_tmp)
+            self.appended = ready
+
+    def commit(self) -> None:
+        def write_bin(bin_tmp: Path) -> None:
+            if len(self.token_files) == 1:
+                os.replace(self.token_files[0], bin_tmp)
+            else:
+                concatenate_files(self.token_files[self.appended:], bin_tmp, append=self.appended > 0)
+
+        _commit(self.prefix, write_bin, lambda idx_tmp: write_index(idx_tmp, self.dtype, self.length_files))
+
+    def abort(self) -> None:
+        self._bin_tmp.unlink(missing_ok=True)
 
 
 def merge_datasets(prefixes: list, output_prefix) -> IndexedDatasetView:

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from megadoc_megatron import __version__
-from megadoc_megatron.data.indexed import commit_dataset
+from megadoc_megatron.data.indexed import DatasetAssembler
 from megadoc_megatron.data.tokenizer import (TOKENIZER_TYPES, GigatokenEncoder, load_tokenizer, optimal_dtype, probe_texts,
                                              tokenizer_fingerprint, tokenizer_path)
 from megadoc_megatron.errors import InputError
@@ -527,9 +527,9 @@ def _worker_pool(options: Options, workers: int):
         executor.shutdown(wait=True, cancel_futures=True)
 
 
-def _run_parts(parts, stems, encoding: Encoding, options: Options, pool, reference) -> dict[int, PartResult]:
+def _run_parts(parts, stems, encoding: Encoding, options: Options, pool, reference, assemble) -> dict[int, PartResult]:
     """Convert the parts not already done by an earlier run (gigatoken's checked against the
-    reference as they come); results keyed by part index."""
+    reference as they come; `assemble(results)` after each); results keyed by part index."""
     parts_dir = Path(options.parts_dir)
     results = {part.index: result for part in parts
                if (result := _finished_part(parts_dir, stems[part.index])) is not None}
@@ -545,6 +545,7 @@ def _run_parts(parts, stems, encoding: Encoding, options: Options, pool, referen
 
     tqdm.monitor_interval = 0  # no monitor thread: a later worker pool forks a single-threaded process
     by_index = {part.index: part for part in parts}
+    assemble(results)
     with tqdm(total=sum(map(_input_bytes, todo)), unit="B", unit_scale=True, desc="preprocess", disable=None,
               file=sys.stderr) as bar:
         for future in as_completed(futures):
@@ -557,6 +558,7 @@ def _run_parts(parts, stems, encoding: Encoding, options: Options, pool, referen
                 line = count_lines_before(part.path, part.start) + error.line  # the worker counted from its part
                 raise InputError(error.message, error.path, line, error.fix)
             results[result.index] = result
+            assemble(results)
             bar.update(_input_bytes(part))
     return results
 
@@ -655,16 +657,13 @@ def recorded_tokenizer(prefix):
     return load_tokenizer(recorded["type"], recorded["model"])
 
 
-def _commit_outputs(groups, stems, results, options: Options, tokenizer: dict) -> list[dict]:
-    parts_dir = Path(options.parts_dir)
+def _commit_outputs(groups, assemblers, results, options: Options, tokenizer: dict) -> list[dict]:
     written = []
     for output_prefix, group in groups:
         for key in options.json_keys:
             prefix = f"{output_prefix}_{key}_document"
-            files = [parts_dir / f"{stems[p.index]}.{key}" for p in group]
+            assemblers[output_prefix, key].commit()
             dtype = optimal_dtype(tokenizer["vocab_size"])
-            commit_dataset(prefix, dtype, [Path(f"{f}.tokens") for f in files],
-                           [Path(f"{f}.lengths") for f in files])
             summary = {
                 "prefix": prefix,
                 "documents": sum(results[p.index].documents for p in group),
@@ -728,18 +727,20 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_type: str, token
     # The plan depends on the corpus, --workers and the shard count only: every array task computes the same.
     all_parts = plan_parts(files, workers * (shard[1] if shard else 1), int(max_part_mb * (1 << 20)))
     parts = _shard_parts(all_parts, shard)
-    results, options, tokenizer = _convert(parts, options, workers)  # tokenizer: its description
-    if not sum(r.documents for r in results.values()) and shard is None:
-        shutil.rmtree(parts_dir)  # nothing in it worth resuming from
-        raise InputError("the input holds no documents", ", ".join(map(str, files)),
-                         fix="check the --input paths and --json-keys; blank and rejected lines are not documents")
     if merge:
         groups = [(output_prefix, parts)]
     else:
         width = len(str(len(files) - 1))
         groups = [(f"{output_prefix}_{i:0{width}d}", [p for p in parts if p.file_index == i]) for i in range(len(files))]
+    results, options, tokenizer, assemblers = _convert(parts, groups, options, workers)  # tokenizer: its description
+    if not sum(r.documents for r in results.values()) and shard is None:
+        for assembler in assemblers.values():
+            assembler.abort()
+        shutil.rmtree(parts_dir)  # nothing in it worth resuming from
+        raise InputError("the input holds no documents", ", ".join(map(str, files)),
+                         fix="check the --input paths and --json-keys; blank and rejected lines are not documents")
     stems = _stems(parts, options)
-    datasets = _commit_outputs(groups, stems, results, options, tokenizer)
+    datasets = _commit_outputs(groups, assemblers, results, options, tokenizer)
     rejected = sum(r.rejected for r in results.values())
     rejects_path = Path(f"{output_prefix}_rejected.jsonl")
     if rejected:
@@ -790,31 +791,57 @@ def _stems(parts, options: Options) -> dict[int, str]:
     return {part.index: part.stem(options, fingerprint) for part in parts}
 
 
-def _convert(parts, options: Options, workers: int) -> tuple[dict[int, PartResult], Options, dict]:
-    """Every part converted, gigatoken first where it may serve; also the tokenizer's description."""
+def _convert(parts, groups, options: Options, workers: int):
+    """Every part converted, gigatoken first where it may serve; also the tokenizer's description and
+    the datasets' assemblers (their `.bin` joined as the parts come)."""
     if options.backend == GIGATOKEN:
         try:
-            return _convert_with(parts, options, workers)
+            return _convert_with(parts, groups, options, workers)
         except GigatokenUnusable as why:
             print(f"gigatoken cannot stand in for {options.tokenizer_type} here: {why}. "
                   "Tokenizing with the `tokenizers` package instead (slower).", file=sys.stderr)
             options = replace(options, backend=REFERENCE)
-    return _convert_with(parts, options, workers)
+    return _convert_with(parts, groups, options, workers)
 
 
-def _convert_with(parts, options: Options, workers: int) -> tuple[dict[int, PartResult], Options, dict]:
+def _convert_with(parts, groups, options: Options, workers: int):
     # started first: the reference loads in its process while gigatoken loads in this one
     checker = _ReferenceProcess(options.tokenizer_type, options.tokenizer_model) if options.backend == GIGATOKEN else None
+    assemblers = {}
     try:
         with _worker_pool(options, max(1, min(workers, len(parts)))) as pool:
             encoder = _worker["encoder"]
             encoding = Encoding.of(encoder, probe_texts(encoder.json_path) if checker else ())
             reference = checker or encoder
-            results = _run_parts(parts, _stems(parts, options), encoding, options, pool, reference)
-            return results, options, reference.describe()
+            stems = _stems(parts, options)
+            assemblers = _assemblers(groups, stems, options, encoding.dtype)
+
+            def assemble(results) -> None:
+                for (output_prefix, group), key in itertools.product(groups, options.json_keys):
+                    ready = next((i for i, part in enumerate(group) if part.index not in results), len(group))
+                    assemblers[output_prefix, key].append(ready)
+
+            results = _run_parts(parts, stems, encoding, options, pool, reference, assemble)
+            return results, options, reference.describe(), assemblers
+    except BaseException:
+        for assembler in assemblers.values():
+            assembler.abort()
+        raise
     finally:
         if checker:
             checker.close()
+
+
+def _assemblers(groups, stems, options: Options, dtype: str) -> dict:
+    """One per output dataset: (output prefix, key) -> its DatasetAssembler over the group's parts."""
+    parts_dir = Path(options.parts_dir)
+    assemblers = {}
+    for (output_prefix, group), key in itertools.product(groups, options.json_keys):
+        files = [parts_dir / f"{stems[part.index]}.{key}" for part in group]
+        assemblers[output_prefix, key] = DatasetAssembler(
+            f"{output_prefix}_{key}_document", np.dtype(dtype).type,
+            [Path(f"{f}.tokens") for f in files], [Path(f"{f}.lengths") for f in files])
+    return assemblers
 
 
 def format_summary(summary: dict) -> str:
