@@ -775,7 +775,7 @@ def _check_shard(workers: int, shard, merge: bool) -> None:
     index, count = shard
     if not 0 <= index < count:
         raise InputError(f"--shard {index}/{count}: the task index must be in [0, {count})",
-                         fix="pass --shard $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT with --array=0-(N-1)")
+                         fix="pass --shard $SLURM_ARRAY_TASK_ID/N from a job submitted with --array=0-(N-1)")
     if not merge:
         raise InputError("--shard and --no-merge do not go together",
                          fix="--no-merge already writes one dataset per input file: give each task its own files")
@@ -881,8 +881,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     proc.add_argument("--no-gigatoken", dest="fast_tokenizer", action="store_false",
                       help="tokenize with tokenizers only (by default gigatoken does, where it gives the same ids)")
     proc.add_argument("--shard", type=_shard_argument, metavar="I/N",
-                      help="be task I of an array of N (0-based, e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_COUNT): "
-                           "convert that share into PREFIX_shardIofN; join the shards with `megadoc merge`")
+                      help="be task I of an array of N (0-based, e.g. $SLURM_ARRAY_TASK_ID/16; N stays the array's "
+                           "size when one task is rerun): convert that share into PREFIX_shardIofN; join the shards "
+                           "with `megadoc merge`")
     out = parser.add_argument_group("output data")
     out.add_argument("--output-prefix", required=True, help="outputs are PREFIX_{key}_document.bin/.idx")
     out.add_argument("--no-merge", dest="merge", action="store_false",
