@@ -141,3 +141,23 @@ def test_array_tasks_beyond_the_parts_write_empty_shards_that_merge(golden, tmp_
         assert summary["documents"] in (0, 66)
     merge([str(tmp_path / "out_shard*of00003_text_document.idx")], str(tmp_path / "out_text_document"))
     assert same_as_golden(golden, tmp_path / "out")
+
+
+def test_merge_checks_before_it_writes(golden, tmp_path, spm_model):
+    import shutil
+
+    from megadoc_megatron.data.merge import merge
+
+    empty = tmp_path / "empty_shard00001of00003_text_document"
+    convert_golden(golden, tmp_path / "empty", spm_model, shard=(1, 3))  # a task with no part: an empty shard
+    with pytest.raises(InputError, match="hold no documents"):
+        merge([str(empty)], str(tmp_path / "none_text_document"))
+    sides = []
+    for name, fingerprint in (("a", "0" * 16), ("b", "1" * 16)):  # the same tokens, sidecars naming two tokenizers
+        for suffix in (".bin", ".idx"):
+            shutil.copy(golden / f"megatron_out/spm_eod_text_document{suffix}", tmp_path / f"{name}{suffix}")
+        (tmp_path / f"{name}.json").write_text(json.dumps({"tokenizer": {"fingerprint": fingerprint}, "inputs": []}))
+        sides.append(str(tmp_path / name))
+    with pytest.raises(InputError, match="different tokenizers"):
+        merge(sides, str(tmp_path / "mixed_text_document"))
+    assert not list(tmp_path.glob("none_*")) and not list(tmp_path.glob("mixed_*"))

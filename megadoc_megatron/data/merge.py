@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 
 from megadoc_megatron import __version__
-from megadoc_megatron.data.indexed import merge_datasets
+from megadoc_megatron.data.indexed import merge_datasets, read_index
 from megadoc_megatron.data.preprocess import metadata_path
 from megadoc_megatron.errors import InputError
 from megadoc_megatron.records import write_text_atomic
@@ -20,8 +20,10 @@ def dataset_prefixes(inputs: list[str]) -> list[str]:
     """Prefixes named directly, or by globs of `.idx` files (sorted), in the order given."""
     prefixes: list[str] = []
     for item in inputs:
-        found = sorted(glob.glob(item)) if glob.has_magic(item) else [item]
-        found = [path.removesuffix(".idx").removesuffix(".bin") for path in found if not path.endswith(".bin")]
+        if glob.has_magic(item):
+            found = [path.removesuffix(".idx") for path in sorted(glob.glob(item)) if path.endswith(".idx")]
+        else:
+            found = [item.removesuffix(".idx").removesuffix(".bin")]
         if not found:
             raise InputError("no dataset matches", item, fix="pass prefixes or a glob of .idx files")
         prefixes.extend(found)
@@ -31,30 +33,31 @@ def dataset_prefixes(inputs: list[str]) -> list[str]:
     return prefixes
 
 
-def merged_metadata(prefixes: list[str], output_prefix: str, view) -> dict | None:
-    """The sidecar of the merged dataset, when every input has one; its tokenizer must be the same."""
-    sidecars = [metadata_path(p) for p in prefixes]
-    if not all(path.is_file() for path in sidecars):
+def sidecars_of(prefixes: list[str]) -> list[dict] | None:
+    """The inputs' sidecars, when every input has one; they must name one tokenizer."""
+    paths = [metadata_path(p) for p in prefixes]
+    if not all(path.is_file() for path in paths):
         return None
-    records = [json.loads(path.read_text()) for path in sidecars]
-    fingerprints = {r["tokenizer"]["fingerprint"] for r in records}
-    if len(fingerprints) > 1:
-        raise InputError("the datasets were made with different tokenizers", ", ".join(map(str, sidecars)),
+    records = [json.loads(path.read_text()) for path in paths]
+    if len({r["tokenizer"]["fingerprint"] for r in records}) > 1:
+        raise InputError("the datasets were made with different tokenizers", ", ".join(map(str, paths)),
                          fix="merge datasets made with one tokenizer")
-    return {**records[0], "prefix": str(output_prefix), "documents": view.num_documents, "tokens": view.num_tokens,
-            "inputs": sorted({i for r in records for i in r["inputs"]}), "merged_from": [str(p) for p in prefixes],
-            "created_by": f"megadoc-megatron {__version__}"}
+    return records
 
 
 def merge(inputs: list[str], output_prefix: str) -> dict:
+    """Checked before anything is written: the inputs hold documents and one tokenizer."""
     prefixes = dataset_prefixes(inputs)
+    if not sum(read_index(prefix).num_documents for prefix in prefixes):
+        raise InputError("the datasets hold no documents", ", ".join(prefixes),
+                         fix="check that the conversion found the input")
+    records = sidecars_of(prefixes)
     Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
     view = merge_datasets(prefixes, output_prefix)
-    if not view.num_documents:
-        raise InputError("the merged datasets hold no documents", ", ".join(prefixes),
-                         fix="check that the conversion found the input")
-    metadata = merged_metadata(prefixes, output_prefix, view)
-    if metadata is not None:
+    if records is not None:
+        metadata = {**records[0], "prefix": str(output_prefix), "documents": view.num_documents,
+                    "tokens": view.num_tokens, "inputs": sorted({i for r in records for i in r["inputs"]}),
+                    "merged_from": [str(p) for p in prefixes], "created_by": f"megadoc-megatron {__version__}"}
         write_text_atomic(metadata_path(output_prefix), json.dumps(metadata, indent=2) + "\n")
     return {"prefix": str(output_prefix), "inputs": len(prefixes), "documents": view.num_documents,
             "tokens": view.num_tokens}

@@ -529,7 +529,7 @@ def _worker_pool(options: Options, workers: int):
 
 def _run_parts(parts, stems, encoding: Encoding, options: Options, pool, reference, assemble) -> dict[int, PartResult]:
     """Convert the parts not already done by an earlier run (gigatoken's checked against the
-    reference as they come; `assemble(results)` after each); results keyed by part index."""
+    reference as they come; `assemble(results, indices)` once they are in); results keyed by part index."""
     parts_dir = Path(options.parts_dir)
     results = {part.index: result for part in parts
                if (result := _finished_part(parts_dir, stems[part.index])) is not None}
@@ -545,7 +545,7 @@ def _run_parts(parts, stems, encoding: Encoding, options: Options, pool, referen
 
     tqdm.monitor_interval = 0  # no monitor thread: a later worker pool forks a single-threaded process
     by_index = {part.index: part for part in parts}
-    assemble(results)
+    assemble(results, list(results))
     with tqdm(total=sum(map(_input_bytes, todo)), unit="B", unit_scale=True, desc="preprocess", disable=None,
               file=sys.stderr) as bar:
         for future in as_completed(futures):
@@ -558,7 +558,7 @@ def _run_parts(parts, stems, encoding: Encoding, options: Options, pool, referen
                 line = count_lines_before(part.path, part.start) + error.line  # the worker counted from its part
                 raise InputError(error.message, error.path, line, error.fix)
             results[result.index] = result
-            assemble(results)
+            assemble(results, [result.index])
             bar.update(_input_bytes(part))
     return results
 
@@ -624,7 +624,7 @@ def _serve_reference(connection, asking_end, tokenizer_type: str, tokenizer_mode
             connection.send(tokenizer.describe() if kind == "describe" else tokenizer.encode_batch(*args))
 
 
-def _merge_rejects(parts, stems, results, parts_dir: Path, destination: Path) -> None:
+def _merge_rejects(parts, results, parts_dir: Path, destination: Path) -> None:
     """One rejects file for the whole run, with line numbers counted from the start of each input file."""
     temporary = destination.with_name(destination.name + ".tmp")
     lines_before, previous_path = 0, None
@@ -632,7 +632,7 @@ def _merge_rejects(parts, stems, results, parts_dir: Path, destination: Path) ->
         for part in parts:  # in input order, so the lines of earlier parts of a file are known
             if part.path != previous_path:  # an array task may start inside a file
                 lines_before, previous_path = count_lines_before(part.path, part.start), part.path
-            with open(parts_dir / f"{stems[part.index]}.rejects.jsonl", encoding="utf-8") as rejects:
+            with open(parts_dir / f"{results[part.index].stem}.rejects.jsonl", encoding="utf-8") as rejects:
                 for row in rejects:
                     record = json.loads(row)
                     out.write(json.dumps({"file": part.path, "line": record["line"] + lines_before,
@@ -739,12 +739,11 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_type: str, token
         shutil.rmtree(parts_dir)  # nothing in it worth resuming from
         raise InputError("the input holds no documents", ", ".join(map(str, files)),
                          fix="check the --input paths and --json-keys; blank and rejected lines are not documents")
-    stems = _stems(parts, options)
     datasets = _commit_outputs(groups, assemblers, results, options, tokenizer)
     rejected = sum(r.rejected for r in results.values())
     rejects_path = Path(f"{output_prefix}_rejected.jsonl")
     if rejected:
-        _merge_rejects(parts, stems, results, parts_dir, rejects_path)
+        _merge_rejects(parts, results, parts_dir, rejects_path)
     else:
         rejects_path.unlink(missing_ok=True)  # from an earlier run of the same prefix
     shutil.rmtree(parts_dir)
@@ -816,10 +815,17 @@ def _convert_with(parts, groups, options: Options, workers: int):
             stems = _stems(parts, options)
             assemblers = _assemblers(groups, stems, options, encoding.dtype)
 
-            def assemble(results) -> None:
-                for (output_prefix, group), key in itertools.product(groups, options.json_keys):
-                    ready = next((i for i, part in enumerate(group) if part.index not in results), len(group))
-                    assemblers[output_prefix, key].append(ready)
+            group_of = {part.index: (output_prefix, group) for output_prefix, group in groups for part in group}
+
+            def assemble(results, indices) -> None:
+                """Join, in the groups of the parts just finished, every part now ready in order."""
+                for output_prefix, group in {group_of[i][0]: group_of[i] for i in indices}.values():
+                    for key in options.json_keys:
+                        assembler = assemblers[output_prefix, key]
+                        ready = assembler.appended
+                        while ready < len(group) and group[ready].index in results:
+                            ready += 1
+                        assembler.append(ready)
 
             results = _run_parts(parts, stems, encoding, options, pool, reference, assemble)
             return results, options, reference.describe(), assemblers
