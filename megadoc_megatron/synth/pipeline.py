@@ -2,9 +2,12 @@
 
 Documents are numbered in input order and grouped into shards of `docs_per_shard`; shard k belongs
 to task k % task_count, so a SLURM array of any size covers the corpus and the output does not
-depend on the number of tasks. A shard is written to `shard-K.jsonl.partial` (and its rejects to
-`shard-K.rejected.jsonl.partial`) one block of pairs at a time, and renamed when complete. A rerun
-skips complete shards and continues a partial one after the (document, generation) pairs it holds.
+depend on the number of tasks. The requests of all of a task's shards stream through the backend,
+which keeps its engine full. A pair's record is appended to `shard-K.jsonl.partial` (its rejects to
+`shard-K.rejected.jsonl.partial`) once all its requests are done, synced every `sync_seconds`
+(a kill loses at most that much generation); when a shard's last pair is done its files are sorted into input order and renamed.
+A rerun skips complete shards and continues a partial one after the (document, generation) pairs
+it holds; what was written is never generated again.
 """
 
 from __future__ import annotations
@@ -190,12 +193,14 @@ class Shard:
                 out.flush()
                 os.fsync(out.fileno())
 
-    def finish(self) -> None:
+    def finish(self, position: dict[str, int]) -> None:
+        """Sort the records into input order (completions arrive in any order) and mark the shard done."""
         for path in (self.rejected, self.accepted):  # the accepted file last: its name marks the shard complete
             partial = self.partial(path)
-            if not partial.exists():
-                partial.touch()
-            os.replace(partial, path)
+            records = _complete_records(partial) if partial.exists() else []
+            records.sort(key=lambda r: (position[r["source_id"]], r["index"]))
+            write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+            partial.unlink(missing_ok=True)
 
 
 def _complete_records(path: Path) -> list[dict]:
@@ -222,6 +227,7 @@ class Throughput:
     pairs: int = 0
     requests: int = 0
     generated_tokens: int = 0
+    rejected: int = 0
 
     def as_dict(self) -> dict:
         wall = time.perf_counter() - self.started
@@ -231,16 +237,41 @@ class Throughput:
                 "generated_tokens_per_second": round(self.generated_tokens / wall, 2) if wall else 0.0}
 
 
+@dataclass(eq=False)
+class ShardWork:
+    """A shard being generated: records waiting to be written, and pairs not yet done."""
+    shard: Shard
+    position: dict[str, int]             # document id -> its place in the shard, for the final order
+    accepted: list = field(default_factory=list)
+    rejected: list = field(default_factory=list)
+    running: int = 0                     # pairs submitted and not yet done
+    planned: bool = False                # every pair of the shard submitted
+
+
+@dataclass(eq=False)
+class PairWork:
+    shard: ShardWork
+    pair: Pair
+    completions: list
+
+    @property
+    def done(self) -> bool:
+        return all(c is not None for c in self.completions)
+
+
 class Synthesizer:
     def __init__(self, config: SynthConfig, make_backend, tokenizer, output: Path, task_index: int = 0,
-                 task_count: int = 1, block_size: int = 32, progress: bool = True):
+                 task_count: int = 1, progress: bool = True, sync_seconds: float = 2.0):
         """`make_backend()` is called once there is work to do: bad input fails before a model loads."""
         if not 0 <= task_index < task_count:
             raise InputError(f"task index {task_index} is not in [0, {task_count})", fix="pass --task-index < --task-count")
         self.config, self.make_backend, self.backend, self.output = config, make_backend, None, Path(output)
         self.planner = Planner(config, tokenizer)
-        self.task_index, self.task_count, self.block_size, self.progress = task_index, task_count, block_size, progress
+        self.task_index, self.task_count, self.progress = task_index, task_count, progress
+        self.sync_seconds = sync_seconds
         self.throughput = Throughput()
+        self._unwritten: list[ShardWork] = []
+        self._flushed = time.monotonic()
 
     def owns(self, shard: int) -> bool:
         return shard % self.task_count == self.task_index
@@ -253,11 +284,13 @@ class Synthesizer:
         todo = {n for n in range(math.ceil(documents / per_shard)) if self.owns(n) and not Shard(self.output, n).complete()}
         if todo and self.backend is None:
             self.backend = self.make_backend()
-        bar = self._progress_bar(sum(min(per_shard, documents - n * per_shard) for n in todo) * self.config.generations)
-        for number, group in itertools.groupby(enumerate(self._documents(inputs)), key=lambda d: d[0] // per_shard):
-            if number in todo:  # one shard's documents in memory at a time
-                self._shard(number, [document for _, document in group], bar)
-        bar.close()
+        self.bar = self._progress_bar(sum(min(per_shard, documents - n * per_shard) for n in todo) * self.config.generations)
+        for (work, part), completion in self.backend.stream(self._requests(inputs, todo), self.config.sampling) \
+                if todo else ():
+            work.completions[part] = completion
+            if work.done:
+                self._pair_done(work)
+        self.bar.close()
         summary = self.summary(documents)
         name = "summary.json" if self.task_count == 1 else f"summary.task-{self.task_index:05d}.json"
         write_text_atomic(self.output / name, json.dumps(summary, indent=2) + "\n")
@@ -284,38 +317,61 @@ class Synthesizer:
         return tqdm(total=total, unit="gen", desc=f"synth {self.config.operation}", disable=not self.progress,
                     dynamic_ncols=True, mininterval=1 if sys.stderr.isatty() else 60)  # batch logs: a line a minute
 
-    def _shard(self, number: int, documents: list[tuple[str, str]], bar) -> None:
-        shard = Shard(self.output, number)
-        done = shard.done_pairs()
-        bar.update(len(done))
-        pending: list[Pair] = []
-        for document_id, text in documents:
-            pending += [p for p in self.planner.pairs(document_id, text) if (p.source_id, p.index) not in done]
-            self.throughput.documents += 1
-            while len(pending) >= self.block_size:
-                self._block(shard, pending[:self.block_size], bar)
-                pending = pending[self.block_size:]
-        if pending:
-            self._block(shard, pending, bar)
-        shard.finish()
+    def _requests(self, inputs: list[Path], todo: set[int]) -> Iterator[tuple[tuple[PairWork, int], Request]]:
+        """The requests of every pair still to do, shard after shard (one shard's documents in memory at
+        a time); the backend pulls them as it has room."""
+        per_shard = self.config.docs_per_shard
+        for number, group in itertools.groupby(enumerate(self._documents(inputs)), key=lambda d: d[0] // per_shard):
+            if number not in todo:
+                continue
+            documents = [document for _, document in group]
+            shard = ShardWork(Shard(self.output, number), {d: i for i, (d, _) in enumerate(documents)})
+            done = shard.shard.done_pairs()
+            self.bar.update(len(done))
+            for document_id, text in documents:
+                for pair in self.planner.pairs(document_id, text):
+                    if (pair.source_id, pair.index) in done:
+                        continue
+                    work, shard.running = PairWork(shard, pair, [None] * len(pair.requests)), shard.running + 1
+                    if not pair.requests:  # nothing to generate (an unsplittable document)
+                        self._pair_done(work)
+                    yield from (((work, part), request) for part, request in enumerate(pair.requests))
+                self.throughput.documents += 1
+            shard.planned = True
+            self._finish_if_done(shard)
 
-    def _block(self, shard: Shard, pairs: list[Pair], bar) -> None:
-        requests = [r for p in pairs for r in p.requests]
-        completions = iter(self.backend.generate(requests, self.config.sampling)) if requests else iter(())
-        accepted, rejected = [], []
-        for pair in pairs:
-            record, reason = self._record(pair, [next(completions) for _ in pair.requests])
-            if reason is None:
-                accepted.append(record)
-            else:
-                rejected.append({**record, "reject_reason": reason})
-        shard.append(accepted, rejected)
-        self.throughput.pairs += len(pairs)
-        self.throughput.requests += len(requests)
-        bar.update(len(pairs))
+    def _pair_done(self, work: PairWork) -> None:
+        shard = work.shard
+        record, reason = self._record(work.pair, work.completions)
+        if reason is None:
+            shard.accepted.append(record)
+        else:
+            shard.rejected.append({**record, "reject_reason": reason})
+            self.throughput.rejected += 1
+        if shard not in self._unwritten:
+            self._unwritten.append(shard)
+        shard.running -= 1
+        self.throughput.pairs += 1
+        self.throughput.requests += len(work.pair.requests)
+        self._finish_if_done(shard)
+        if time.monotonic() - self._flushed >= self.sync_seconds:
+            self._flush()
+        self.bar.update(1)
         rates = self.throughput.as_dict()
-        bar.set_postfix(docs_s=f"{rates['documents_per_second']:.2f}", tok_s=f"{rates['generated_tokens_per_second']:.0f}",
-                        rejected=len(rejected), refresh=False)
+        self.bar.set_postfix(docs_s=f"{rates['documents_per_second']:.2f}", tok_s=f"{rates['generated_tokens_per_second']:.0f}",
+                             rejected=self.throughput.rejected, refresh=False)
+
+    def _flush(self) -> None:
+        """Append (and sync) the records of the pairs done since the last flush."""
+        for shard in self._unwritten:
+            shard.shard.append(shard.accepted, shard.rejected)
+            shard.accepted, shard.rejected = [], []
+        self._unwritten, self._flushed = [], time.monotonic()
+
+    def _finish_if_done(self, shard: ShardWork) -> None:
+        if shard.planned and shard.running == 0:
+            self._flush()
+            shard.shard.finish(shard.position)
 
     def _record(self, pair: Pair, completions: list[Completion]) -> tuple[dict, str | None]:
         text = "\n\n".join(c.text for c in completions)
