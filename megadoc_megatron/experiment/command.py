@@ -24,15 +24,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override a config field, e.g. --set work_dir=/scratch/run1 (repeatable)")
     parser.add_argument("--recipes", nargs="+", metavar="NAME", help="run only these recipes (and what they need)")
     parser.add_argument("--no-report", dest="report", action="store_false", help="stop before the report")
-    parser.add_argument("--dry-run", action="store_true", help="print each stage, whether it is done, and its commands")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print each stage, whether it is done, and its commands, then what each synth and "
+                             "train stage costs in GPU-hours")
+    cost = parser.add_argument_group("cost (with --dry-run)")
+    cost.add_argument("--tokens-per-second", type=float, metavar="X",
+                      help="generation: output tokens/s per GPU of the generator (none: token counts only)")
+    cost.add_argument("--mfu", type=float, default=0.4, help="training: model FLOPs utilization (default 0.4)")
+    cost.add_argument("--gpu-tflops", type=float, default=989.0,
+                      help="training: peak TFLOP/s per GPU (default 989, H100 SXM dense BF16)")
 
 
 def _duration(seconds: float) -> str:
     return f"{int(seconds // 60)}m{seconds % 60:04.1f}s" if seconds >= 60 else f"{seconds:.1f}s"
 
 
-def run_experiment(experiment, report: bool = True, dry_run: bool = False) -> dict:
-    """Run (or, dry, describe) the stages; returns {stage name: 'cached' | 'ran' | 'to run' | 'done'}."""
+def run_experiment(experiment, report: bool = True, dry_run: bool = False, cost: dict | None = None) -> dict:
+    """Run (or, dry, describe and cost: `cost` holds experiment_costs' options) the stages; returns
+    {stage name: 'cached' | 'ran' | 'to run' | 'done'}."""
     from megadoc_megatron.experiment.plan import build_graph
     from megadoc_megatron.experiment.stages import point_link, run_stage
 
@@ -57,7 +66,11 @@ def run_experiment(experiment, report: bool = True, dry_run: bool = False) -> di
         status[stage.name] = run_stage(stage)
         if status[stage.name] == "ran":
             print(f"[{number}/{len(stages)}] {stage.name:<28} done in {_duration(time.time() - start)}", flush=True)
-    if not dry_run:
+    if dry_run:
+        from megadoc_megatron.experiment.cost import experiment_costs, format_costs
+
+        print(format_costs(experiment_costs(experiment, plan, **(cost or {}))), flush=True)
+    else:
         for name, train in plan.trains.items():
             point_link(work / "runs" / name, train.folder)
             if (train.folder / "lineage.json").is_file():
@@ -115,4 +128,5 @@ def run(args: argparse.Namespace) -> dict:
     from megadoc_megatron.experiment.config import load_experiment
 
     experiment = select_recipes(load_experiment(Path(args.config), args.overrides), args.recipes)
-    return run_experiment(experiment, args.report, args.dry_run)
+    cost = {"tokens_per_second": args.tokens_per_second, "mfu": args.mfu, "gpu_tflops": args.gpu_tflops}
+    return run_experiment(experiment, args.report, args.dry_run, cost)

@@ -84,7 +84,8 @@ class Plan:
     eval_name: str               # the name of the evaluation results (`megadoc eval --name`)
 
 
-GENERATOR_RESERVED = {"input", "output", "generations", "id_key", "text_key", "task_index", "task_count"}
+GENERATOR_RESERVED = {"input", "output", "generations", "id_key", "text_key", "task_index", "task_count",
+                      "plan", "tokens_per_second", "calibrate"}  # cost flags: `megadoc run --dry-run` prices stages
 
 
 class Planner:
