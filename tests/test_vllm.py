@@ -96,6 +96,17 @@ def test_seeds_decide_the_text(engine):
     assert same[0].text == same[1].text != same[2].text
 
 
+def test_engine_seeding_leaves_requests_unseeded(engine):
+    messages = BUILTIN["wikipedia"].render(document=DOCUMENTS[1][1])
+    engine.seeding = "engine"
+    try:
+        assert engine._params(Request(messages, 5), Sampling()).seed is None
+        completions = generate(engine, [Request(messages, 5), Request(messages, 6)], Sampling(1.0, 1.0, 8))
+    finally:
+        engine.seeding = "request"
+    assert all(c.text and c.completion_tokens > 0 for c in completions)
+
+
 def test_rationales_sit_at_split_points(engine, tmp_path):
     corpus = write_corpus(tmp_path / "docs.jsonl", DOCUMENTS[:2])
     synthesize(engine, corpus, tmp_path / "out", config("rationale", sampling=Sampling(1.0, 1.0, 16)))

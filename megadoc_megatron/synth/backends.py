@@ -247,10 +247,13 @@ class VLLMBackend:
     def stream(self, keyed_requests: KeyedRequests, sampling: Sampling) -> Iterator[tuple[Hashable, Completion]]:
         engine, source, running = self.llm.llm_engine, iter(keyed_requests), {}
         while True:
-            for key, request in itertools.islice(source, self.max_in_flight - len(running)):
+            # The engine core steps on its own as soon as a request arrives: prepare every new request
+            # first, then add them back to back, so that they start in one batch (as LLM.generate does).
+            new = [(key, chat_token_ids(self.tokenizer, request.messages), self._params(request, sampling))
+                   for key, request in itertools.islice(source, self.max_in_flight - len(running))]
+            for key, prompt, params in new:
                 request_id = str(next(self._request_ids))
-                engine.add_request(request_id, {"prompt_token_ids": chat_token_ids(self.tokenizer, request.messages)},
-                                   self._params(request, sampling))
+                engine.add_request(request_id, {"prompt_token_ids": prompt}, params)
                 running[request_id] = key
             if not running:
                 return
@@ -260,9 +263,12 @@ class VLLMBackend:
 
     def _params(self, request: Request, sampling: Sampling):
         from vllm import SamplingParams
+        from vllm.sampling_params import RequestOutputKind
 
+        # FINAL_ONLY: no partial output per step (each would be detokenized and sent back), as LLM.generate does
         return SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_new_tokens,
-                              seed=request.seed if self.seeding == "request" else None)
+                              seed=request.seed if self.seeding == "request" else None,
+                              output_kind=RequestOutputKind.FINAL_ONLY)
 
 
 def cpu_seeded_settings(max_model_len: int | None, max_num_batched_tokens: int | None) -> dict:

@@ -285,11 +285,14 @@ class Synthesizer:
         if todo and self.backend is None:
             self.backend = self.make_backend()
         self.bar = self._progress_bar(sum(min(per_shard, documents - n * per_shard) for n in todo) * self.config.generations)
-        for (work, part), completion in self.backend.stream(self._requests(inputs, todo), self.config.sampling) \
-                if todo else ():
-            work.completions[part] = completion
-            if work.done:
-                self._pair_done(work)
+        try:
+            for (work, part), completion in self.backend.stream(self._requests(inputs, todo), self.config.sampling) \
+                    if todo else ():
+                work.completions[part] = completion
+                if work.done:
+                    self._pair_done(work)
+        finally:
+            self._flush()  # a failing backend keeps what finished before it failed
         self.bar.close()
         summary = self.summary(documents)
         name = "summary.json" if self.task_count == 1 else f"summary.task-{self.task_index:05d}.json"
