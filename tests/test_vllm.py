@@ -16,7 +16,7 @@ from collections import Counter
 
 import pytest
 
-from megadoc_megatron.synth.backends import Request, Sampling, chat_token_ids, generate
+from megadoc_megatron.synth.backends import Request, Sampling, chat_token_ids, generate, load_chat_tokenizer
 from megadoc_megatron.synth.default_model import DEFAULT_MODEL, default_model_dir
 from megadoc_megatron.synth.gates import Gates
 from megadoc_megatron.synth.pipeline import SynthConfig, derive_seed, run_synthesis
@@ -147,3 +147,36 @@ def test_killed_run_resumes_without_duplicates_or_losses(tmp_path):
     assert all(after[k]["text"] == r["text"] for k, r in before.items())  # what was written is never regenerated
     assert not list(output.glob("*.partial"))
 
+
+
+def test_openai_backend_against_a_vllm_server(tmp_path):
+    """The openai backend, streaming into a real `vllm serve`. On CPU the server, like our backend,
+    needs whole-prompt prefill for seeded requests."""
+    pytest.importorskip("openai")
+    from megadoc_megatron.train.distributed import free_port
+
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(default_model_dir()),
+                               "--served-model-name", "smollm2", "--port", str(port), "--max-model-len", str(WINDOW),
+                               "--dtype", "float32", "--enforce-eager", "--gpu-memory-utilization", "0.15",
+                               "--no-enable-chunked-prefill", "--max-num-batched-tokens", str(WINDOW)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        corpus = write_corpus(tmp_path / "docs.jsonl", DOCUMENTS[:2])
+        command = [sys.executable, "-m", "megadoc_megatron.cli", "synth", "rephrase", "--input", str(corpus),
+                   "--output", str(tmp_path / "out"), "-G", "2", "--max-new-tokens", "16", "--allow-truncated",
+                   "--min-tokens", "1", "--min-length-ratio", "0", "--window", str(WINDOW), "--no-progress",
+                   "--backend", "openai", "--model", "smollm2", "--tokenizer", str(default_model_dir()),
+                   "--base-url", f"http://127.0.0.1:{port}/v1", "--max-concurrency", "3", "--max-retries", "30"]
+        result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stderr[-3000:]
+        records = by_pair(all_records(tmp_path / "out"))
+        assert set(records) == {(d, i) for d in ("eiffel", "photosynthesis") for i in (0, 1)}
+        expected = chat_token_ids(load_chat_tokenizer(str(default_model_dir())),
+                                  BUILTIN["wikipedia"].render(document=DOCUMENTS[0][1]))
+        assert records[("eiffel", 0)]["prompt_tokens"] == len(expected)  # the server's usage, as we count it
+        assert all(r["generator"]["backend"] == "openai" and r["text"] and 0 < r["completion_tokens"] <= 16
+                   for r in records.values())
+    finally:
+        os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
