@@ -5,9 +5,9 @@ to task k % task_count, so a SLURM array of any size covers the corpus and the o
 depend on the number of tasks. The requests of all of a task's shards stream through the backend,
 which keeps its engine full. A pair's record is appended to `shard-K.jsonl.partial` (its rejects to
 `shard-K.rejected.jsonl.partial`) once all its requests are done, synced every `sync_seconds`
-(a kill loses at most that much generation); when a shard's last pair is done its files are sorted into input order and renamed.
-A rerun skips complete shards and continues a partial one after the (document, generation) pairs
-it holds; what was written is never generated again.
+(a kill loses at most that much generation); when a shard's last pair is done, its files are
+sorted into input order and renamed. A rerun skips complete shards and continues a partial one
+after the (document, generation) pairs it holds; what was written is never generated again.
 """
 
 from __future__ import annotations
