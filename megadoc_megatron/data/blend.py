@@ -107,6 +107,11 @@ def samples_for_epochs(tokens: int, epochs: int, sequence_length: int) -> int:
     return (epochs * tokens - 1) // sequence_length
 
 
+def iterations_for_real_samples(real_samples: int, synthetic_weight: float, global_batch_size: int) -> int:
+    """Whole batches in which the real samples make a share 1 - w of the draws."""
+    return math.ceil(real_samples / ((1 - synthetic_weight) * global_batch_size))
+
+
 def final_epoch_is_separate(train_tokens: int, full_passes: int, requested: int, sequence_length: int) -> bool:
     """Whether GPTDataset, asked for `requested` samples (built with the surplus), shuffles the samples
     after the `full_passes` samples of the whole epochs apart from them."""
@@ -197,8 +202,7 @@ def _weigh_for_epochs(real: list[BlendDataset], synthetic_weight: float, epochs:
                       global_batch_size: int) -> int:
     """Weights of the real datasets such that megatron-core draws exactly E passes; the train samples."""
     real_samples = [samples_for_epochs(d.train_tokens, epochs, sequence_length) for d in real]
-    train_iters = math.ceil(sum(real_samples) / ((1 - synthetic_weight) * global_batch_size))
-    train_samples = train_iters * global_batch_size
+    train_samples = iterations_for_real_samples(sum(real_samples), synthetic_weight, global_batch_size) * global_batch_size
     for dataset, samples in zip(real, real_samples):
         # Half a sample below the target: ceil() gives the target despite float rounding.
         dataset.weight = (samples - 0.5) / train_samples

@@ -43,19 +43,12 @@ def model_shape(model) -> SimpleNamespace:
 
 
 def parameter_counts(model, vocab_size: int) -> dict:
-    """Parameters of the Llama-style GPT (RMSNorm, SwiGLU, GQA, untied embeddings, no biases), as
-    megatron-core builds it: total, non-embedding and embedding (input and output)."""
-    from megadoc_megatron.model.presets import padded_vocab_size
+    """Parameters of the GPT megatron-core builds: total, non-embedding and embedding (input and output)."""
+    from megadoc_megatron.model.presets import padded_vocab_size, parameter_count
 
-    shape = model_shape(model)
-    hidden, heads = shape.hidden_size, shape.num_attention_heads
-    kv_channels = shape.kv_channels or hidden // heads
-    query, key_value = kv_channels * heads, kv_channels * (shape.num_query_groups or heads)
-    attention = hidden * (query + 2 * key_value) + query * hidden
-    mlp = (3 if shape.gated_linear_unit else 2) * hidden * shape.ffn_hidden_size
-    body = shape.num_layers * (attention + mlp + 2 * hidden) + hidden  # two norms per layer, the final norm
-    embedding = 2 * padded_vocab_size(vocab_size) * hidden
-    return {"total": body + embedding, "non_embedding": body, "embedding": embedding,
+    shape, padded = model_shape(model), padded_vocab_size(vocab_size)
+    total, embedding = parameter_count(shape, padded), 2 * padded * shape.hidden_size
+    return {"total": total, "non_embedding": total - embedding, "embedding": embedding,
             "uncounted_overrides": sorted(k for k in model.overrides if k in UNCOUNTED)}
 
 
@@ -80,6 +73,8 @@ def real_train_tokens(experiment, plan, tokenizer) -> tuple[int, str]:
 
 def train_iterations(experiment, recipe, stage, config, real_tokens) -> tuple[int, str, bool]:
     """(iterations, where they come from, whether that is an estimate) of a train stage."""
+    from megadoc_megatron.data.blend import iterations_for_real_samples, samples_for_epochs
+
     sequence, batch = experiment.blend.seq_length, experiment.blend.global_batch_size
     blend_file = stage.folder / "blend" / "blend.json"
     if config.train_iters:
@@ -89,8 +84,8 @@ def train_iterations(experiment, recipe, stage, config, real_tokens) -> tuple[in
     if recipe.train_tokens is not None:
         return math.ceil(recipe.train_tokens / (sequence * batch)), "the token budget", False
     tokens, source = real_tokens()
-    samples = (recipe.epochs * tokens - 1) // sequence  # as data/blend.py: E exact passes, then the mix w
-    return math.ceil(samples / ((1 - recipe.synthetic_weight) * batch)), f"E and w over {source}", True
+    samples = samples_for_epochs(tokens, recipe.epochs, sequence)
+    return iterations_for_real_samples(samples, recipe.synthetic_weight, batch), f"E and w over {source}", True
 
 
 def train_cost(experiment, recipe, stage, real_tokens, vocab_size: int, mfu: float, gpu_tflops: float) -> dict:
@@ -210,8 +205,24 @@ def _hours(value: float | None) -> str:
     return "—" if value is None else f"{value:,.1f}" if value >= 10 else f"{value:.3g}"
 
 
-def _status(row: dict) -> str:
-    return "done" if row["done"] else "to run"
+def _table(rows: list[dict], width: int, columns) -> list[str]:
+    """A line per row: its stage, status and `columns(row)`, or why its cost is unknown."""
+    return [f"  {row['stage']:<{width}} {'done' if row['done'] else 'to run':<7} "
+            + (f"cost unknown: {row['error']}" if "error" in row else columns(row)) for row in rows]
+
+
+def _synth_columns(row: dict) -> str:
+    plan = row["plan"]
+    return (f"{plan['documents']:>10,} {plan['pairs']:>10,} {plan['requests']:>10,} {_count(plan['prompt_tokens']):>11} "
+            f"{_count(row['output_tokens']):>11} {row['output_basis']:<12} {_hours(row['gpu_hours']):>8} "
+            f"{_hours(row['gpu_hours_left']):>8}")
+
+
+def _train_columns(row: dict) -> str:
+    counts = row["parameters"]
+    return (f"{_count(counts['total']):>9} {_count(counts['non_embedding']):>10} {_count(row['tokens']):>10} "
+            f"{row['tokens_basis']:<12} {row['flops']:>9.2e} {_hours(row['gpu_hours']):>8} "
+            f"{_hours(row['gpu_hours_left']):>8}")
 
 
 def format_costs(costs: dict) -> str:
@@ -224,27 +235,13 @@ def format_costs(costs: dict) -> str:
                   + (f"{rate:,.0f} tokens/s (--tokens-per-second)" if rate else "— (pass --tokens-per-second X)"),
                   f"  {'stage':<{width}} {'status':<7} {'documents':>10} {'pairs':>10} {'requests':>10} "
                   f"{'prompt tok':>11} {'output tok':>11} {'basis':<12} {'GPU-h':>8} {'left':>8}"]
-        for row in synth:
-            if "error" in row:
-                lines.append(f"  {row['stage']:<{width}} {_status(row):<7} cost unknown: {row['error']}")
-                continue
-            plan = row["plan"]
-            lines.append(f"  {row['stage']:<{width}} {_status(row):<7} {plan['documents']:>10,} {plan['pairs']:>10,} "
-                         f"{plan['requests']:>10,} {_count(plan['prompt_tokens']):>11} {_count(row['output_tokens']):>11} "
-                         f"{row['output_basis']:<12} {_hours(row['gpu_hours']):>8} {_hours(row['gpu_hours_left']):>8}")
+        lines += _table(synth, width, _synth_columns)
     if train:
         lines += [f"training: 6 x N x D FLOPs, N = all parameters (embeddings included), at MFU {costs['mfu']:.2f} of "
                   f"{costs['gpu_tflops']:,.0f} TFLOP/s per GPU",
                   f"  {'stage':<{width}} {'status':<7} {'N total':>9} {'N non-emb':>10} {'D tokens':>10} {'basis':<12} "
                   f"{'FLOPs':>9} {'GPU-h':>8} {'left':>8}"]
-        for row in train:
-            if "error" in row:
-                lines.append(f"  {row['stage']:<{width}} {_status(row):<7} cost unknown: {row['error']}")
-                continue
-            counts = row["parameters"]
-            lines.append(f"  {row['stage']:<{width}} {_status(row):<7} {_count(counts['total']):>9} "
-                         f"{_count(counts['non_embedding']):>10} {_count(row['tokens']):>10} {row['tokens_basis']:<12} "
-                         f"{row['flops']:>9.2e} {_hours(row['gpu_hours']):>8} {_hours(row['gpu_hours_left']):>8}")
+        lines += _table(train, width, _train_columns)
     total = costs["totals"]
     lines.append("total GPU-hours: " + ", ".join(
         f"{name} {_hours(total[kind]['gpu_hours'])} (left {_hours(total[kind]['gpu_hours_left'])})"

@@ -26,13 +26,16 @@ PRESETS = {
 }
 
 
-def parameter_count(preset: ModelPreset, vocab_size: int) -> int:
-    """Parameters of the Llama-style model: untied input/output embeddings, no biases."""
-    head_dim = preset.hidden_size // preset.num_attention_heads
-    attention = 2 * preset.hidden_size ** 2 + 2 * preset.hidden_size * preset.num_query_groups * head_dim
-    mlp = 3 * preset.hidden_size * preset.ffn_hidden_size
-    norms = 2 * preset.hidden_size
-    return preset.num_layers * (attention + mlp + norms) + preset.hidden_size + 2 * vocab_size * preset.hidden_size
+def parameter_count(shape, vocab_size: int) -> int:
+    """Parameters of the Llama-style model (untied input/output embeddings, no biases) of a preset,
+    or of any shape with its fields plus optional `kv_channels` and `gated_linear_unit` overrides."""
+    hidden, heads = shape.hidden_size, shape.num_attention_heads
+    kv_channels = getattr(shape, "kv_channels", None) or hidden // heads
+    query, key_value = kv_channels * heads, kv_channels * (shape.num_query_groups or heads)
+    attention = hidden * (query + 2 * key_value) + query * hidden
+    mlp = (3 if getattr(shape, "gated_linear_unit", True) else 2) * hidden * shape.ffn_hidden_size
+    norms = 2 * hidden
+    return shape.num_layers * (attention + mlp + norms) + hidden + 2 * vocab_size * hidden
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int = 128) -> int:

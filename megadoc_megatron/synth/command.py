@@ -99,7 +99,7 @@ def _generation_arguments(parser: argparse.ArgumentParser, operation: str) -> No
     vllm.add_argument("--speculative-tokens", type=int, default=4, help="tokens proposed per step")
     vllm.add_argument("--seeding", choices=("request", "engine"), default="request",
                       help="request: each generation sampled from its own seed (its text reproducible alone, resume "
-                           "safe); engine: vLLM's faster batch sampler from one engine seed (reproducible only as a "
+                           "safe); engine: vLLM's batch sampler from one engine seed (reproducible only as a "
                            "whole run from scratch on the same machine)")
     vllm.add_argument("--enforce-eager", action=argparse.BooleanOptionalAction,
                       help="no torch.compile (default on CPU, where compiling costs minutes)")

@@ -33,7 +33,7 @@ from pathlib import Path
 from megadoc_megatron.errors import InputError
 from megadoc_megatron.records import expand_inputs
 from megadoc_megatron.synth.backends import chat_token_ids, generate
-from megadoc_megatron.synth.pipeline import MANIFEST, Planner, SynthConfig, read_documents
+from megadoc_megatron.synth.pipeline import Planner, Shard, SynthConfig, check_manifest, read_documents
 
 PROMPT_COUNTS = {
     "chat template": "the chat-template token count of every request, as the backends send it",
@@ -102,37 +102,11 @@ class PairCounter:
 def done_pairs(output: Path, config: SynthConfig, inputs: list[Path]) -> tuple[set[int], set[tuple[str, int]]]:
     """(complete shard numbers, pairs in partial shards) already in `output`, read without changing
     anything; an output made with other settings is refused, as a run would refuse it."""
-    path = output / MANIFEST
-    if not path.exists():
-        return set(), set()
-    previous, manifest = json.loads(path.read_text()), config.manifest(inputs)
-    changed = sorted(k for k in manifest.keys() | previous.keys() if manifest.get(k) != previous.get(k))
-    if changed:
-        raise InputError(f"{output} holds generations made with other settings ({', '.join(changed)} differ): a run "
-                         "would refuse it", path, fix="plan for a new --output, or with the settings recorded there")
-    complete, partial = set(), set()
-    for shard_file in output.glob("shard-*.jsonl*"):
-        number = int(shard_file.name[len("shard-"):].split(".")[0])
-        if shard_file.name.endswith(".jsonl") and not shard_file.name.endswith(".rejected.jsonl"):
-            complete.add(number)
-        elif shard_file.name.endswith(".partial"):
-            partial |= _pairs_in(shard_file)
+    check_manifest(output, config.manifest(inputs))
+    numbers = {int(path.name[len("shard-"):].split(".")[0]) for path in output.glob("shard-*.jsonl*")}
+    complete = {n for n in numbers if Shard(output, n).complete()}
+    partial = set().union(*(Shard(output, n).done_pairs(repair=False) for n in numbers - complete))
     return complete, partial
-
-
-def _pairs_in(path: Path) -> set[tuple[str, int]]:
-    """(source id, index) of the whole records of a partial file (a torn last line is not counted)."""
-    pairs = set()
-    with open(path, "rb") as stream:
-        for raw in stream:
-            if not raw.endswith(b"\n"):
-                break
-            try:
-                record = json.loads(raw)
-            except json.JSONDecodeError:
-                break
-            pairs.add((record["source_id"], record["index"]))
-    return pairs
 
 
 def plan_synthesis(config: SynthConfig, tokenizer, inputs: list[str], output, task: tuple[int, int] = (0, 1)) -> dict:

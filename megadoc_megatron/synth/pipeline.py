@@ -177,12 +177,13 @@ class Shard:
     def complete(self) -> bool:
         return self.accepted.exists()
 
-    def done_pairs(self) -> set[tuple[str, int]]:
-        """Pairs already in the partial files; a torn last line (killed mid-write) is cut off."""
+    def done_pairs(self, repair: bool = True) -> set[tuple[str, int]]:
+        """Pairs already in the partial files; a torn last line (killed mid-write) is not counted,
+        and with `repair` cut off."""
         done = set()
         for path in (self.partial(self.accepted), self.partial(self.rejected)):
             if path.exists():
-                for record in _complete_records(path):
+                for record in _complete_records(path, repair):
                     done.add((record["source_id"], record["index"]))
         return done
 
@@ -203,7 +204,19 @@ class Shard:
             partial.unlink(missing_ok=True)
 
 
-def _complete_records(path: Path) -> list[dict]:
+def check_manifest(output: Path, manifest: dict) -> dict:
+    """Refuses an output folder that holds generations made with settings other than `manifest`."""
+    path = output / MANIFEST
+    if path.exists():
+        previous = json.loads(path.read_text())
+        changed = sorted(k for k in manifest.keys() | previous.keys() if manifest.get(k) != previous.get(k))
+        if changed:
+            raise InputError(f"{output} holds generations made with other settings ({', '.join(changed)} differ)",
+                             path, fix="write to a new --output, or rerun with the settings recorded in this file")
+    return manifest
+
+
+def _complete_records(path: Path, repair: bool = True) -> list[dict]:
     records, good_bytes = [], 0
     with open(path, "rb") as stream:
         for raw in stream:
@@ -214,7 +227,7 @@ def _complete_records(path: Path) -> list[dict]:
             except json.JSONDecodeError:
                 break
             good_bytes += len(raw)
-    if good_bytes != path.stat().st_size:
+    if repair and good_bytes != path.stat().st_size:
         with open(path, "r+b") as stream:
             stream.truncate(good_bytes)
     return records
@@ -304,13 +317,7 @@ class Synthesizer:
 
     def _checked_manifest(self, inputs: list[Path]) -> dict:
         """This run's settings, refused if the output folder holds generations made with others."""
-        manifest, path = self.config.manifest(inputs), self.output / MANIFEST
-        if path.exists():
-            previous = json.loads(path.read_text())
-            changed = sorted(k for k in manifest.keys() | previous.keys() if manifest.get(k) != previous.get(k))
-            if changed:
-                raise InputError(f"{self.output} holds generations made with other settings ({', '.join(changed)} differ)",
-                                 path, fix="write to a new --output, or rerun with the settings recorded in this file")
+        manifest = check_manifest(self.output, self.config.manifest(inputs))
         self.output.mkdir(parents=True, exist_ok=True)
         return manifest
 
