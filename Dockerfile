@@ -16,13 +16,17 @@
 ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:25.09-py3
 ARG VLLM_IMAGE=vllm/vllm-openai:v0.32.0
 
+# The repository's files, copied once into both images
+FROM scratch AS source
+COPY setup.py README.md /
+COPY megadoc_megatron /megadoc_megatron
+COPY tools /tools
+COPY examples /examples
+COPY benchmarks /benchmarks
+
 FROM ${VLLM_IMAGE} AS generate
 WORKDIR /opt/megadoc-megatron
-COPY setup.py README.md ./
-COPY megadoc_megatron ./megadoc_megatron
-COPY tools ./tools
-COPY examples ./examples
-COPY benchmarks ./benchmarks
+COPY --from=source / ./
 # vLLM's torch satisfies ours (torch>=2.4); the constraint keeps pip from replacing it.
 RUN python3 -c "import torch; print(f'torch=={torch.__version__}')" > /tmp/keep-torch.txt \
     && pip install --no-cache-dir -c /tmp/keep-torch.txt -e ".[openai]"
@@ -31,10 +35,6 @@ CMD ["megadoc", "--help"]
 
 FROM ${BASE_IMAGE} AS train
 WORKDIR /opt/megadoc-megatron
-COPY setup.py README.md ./
-COPY megadoc_megatron ./megadoc_megatron
-COPY tools ./tools
-COPY examples ./examples
-COPY benchmarks ./benchmarks
+COPY --from=source / ./
 RUN pip install --no-cache-dir -e ".[gpu,openai,eval]"
 CMD ["megadoc", "--help"]

@@ -373,10 +373,13 @@ def test_paper_experiment_config_builds_its_stages(tmp_path, hf_tokenizer):
 
 def test_dockerfile_installs_existing_extras_and_copies_the_package():
     text = (REPO / "Dockerfile").read_text()
-    extras = re.search(r'pip install .*-e "\.\[([a-z,]+)\]"', text).group(1).split(",")
+    extras = [e for group in re.findall(r'pip install .*-e "\.\[([a-z,]+)\]"', text) for e in group.split(",")]
     setup = (REPO / "setup.py").read_text()
-    assert all(f'"{extra}": [' in setup for extra in extras)
-    assert all(f"COPY {folder} ./{folder}" in text for folder in ("megadoc_megatron", "tools", "examples"))
+    assert {"openai", "gpu"} <= set(extras) and all(f'"{extra}": [' in setup for extra in extras)
+    assert all(f"COPY {folder} /{folder}" in text for folder in ("megadoc_megatron", "tools", "examples"))
+    images = re.split(r"^FROM ", text, flags=re.M)[1:]
+    assert [i.split()[2] for i in images] == ["source", "generate", "train"]  # train: the default target
+    assert all("COPY --from=source / ./" in image and "pip install" in image for image in images[1:])
 
 
 @pytest.mark.parametrize("launcher", ["", "python"])
