@@ -184,10 +184,10 @@ def evaluation(check: Check, blend_json: str) -> dict:
     import torch
 
     from megadoc_megatron.cli import main as megadoc
+    from megadoc_megatron.distributed import shutdown
     from megadoc_megatron.evaluate.losses import evaluation_process_group, load_model, token_losses
     from megadoc_megatron.train.config import load_config
     from megadoc_megatron.train.data import build_datasets, load_plan
-    from megadoc_megatron.train.distributed import shutdown
 
     logged = check.megatron["valid"][check.iterations]
     plan = load_plan(blend_json)
@@ -243,12 +243,12 @@ def non_finite(check: Check, blend_json: str) -> dict:
 
 def throughput(check: Check) -> dict:
     import torch
+    from stdlib_data import stdlib_blend
     from train_step import compare_steps
 
+    from megadoc_megatron.distributed import initialize, shutdown
     from megadoc_megatron.train.config import load_config
-    from megadoc_megatron.train.distributed import initialize, shutdown
     from megadoc_megatron.train.trainer import Trainer
-    from stdlib_data import stdlib_blend
 
     timing, out = check.sizes["timing"], {}
     for size in check.sizes["throughput"]:
@@ -288,11 +288,11 @@ def main() -> int:
     started = time.perf_counter()
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import torch
+    from stdlib_data import stdlib_blend
 
     from megadoc_megatron.data.blend_verify import dataset_tokenizer
     from megadoc_megatron.model.presets import padded_vocab_size
     from megadoc_megatron.train.cuda_on_cpu import megatron_core_on_cpu
-    from stdlib_data import stdlib_blend
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print(json.dumps({"ok": False, "error": "no CUDA device (use --device cpu for the CPU form)"}))

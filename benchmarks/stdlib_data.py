@@ -10,6 +10,11 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "examples" / "tiny_cpu"))
+
+from corpus import stdlib_documents  # noqa: E402  (the demo's corpus module, shared with the benchmarks)
+
+__all__ = ["stdlib_blend", "stdlib_documents"]
 
 
 def stdlib_blend(work: Path, seq_length: int, global_batch: int, iterations: int) -> str:

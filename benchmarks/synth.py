@@ -27,7 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from megadoc_megatron.corpus import stdlib_documents
+from stdlib_data import stdlib_documents
+
 from megadoc_megatron.synth.backends import HFBackend, Sampling, chat_token_ids, generate
 from megadoc_megatron.synth.default_model import DEFAULT_MODEL, default_model_dir
 from megadoc_megatron.synth.gates import Gates

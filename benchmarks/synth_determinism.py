@@ -15,7 +15,8 @@ import argparse
 import itertools
 import json
 
-from megadoc_megatron.corpus import stdlib_documents
+from stdlib_data import stdlib_documents
+
 from megadoc_megatron.synth.backends import HFBackend, Request, Sampling, generate
 from megadoc_megatron.synth.default_model import default_model_dir
 from megadoc_megatron.synth.prompts import BUILTIN

@@ -95,8 +95,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/megadoc-bench-train"))
     args = parser.parse_args()
 
+    from megadoc_megatron.distributed import initialize, shutdown
     from megadoc_megatron.train.config import load_config
-    from megadoc_megatron.train.distributed import initialize, shutdown
     from megadoc_megatron.train.trainer import Trainer
 
     args.work.mkdir(parents=True, exist_ok=True)

@@ -28,8 +28,17 @@ import numpy as np
 
 from megadoc_megatron.data.tokenizer import TOKENIZER_TYPES, load_tokenizer
 from megadoc_megatron.errors import InputError
-from megadoc_megatron.records import (GENERATION_KEYS, expand_inputs, is_compressed, iter_records_at_offsets,
-                                      open_binary, read_record_at, require_fields, write_text_atomic)
+from megadoc_megatron.files import write_text_atomic
+from megadoc_megatron.jsonl import (
+    UniqueDocuments,
+    expand_inputs,
+    is_compressed,
+    iter_records_at_offsets,
+    open_binary,
+    read_record_at,
+    require_fields,
+)
+from megadoc_megatron.synth.records import GENERATION_KEYS
 
 KINDS = ("simple", "stitch", "stretch")
 OPERATIONS_OF_KIND = {"simple": ("rephrase", "textbook"), "stitch": ("rephrase",), "stretch": ("rationale",)}
@@ -81,14 +90,10 @@ class RecordStore:
 
 
 def _index_real(store: RecordStore, paths, id_key: str, text_key: str) -> dict[str, Pointer]:
-    documents: dict[str, Pointer] = {}
+    documents, check = {}, UniqueDocuments(id_key, text_key)
     for path in paths:
         for file_index, line, offset, record in store.scan(path):
-            require_fields(record, {id_key: str, text_key: str}, path, line, "real document")
-            if record[id_key] in documents:
-                raise InputError(f"document id {record[id_key]!r} appears twice", path, line,
-                                 fix="give every real document a unique id")
-            documents[record[id_key]] = Pointer(file_index, offset)
+            documents[check.check(record, path, line)] = Pointer(file_index, offset)
     return documents
 
 

@@ -12,7 +12,7 @@ from megadoc_megatron.errors import InputError
 # (name, the bad line, the reason that must be reported)
 BAD_LINES = [
     ("malformed_json", b'{"text": "unterminated\n', "malformed JSON"),
-    ("missing_key", b'{"body": "no text key here"}\n', "missing key 'text'"),
+    ("missing_key", b'{"body": "no text key here"}\n', "record lacks the key 'text'"),
     ("not_a_string", b'{"text": ["a", "list"]}\n', "is a JSON list, not a string"),
     ("not_an_object", b'["text"]\n', "expected a JSON object"),
     ("invalid_utf8", b'{"text": "caf\xe9 latin-1"}\n', "invalid UTF-8"),
@@ -107,7 +107,7 @@ def test_cli_prints_one_error_line(golden_lines, tmp_path, spm_model, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert err[-1] == (f"megadoc preprocess: error: {path}:{BAD_LINE_NUMBER}: the value of 'text' is a JSON int, "
-                       "not a string. Fix: store the document text as a JSON string")
+                       "not a string. Fix: store 'text' as a JSON string")
 
 
 @pytest.mark.parametrize("tokenizer_type,model,message", [

@@ -4,13 +4,12 @@ import json
 
 import numpy as np
 import pytest
+from conftest import make_dataset
 
 from megadoc_megatron.cli import main
 from megadoc_megatron.data.blend import blend
 from megadoc_megatron.data.blend_verify import verify_blend
 from megadoc_megatron.errors import InputError
-
-from conftest import make_dataset
 
 
 @pytest.fixture(scope="module")

@@ -9,16 +9,14 @@ import json
 import math
 
 import pytest
-import torch.distributed as dist
 import yaml
+from conftest import REPO
 
 from megadoc_megatron.cli import build_parser, main
 from megadoc_megatron.errors import InputError
 from megadoc_megatron.synth.backends import Completion, chat_token_ids
 from megadoc_megatron.synth.command import run as synth_run
 from megadoc_megatron.synth.prompts import BUILTIN
-
-from conftest import REPO
 
 TEXTS = {
     "tower": "The Eiffel Tower is a wrought-iron lattice tower in Paris. It was built from 1887 to 1889.\n\n"
@@ -197,15 +195,10 @@ OVERRIDES = {"num_layers": 3, "ffn_hidden_size": 200, "num_query_groups": 1, "kv
 
 @pytest.fixture()
 def one_process():
-    from megatron.core import parallel_state
+    from megadoc_megatron.distributed import single_process
 
-    from megadoc_megatron.train.distributed import free_port
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    parallel_state.initialize_model_parallel()
-    yield
-    parallel_state.destroy_model_parallel()
-    dist.destroy_process_group()
+    with single_process():
+        yield
 
 
 @pytest.mark.parametrize("overrides", [{}, OVERRIDES])

@@ -10,14 +10,13 @@ import shutil
 
 import pytest
 import torch
+from conftest import ITERS, SAVE_AT, run_training, write_config
 
+from megadoc_megatron.distributed import LaunchEnvironment, free_port
 from megadoc_megatron.errors import InputError
 from megadoc_megatron.train import checkpoint
 from megadoc_megatron.train.config import ParallelConfig, TrainConfig
-from megadoc_megatron.train.distributed import LaunchEnvironment, free_port
 from megadoc_megatron.train.faults import nan_loss_at
-
-from conftest import ITERS, SAVE_AT, run_training, write_config
 
 
 def metrics(checkpoint_dir) -> tuple[dict[int, dict], dict[int, float]]:
@@ -156,7 +155,7 @@ def test_a_new_run_starts_from_the_other_engines_weights(engines, runs, tmp_path
 
 
 def test_megatron_lms_fast_paths_where_they_apply():
-    from megadoc_megatron.train.distributed import one_cuda_connection
+    from megadoc_megatron.distributed import one_cuda_connection
     from megadoc_megatron.train.metrics import device_peak_tflops
     from megadoc_megatron.train.trainer import fast_paths, recompute_settings
 

@@ -10,12 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import ITERS, make_dataset, run_training, write_config
 
 from megadoc_megatron.cli import main
 from megadoc_megatron.errors import InputError
 from megadoc_megatron.evaluate.fits import data_efficiency, fit_power_law
-
-from conftest import ITERS, make_dataset, run_training, write_config
 
 BASELINE_TOKENS = [209.7e6, 419.4e6, 838.9e6, 1.678e9]  # METHOD.md section 2
 BASELINE_LOSS = [3.74974, 3.48073, 3.24516, 3.05917]
@@ -85,8 +84,8 @@ def read_result(checkpoint_dir: Path, pattern: str) -> dict:
 
 def manual_losses(checkpoint_dir: Path, documents_or_stream, seq_length=64):
     """Cross-entropy from the model's logits (no labels path), for an independent check."""
+    from megadoc_megatron.distributed import shutdown
     from megadoc_megatron.evaluate.losses import evaluation_process_group, load_model
-    from megadoc_megatron.train.distributed import shutdown
 
     device = evaluation_process_group()
     try:
@@ -176,9 +175,9 @@ def test_a_checkpoint_of_transformer_engine_layers_loads_into_portable_layers(ru
     with the same weights."""
     from megatron.core import dist_checkpointing
 
+    from megadoc_megatron.distributed import shutdown
     from megadoc_megatron.evaluate.losses import evaluation_process_group, load_model
     from megadoc_megatron.train import checkpoint
-    from megadoc_megatron.train.distributed import shutdown
 
     source = checkpoint.iteration_dir(runs[0], ITERS)
     common = dist_checkpointing.load_common_state_dict(str(source))
@@ -285,9 +284,9 @@ QUESTIONS = [
 def test_lm_eval_adapter_scores_a_local_multiple_choice_task(runs, tmp_path):
     pytest.importorskip("lm_eval")
     from megadoc_megatron.data.tokenizer import load_tokenizer
+    from megadoc_megatron.distributed import shutdown
     from megadoc_megatron.evaluate.downstream import continuation_logprob
     from megadoc_megatron.evaluate.losses import evaluation_process_group, load_model
-    from megadoc_megatron.train.distributed import shutdown
 
     data = tmp_path / "mc.jsonl"
     data.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))

@@ -13,14 +13,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REPO
 
 from megadoc_megatron.data.indexed import read_index
 from megadoc_megatron.data.tokenizer import load_tokenizer
 from megadoc_megatron.errors import InputError
 from megadoc_megatron.experiment.config import load_experiment
 from megadoc_megatron.experiment.plan import build_graph
-
-from conftest import REPO
 
 EXAMPLE = REPO / "examples/tiny_cpu/experiment.yaml"
 
@@ -386,9 +385,9 @@ def test_dockerfile_installs_existing_extras_and_copies_the_package():
 def test_a_stage_runs_in_process_or_under_a_launcher_and_a_failure_names_its_log(tmp_path, spm_model, launcher):
     import sys
 
-    from megadoc_megatron.experiment.stages import OUT, Graph, Stage, run_stage
-
     from conftest import make_dataset
+
+    from megadoc_megatron.experiment.stages import OUT, Graph, Stage, run_stage
 
     prefix = make_dataset(tmp_path, "docs", ["one document", "another document"], "SentencePieceTokenizer", spm_model)
     graph = Graph(tmp_path / "work")

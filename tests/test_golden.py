@@ -5,11 +5,10 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import REPO
 
 from megadoc_megatron.data.indexed import read_index
 from megadoc_megatron.data.preprocess import preprocess
-
-from conftest import REPO
 
 CASES = {
     "hf_eod": ("HuggingFaceTokenizer", "hf_tokenizer", True, 2),

@@ -7,34 +7,30 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from megadoc_megatron.distributed import LaunchEnvironment, free_port, initialize, shutdown, single_process
 from megadoc_megatron.errors import InputError
-from megadoc_megatron.model.gpt import (PortableCoreAttention, build_gpt, document_packing, layer_spec,
-                                        transformer_config, transformer_engine_available)
+from megadoc_megatron.model.gpt import (
+    PortableCoreAttention,
+    build_gpt,
+    document_packing,
+    layer_spec,
+    transformer_config,
+    transformer_engine_available,
+)
 from megadoc_megatron.model.presets import PRESETS, parameter_count
-from megadoc_megatron.train.distributed import free_port
+from megadoc_megatron.train.config import ParallelConfig
 
 VOCAB, SEQ, BATCH = 256, 32, 4
 
 
 def init_parallel(rank: int, world_size: int, port: int, tensor_parallel: int) -> None:
-    from megatron.core import parallel_state
-
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tensor_parallel)
-
-
-def teardown_parallel() -> None:
-    from megatron.core import parallel_state
-
-    parallel_state.destroy_model_parallel()
-    dist.destroy_process_group()
+    initialize(ParallelConfig(tensor=tensor_parallel), LaunchEnvironment(rank, world_size, rank, "127.0.0.1", port, "test"))
 
 
 @pytest.fixture()
 def one_process():
-    init_parallel(0, 1, free_port(), 1)
-    yield
-    teardown_parallel()
+    with single_process():
+        yield
 
 
 def batch(seed=0):
@@ -171,7 +167,7 @@ def _tensor_parallel_rank(rank, port, out_dir):
         loss, grad_norm = loss_and_grad_norm(tiny_model(tensor_parallel=2))
         (out_dir / f"rank{rank}.json").write_text(json.dumps([loss, grad_norm]))
     finally:
-        teardown_parallel()
+        shutdown()
 
 
 def test_tensor_parallel_2_matches_1(tmp_path):
@@ -180,7 +176,7 @@ def test_tensor_parallel_2_matches_1(tmp_path):
     try:
         expected = loss_and_grad_norm(tiny_model())
     finally:
-        teardown_parallel()
+        shutdown()
     for rank in range(2):
         loss, grad_norm = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert loss == pytest.approx(expected[0], rel=1e-5)

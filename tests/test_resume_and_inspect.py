@@ -9,11 +9,10 @@ import sys
 import time
 
 import pytest
+from conftest import REPO
 
 from megadoc_megatron.cli import main
 from megadoc_megatron.data.inspect import inspect_dataset
-
-from conftest import REPO
 
 
 def preprocess_command(path, prefix, model):

@@ -341,8 +341,8 @@ def test_openai_backend_against_a_real_server(tmp_path):
     a ~17 min build on 2 cores, too long for CI). It serves the same GGUF file on loopback."""
     pytest.importorskip("llama_cpp.server")
     pytest.importorskip("openai")
+    from megadoc_megatron.distributed import free_port
     from megadoc_megatron.synth.default_model import gguf_path
-    from megadoc_megatron.train.distributed import free_port
 
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf_path()), "--host", "127.0.0.1",

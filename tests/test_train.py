@@ -15,16 +15,16 @@ from unittest import mock
 
 import pytest
 import torch
+from conftest import ITERS, REPO, SAVE_AT, run_training, write_config
 
+from megadoc_megatron.distributed import LaunchEnvironment, first_slurm_host, free_port, launch_environment
 from megadoc_megatron.errors import InputError
 from megadoc_megatron.model.gpt import transformer_config
 from megadoc_megatron.model.presets import PRESETS, parameter_count
 from megadoc_megatron.train import checkpoint
 from megadoc_megatron.train.config import load_config
-from megadoc_megatron.train.distributed import LaunchEnvironment, first_slurm_host, free_port, launch_environment
 from megadoc_megatron.train.metrics import training_flops
 
-from conftest import ITERS, REPO, SAVE_AT, run_training, write_config
 
 def read_metrics(checkpoint_dir) -> dict[int, dict]:
     rows = [json.loads(line) for line in (checkpoint_dir / "metrics.jsonl").read_text().splitlines()]
@@ -219,8 +219,9 @@ def documented_sbatch_launches():
 def test_every_documented_launch_can_run_its_config(golden):
     """Each example launch of a shipped config: world size from the script (nodes x tasks per node,
     or torchrun's processes), global batch and sequence length from the experiment beside it."""
+    from megadoc_megatron.config import merge_dicts
     from megadoc_megatron.experiment.config import load_experiment
-    from megadoc_megatron.train.config import config_from_dict, merge_dicts
+    from megadoc_megatron.train.config import config_from_dict
     from megadoc_megatron.train.layout import launcher_world_size, plan_layout
 
     launches = documented_sbatch_launches()

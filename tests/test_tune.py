@@ -6,13 +6,12 @@ import json
 import math
 
 import pytest
+from conftest import run_training, write_config
 
 from megadoc_megatron.cli import main
 from megadoc_megatron.errors import InputError
 from megadoc_megatron.synth.rewards import FormatReward, LengthReward, QualityReward
 from megadoc_megatron.synth.tune import parse_weights
-
-from conftest import run_training, write_config
 
 pytest.importorskip("trl", reason="the tune extra (trl) is not installed")
 
@@ -56,9 +55,9 @@ def checkpoint(tmp_path_factory, blend_json):
 def test_influence_reward_scores_text_and_puts_the_weights_back(checkpoint, golden_lines):
     import torch
 
+    from megadoc_megatron.distributed import shutdown
     from megadoc_megatron.evaluate.losses import evaluation_process_group
     from megadoc_megatron.synth.rewards import InfluenceReward
-    from megadoc_megatron.train.distributed import shutdown
 
     device = evaluation_process_group()
     try:

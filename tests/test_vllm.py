@@ -153,7 +153,7 @@ def test_openai_backend_against_a_vllm_server(tmp_path):
     """The openai backend, streaming into a real `vllm serve`. On CPU the server, like our backend,
     needs whole-prompt prefill for seeded requests."""
     pytest.importorskip("openai")
-    from megadoc_megatron.train.distributed import free_port
+    from megadoc_megatron.distributed import free_port
 
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(default_model_dir()),

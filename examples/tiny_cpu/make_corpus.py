@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 
 import sentencepiece
+from corpus import is_heldout, stdlib_documents
 
-from megadoc_megatron.corpus import is_heldout, stdlib_documents
-from megadoc_megatron.records import write_text_atomic
+from megadoc_megatron.files import write_text_atomic
 
 
 def main() -> None:

@@ -30,7 +30,7 @@ import numpy as np
 from megadoc_megatron.data.indexed import dataset_paths, read_index
 from megadoc_megatron.data.preprocess import metadata_path
 from megadoc_megatron.errors import InputError
-from megadoc_megatron.records import update_digest, write_text_atomic
+from megadoc_megatron.files import update_digest, write_text_atomic
 
 MEGATRON_SURPLUS = 0.005  # megatron-core's default mid_level_dataset_surplus
 FINAL_EPOCH_THRESHOLD = 0.8  # GPTDataset shuffles a final epoch used for less than this apart

@@ -5,7 +5,6 @@ Kept apart from blend.py because importing megatron-core takes ~10 s on CPU.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,22 +12,7 @@ import numpy as np
 
 from megadoc_megatron.data.blend import MEGATRON_SURPLUS, samples_for_epochs
 from megadoc_megatron.data.preprocess import recorded_tokenizer
-from megadoc_megatron.train.distributed import free_port
-
-
-@contextmanager
-def single_process_group():
-    """A gloo process group of one on loopback, unless the caller already has one."""
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        yield
-        return
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
+from megadoc_megatron.distributed import single_process
 
 
 def dataset_tokenizer(prefix: str):
@@ -51,7 +35,7 @@ def verify_blend(plan: dict) -> list[dict]:
         reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
         mid_level_dataset_surplus=MEGATRON_SURPLUS)
     Path(plan["data_cache_path"]).mkdir(parents=True, exist_ok=True)
-    with single_process_group():
+    with single_process():
         train = BlendedMegatronDatasetBuilder(GPTDataset, [plan["train_samples"], 1, 1], lambda: True, config).build()[0]
     consumed = slice(0, plan["train_samples"])  # what training reads; the blend may hold one more
     which, sample = train.dataset_index[consumed], train.dataset_sample_index[consumed]

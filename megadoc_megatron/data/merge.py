@@ -13,7 +13,7 @@ from megadoc_megatron import __version__
 from megadoc_megatron.data.indexed import merge_datasets, read_index
 from megadoc_megatron.data.preprocess import metadata_path
 from megadoc_megatron.errors import InputError
-from megadoc_megatron.records import write_text_atomic
+from megadoc_megatron.files import write_text_atomic
 
 
 def dataset_prefixes(inputs: list[str]) -> list[str]:

@@ -39,11 +39,27 @@ import numpy as np
 
 from megadoc_megatron import __version__
 from megadoc_megatron.data.indexed import DatasetAssembler
-from megadoc_megatron.data.tokenizer import (TOKENIZER_TYPES, GigatokenEncoder, load_tokenizer, optimal_dtype, probe_texts,
-                                             tokenizer_fingerprint, tokenizer_path)
+from megadoc_megatron.data.tokenizer import (
+    TOKENIZER_TYPES,
+    GigatokenEncoder,
+    load_tokenizer,
+    optimal_dtype,
+    probe_texts,
+    tokenizer_fingerprint,
+    tokenizer_path,
+)
 from megadoc_megatron.errors import InputError
-from megadoc_megatron.records import (count_lines_before, expand_inputs, is_compressed, iter_lines,
-                                      line_starts, open_binary, parse_record, write_text_atomic)
+from megadoc_megatron.files import write_text_atomic
+from megadoc_megatron.jsonl import (
+    count_lines_before,
+    expand_inputs,
+    is_compressed,
+    iter_lines,
+    line_starts,
+    open_binary,
+    parse_record,
+    require_fields,
+)
 
 BATCH_LINES = 512
 BATCH_BYTES = 4 << 20
@@ -142,14 +158,10 @@ def _init_worker(options: Options) -> None:
 
 
 def _texts_of(record: dict, keys, path, line) -> list[str]:
+    require_fields(record, dict.fromkeys(keys, str), path, line, "record")
     texts = []
     for key in keys:
-        if key not in record:
-            raise InputError(f"missing key {key!r}", path, line, fix="add the key or choose others with --json-keys")
         value = record[key]
-        if not isinstance(value, str):
-            raise InputError(f"the value of {key!r} is a JSON {type(value).__name__}, not a string", path, line,
-                             fix="store the document text as a JSON string")
         if not value.isascii():
             try:
                 value.encode("utf-8")

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from megadoc_megatron.errors import InputError
-from megadoc_megatron.records import write_text_atomic
+from megadoc_megatron.files import write_text_atomic
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,8 +64,8 @@ def run(args: argparse.Namespace) -> dict:
     if args.evaluator == "fit":
         return run_fit(args)
     from megadoc_megatron.data.indexed import read_index
+    from megadoc_megatron.distributed import shutdown
     from megadoc_megatron.evaluate import losses
-    from megadoc_megatron.train.distributed import shutdown
 
     dataset = read_index(args.data) if args.evaluator != "downstream" else None
     device = losses.evaluation_process_group()

@@ -12,6 +12,7 @@ import os
 
 import torch
 
+
 def offline() -> None:
     """Nothing may download at run time: lm-eval and datasets read caches and local files only."""
     for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):

@@ -73,10 +73,9 @@ def load_model(root, iteration: int | None, device: torch.device) -> LoadedModel
 
 def evaluation_process_group():
     """One process with TP = PP = 1 (megatron-core's layers need parallel_state)."""
-    from megadoc_megatron.train.config import ParallelConfig
-    from megadoc_megatron.train.distributed import LaunchEnvironment, free_port, initialize
+    from megadoc_megatron.distributed import initialize, launch_environment
 
-    return initialize(ParallelConfig(), LaunchEnvironment(0, 1, 0, "127.0.0.1", free_port(), "single"))
+    return initialize(launch=launch_environment({}))
 
 
 def check_dataset(dataset: IndexedDatasetView, loaded: LoadedModel) -> None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from megadoc_megatron.errors import InputError
-from megadoc_megatron.records import write_text_atomic
+from megadoc_megatron.files import write_text_atomic
 
 RECIPES = ("real", "simple", "stitch", "stretch")
 

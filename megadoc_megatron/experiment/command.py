@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from megadoc_megatron.errors import InputError
-from megadoc_megatron.records import write_text_atomic
+from megadoc_megatron.files import write_text_atomic
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -13,8 +13,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megadoc_megatron.config import build_dataclass, merge_dicts, parse_overrides, read_yaml
 from megadoc_megatron.errors import InputError
-from megadoc_megatron.train.config import build_dataclass, merge_dicts, parse_overrides, read_yaml
 
 KINDS = ("real", "simple", "stitch", "stretch", "textbook")
 REPHRASED_KINDS = ("simple", "stitch")

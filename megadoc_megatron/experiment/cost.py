@@ -56,8 +56,7 @@ def real_train_tokens(experiment, plan, tokenizer) -> tuple[int, str]:
     """Tokens of the real training split as `megadoc blend` counts them (EOD after each non-empty
     document): from the preprocessed dataset when it exists, else by tokenizing the corpus."""
     from megadoc_megatron.data.indexed import read_index
-    from megadoc_megatron.records import expand_inputs
-    from megadoc_megatron.synth.pipeline import read_documents
+    from megadoc_megatron.jsonl import expand_inputs, read_documents
 
     stage = next(s for s in plan.graph.stages if s.name == "preprocess-train")
     if stage.done:

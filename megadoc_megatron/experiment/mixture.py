@@ -41,8 +41,8 @@ class MixturePoint:
 
 def parse_mixture(experiment):
     """(data recipes by name, weights, budgets) from the config's mixture section."""
+    from megadoc_megatron.config import build_dataclass
     from megadoc_megatron.experiment.config import Recipe, check_recipe
-    from megadoc_megatron.train.config import build_dataclass
 
     section, source = experiment.mixture, experiment.source
     if not isinstance(section, dict):
@@ -174,7 +174,7 @@ def plot_mixture(summary: dict, folder: Path) -> Path:
 
 
 def write_mixture_report(work_dir: Path, summary: dict, budgets: list[int]) -> Path:
-    from megadoc_megatron.records import write_text_atomic
+    from megadoc_megatron.files import write_text_atomic
 
     folder = work_dir / "mixture"
     folder.mkdir(parents=True, exist_ok=True)

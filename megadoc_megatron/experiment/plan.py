@@ -14,11 +14,13 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from megadoc_megatron.config import merge_dicts
 from megadoc_megatron.errors import InputError
 from megadoc_megatron.experiment.config import REPHRASED_KINDS, Experiment, Recipe
 from megadoc_megatron.experiment.stages import OUT, External, Graph, Stage
-from megadoc_megatron.train.config import config_from_dict, merge_dicts
+from megadoc_megatron.train.config import config_from_dict
 from megadoc_megatron.train.layout import launcher_world_size, plan_layout
+
 
 def command_parser(parser: argparse.ArgumentParser, names: list[str]) -> argparse.ArgumentParser:
     for name in names:

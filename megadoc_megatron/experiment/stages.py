@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megadoc_megatron.errors import InputError
-from megadoc_megatron.records import update_digest, write_text_atomic
+from megadoc_megatron.files import update_digest, write_text_atomic
 
 OUT = "{out}"  # the stage's own folder, in command lines and files
 WHOLE_FILE_LIMIT = 64 << 20

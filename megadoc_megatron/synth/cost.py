@@ -31,9 +31,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from megadoc_megatron.errors import InputError
-from megadoc_megatron.records import expand_inputs
+from megadoc_megatron.jsonl import expand_inputs, read_documents
 from megadoc_megatron.synth.backends import chat_token_ids, generate
-from megadoc_megatron.synth.pipeline import Planner, Shard, SynthConfig, check_manifest, read_documents
+from megadoc_megatron.synth.pipeline import Planner, Shard, SynthConfig, check_manifest
 
 PROMPT_COUNTS = {
     "chat template": "the chat-template token count of every request, as the backends send it",

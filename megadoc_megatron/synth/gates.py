@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+
 @dataclass(frozen=True)
 class Gates:
     min_tokens: int = 16              # shorter outputs are rejected (the pair is skipped, and recorded)

@@ -26,12 +26,13 @@ from pathlib import Path
 from typing import Iterator
 
 from megadoc_megatron.errors import InputError
-from megadoc_megatron.records import (expand_inputs, generation_record, iter_lines, parse_record, require_fields,
-                                      write_text_atomic)
+from megadoc_megatron.files import write_text_atomic
+from megadoc_megatron.jsonl import expand_inputs, read_documents
 from megadoc_megatron.synth.backends import Completion, Request, Sampling, chat_token_ids
 from megadoc_megatron.synth.chunks import head, split_points, tail, token_starts
 from megadoc_megatron.synth.gates import Gates
 from megadoc_megatron.synth.prompts import Prompt
+from megadoc_megatron.synth.records import generation_record
 
 MANIFEST = "synth.json"
 
@@ -144,23 +145,6 @@ class Planner:
                               {"handling": handling, "document_tokens": len(starts), "prefix_tokens": prefix_tokens,
                                "suffix_tokens": suffix_tokens}, split_char=cut))
         return pairs
-
-
-def read_documents(inputs: list[Path], id_key: str, text_key: str) -> Iterator[tuple[str, str]]:
-    """(id, text) of every document, in order; bad records and repeated ids are InputErrors."""
-    seen: dict[str, str] = {}
-    for path in inputs:
-        for number, raw in enumerate(iter_lines(path), start=1):
-            if not raw.strip():
-                continue
-            record = parse_record(raw, path, number)
-            require_fields(record, {id_key: str, text_key: str}, path, number, "document")
-            document_id = record[id_key]
-            if document_id in seen:
-                raise InputError(f"document id {document_id!r} appears twice (first at {seen[document_id]})", path, number,
-                                 fix="give every document a unique id")
-            seen[document_id] = f"{path}:{number}"
-            yield document_id, record[text_key]
 
 
 class Shard:

@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 from megadoc_megatron.errors import InputError
-from megadoc_megatron.records import expand_inputs, write_text_atomic
+from megadoc_megatron.files import write_text_atomic
+from megadoc_megatron.jsonl import expand_inputs
 
 STYLE_OF_OPERATION = {"rephrase": "faithful_rephrase", "reformat": "reformat_entries"}
 REWARDS = ("length", "format", "faithfulness", "quality", "influence")
@@ -87,7 +88,7 @@ def build_rewards(args, weights: dict[str, float], device):
 
 
 def _documents(inputs, args, limit: int | None = None):
-    from megadoc_megatron.synth.pipeline import read_documents
+    from megadoc_megatron.jsonl import read_documents
 
     return list(itertools.islice(read_documents(expand_inputs(inputs), args.id_key, args.text_key), limit))
 
@@ -116,9 +117,9 @@ def run_tune(args: argparse.Namespace) -> dict:
     import torch
     from trl import GRPOConfig, GRPOTrainer
 
+    from megadoc_megatron.distributed import shutdown
     from megadoc_megatron.synth.backends import load_chat_tokenizer
     from megadoc_megatron.synth.default_model import DEFAULT_MODEL, default_model_dir
-    from megadoc_megatron.train.distributed import shutdown
 
     weights = parse_weights(args.weights)
     if not weights:

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from megadoc_megatron.errors import InputError
-from megadoc_megatron.records import write_text_atomic
+from megadoc_megatron.files import write_text_atomic
 from megadoc_megatron.train.cuda_on_cpu import megatron_core_on_cpu
 
 TRACKER = "latest_checkpointed_iteration.txt"

@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def check(config, args: argparse.Namespace) -> dict:
-    from megadoc_megatron.train.distributed import launch_environment
+    from megadoc_megatron.distributed import launch_environment
     from megadoc_megatron.train.layout import memory_estimate_gb, plan_layout
 
     batch, length, vocab = args.global_batch_size, args.seq_length, None

@@ -142,8 +142,10 @@ class PortableOptimizer:
     def sharded_state_dict(self, model_sharded_state_dict, is_loading: bool = False, metadata=None):
         """Adam's moments (and FP32 master weights) as sharded tensors named like megatron-core's:
         optimizer.state.{exp_avg,exp_avg_sq,fp32_param}.<parameter>."""
-        from megatron.core.dist_checkpointing.optimizer import (get_param_id_to_sharded_param_map,
-                                                                optim_state_to_sharding_state)
+        from megatron.core.dist_checkpointing.optimizer import (
+            get_param_id_to_sharded_param_map,
+            optim_state_to_sharding_state,
+        )
 
         self._init_state()
         state = self.optimizer.state_dict()
@@ -365,8 +367,7 @@ def _adam_step_kept(parts: list):
 
 def megatron_engine(chunks: list, transformer_config, config, backend: str) -> Engine:
     """megatron-core's DDP, optimizer and pipeline schedules."""
-    from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
-                                           finalize_model_grads)
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.transformer.module import Float16Module

@@ -14,13 +14,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megadoc_megatron.distributed import initialize, launch_environment, shutdown
 from megadoc_megatron.errors import InputError
+from megadoc_megatron.files import write_text_atomic
 from megadoc_megatron.model.gpt import document_packing
-from megadoc_megatron.records import write_text_atomic
 from megadoc_megatron.train import checkpoint
 from megadoc_megatron.train.config import TrainConfig
 from megadoc_megatron.train.data import build_datasets, load_plan, micro_batches
-from megadoc_megatron.train.distributed import initialize, launch_environment, shutdown
 from megadoc_megatron.train.layout import memory_estimate_gb, plan_layout
 from megadoc_megatron.train.metrics import FLOPS_FORMULA, StepLogger, peak_tflops, training_flops
 

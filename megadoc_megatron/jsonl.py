@@ -10,8 +10,6 @@ import glob
 import gzip
 import io
 import json
-import math
-import os
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
@@ -21,34 +19,8 @@ JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 COMPRESSED_SUFFIXES = (".gz", ".zst")
 
 
-def write_text_atomic(path, text: str) -> None:
-    """Write under a temporary name, sync, then rename: readers see the old file or the new one."""
-    path = Path(path)
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # concurrent writers never share it
-    with open(temporary, "w", encoding="utf-8") as stream:
-        stream.write(text)
-        stream.flush()
-        os.fsync(stream.fileno())  # a crash never leaves the new name on a short file
-    os.replace(temporary, path)
-
-
 def is_compressed(path) -> bool:
     return str(path).endswith(COMPRESSED_SUFFIXES)
-
-
-def update_digest(digest, path, whole_up_to: float = math.inf) -> None:
-    """Feed a file to a hash: its size, then its whole content if it holds at most `whole_up_to`
-    bytes, else its first and last MiB (cheap for the large files a content key can skip)."""
-    size = Path(path).stat().st_size
-    digest.update(f"{size}\0".encode())
-    with open(path, "rb") as stream:
-        if size <= whole_up_to:
-            for block in iter(lambda: stream.read(1 << 24), b""):
-                digest.update(block)
-        else:
-            digest.update(stream.read(1 << 20))
-            stream.seek(max(0, size - (1 << 20)))
-            digest.update(stream.read(1 << 20))
 
 
 def expand_inputs(inputs: list[str]) -> list[Path]:
@@ -141,38 +113,45 @@ def parse_record(raw: bytes, path, line: int) -> dict:
     return record
 
 
-# The record schema that travels from synthesis to megadoc assembly.
-#   real document:  {"id": str, "text": str, ...}
-#   generation:     see generation_record below; "split_char" (rationale only) is where in the
-#                   source text the thought goes
-#   megadoc:        {"id": str, "source_id": str, "kind": str, "generation_ids": [str],
-#                    "original_chars": int, "text": str}
-GENERATION_KEYS = {"id": str, "source_id": str, "operation": str, "index": int, "text": str}
-
-
-def generation_record(*, source_id: str, operation: str, index: int, style: str, prompt_version: str,
-                      generator: dict, seed: int, finish_reason: str, prompt_tokens: int, completion_tokens: int,
-                      text: str, source_input: dict, split_char: int | None = None) -> dict:
-    """One generated text and its provenance: which document, operation, prompt (style and a hash of
-    its text), generator (model, backend, sampling), generation index and seed produced it, how the
-    source was fitted into the generator's window (`source_input`), and how generation ended."""
-    record = {"id": f"{source_id}#{operation}{index}", "source_id": source_id, "operation": operation,
-              "index": index, "style": style, "prompt_version": prompt_version, "generator": generator,
-              "seed": seed, "finish_reason": finish_reason, "prompt_tokens": prompt_tokens,
-              "completion_tokens": completion_tokens, "source_input": source_input, "text": text}
-    if split_char is not None:
-        record["split_char"] = split_char
-    return record
+JSON_NAMES = {str: "string", int: "integer", float: "number", list: "list", dict: "object"}
 
 
 def require_fields(record: dict, fields: dict, path, line: int, what: str) -> None:
-    """Each field present with its type, or an InputError naming the file and line."""
+    """The project's one key/type check of a JSONL record: each field present with its type, or an
+    InputError naming the file and line."""
     for key, kind in fields.items():
         if key not in record:
             raise InputError(f"{what} lacks the key {key!r}", path, line, fix=f"give every {what} a {key!r}")
         if not isinstance(record[key], kind) or isinstance(record[key], bool):
-            raise InputError(f"{what} key {key!r} is a JSON {type(record[key]).__name__}, not {kind.__name__}",
-                             path, line, fix=f"store {key!r} as a {kind.__name__}")
+            raise InputError(f"the value of {key!r} is a JSON {type(record[key]).__name__}, not a {JSON_NAMES[kind]}",
+                             path, line, fix=f"store {key!r} as a JSON {JSON_NAMES[kind]}")
+
+
+class UniqueDocuments:
+    """The one check of real documents: an id and a text string each, and every id once."""
+
+    def __init__(self, id_key: str, text_key: str):
+        self.id_key, self.text_key, self.seen = id_key, text_key, {}
+
+    def check(self, record: dict, path, line: int) -> str:
+        """The document's id, or an InputError naming the file and line."""
+        require_fields(record, {self.id_key: str, self.text_key: str}, path, line, "document")
+        document_id = record[self.id_key]
+        if document_id in self.seen:
+            raise InputError(f"document id {document_id!r} appears twice (first at {self.seen[document_id]})", path,
+                             line, fix="give every document a unique id")
+        self.seen[document_id] = f"{path}:{line}"
+        return document_id
+
+
+def read_documents(inputs: list[Path], id_key: str, text_key: str) -> Iterator[tuple[str, str]]:
+    """(id, text) of every real document, in order."""
+    documents = UniqueDocuments(id_key, text_key)
+    for path in inputs:
+        for number, raw in enumerate(iter_lines(path), start=1):
+            if raw.strip():
+                record = parse_record(raw, path, number)
+                yield documents.check(record, path, number), record[text_key]
 
 
 def iter_records_at_offsets(path) -> Iterator[tuple[int, int, dict]]:

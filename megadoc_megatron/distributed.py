@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -69,8 +70,9 @@ def one_cuda_connection(parallel, env=os.environ) -> None:
                          fix="unset it (megadoc train sets it) or export CUDA_DEVICE_MAX_CONNECTIONS=1")
 
 
-def initialize(parallel, launch: LaunchEnvironment | None = None):
-    """torch.distributed (NCCL on GPU, gloo on CPU) and megatron-core's model-parallel groups."""
+def initialize(parallel=None, launch: LaunchEnvironment | None = None):
+    """torch.distributed (NCCL on GPU, gloo on CPU) and megatron-core's model-parallel groups
+    (`parallel`: a ParallelConfig; None: TP = PP = 1). The project's one way to start a group."""
     import torch
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -78,16 +80,34 @@ def initialize(parallel, launch: LaunchEnvironment | None = None):
     launch = launch or launch_environment()
     cuda = torch.cuda.is_available()
     if cuda:
-        one_cuda_connection(parallel)
+        if parallel is not None:
+            one_cuda_connection(parallel)
         torch.cuda.set_device(launch.local_rank)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo", rank=launch.rank, world_size=launch.world_size,
                                 init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
                                 timeout=timedelta(minutes=30))
     parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=parallel.tensor, pipeline_model_parallel_size=parallel.pipeline,
-        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline)
+        tensor_model_parallel_size=parallel.tensor if parallel else 1,
+        pipeline_model_parallel_size=parallel.pipeline if parallel else 1,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline if parallel else None)
     return torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+
+
+@contextmanager
+def single_process():
+    """`initialize` as one process on loopback for the length of a block, unless the caller already
+    has a process group (then the block runs in it)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        yield
+        return
+    initialize(launch=launch_environment({}))
+    try:
+        yield
+    finally:
+        shutdown()
 
 
 def shutdown() -> None:
