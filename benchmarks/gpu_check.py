@@ -183,22 +183,22 @@ def evaluation(check: Check, blend_json: str) -> dict:
     import numpy as np
     import torch
 
+    from megadoc_megatron.blend.datasets import build_datasets, load_checked
     from megadoc_megatron.cli import main as megadoc
     from megadoc_megatron.distributed import shutdown
     from megadoc_megatron.evaluate.losses import evaluation_process_group, load_model, token_losses
     from megadoc_megatron.train.config import load_config
-    from megadoc_megatron.train.data import build_datasets, load_plan
 
     logged = check.megatron["valid"][check.iterations]
-    plan = load_plan(blend_json)
+    blend = load_checked(blend_json)
     config = load_config(check.megatron["path"])
     device = evaluation_process_group()
     try:
         loaded = load_model(check.runs / "megatron", None, device)
-        _, valid = build_datasets(plan, plan["train_samples"], plan["global_batch_size"], config.data)
+        _, valid = build_datasets(blend, blend.train_samples, blend.global_batch_size, config.data.eod_mask_loss)
         micro = config.data.micro_batch_size
         losses = []
-        for start in range(0, plan["global_batch_size"], micro):
+        for start in range(0, blend.global_batch_size, micro):
             tokens = torch.stack([torch.as_tensor(valid[i]["tokens"]) for i in range(start, start + micro)])
             labels = torch.stack([torch.as_tensor(valid[i]["labels"]) for i in range(start, start + micro)])
             sequences = torch.cat([tokens, labels[:, -1:]], dim=1).to(device)
@@ -207,8 +207,7 @@ def evaluation(check: Check, blend_json: str) -> dict:
         same_samples = float(np.mean(losses))
     finally:
         shutdown()
-    held_out = plan["files"].get("per_split_data_args")
-    held_prefix = json.loads(Path(held_out).read_text())["valid"][1]
+    held_prefix = blend.validation_prefixes()[0]
     megadoc(["eval", "loss", str(check.runs / "megatron"), "--data", held_prefix])
     (result_file,) = (check.runs / "megatron" / "eval").glob("loss.*.json")
     command_loss = json.loads(result_file.read_text())["metrics"]["loss"]

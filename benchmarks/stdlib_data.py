@@ -20,7 +20,7 @@ __all__ = ["stdlib_blend", "stdlib_documents"]
 def stdlib_blend(work: Path, seq_length: int, global_batch: int, iterations: int) -> str:
     """blend.json of a real-only blend of `iterations` global batches (the training docstrings,
     repeated as often as that takes), validated on the held-out docstrings."""
-    from megadoc_megatron.data.blend import blend
+    from megadoc_megatron.blend.weights import BlendConfig, make_blend
     from megadoc_megatron.data.preprocess import preprocess
 
     work = Path(work)
@@ -34,7 +34,8 @@ def stdlib_blend(work: Path, seq_length: int, global_batch: int, iterations: int
             preprocess([str(work / f"{split}.jsonl")], str(prefix), "SentencePieceTokenizer",
                        str(work / "tokenizer.model"), append_eod=True, workers=2)
         prefixes[split] = f"{prefix}_text_document"
-    plan = blend([prefixes["train"]], [], 0.0, None, seq_length, global_batch,
-                 work / f"blend-{seq_length}-{global_batch}-{iterations}", valid_data=[prefixes["heldout"]],
-                 train_tokens=iterations * seq_length * global_batch)
-    return plan["files"]["plan"]
+    blend = make_blend(BlendConfig([prefixes["train"]], [], 0.0, None, seq_length, global_batch,
+                                   work / f"blend-{seq_length}-{global_batch}-{iterations}",
+                                   valid_data=[prefixes["heldout"]], train_tokens=iterations * seq_length * global_batch))
+    return blend.files.plan
+

@@ -77,12 +77,11 @@ def run_training(config_path, launch=None, overrides=()):
 @pytest.fixture(scope="module")
 def blend_json(tmp_path_factory, golden_lines, spm_model):
     """A real blend: real, synthetic and held-out datasets from real text and a real tokenizer."""
-    from megadoc_megatron.data.blend import blend
+    from megadoc_megatron.blend.weights import BlendConfig, make_blend
 
     tmp = tmp_path_factory.mktemp("train_data")
     docs = [json.loads(line)["text"] for line in golden_lines]
     spm = ("SentencePieceTokenizer", spm_model)
     real, synthetic, held_out = (make_dataset(tmp, "real", docs[:30], *spm), make_dataset(tmp, "syn", docs[30:50], *spm),
                                  make_dataset(tmp, "held", docs[50:], *spm))
-    plan = blend([real], [synthetic], 0.5, 1, 64, 8, tmp / "blend", valid_data=[held_out])
-    return plan["files"]["plan"]
+    return make_blend(BlendConfig([real], [synthetic], 0.5, 1, 64, 8, tmp / "blend", valid_data=[held_out])).files.plan

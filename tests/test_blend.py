@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from conftest import make_dataset
 
+from megadoc_megatron.blend.datasets import verify_blend
+from megadoc_megatron.blend.weights import Blend, BlendConfig, make_blend
 from megadoc_megatron.cli import main
-from megadoc_megatron.data.blend import blend
-from megadoc_megatron.data.blend_verify import verify_blend
 from megadoc_megatron.errors import InputError
 
 
@@ -31,13 +31,13 @@ def streams(tmp_path_factory, golden_lines, spm_model):
 @pytest.mark.parametrize("epochs", [1, 2, 4, 16])
 def test_realized_real_epochs_are_exact(streams, tmp_path, documents, seq_length, weight, epochs):
     real, synthetic = streams[documents]
-    plan = blend([real], [synthetic], weight, epochs, seq_length, 16, tmp_path)
-    assert plan["train_samples"] % 16 == 0
-    assert plan["synthetic_weight_realized"] >= weight
-    real_row, synthetic_row = verify_blend(plan)
+    blend = make_blend(BlendConfig([real], [synthetic], weight, epochs, seq_length, 16, tmp_path))
+    assert blend.train_samples % 16 == 0
+    assert blend.synthetic_weight_realized >= weight
+    real_row, synthetic_row = verify_blend(blend)
     assert abs(real_row["drawn"] - real_row["samples_in_full_passes"]) <= 1
     assert real_row["all_from_full_passes"]
-    assert abs(real_row["epochs"] - epochs) <= seq_length / plan["datasets"][0]["train_tokens"]
+    assert abs(real_row["epochs"] - epochs) <= seq_length / blend.datasets[0].train_tokens
     assert abs(synthetic_row["drawn"] - synthetic_row["planned"]) <= 1
 
 
@@ -46,11 +46,11 @@ def test_real_only_blend_fills_the_last_batch_from_the_next_pass(streams, tmp_pa
     real, _ = streams["short"]
     assert main(["blend", "--real", real, "-w", "0", "-E", str(epochs), "--seq-length", "128",
                  "--global-batch-size", "16", "--output-dir", str(tmp_path)]) == 0
-    plan = json.loads((tmp_path / "blend.json").read_text())
-    [row] = verify_blend(plan)
-    assert row["drawn"] == row["planned"] == plan["train_samples"]
+    blend = Blend.load(tmp_path / "blend.json")
+    [row] = verify_blend(blend)
+    assert row["drawn"] == row["planned"] == blend.train_samples
     assert 0 <= row["drawn"] - row["samples_in_full_passes"] < 16
-    assert plan["train_iters"] == -(-row["samples_in_full_passes"] // 16)
+    assert blend.train_iters == -(-row["samples_in_full_passes"] // 16)
     if row["drawn"] > row["samples_in_full_passes"]:
         assert f"samples of pass {epochs + 1}" in capsys.readouterr().out
 
@@ -61,20 +61,20 @@ def test_a_token_budget_is_split_w_to_synthetic_as_megatron_core_draws_it(stream
     mix = ["--synthetic", synthetic] if weight else []
     assert main(["blend", "--real", real, *mix, "-w", str(weight), "--train-tokens", "20000", "--seq-length", "64",
                  "--global-batch-size", "8", "--output-dir", str(tmp_path)]) == 0
-    plan = json.loads((tmp_path / "blend.json").read_text())
-    assert plan["train_iters"] == 40 and plan["epochs"] is None  # ceil(20000 / (64 * 8))
-    rows = verify_blend(plan)
+    blend = Blend.load(tmp_path / "blend.json")
+    assert blend.train_iters == 40 and blend.epochs is None  # ceil(20000 / (64 * 8))
+    rows = verify_blend(blend)
     assert [r["stream"] for r in rows] == (["synthetic"] if weight == 1 else ["real", "synthetic"][:1 + bool(weight)])
     drawn = {r["stream"]: r["drawn"] for r in rows}
-    assert sum(drawn.values()) == plan["train_samples"]
-    assert drawn.get("synthetic", 0) / plan["train_samples"] == pytest.approx(weight, abs=1 / plan["train_samples"])
+    assert sum(drawn.values()) == blend.train_samples
+    assert drawn.get("synthetic", 0) / blend.train_samples == pytest.approx(weight, abs=1 / blend.train_samples)
     assert "token budget 20,000" in capsys.readouterr().out
 
 
 def test_several_real_datasets_each_get_exact_epochs(streams, tmp_path):
     (real_long, syn_long), (real_short, _) = streams["long"], streams["short"]
-    plan = blend([real_long, real_short], [syn_long], 0.75, 3, 64, 8, tmp_path)
-    for row in verify_blend(plan)[:2]:
+    blend = make_blend(BlendConfig([real_long, real_short], [syn_long], 0.75, 3, 64, 8, tmp_path))
+    for row in verify_blend(blend)[:2]:
         assert abs(row["drawn"] - row["samples_in_full_passes"]) <= 1 and row["all_from_full_passes"]
 
 
@@ -87,8 +87,8 @@ def test_output_files_are_what_megatron_reads(streams, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "--data-args-path" in printed and "exactly 2 passes" in printed
     prefixes, weights = get_blend_from_list((tmp_path / "data_args.txt").read_text().split())
-    plan = json.loads((tmp_path / "blend.json").read_text())
-    assert prefixes == [d["prefix"] for d in plan["datasets"]] and weights == [d["weight"] for d in plan["datasets"]]
+    blend = Blend.load(tmp_path / "blend.json")
+    assert prefixes == [d.prefix for d in blend.datasets] and weights == [d.weight for d in blend.datasets]
     per_split = json.loads((tmp_path / "per_split_data_args.json").read_text())
     assert sorted(per_split) == ["test", "train", "valid"] and per_split["train"] == (tmp_path / "data_args.txt").read_text().split()
 
@@ -97,10 +97,10 @@ def test_rewritten_dataset_gets_a_new_index_cache(tmp_path, spm_model, golden_li
     docs = [json.loads(line)["text"] for line in golden_lines][:30]
     spm = ("SentencePieceTokenizer", spm_model)
     real, synthetic = make_dataset(tmp_path, "real", docs[:15], *spm), make_dataset(tmp_path, "syn", docs[15:], *spm)
-    first = blend([real], [synthetic], 0.5, 2, 64, 8, tmp_path / "a")["data_cache_path"]
-    assert blend([real], [synthetic], 0.5, 2, 64, 8, tmp_path / "a")["data_cache_path"] == first
+    first = make_blend(BlendConfig([real], [synthetic], 0.5, 2, 64, 8, tmp_path / "a")).data_cache_path
+    assert make_blend(BlendConfig([real], [synthetic], 0.5, 2, 64, 8, tmp_path / "a")).data_cache_path == first
     make_dataset(tmp_path, "real", docs[:14], *spm)  # same prefix, new content
-    assert blend([real], [synthetic], 0.5, 2, 64, 8, tmp_path / "a")["data_cache_path"] != first
+    assert make_blend(BlendConfig([real], [synthetic], 0.5, 2, 64, 8, tmp_path / "a")).data_cache_path != first
 
 
 @pytest.mark.parametrize("weight,epochs,seq_length,message", [
@@ -112,7 +112,7 @@ def test_rewritten_dataset_gets_a_new_index_cache(tmp_path, spm_model, golden_li
 def test_impossible_requests(streams, tmp_path, weight, epochs, seq_length, message):
     real, synthetic = streams["long"]
     with pytest.raises(InputError, match=message):
-        blend([real], [synthetic], weight, epochs, seq_length, 8, tmp_path)
+        make_blend(BlendConfig([real], [synthetic], weight, epochs, seq_length, 8, tmp_path))
 
 
 def test_too_few_samples_per_epoch_for_exact_passes(tmp_path, spm_model, golden_lines):
@@ -123,7 +123,7 @@ def test_too_few_samples_per_epoch_for_exact_passes(tmp_path, spm_model, golden_
     real, synthetic = make_dataset(tmp_path, "real", [text], *spm), make_dataset(tmp_path, "syn", [text] * 4, *spm)
     tokens = len(np.fromfile(f"{real}.bin", dtype=np.uint16))
     with pytest.raises(InputError, match="samples per epoch: too few"):
-        blend([real], [synthetic], 0.5, 4, tokens // 2, 8, tmp_path)
+        make_blend(BlendConfig([real], [synthetic], 0.5, 4, tokens // 2, 8, tmp_path))
 
 
 def test_tokenizer_mismatch(streams, tmp_path, hf_tokenizer, golden_lines):
@@ -131,10 +131,10 @@ def test_tokenizer_mismatch(streams, tmp_path, hf_tokenizer, golden_lines):
     docs = [json.loads(line)["text"] for line in golden_lines][:10]
     other = make_dataset(tmp_path, "hf", docs, "HuggingFaceTokenizer", hf_tokenizer)
     with pytest.raises(InputError, match="different tokenizers"):
-        blend([real], [other], 0.5, 2, 64, 8, tmp_path)
+        make_blend(BlendConfig([real], [other], 0.5, 2, 64, 8, tmp_path))
 
 
 def test_valid_data_needs_the_whole_train_split(streams, tmp_path):
     real, synthetic = streams["long"]
     with pytest.raises(InputError, match="--valid-data needs --split 100,0,0"):
-        blend([real], [synthetic], 0.5, 2, 64, 8, tmp_path, split="98,2,0", valid_data=[real])
+        make_blend(BlendConfig([real], [synthetic], 0.5, 2, 64, 8, tmp_path, split="98,2,0", valid_data=[real]))

@@ -56,8 +56,8 @@ CUTS = {
 
 @pytest.mark.parametrize("name", sorted(CUTS))
 def test_cut_or_mismatched_files_are_refused_by_every_reader(dataset, name, capsys):
-    from megadoc_megatron.data.blend import describe_dataset
-    from megadoc_megatron.train.data import load_plan
+    from megadoc_megatron.blend.datasets import load_checked
+    from megadoc_megatron.blend.weights import Blend, BlendDataset, describe_dataset
 
     suffix, cut, message = CUTS[name]
     path = dataset.with_name(dataset.name + suffix)
@@ -69,10 +69,10 @@ def test_cut_or_mismatched_files_are_refused_by_every_reader(dataset, name, caps
     assert capsys.readouterr().err.strip().startswith(f"megadoc inspect: error: {path}: {message}")
     with pytest.raises(InputError, match=message):
         describe_dataset(str(dataset), "real", "100,0,0")  # megadoc blend
-    plan = dataset.parent / "blend.json"
-    plan.write_text(json.dumps({"datasets": [{"prefix": str(dataset)}], "files": {}}))
+    blend = dataset.parent / "blend.json"
+    Blend(1, 1, 1, 8, 1, None, 0.0, 0.0, 9, 0.0, [BlendDataset(str(dataset), "real", 9, 1, None, "uint16", "")]).save(blend)
     with pytest.raises(InputError, match=message):
-        load_plan(plan)  # megadoc train, before any process group starts
+        load_checked(blend)  # megadoc train, before any process group starts
 
 
 def test_part_files_and_outputs_are_synced_before_they_are_trusted(golden, tmp_path, spm_model, monkeypatch):

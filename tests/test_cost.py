@@ -237,7 +237,7 @@ def experiment_config(tmp_path, hf_tokenizer, spm_model):
 
 
 def test_training_cost_is_6nd_with_d_as_the_blend_computes_it(experiment_config, tmp_path, capsys):
-    from megadoc_megatron.data.blend import blend
+    from megadoc_megatron.blend.weights import BlendConfig, make_blend
     from megadoc_megatron.experiment.config import load_experiment
     from megadoc_megatron.experiment.cost import experiment_costs, parameter_counts
     from megadoc_megatron.experiment.plan import build_graph
@@ -260,8 +260,8 @@ def test_training_cost_is_6nd_with_d_as_the_blend_computes_it(experiment_config,
     n = parameter_counts(ModelConfig(preset="tiny", overrides=OVERRIDES), 8000)["total"]
     for recipe, w, length in (("real", 0.0, {"epochs": 3}), ("stitch_g2", 0.6, {"epochs": 2}),
                               ("budget", 0.5, {"train_tokens": 1000})):
-        iterations = blend([real], [held] if w else [], w, length.get("epochs"), 32, 4, tmp_path / recipe,
-                           train_tokens=length.get("train_tokens"))["train_iters"]
+        iterations = make_blend(BlendConfig([real], [held] if w else [], w, length.get("epochs"), 32, 4, tmp_path / recipe,
+                           train_tokens=length.get("train_tokens"))).train_iters
         row = rows[f"train-{recipe}"]
         assert row["tokens"] == iterations * 4 * 32
         assert row["tokens_basis"] == ("known" if recipe == "budget" else "estimate")

@@ -15,6 +15,7 @@ import pytest
 import yaml
 from conftest import REPO
 
+from megadoc_megatron.blend.weights import Blend
 from megadoc_megatron.data.indexed import read_index
 from megadoc_megatron.data.tokenizer import load_tokenizer
 from megadoc_megatron.errors import InputError
@@ -134,8 +135,8 @@ def test_the_example_runs_every_stage_and_reports(demo):
     for plot in ("loss_vs_generations.png", "loss_vs_position.png"):
         assert (work / "report" / plot).stat().st_size > 10_000
     assert "| real |" in output and "report:" in output
-    plan = json.loads((work / "runs/stitch_g2/blend/blend.json").read_text())
-    assert [d["stream"] for d in plan["datasets"]] == ["real", "synthetic"] and plan["epochs"] == 16
+    blend = Blend.load(work / "runs/stitch_g2/blend/blend.json")
+    assert [d.stream for d in blend.datasets] == ["real", "synthetic"] and blend.epochs == 16
     megadocs = [json.loads(line) for line in next(work.glob("stages/synthetic-stitch-g2.*/megadocs.jsonl")).open()]
     assert len(megadocs) == 6 and all(len(m["generation_ids"]) <= 2 for m in megadocs)
     # the corpus is real text, and the trained tokenizer keeps its layout: decoding gives the text back
@@ -256,9 +257,9 @@ def test_mixture_study_trains_every_share_and_budget_and_fits_each_share(demo):
                          "--set", "train.optimizer.warmup_iters=1", "--set", "eval.long_context=null")
     assert "synth-rephrase" not in started(output)  # the demo's generations
     assert "4 of 4 points finished, 0 needed" in output
-    synthetic_only = json.loads(next(work.glob("stages/train-hq-w1-D12288.*/blend/blend.json")).read_text())
-    assert [d["stream"] for d in synthetic_only["datasets"]] == ["synthetic"]
-    assert synthetic_only["train_iters"] == 6 and synthetic_only["synthetic_weight_realized"] == 1
+    synthetic_only = Blend.load(next(work.glob("stages/train-hq-w1-D12288.*/blend/blend.json")))
+    assert [d.stream for d in synthetic_only.datasets] == ["synthetic"]
+    assert synthetic_only.train_iters == 6 and synthetic_only.synthetic_weight_realized == 1
     summary = json.loads((work / "mixture/mixture.json").read_text())["hq"]
     for weight in ("0", "1"):
         losses = summary["fits"][weight]["losses"]

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
+from megadoc_megatron.blend.weights import BlendConfig, make_blend
 from megadoc_megatron.cli import build_parser, main
-from megadoc_megatron.data.blend import blend
 from megadoc_megatron.data.preprocess import preprocess
 from megadoc_megatron.errors import InputError
 from megadoc_megatron.megadocs import build_megadocs
@@ -134,11 +134,11 @@ def test_blend_counts_the_originals_inside_megadocs(corpus, spm_model):
     spm = dict(tokenizer_type="SentencePieceTokenizer", tokenizer_model=str(spm_model), append_eod=True, workers=1)
     preprocess([str(tmp / "real.jsonl")], str(tmp / "real"), **spm)
     preprocess([str(tmp / "stitch.jsonl")], str(tmp / "stitch"), **spm)
-    plan = blend([str(tmp / "real_text_document")], [str(tmp / "stitch_text_document")], 0.75, 2, 64, 8, tmp / "blend")
+    blend = make_blend(BlendConfig([str(tmp / "real_text_document")], [str(tmp / "stitch_text_document")], 0.75, 2, 64, 8, tmp / "blend"))
     summary = json.loads((tmp / "stitch.jsonl.summary.json").read_text())
     fraction = summary["original_chars"] / summary["chars"]
-    assert plan["datasets"][1]["original_fraction"] == pytest.approx(fraction) and 0.4 < fraction < 0.7
-    assert plan["real_epochs_inside_synthetic"] > 0
+    assert blend.datasets[1].original_fraction == pytest.approx(fraction) and 0.4 < fraction < 0.7
+    assert blend.real_epochs_inside_synthetic > 0
 
 
 def bad(tmp, kind, generations):

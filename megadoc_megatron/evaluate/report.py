@@ -67,13 +67,13 @@ def load_run(path: Path, eval_name: str | None = None) -> Run:
         raise InputError("not a `megadoc train` checkpoint folder", path, fix="pass checkpoint.dir of each run")
     common = _checkpoint_common(checkpoint.iteration_dir(path, iteration))
     config = common["config"]
-    plan = _plan(config["data"]["blend"])
+    blend = _blend(config["data"]["blend"])
     recipe = json.loads((path / "recipe.json").read_text()) if (path / "recipe.json").is_file() else {}
-    real_tokens = sum(d["train_tokens"] for d in plan["datasets"] if d["stream"] == "real") if plan else None
+    real_tokens = blend.real_tokens if blend else None
     name = recipe.get("name") or (path.name if path.name != "ckpt" else path.parent.name)
     run = Run(name, path, recipe.get("recipe", "unknown"),
-              recipe.get("generations"), plan.get("epochs") if plan else None,
-              plan.get("synthetic_weight_requested") if plan else None, config["optimizer"]["lr"],
+              recipe.get("generations"), blend.epochs if blend else None,
+              blend.synthetic_weight_requested if blend else None, config["optimizer"]["lr"],
               config["optimizer"]["weight_decay"], real_tokens)
     iid = latest_result(path, "loss", eval_name)
     run.iid_loss = iid["metrics"]["loss"] if iid else None
@@ -113,10 +113,10 @@ def _largest_ensemble(run_dir: Path, eval_name: str | None) -> list[dict] | None
     return None
 
 
-def _plan(blend: str | None) -> dict:
-    if blend and Path(blend).is_file():
-        return json.loads(Path(blend).read_text())
-    return {}
+def _blend(path: str | None):
+    from megadoc_megatron.blend.weights import Blend
+
+    return Blend.load(path) if path and Path(path).is_file() else None
 
 
 def fit_or_reason(points: list[tuple[float, float]], what: str):

@@ -14,6 +14,7 @@ import shlex
 import time
 from pathlib import Path
 
+from megadoc_megatron.blend.weights import Blend
 from megadoc_megatron.errors import InputError
 from megadoc_megatron.files import write_text_atomic
 
@@ -94,7 +95,7 @@ def lineage(train_folder: Path) -> list[dict]:
     rounds = json.loads((train_folder / "lineage.json").read_text())["rounds"]
     for entry in rounds:
         checkpoint = Path(entry["checkpoint"])
-        planned = json.loads((checkpoint.parent / "blend" / "blend.json").read_text())["train_iters"]
+        planned = Blend.load(checkpoint.parent / "blend" / "blend.json").train_iters
         rows = [json.loads(line) for line in (checkpoint / "metrics.jsonl").read_text().splitlines()]
         entry["iterations"] = latest_iteration(checkpoint)
         entry["planned_iterations"] = planned

@@ -72,14 +72,14 @@ def real_train_tokens(experiment, plan, tokenizer) -> tuple[int, str]:
 
 def train_iterations(experiment, recipe, stage, config, real_tokens) -> tuple[int, str, bool]:
     """(iterations, where they come from, whether that is an estimate) of a train stage."""
-    from megadoc_megatron.data.blend import iterations_for_real_samples, samples_for_epochs
+    from megadoc_megatron.blend.weights import Blend, iterations_for_real_samples, samples_for_epochs
 
     sequence, batch = experiment.blend.seq_length, experiment.blend.global_batch_size
     blend_file = stage.folder / "blend" / "blend.json"
     if config.train_iters:
         return config.train_iters, "train.train_iters", False
     if blend_file.is_file():
-        return json.loads(blend_file.read_text())["train_iters"], "blend.json", False
+        return Blend.load(blend_file).train_iters, "blend.json", False
     if recipe.train_tokens is not None:
         return math.ceil(recipe.train_tokens / (sequence * batch)), "the token budget", False
     tokens, source = real_tokens()

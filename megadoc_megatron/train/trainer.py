@@ -14,13 +14,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megadoc_megatron.blend.datasets import build_datasets, dataset_tokenizer, load_checked
 from megadoc_megatron.distributed import initialize, launch_environment, shutdown
 from megadoc_megatron.errors import InputError
 from megadoc_megatron.files import write_text_atomic
 from megadoc_megatron.model.gpt import document_packing
 from megadoc_megatron.train import checkpoint
 from megadoc_megatron.train.config import TrainConfig
-from megadoc_megatron.train.data import build_datasets, load_plan, micro_batches
+from megadoc_megatron.train.data import micro_batches
 from megadoc_megatron.train.layout import memory_estimate_gb, plan_layout
 from megadoc_megatron.train.metrics import FLOPS_FORMULA, StepLogger, peak_tflops, training_flops
 
@@ -156,25 +157,23 @@ def validation_history(checkpoint_dir: str, up_to: int) -> list[float]:
 
 class Trainer:
     def __init__(self, config: TrainConfig, device: torch.device):
-
-        from megadoc_megatron.data.blend_verify import dataset_tokenizer
         from megadoc_megatron.train.engine import megatron_engine, portable_engine, resolve_engine
 
         self.config, self.device = config, device
         self.engine_name = resolve_engine(config.engine, device)
-        self.plan = load_plan(config.data.blend)
-        self.seq_length, self.global_batch = self.plan["seq_length"], self.plan["global_batch_size"]
+        self.blend = load_checked(config.data.blend)
+        self.seq_length, self.global_batch = self.blend.seq_length, self.blend.global_batch_size
         self.layout = plan_layout(config, dist.get_world_size(), self.global_batch, self.seq_length, config.data.blend)
         self.num_microbatches = self.layout.num_microbatches
-        self.train_iters = config.train_iters or self.plan["train_iters"]
-        if self.train_iters > self.plan["train_iters"]:
-            raise InputError(f"train_iters {self.train_iters} is beyond the blend's {self.plan['train_iters']} "
+        self.train_iters = config.train_iters or self.blend.train_iters
+        if self.train_iters > self.blend.train_iters:
+            raise InputError(f"train_iters {self.train_iters} is beyond the blend's {self.blend.train_iters} "
                              "iterations (its exact epochs)", config.data.blend,
                              fix="leave train_iters unset, or re-plan the blend with more epochs")
-        tokenizer = dataset_tokenizer(self.plan["datasets"][0]["prefix"])
+        tokenizer = dataset_tokenizer(self.blend.datasets[0].prefix)
         if tokenizer.vocab_size is None:
             raise InputError("the dataset has no tokenizer record, so the vocabulary size is unknown",
-                             self.plan["datasets"][0]["prefix"], fix="convert it with `megadoc preprocess`")
+                             self.blend.datasets[0].prefix, fix="convert it with `megadoc preprocess`")
         self.info = {"seq_length": self.seq_length, "vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer.describe()}
         self.memory_gb = memory_estimate_gb(config, self.layout, self.seq_length, tokenizer.vocab_size)
         self.eod = tokenizer.eod if config.data.reset_attention_mask else None
@@ -216,9 +215,9 @@ class Trainer:
         return reduce_loss(reports, self.device), lr, grad_norm, updated
 
     def datasets(self):
-        """(train, valid or None) for this run's plan."""
-        return build_datasets(self.plan, self.plan["train_samples"],
-                              self.config.logging.eval_iters * self.global_batch, self.config.data)
+        """(train, valid or None) for this run's blend."""
+        return build_datasets(self.blend, self.blend.train_samples,
+                              self.config.logging.eval_iters * self.global_batch, self.config.data.eod_mask_loss)
 
     def validation_loss(self, valid) -> float:
         samples = self.config.logging.eval_iters * self.global_batch
@@ -407,8 +406,8 @@ def train(config: TrainConfig, launch=None) -> dict:
     from megadoc_megatron.train.engine import resolve_engine
 
     launch = launch or launch_environment()
-    plan = load_plan(config.data.blend)
-    plan_layout(config, launch.world_size, plan["global_batch_size"], plan["seq_length"], config.data.blend)
+    blend = load_checked(config.data.blend)
+    plan_layout(config, launch.world_size, blend.global_batch_size, blend.seq_length, config.data.blend)
     device = initialize(config.parallel, launch)
     try:
         with megatron_core_on_cpu() if resolve_engine(config.engine, device) == "megatron" else nullcontext():

@@ -1,4 +1,4 @@
-"""`megadoc blend`: Megatron blend weights and a train length that realize a mixing weight w for
+"""Megatron blend weights and a train length that realize a mixing weight w for
 the synthetic stream and exactly E passes over the real training data (or, with --train-tokens,
 a token budget split w : 1 - w, for mixture studies; w = 1 trains on synthetic data only).
 
@@ -18,7 +18,6 @@ so that ceil(N * w_real) = S(E) whatever rounding the normalization does.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -49,6 +48,87 @@ class BlendDataset:
     weight: float = 0.0
     samples: int = 0
     epochs: float = 0.0
+
+
+@dataclass
+class BlendFiles:
+    data_args: str                          # data_args.txt: Megatron-LM's --data-args-path
+    plan: str                               # this blend.json
+    per_split_data_args: str | None = None  # with held-out data: Megatron-LM's --per-split-data-args-path
+
+
+@dataclass
+class Blend:
+    """blend.json, written by `megadoc blend` and read by training, evaluation, the report and `megadoc run`."""
+    train_samples: int
+    train_iters: int
+    global_batch_size: int
+    seq_length: int
+    epochs: int | None  # exact passes over the real data, or None for a token budget
+    train_tokens: int | None  # the token budget, or None for exact epochs
+    synthetic_weight_requested: float
+    synthetic_weight_realized: float
+    real_tokens_per_epoch: int
+    real_epochs_inside_synthetic: float
+    datasets: list[BlendDataset]  # those drawn from (weight above 0)
+    split: str = "100,0,0"
+    seed: int = 1234
+    data_cache_path: str = ""
+    files: BlendFiles | None = None
+    megatron_flags: str = ""
+
+    def to_dict(self) -> dict:
+        values = asdict(self)
+        if values["files"] and values["files"]["per_split_data_args"] is None:
+            del values["files"]["per_split_data_args"]
+        return values
+
+    def save(self, path) -> None:
+        write_text_atomic(path, json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path) -> "Blend":
+        path = Path(path)
+        if not path.is_file():
+            raise InputError("blend file not found", path, fix="run `megadoc blend ... --output-dir DIR` and use DIR/blend.json")
+        try:
+            values = json.loads(path.read_text())
+            values["datasets"] = [BlendDataset(**d) for d in values["datasets"]]
+            values["files"] = BlendFiles(**values["files"]) if values.get("files") else None
+            return cls(**values)
+        except (json.JSONDecodeError, KeyError, TypeError) as error:
+            raise InputError(f"not a blend.json of `megadoc blend` ({error})", path,
+                             fix="rerun `megadoc blend` to write it again") from None
+
+    @property
+    def real_tokens(self) -> int:
+        return sum(d.train_tokens for d in self.datasets if d.stream == "real")
+
+    def train_blend(self) -> tuple[list[str], list[float]]:
+        """Megatron's (prefixes, weights) of the training data."""
+        return [d.prefix for d in self.datasets], [d.weight for d in self.datasets]
+
+    def validation_prefixes(self) -> list[str]:
+        per_split = self.files.per_split_data_args if self.files else None
+        if not per_split:
+            return []
+        return json.loads(Path(per_split).read_text())["valid"][1::2]
+
+
+@dataclass
+class BlendConfig:
+    """The settings of `megadoc blend`."""
+    real: list[str]                  # real dataset prefixes
+    synthetic: list[str] | None      # synthetic dataset prefixes (none: a real-only run)
+    synthetic_weight: float          # mixing weight w of the synthetic stream
+    epochs: int | None               # exact passes over the real training data, or
+    seq_length: int
+    global_batch_size: int
+    output_dir: str
+    split: str = "100,0,0"           # Megatron's train,valid,test split of every dataset
+    seed: int = 1234                 # Megatron's --seed (it shuffles the datasets)
+    valid_data: list[str] | None = None  # held-out dataset prefixes
+    train_tokens: int | None = None  # instead of epochs: a budget of training tokens
 
 
 def split_fractions(split: str) -> list[float]:
@@ -155,8 +235,8 @@ def _check(datasets: list[BlendDataset], synthetic_weight: float, epochs: int | 
                          fix="convert every stream with the same --tokenizer-type/--tokenizer-model")
 
 
-def plan_blend(real: list[BlendDataset], synthetic: list[BlendDataset], synthetic_weight: float, epochs: int | None,
-               sequence_length: int, global_batch_size: int, train_tokens: int | None = None) -> dict:
+def weigh(real: list[BlendDataset], synthetic: list[BlendDataset], synthetic_weight: float, epochs: int | None,
+          sequence_length: int, global_batch_size: int, train_tokens: int | None = None) -> Blend:
     """Weights, train samples and iterations; fills in each dataset's weight, samples and epochs.
 
     With epochs: exactly E passes over the real data. Without synthetic data (w = 0) the real
@@ -175,19 +255,13 @@ def plan_blend(real: list[BlendDataset], synthetic: list[BlendDataset], syntheti
         dataset.epochs = dataset.samples * sequence_length / dataset.train_tokens
     real_tokens = sum(d.train_tokens for d in real)
     extra_real_tokens = sum(d.samples * sequence_length * d.original_fraction for d in synthetic)
-    return {
-        "train_samples": train_samples,
-        "train_iters": train_samples // global_batch_size,
-        "global_batch_size": global_batch_size,
-        "seq_length": sequence_length,
-        "epochs": epochs,
-        "train_tokens": train_tokens,
-        "synthetic_weight_requested": synthetic_weight,
-        "synthetic_weight_realized": sum(d.samples for d in synthetic) / train_samples,
-        "real_tokens_per_epoch": real_tokens,
-        "real_epochs_inside_synthetic": extra_real_tokens / real_tokens,
-        "datasets": [asdict(d) for d in real + synthetic if d.weight > 0],
-    }
+    return Blend(
+        train_samples=train_samples, train_iters=train_samples // global_batch_size,
+        global_batch_size=global_batch_size, seq_length=sequence_length, epochs=epochs, train_tokens=train_tokens,
+        synthetic_weight_requested=synthetic_weight,
+        synthetic_weight_realized=sum(d.samples for d in synthetic) / train_samples,
+        real_tokens_per_epoch=real_tokens, real_epochs_inside_synthetic=extra_real_tokens / real_tokens,
+        datasets=[d for d in real + synthetic if d.weight > 0])
 
 
 def _share(datasets: list[BlendDataset], share: float, train_samples: int) -> None:
@@ -219,107 +293,75 @@ def _weigh_for_epochs(real: list[BlendDataset], synthetic_weight: float, epochs:
     return train_samples
 
 
-def cache_folder(output_dir: Path, plan: dict, split: str, seed: int) -> Path:
+def cache_folder(output_dir: Path, blend: Blend, split: str, seed: int) -> Path:
     """Megatron keys its index cache by path and settings, not by content: key ours by content too."""
-    key = json.dumps([[d["prefix"], d["content"]] for d in plan["datasets"]] + [split, seed])
+    key = json.dumps([[d.prefix, d.content] for d in blend.datasets] + [split, seed])
     return output_dir / "index-cache" / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def data_args(plan: dict) -> list[str]:
-    return [item for d in plan["datasets"] for item in (repr(d["weight"]), d["prefix"])]
+def data_args(blend: Blend) -> list[str]:
+    return [item for d in blend.datasets for item in (repr(d.weight), d.prefix)]
 
 
-def megatron_flags(plan: dict, files: dict) -> str:
-    flags = [f"--data-args-path {files['data_args']}", f"--split {plan['split']}",
-             f"--seq-length {plan['seq_length']}", f"--global-batch-size {plan['global_batch_size']}",
-             f"--train-iters {plan['train_iters']}", f"--seed {plan['seed']}",
-             f"--data-cache-path {plan['data_cache_path']}"]
+def megatron_flags(blend: Blend) -> str:
+    flags = [f"--data-args-path {blend.files.data_args}", f"--split {blend.split}",
+             f"--seq-length {blend.seq_length}", f"--global-batch-size {blend.global_batch_size}",
+             f"--train-iters {blend.train_iters}", f"--seed {blend.seed}",
+             f"--data-cache-path {blend.data_cache_path}"]
     return " ".join(flags)
 
 
-def format_plan(plan: dict) -> str:
-    lines = [f"{plan['train_iters']:,} iterations x {plan['global_batch_size']} sequences = "
-             f"{plan['train_samples']:,} samples of {plan['seq_length'] + 1} tokens",
-             f"synthetic weight: {plan['synthetic_weight_realized']:.4f} realized "
-             f"({plan['synthetic_weight_requested']} requested; the train length is a whole number of batches)",
+def format_blend(blend: Blend) -> str:
+    lines = [f"{blend.train_iters:,} iterations x {blend.global_batch_size} sequences = "
+             f"{blend.train_samples:,} samples of {blend.seq_length + 1} tokens",
+             f"synthetic weight: {blend.synthetic_weight_realized:.4f} realized "
+             f"({blend.synthetic_weight_requested} requested; the train length is a whole number of batches)",
              f"{'stream':<10} {'weight':>8} {'samples':>12} {'train tokens':>14} {'epochs':>8}  dataset"]
-    for d in plan["datasets"]:
-        lines.append(f"{d['stream']:<10} {d['weight']:>8.4f} {d['samples']:>12,} {d['train_tokens']:>14,} "
-                     f"{d['epochs']:>8.3f}  {d['prefix']}")
-    if plan["epochs"] is None:
-        real = sum(d["samples"] for d in plan["datasets"] if d["stream"] == "real") * plan["seq_length"]
-        lines.append(f"token budget {plan['train_tokens']:,} ({plan['train_samples'] * plan['seq_length']:,} in whole "
-                     f"batches): {real / plan['real_tokens_per_epoch']:.3f} passes over the real data, not exact")
+    for d in blend.datasets:
+        lines.append(f"{d.stream:<10} {d.weight:>8.4f} {d.samples:>12,} {d.train_tokens:>14,} "
+                     f"{d.epochs:>8.3f}  {d.prefix}")
+    if blend.epochs is None:
+        real = sum(d.samples for d in blend.datasets if d.stream == "real") * blend.seq_length
+        lines.append(f"token budget {blend.train_tokens:,} ({blend.train_samples * blend.seq_length:,} in whole "
+                     f"batches): {real / blend.real_tokens_per_epoch:.3f} passes over the real data, not exact")
         return "\n".join(lines)
-    extra = plan["train_samples"] - sum(samples_for_epochs(d["train_tokens"], plan["epochs"], plan["seq_length"])
-                                        for d in plan["datasets"])
-    if plan["synthetic_weight_requested"] == 0 and extra:
-        lines.append(f"real data only: {plan['epochs']} passes, then {extra} samples of pass {plan['epochs'] + 1} "
+    extra = blend.train_samples - sum(samples_for_epochs(d.train_tokens, blend.epochs, blend.seq_length)
+                                      for d in blend.datasets)
+    if blend.synthetic_weight_requested == 0 and extra:
+        lines.append(f"real data only: {blend.epochs} passes, then {extra} samples of pass {blend.epochs + 1} "
                      "(shuffled apart, after them) to fill the last batch")
         return "\n".join(lines)
-    lines.append(f"real data: exactly {plan['epochs']} passes in the real stream"
-                 + (f", plus {plan['real_epochs_inside_synthetic']:.3f} epochs' worth of tokens as originals "
+    lines.append(f"real data: exactly {blend.epochs} passes in the real stream"
+                 + (f", plus {blend.real_epochs_inside_synthetic:.3f} epochs' worth of tokens as originals "
                     "inside the synthetic stream (estimated from characters)"
-                    if plan["real_epochs_inside_synthetic"] else ""))
+                    if blend.real_epochs_inside_synthetic else ""))
     return "\n".join(lines)
 
 
-def blend(real: list[str], synthetic: list[str] | None, synthetic_weight: float, epochs: int | None, seq_length: int,
-          global_batch_size: int, output_dir, split: str = "100,0,0", seed: int = 1234,
-          valid_data: list[str] | None = None, train_tokens: int | None = None) -> dict:
-    """Plan the blend and write `data_args.txt`, `blend.json` (and `per_split_data_args.json`)."""
-    synthetic = synthetic or []
-    if not real:
+def make_blend(config: BlendConfig) -> Blend:
+    """Weigh the datasets and write `data_args.txt`, `blend.json` (and `per_split_data_args.json`)."""
+    synthetic = config.synthetic or []
+    if not config.real:
         raise InputError("give at least one real dataset", fix="pass --real PREFIX")
-    datasets = [describe_dataset(p, "real", split) for p in real] + [describe_dataset(p, "synthetic", split) for p in synthetic]
-    plan = plan_blend(datasets[:len(real)], datasets[len(real):], synthetic_weight, epochs, seq_length,
-                      global_batch_size, train_tokens)
-    output_dir = Path(output_dir)
+    datasets = [describe_dataset(p, "real", config.split) for p in config.real] + \
+        [describe_dataset(p, "synthetic", config.split) for p in synthetic]
+    blend = weigh(datasets[:len(config.real)], datasets[len(config.real):], config.synthetic_weight, config.epochs,
+                  config.seq_length, config.global_batch_size, config.train_tokens)
+    output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    plan.update(split=split, seed=seed, data_cache_path=str(cache_folder(output_dir.resolve(), plan, split, seed)))
-    files = {"data_args": str((output_dir / "data_args.txt").resolve()), "plan": str((output_dir / "blend.json").resolve())}
-    write_text_atomic(Path(files["data_args"]), " ".join(data_args(plan)) + "\n")
-    if valid_data:
-        if split_fractions(split)[0] != 1.0:
+    blend.split, blend.seed = config.split, config.seed
+    blend.data_cache_path = str(cache_folder(output_dir.resolve(), blend, config.split, config.seed))
+    blend.files = BlendFiles(data_args=str((output_dir / "data_args.txt").resolve()),
+                             plan=str((output_dir / "blend.json").resolve()))
+    write_text_atomic(Path(blend.files.data_args), " ".join(data_args(blend)) + "\n")
+    if config.valid_data:
+        if split_fractions(config.split)[0] != 1.0:
             raise InputError("--valid-data needs --split 100,0,0 (the held-out data replaces the split)",
                              fix="drop --valid-data or use --split 100,0,0")
-        held_out = [item for p in valid_data for item in ("1.0", str(Path(p).resolve()))]
-        files["per_split_data_args"] = str((output_dir / "per_split_data_args.json").resolve())
-        write_text_atomic(Path(files["per_split_data_args"]),
-                      json.dumps({"train": data_args(plan), "valid": held_out, "test": held_out}, indent=2) + "\n")
-    plan["files"] = files
-    plan["megatron_flags"] = megatron_flags(plan, files)
-    write_text_atomic(Path(files["plan"]), json.dumps(plan, indent=2) + "\n")
-    return plan
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--real", nargs="+", required=True, help="real dataset prefixes (..._text_document)")
-    parser.add_argument("--synthetic", nargs="+", default=[], help="synthetic dataset prefixes (none: a real-only run)")
-    parser.add_argument("--synthetic-weight", "-w", type=float, required=True,
-                        help="mixing weight w of the synthetic stream (0 for a real-only run)")
-    length = parser.add_mutually_exclusive_group(required=True)
-    length.add_argument("--epochs", "-E", type=int, help="exact passes over the real training data")
-    length.add_argument("--train-tokens", type=int,
-                        help="instead, a budget of training tokens, w of them synthetic (w may be 1: no real data)")
-    parser.add_argument("--seq-length", type=int, required=True)
-    parser.add_argument("--global-batch-size", type=int, required=True)
-    parser.add_argument("--split", default="100,0,0", help="Megatron's train,valid,test split of every dataset")
-    parser.add_argument("--seed", type=int, default=1234, help="Megatron's --seed (it shuffles the datasets)")
-    parser.add_argument("--valid-data", nargs="+", help="held-out dataset prefixes: also write per_split_data_args.json")
-    parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--verify", action="store_true",
-                        help="build the blend with megatron-core's BlendedMegatronDatasetBuilder and report what it draws")
-
-
-def run(args: argparse.Namespace) -> dict:
-    plan = blend(args.real, args.synthetic, args.synthetic_weight, args.epochs, args.seq_length,
-                 args.global_batch_size, args.output_dir, args.split, args.seed, args.valid_data, args.train_tokens)
-    print(format_plan(plan))
-    print(f"wrote {', '.join(plan['files'].values())}")
-    print(f"Megatron-LM flags: {plan['megatron_flags']}")
-    if args.verify:
-        from megadoc_megatron.data.blend_verify import format_verification, verify_blend
-
-        print(format_verification(verify_blend(plan)))
-    return plan
+        held_out = [item for p in config.valid_data for item in ("1.0", str(Path(p).resolve()))]
+        blend.files.per_split_data_args = str((output_dir / "per_split_data_args.json").resolve())
+        write_text_atomic(Path(blend.files.per_split_data_args),
+                          json.dumps({"train": data_args(blend), "valid": held_out, "test": held_out}, indent=2) + "\n")
+    blend.megatron_flags = megatron_flags(blend)
+    blend.save(blend.files.plan)
+    return blend
