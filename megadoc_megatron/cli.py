@@ -16,7 +16,7 @@ STAGES = {
     "preprocess": ("megadoc_megatron.data.preprocess", "tokenize JSONL into Megatron indexed datasets (.bin/.idx)"),
     "merge": ("megadoc_megatron.data.merge", "join indexed datasets in order (the shards of a preprocess array)"),
     "inspect": ("megadoc_megatron.data.inspect", "summarize an indexed dataset and decode a document"),
-    "megadocs": ("megadoc_megatron.megadocs", "assemble the synthetic stream: simple, stitch or stretch megadocs"),
+    "megadocs": ("megadoc_megatron.megadocs.command", "assemble the synthetic stream: simple, stitch or stretch megadocs"),
     "blend": ("megadoc_megatron.blend.command", "weights and train length for a mixing weight w and exactly E real epochs"),
     "train": ("megadoc_megatron.train.command", "pre-train the GPT on a blend with megatron-core (TP/PP/DP, checkpoints)"),
     "eval": ("megadoc_megatron.evaluate.command", "evaluate checkpoints (i.i.d., long-context, ensemble loss, lm-eval accuracy); fit scaling laws"),

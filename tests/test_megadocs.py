@@ -6,10 +6,10 @@ import json
 import pytest
 
 from megadoc_megatron.blend.weights import BlendConfig, make_blend
-from megadoc_megatron.cli import build_parser, main
+from megadoc_megatron.cli import main
 from megadoc_megatron.data.preprocess import preprocess
 from megadoc_megatron.errors import InputError
-from megadoc_megatron.megadocs import build_megadocs
+from megadoc_megatron.megadocs.assemble import MegadocsConfig, build_megadocs
 
 G = 3
 
@@ -73,9 +73,8 @@ def test_max_generations_takes_the_first_of_each_document_and_rejects_are_skippe
     assert json.loads((tmp / "stitch.jsonl.summary.json").read_text())["generations_per_document"] == 2
     assert "REJECTED-TEXT" not in json.dumps(rows)
     with pytest.raises(InputError, match="not possible for stretch"):
-        build_megadocs(build_parser().parse_args(["megadocs", "--kind", "stretch", "--real", str(tmp / "real.jsonl"),
-                                                  "--generations", str(tmp / "rationales.jsonl"), "--output",
-                                                  str(tmp / "s.jsonl"), "--max-generations", "1"]))
+        build_megadocs(MegadocsConfig("stretch", [str(tmp / "real.jsonl")], [str(tmp / "rationales.jsonl")],
+                                      str(tmp / "s.jsonl"), max_generations=1))
 
 
 @pytest.mark.parametrize("position", ["front", "none"])
@@ -143,10 +142,9 @@ def test_blend_counts_the_originals_inside_megadocs(corpus, spm_model):
 
 def bad(tmp, kind, generations):
     write_jsonl(tmp / "bad.jsonl", generations)
-    args = build_parser().parse_args(["megadocs", "--kind", kind, "--real", str(tmp / "real.jsonl"), "--generations",
-                                      str(tmp / "bad.jsonl"), "--output", str(tmp / "out.jsonl")])
+    config = MegadocsConfig(kind, [str(tmp / "real.jsonl")], [str(tmp / "bad.jsonl")], str(tmp / "out.jsonl"))
     with pytest.raises(InputError) as caught:
-        build_megadocs(args)
+        build_megadocs(config)
     assert not (tmp / "out.jsonl").exists()
     return caught.value
 

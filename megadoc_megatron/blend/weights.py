@@ -159,14 +159,15 @@ def content_fingerprint(prefix) -> str:
 
 def original_fraction(meta: dict) -> float:
     """Share of characters that are real documents, from the megadocs summaries of the inputs."""
+    from megadoc_megatron.megadocs.assemble import MegadocsSummary
+
     chars = originals = 0
     for source in meta.get("inputs", []):
-        summary = Path(f"{source}.summary.json")
-        if not summary.is_file():
+        if not MegadocsSummary.path_of(source).is_file():
             return 0.0
-        counts = json.loads(summary.read_text())
-        chars += counts["chars"]
-        originals += counts["original_chars"]
+        summary = MegadocsSummary.load(source)
+        chars += summary.chars
+        originals += summary.original_chars
     return originals / chars if chars else 0.0
 
 

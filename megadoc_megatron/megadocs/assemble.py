@@ -1,4 +1,4 @@
-"""`megadoc megadocs`: assemble the synthetic stream from real documents and generation records.
+"""Assemble the synthetic stream from real documents and generation records.
 
 - simple:  every rephrase is its own document (plus the original, unless --original none),
            shuffled across the corpus with --seed.
@@ -13,20 +13,18 @@ temporary file), so memory holds ids and offsets, never the generated texts.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import random
 import shutil
-import sys
 import tempfile
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from megadoc_megatron.data.tokenizer import TOKENIZER_TYPES, load_tokenizer
+from megadoc_megatron.data.tokenizer import load_tokenizer
 from megadoc_megatron.errors import InputError
 from megadoc_megatron.files import write_text_atomic
 from megadoc_megatron.jsonl import (
@@ -42,6 +40,65 @@ from megadoc_megatron.synth.records import GENERATION_KEYS
 
 KINDS = ("simple", "stitch", "stretch")
 OPERATIONS_OF_KIND = {"simple": ("rephrase", "textbook"), "stitch": ("rephrase",), "stretch": ("rationale",)}
+
+
+@dataclass
+class MegadocsConfig:
+    """The settings of `megadoc megadocs`."""
+    kind: str                             # simple | stitch | stretch
+    real: list[str]                       # real documents: JSONL files, globs or folders
+    generations: list[str]                # generation records of `megadoc synth`
+    output: str                           # output JSONL (its .summary.json is written beside it)
+    original: str = "back"                # stitch: back | front | none; simple: none leaves it out
+    separator: str = "\n\n"               # stitch: text between the parts
+    order: str = "index"                  # stitch: index | shuffle
+    seed: int = 0
+    think_open: str = "<think>"
+    think_close: str = "</think>"
+    max_generations: int | None = None    # simple/stitch: only generations with index below this
+    allow_uneven: bool = False            # accept documents with other numbers of generations
+    id_key: str = "id"
+    text_key: str = "text"
+    tokenizer_type: str | None = None     # report token lengths with this tokenizer
+    tokenizer_model: str | None = None
+
+
+@dataclass
+class Megadoc:
+    """One output record (megadocs.jsonl): a megadoc, a simple rephrase, or an original."""
+    id: str
+    source_id: str
+    kind: str  # simple | original | stitch | stretch
+    generation_ids: list[str]
+    original_chars: int  # characters of real text inside it
+    text: str
+
+
+@dataclass
+class MegadocsSummary:
+    """OUTPUT.summary.json: what was assembled; `megadoc blend` reads the share of real text from it."""
+    documents: int
+    chars: int
+    original_chars: int
+    chars_per_document: dict
+    tokens_per_document: dict | None
+    kind: str = ""
+    sources: int = 0
+    generations_per_document: int = 0
+    generations: int = 0
+    output: str = ""
+    settings: dict = field(default_factory=dict)
+
+    @staticmethod
+    def path_of(output) -> Path:
+        return Path(f"{output}.summary.json")
+
+    def save(self) -> None:
+        write_text_atomic(self.path_of(self.output), json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, output) -> "MegadocsSummary":
+        return cls(**json.loads(cls.path_of(output).read_text()))
 
 
 @dataclass(frozen=True)
@@ -175,30 +232,26 @@ def _stretch_splits(source: str, text: str, generations: list[Generation]) -> li
     return ordered
 
 
-def _megadoc_rows(store, real, generations, args):
+def _megadoc_rows(store, real, generations, config: MegadocsConfig):
     """Yield the output records (before the global shuffle of `simple`)."""
     for source, pointer in real.items():
-        original = store.read(pointer)[args.text_key]
+        original = store.read(pointer)[config.text_key]
         gens = generations.get(source, [])
-        if args.kind == "simple":
-            for g in _ordered(gens, "index", args.seed, source):
-                yield {"id": g.id, "source_id": source, "kind": "simple", "generation_ids": [g.id],
-                       "original_chars": 0, "text": store.read(g.pointer)["text"]}
-            if args.original != "none":
-                yield {"id": f"{source}#original", "source_id": source, "kind": "original", "generation_ids": [],
-                       "original_chars": len(original), "text": original}
-        elif args.kind == "stitch":
-            ordered = _ordered(gens, args.order, args.seed, source)
+        if config.kind == "simple":
+            for g in _ordered(gens, "index", config.seed, source):
+                yield Megadoc(g.id, source, "simple", [g.id], 0, store.read(g.pointer)["text"])
+            if config.original != "none":
+                yield Megadoc(f"{source}#original", source, "original", [], len(original), original)
+        elif config.kind == "stitch":
+            ordered = _ordered(gens, config.order, config.seed, source)
             text, original_chars = stitch(original, [store.read(g.pointer)["text"] for g in ordered],
-                                          args.original, args.separator)
-            yield {"id": f"{source}#stitch", "source_id": source, "kind": "stitch",
-                   "generation_ids": [g.id for g in ordered], "original_chars": original_chars, "text": text}
+                                          config.original, config.separator)
+            yield Megadoc(f"{source}#stitch", source, "stitch", [g.id for g in ordered], original_chars, text)
         else:
             ordered = _stretch_splits(source, original, gens)
             text = stretch(original, [(g.split_char, store.read(g.pointer)["text"]) for g in ordered],
-                           args.think_open, args.think_close)
-            yield {"id": f"{source}#stretch", "source_id": source, "kind": "stretch",
-                   "generation_ids": [g.id for g in ordered], "original_chars": len(original), "text": text}
+                           config.think_open, config.think_close)
+            yield Megadoc(f"{source}#stretch", source, "stretch", [g.id for g in ordered], len(original), text)
 
 
 def _length_stats(lengths: list[int]) -> dict:
@@ -209,33 +262,35 @@ def _length_stats(lengths: list[int]) -> dict:
             "p90": float(np.percentile(values, 90)), "max": int(values.max()), "total": int(values.sum())}
 
 
-def build_megadocs(args: argparse.Namespace) -> dict:
-    output = Path(args.output)
+def build_megadocs(config: MegadocsConfig) -> MegadocsSummary:
+    """Write the megadocs of `config.kind` to `config.output` (atomically) and its summary beside it."""
+    output = Path(config.output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    tokenizer = load_tokenizer(args.tokenizer_type, args.tokenizer_model) if args.tokenizer_type else None
+    tokenizer = load_tokenizer(config.tokenizer_type, config.tokenizer_model) if config.tokenizer_type else None
     with tempfile.TemporaryDirectory(dir=output.parent, prefix=f".{output.name}.") as spool:
         store = RecordStore(Path(spool))
         try:
-            real = _index_real(store, expand_inputs(args.real), args.id_key, args.text_key)
-            if args.max_generations is not None and (args.kind == "stretch" or args.max_generations < 1):
-                raise InputError(f"--max-generations {args.max_generations} is not possible for {args.kind} megadocs",
+            real = _index_real(store, expand_inputs(config.real), config.id_key, config.text_key)
+            if config.max_generations is not None and (config.kind == "stretch" or config.max_generations < 1):
+                raise InputError(f"--max-generations {config.max_generations} is not possible for {config.kind} megadocs",
                                  fix="give a positive number; stretch megadocs take every rationale (generate with -G N)")
-            generations = _index_generations(store, expand_inputs(args.generations), args.kind, real,
-                                             args.max_generations)
-            per_document = _check_uniform(real, generations, args.allow_uneven)
-            rows = _megadoc_rows(store, real, generations, args)
-            if args.kind == "simple":  # shuffle across the corpus: keep offsets, not texts
-                rows = _shuffled(rows, Path(spool), args.seed)
+            generations = _index_generations(store, expand_inputs(config.generations), config.kind, real,
+                                             config.max_generations)
+            per_document = _check_uniform(real, generations, config.allow_uneven)
+            rows = _megadoc_rows(store, real, generations, config)
+            if config.kind == "simple":  # shuffle across the corpus: keep offsets, not texts
+                rows = _shuffled(rows, Path(spool), config.seed)
             temporary = Path(spool) / "megadocs.jsonl"
-            summary = _write(rows, temporary, tokenizer)
+            counts = _write(rows, temporary, tokenizer)
             os.replace(temporary, output)
         finally:
             store.close()
-    summary.update(kind=args.kind, sources=len(real), generations_per_document=per_document,
-                   generations=sum(len(g) for g in generations.values()), output=str(output),
-                   settings={k: getattr(args, k) for k in ("original", "separator", "order", "seed", "think_open",
-                                                           "think_close", "allow_uneven", "max_generations")})
-    write_text_atomic(f"{output}.summary.json", json.dumps(summary, indent=2) + "\n")
+    summary = MegadocsSummary(
+        **counts, kind=config.kind, sources=len(real), generations_per_document=per_document,
+        generations=sum(len(g) for g in generations.values()), output=str(output),
+        settings={k: getattr(config, k) for k in ("original", "separator", "order", "seed", "think_open",
+                                                "think_close", "allow_uneven", "max_generations")})
+    summary.save()
     return summary
 
 
@@ -245,11 +300,11 @@ def _shuffled(rows, spool: Path, seed: int):
     with open(unshuffled, "wb") as out:
         for row in rows:
             offsets.append(out.tell())
-            out.write(json.dumps(row, ensure_ascii=False).encode() + b"\n")
+            out.write(json.dumps(asdict(row), ensure_ascii=False).encode() + b"\n")
     random.Random(seed).shuffle(offsets)
     with open(unshuffled, "rb") as stream:
         for offset in offsets:
-            yield read_record_at(stream, offset)
+            yield Megadoc(**read_record_at(stream, offset))
 
 
 def _write(rows, path: Path, tokenizer, batch: int = 256) -> dict:
@@ -261,11 +316,11 @@ def _write(rows, path: Path, tokenizer, batch: int = 256) -> dict:
 
     with open(path, "w", encoding="utf-8") as out:
         for row in rows:
-            out.write(json.dumps(row, ensure_ascii=False) + "\n")
-            chars.append(len(row["text"]))
-            originals += row["original_chars"]
+            out.write(json.dumps(asdict(row), ensure_ascii=False) + "\n")
+            chars.append(len(row.text))
+            originals += row.original_chars
             if tokenizer is not None:
-                pending.append(row["text"])
+                pending.append(row.text)
                 if len(pending) >= batch:
                     count_tokens()
     if tokenizer is not None and pending:
@@ -273,43 +328,3 @@ def _write(rows, path: Path, tokenizer, batch: int = 256) -> dict:
     return {"documents": len(chars), "chars": sum(chars), "original_chars": originals,
             "chars_per_document": _length_stats(chars),
             "tokens_per_document": _length_stats(tokens) if tokenizer is not None else None}
-
-
-def format_summary(summary: dict) -> str:
-    lines = [f"{summary['kind']}: {summary['documents']:,} documents from {summary['sources']:,} sources and "
-             f"{summary['generations']:,} generations (G = {summary['generations_per_document']}) -> {summary['output']}",
-             f"originals make up {summary['original_chars'] / max(summary['chars'], 1):.1%} of the characters"]
-    for unit in ("tokens", "chars"):
-        stats = summary.get(f"{unit}_per_document")
-        if stats:
-            lines.append(f"{unit}/document: min {stats['min']:,}  mean {stats['mean']:,.0f}  median {stats['median']:,.0f}  "
-                         f"p90 {stats['p90']:,.0f}  max {stats['max']:,}  (total {stats['total']:,})")
-    return "\n".join(lines)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--kind", choices=KINDS, required=True)
-    parser.add_argument("--real", nargs="+", required=True, help="real documents: JSONL files, globs or folders")
-    parser.add_argument("--generations", nargs="+", required=True, help="generation records of `megadoc synth`")
-    parser.add_argument("--output", required=True, help="output JSONL (a .summary.json is written beside it)")
-    parser.add_argument("--original", choices=("back", "front", "none"), default="back",
-                        help="stitch: where the original goes; simple: 'none' leaves it out, else it is its own document")
-    parser.add_argument("--separator", default="\n\n", help="stitch: text between the parts")
-    parser.add_argument("--order", choices=("index", "shuffle"), default="index", help="stitch: order of the rephrases")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--think-open", default="<think>")
-    parser.add_argument("--think-close", default="</think>")
-    parser.add_argument("--max-generations", type=int,
-                        help="simple/stitch: use only generations with index below this (the first N of each document; "
-                             "the same texts as `megadoc synth -G N`)")
-    parser.add_argument("--allow-uneven", action="store_true", help="accept documents with other numbers of generations")
-    parser.add_argument("--id-key", default="id")
-    parser.add_argument("--text-key", default="text")
-    parser.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, help="report token lengths with this tokenizer")
-    parser.add_argument("--tokenizer-model")
-
-
-def run(args: argparse.Namespace) -> dict:
-    summary = build_megadocs(args)
-    print(format_summary(summary), file=sys.stdout)
-    return summary

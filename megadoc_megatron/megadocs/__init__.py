@@ -1,0 +1,1 @@
+"""`megadoc megadocs`: simple, stitch and stretch megadocs from real documents and generations."""
