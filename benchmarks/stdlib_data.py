@@ -21,7 +21,7 @@ def stdlib_blend(work: Path, seq_length: int, global_batch: int, iterations: int
     """blend.json of a real-only blend of `iterations` global batches (the training docstrings,
     repeated as often as that takes), validated on the held-out docstrings."""
     from megadoc_megatron.blend.weights import BlendConfig, make_blend
-    from megadoc_megatron.data.preprocess import preprocess
+    from megadoc_megatron.data.preprocess import PreprocessConfig, preprocess
 
     work = Path(work)
     if not (work / "corpus.json").is_file():
@@ -31,8 +31,8 @@ def stdlib_blend(work: Path, seq_length: int, global_batch: int, iterations: int
     for split in ("train", "heldout"):
         prefix = work / "data" / split
         if not Path(f"{prefix}_text_document.idx").is_file():
-            preprocess([str(work / f"{split}.jsonl")], str(prefix), "SentencePieceTokenizer",
-                       str(work / "tokenizer.model"), append_eod=True, workers=2)
+            preprocess(PreprocessConfig([str(work / f"{split}.jsonl")], str(prefix), "SentencePieceTokenizer",
+                       str(work / "tokenizer.model"), append_eod=True, workers=2))
         prefixes[split] = f"{prefix}_text_document"
     blend = make_blend(BlendConfig([prefixes["train"]], [], 0.0, None, seq_length, global_batch,
                                    work / f"blend-{seq_length}-{global_batch}-{iterations}",

@@ -40,11 +40,11 @@ def golden_lines(golden) -> list[bytes]:
 
 def make_dataset(tmp: Path, name: str, texts: list[str], tokenizer_type: str, model) -> str:
     """Convert texts with `megadoc preprocess`; returns the dataset prefix."""
-    from megadoc_megatron.data.preprocess import preprocess
+    from megadoc_megatron.data.preprocess import PreprocessConfig, preprocess
 
     path = tmp / f"{name}.jsonl"
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
-    preprocess([str(path)], str(tmp / name), tokenizer_type, str(model), append_eod=True, workers=1)
+    preprocess(PreprocessConfig([str(path)], str(tmp / name), tokenizer_type, str(model), append_eod=True, workers=1))
     return str(tmp / f"{name}_text_document")
 
 

@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from megadoc_megatron.cli import main
-from megadoc_megatron.data.preprocess import preprocess
+from megadoc_megatron.data.preprocess import PreprocessConfig, preprocess
 from megadoc_megatron.errors import InputError
 
 # (name, the bad line, the reason that must be reported)
@@ -30,8 +30,8 @@ def with_bad_line(golden_lines, tmp_path, bad: bytes):
 
 
 def convert(path, prefix, tokenizer_type, model, **kwargs):
-    return preprocess([str(path)], str(prefix), tokenizer_type, str(model), append_eod=True, workers=2,
-                      max_part_mb=0.05, **kwargs)
+    return preprocess(PreprocessConfig([str(path)], str(prefix), tokenizer_type, str(model), append_eod=True, workers=2,
+                      max_part_mb=0.05, **kwargs))
 
 
 # SmolLM2 goes through `tokenizers` (gigatoken refuses it), Qwen through gigatoken's path
@@ -55,9 +55,9 @@ def test_skip_bad_lines_records_every_reject(golden, golden_lines, tmp_path, cas
                              "qwen_eod": ("HuggingFaceTokenizer", "qwen_tokenizer")}[case]
     path = with_bad_line(golden_lines, tmp_path, bad)
     summary = convert(path, tmp_path / "out", tokenizer_type, golden / model, skip_bad_lines=True)
-    assert summary["rejected"] == 1 and summary["documents"] == 66
+    assert summary.rejected == 1 and summary.documents == 66
     if case == "qwen_eod":  # the part holding the bad line goes line by line, the others through Rust
-        assert 0 < summary["parts_read_in_rust"] < summary["parts"]
+        assert 0 < summary.parts_read_in_rust < summary.parts
     rejects = [json.loads(row) for row in (tmp_path / "out_rejected.jsonl").read_text().splitlines()]
     assert [(r["file"], r["line"]) for r in rejects] == [(str(path), BAD_LINE_NUMBER)]
     assert reason in rejects[0]["reason"]
@@ -87,7 +87,7 @@ def test_token_id_beyond_vocabulary(golden_lines, tmp_path, gapped_tokenizer):
         convert(path, tmp_path / "out", "HuggingFaceTokenizer", gapped_tokenizer)
     assert caught.value.line == BAD_LINE_NUMBER
     summary = convert(path, tmp_path / "out", "HuggingFaceTokenizer", gapped_tokenizer, skip_bad_lines=True)
-    assert summary["rejected"] == 1
+    assert summary.rejected == 1
 
 
 def test_failed_run_keeps_previous_outputs(golden_lines, tmp_path, spm_model):
@@ -117,12 +117,12 @@ def test_cli_prints_one_error_line(golden_lines, tmp_path, spm_model, capsys):
 ])
 def test_bad_tokenizer_flags(golden, tmp_path, tokenizer_type, model, message):
     with pytest.raises(InputError, match=message):
-        preprocess([str(golden / "golden_input.jsonl")], str(tmp_path / "out"), tokenizer_type, model)
+        preprocess(PreprocessConfig([str(golden / "golden_input.jsonl")], str(tmp_path / "out"), tokenizer_type, model))
 
 
 def test_hf_folder_without_tokenizer_json(golden, tmp_path):
     with pytest.raises(InputError, match="no tokenizer.json"):
-        preprocess([str(golden / "golden_input.jsonl")], str(tmp_path / "out"), "HuggingFaceTokenizer", str(tmp_path))
+        preprocess(PreprocessConfig([str(golden / "golden_input.jsonl")], str(tmp_path / "out"), "HuggingFaceTokenizer", str(tmp_path)))
 
 
 def test_a_line_only_gigatoken_accepts_among_the_checked_ones_goes_line_by_line(golden, golden_lines, tmp_path):
@@ -130,10 +130,10 @@ def test_a_line_only_gigatoken_accepts_among_the_checked_ones_goes_line_by_line(
     read by both for the check, such a line sends its part line by line, where it is rejected."""
     path = tmp_path / "input.jsonl"
     path.write_bytes(b'{"text": "a trailing comma",}\n' + b"".join(golden_lines))
-    summary = preprocess([str(path)], str(tmp_path / "out"), "HuggingFaceTokenizer", str(golden / "qwen_tokenizer"),
-                         append_eod=True, workers=2, skip_bad_lines=True)
-    assert summary["tokenized_with"] == "gigatoken" and summary["parts_read_in_rust"] == 0
-    assert summary["rejected"] == 1 and summary["documents"] == 66
+    summary = preprocess(PreprocessConfig([str(path)], str(tmp_path / "out"), "HuggingFaceTokenizer", str(golden / "qwen_tokenizer"),
+                         append_eod=True, workers=2, skip_bad_lines=True))
+    assert summary.tokenized_with == "gigatoken" and summary.parts_read_in_rust == 0
+    assert summary.rejected == 1 and summary.documents == 66
     for suffix in (".bin", ".idx"):
         assert (tmp_path / f"out_text_document{suffix}").read_bytes() == (
             golden / f"megatron_out/qwen_eod_text_document{suffix}").read_bytes()

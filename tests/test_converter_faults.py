@@ -2,22 +2,22 @@
 refused by every reader before any training, files are synced before they are trusted, an empty
 corpus is an error, a file named twice is read once."""
 
-import json
 import os
 
 import pytest
 
 from megadoc_megatron.cli import main
 from megadoc_megatron.data import indexed
+from megadoc_megatron.data.dataset_info import DatasetInfo
 from megadoc_megatron.data.indexed import read_index
-from megadoc_megatron.data.preprocess import preprocess
+from megadoc_megatron.data.preprocess import PreprocessConfig, preprocess
 from megadoc_megatron.errors import InputError
 
 
 def convert_golden(golden, prefix, spm_model, inputs=None, **kwargs):
     inputs = inputs or [str(golden / "golden_input.jsonl")]
-    return preprocess(inputs, str(prefix), "SentencePieceTokenizer", str(spm_model), append_eod=True,
-                      **{"workers": 2, **kwargs})
+    return preprocess(PreprocessConfig(inputs, str(prefix), "SentencePieceTokenizer", str(spm_model), append_eod=True,
+                      **{"workers": 2, **kwargs}))
 
 
 def same_as_golden(golden, prefix) -> bool:
@@ -37,7 +37,7 @@ def test_interrupted_assembly_of_a_single_part_resumes(golden, tmp_path, spm_mod
             convert_golden(golden, tmp_path / "out", spm_model)
     assert list((tmp_path / "out.parts").glob("*.done.json")) and not list(tmp_path.glob("out_*.bin"))
     summary = convert_golden(golden, tmp_path / "out", spm_model)
-    assert summary["parts"] == 1 and same_as_golden(golden, tmp_path / "out")
+    assert summary.parts == 1 and same_as_golden(golden, tmp_path / "out")
 
 
 @pytest.fixture()
@@ -102,7 +102,7 @@ def test_an_input_without_documents_is_an_error(tmp_path, spm_model):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n  \n\n")
     with pytest.raises(InputError, match="holds no documents"):
-        preprocess([str(empty)], str(tmp_path / "out"), "SentencePieceTokenizer", str(spm_model))
+        preprocess(PreprocessConfig([str(empty)], str(tmp_path / "out"), "SentencePieceTokenizer", str(spm_model)))
     assert not list(tmp_path.glob("out*"))
 
 
@@ -110,7 +110,7 @@ def test_a_file_named_twice_is_read_once(golden, tmp_path, spm_model, monkeypatc
     monkeypatch.chdir(golden)
     summary = convert_golden(golden, tmp_path / "out", spm_model,
                              inputs=["golden_input.jsonl", str(golden / "golden_input.jsonl"), str(golden / "*.jsonl")])
-    assert summary["files"] == 1 and same_as_golden(golden, tmp_path / "out")
+    assert summary.files == 1 and same_as_golden(golden, tmp_path / "out")
 
 
 def test_merge_joins_datasets_in_order_and_refuses_mixed_token_types(golden, tmp_path, capsys):
@@ -138,7 +138,7 @@ def test_array_tasks_beyond_the_parts_write_empty_shards_that_merge(golden, tmp_
 
     for index in range(3):  # the golden input is one part: two of the three tasks have nothing to do
         summary = convert_golden(golden, tmp_path / "out", spm_model, shard=(index, 3))
-        assert summary["documents"] in (0, 66)
+        assert summary.documents in (0, 66)
     merge([str(tmp_path / "out_shard*of00003_text_document.idx")], str(tmp_path / "out_text_document"))
     assert same_as_golden(golden, tmp_path / "out")
 
@@ -156,7 +156,7 @@ def test_merge_checks_before_it_writes(golden, tmp_path, spm_model):
     for name, fingerprint in (("a", "0" * 16), ("b", "1" * 16)):  # the same tokens, sidecars naming two tokenizers
         for suffix in (".bin", ".idx"):
             shutil.copy(golden / f"megatron_out/spm_eod_text_document{suffix}", tmp_path / f"{name}{suffix}")
-        (tmp_path / f"{name}.json").write_text(json.dumps({"tokenizer": {"fingerprint": fingerprint}, "inputs": []}))
+        DatasetInfo(str(tmp_path / name), 66, 1, [], "text", True, "uint16", {"fingerprint": fingerprint}, "test").save()
         sides.append(str(tmp_path / name))
     with pytest.raises(InputError, match="different tokenizers"):
         merge(sides, str(tmp_path / "mixed_text_document"))

@@ -8,7 +8,7 @@ import pytest
 from conftest import REPO
 
 from megadoc_megatron.data.indexed import read_index
-from megadoc_megatron.data.preprocess import preprocess
+from megadoc_megatron.data.preprocess import PreprocessConfig, preprocess
 
 CASES = {
     "hf_eod": ("HuggingFaceTokenizer", "hf_tokenizer", True, 2),
@@ -24,8 +24,8 @@ TOKENIZED_WITH = {"hf_eod": "reference", "hf_noeod": "reference", "spm_eod": "re
 def convert_golden_case(golden, tmp_path, name, **overrides):
     tokenizer_type, model, append_eod, workers = CASES[name]
     kwargs = dict(append_eod=append_eod, workers=workers, **overrides)
-    summary = preprocess([str(golden / "golden_input.jsonl")], str(tmp_path / name), tokenizer_type,
-                         str(golden / model), **kwargs)
+    summary = preprocess(PreprocessConfig([str(golden / "golden_input.jsonl")], str(tmp_path / name), tokenizer_type,
+                         str(golden / model), **kwargs))
     return tmp_path / f"{name}_text_document", summary
 
 
@@ -39,8 +39,8 @@ def assert_same_as_golden(golden, prefix, name):
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_byte_identical_to_megatron_lm(golden, tmp_path, name):
     prefix, summary = convert_golden_case(golden, tmp_path, name)
-    assert summary["tokenized_with"] == TOKENIZED_WITH[name]
-    assert summary["parts_read_in_rust"] == (summary["parts"] if TOKENIZED_WITH[name] == "gigatoken" else 0)
+    assert summary.tokenized_with == TOKENIZED_WITH[name]
+    assert summary.parts_read_in_rust == (summary.parts if TOKENIZED_WITH[name] == "gigatoken" else 0)
     assert_same_as_golden(golden, prefix, name)
 
 
@@ -51,7 +51,7 @@ def test_byte_identical_through_an_array_and_a_merge(golden, tmp_path, name):
     shards = 3
     for index in range(shards):  # three array tasks, each a contiguous share of ~30 byte ranges
         summary = convert_golden_case(golden, tmp_path, name, max_part_mb=0.016, shard=(index, shards))[1]
-        assert 0 < summary["documents"] < 66
+        assert 0 < summary.documents < 66
     merged = merge([str(tmp_path / f"{name}_shard*of00003_text_document.idx")], str(tmp_path / "merged_text_document"))
     assert merged["inputs"] == shards and merged["documents"] == 66
     assert_same_as_golden(golden, tmp_path / "merged_text_document", name)
@@ -65,10 +65,10 @@ def test_blank_lines_skipped_in_rust_when_empty(golden, golden_lines, tmp_path, 
         lines.insert(at, blank)
     path = tmp_path / "input.jsonl"
     path.write_bytes(b"".join(lines))
-    summary = preprocess([str(path)], str(tmp_path / "qwen_eod"), "HuggingFaceTokenizer",
-                         str(golden / "qwen_tokenizer"), append_eod=True, workers=2)
-    assert summary["blank_lines"] == 4 and summary["documents"] == 66
-    assert summary["parts_read_in_rust"] == (summary["parts"] if in_rust else 0)
+    summary = preprocess(PreprocessConfig([str(path)], str(tmp_path / "qwen_eod"), "HuggingFaceTokenizer",
+                         str(golden / "qwen_tokenizer"), append_eod=True, workers=2))
+    assert summary.blank_lines == 4 and summary.documents == 66
+    assert summary.parts_read_in_rust == (summary.parts if in_rust else 0)
     assert_same_as_golden(golden, tmp_path / "qwen_eod_text_document", "qwen_eod")
 
 
@@ -81,9 +81,9 @@ def test_compressed_input_through_gigatoken(golden, tmp_path, suffix):
     data = (golden / "golden_input.jsonl").read_bytes()
     path = tmp_path / f"input.jsonl{suffix}"
     path.write_bytes(gzip.compress(data) if suffix == ".gz" else zstandard.compress(data))
-    summary = preprocess([str(path)], str(tmp_path / "qwen_eod"), "HuggingFaceTokenizer",
-                         str(golden / "qwen_tokenizer"), append_eod=True, workers=2)
-    assert summary["tokenized_with"] == "gigatoken"
+    summary = preprocess(PreprocessConfig([str(path)], str(tmp_path / "qwen_eod"), "HuggingFaceTokenizer",
+                         str(golden / "qwen_tokenizer"), append_eod=True, workers=2))
+    assert summary.tokenized_with == "gigatoken"
     assert_same_as_golden(golden, tmp_path / "qwen_eod_text_document", "qwen_eod")
 
 
@@ -98,9 +98,9 @@ def test_gigatoken_that_parts_ways_with_tokenizers_is_caught(golden, tmp_path, c
     spec = json.loads((folder / "tokenizer.json").read_text())
     next(t for t in spec["added_tokens"] if t["content"] == "<|endoftext|>")["single_word"] = True
     (folder / "tokenizer.json").write_text(json.dumps(spec))
-    summary = preprocess([str(golden / "golden_input.jsonl")], str(tmp_path / "qwen_eod"), "HuggingFaceTokenizer",
-                         str(folder), append_eod=True, workers=2)
-    assert summary["tokenized_with"] == "reference"
+    summary = preprocess(PreprocessConfig([str(golden / "golden_input.jsonl")], str(tmp_path / "qwen_eod"), "HuggingFaceTokenizer",
+                         str(folder), append_eod=True, workers=2))
+    assert summary.tokenized_with == "reference"
     assert "gigatoken cannot stand in for HuggingFaceTokenizer here: its ids differ" in capsys.readouterr().err
     assert_same_as_golden(golden, tmp_path / "qwen_eod_text_document", "qwen_eod")
 
@@ -123,8 +123,8 @@ def test_a_document_gigatoken_encodes_differently_is_named(golden):
 def test_byte_identical_when_cut_into_many_parts(golden, tmp_path, name):
     # ~30 byte ranges of the 0.5 MB input, assembled in order.
     prefix, summary = convert_golden_case(golden, tmp_path, name, max_part_mb=0.016)
-    assert summary["parts"] >= 15
-    assert summary["parts_read_in_rust"] == (summary["parts"] if TOKENIZED_WITH[name] == "gigatoken" else 0)
+    assert summary.parts >= 15
+    assert summary.parts_read_in_rust == (summary.parts if TOKENIZED_WITH[name] == "gigatoken" else 0)
     assert_same_as_golden(golden, prefix, name)
 
 

@@ -9,13 +9,13 @@ import pytest
 import zstandard
 
 from megadoc_megatron.data.indexed import read_index
-from megadoc_megatron.data.preprocess import preprocess
+from megadoc_megatron.data.preprocess import PreprocessConfig, preprocess
 from megadoc_megatron.errors import InputError
 
 
 def spm(inputs, prefix, model, **kwargs):
     kwargs.setdefault("workers", 2)
-    return preprocess([str(i) for i in inputs], str(prefix), "SentencePieceTokenizer", str(model), **kwargs)
+    return preprocess(PreprocessConfig([str(i) for i in inputs], str(prefix), "SentencePieceTokenizer", str(model), **kwargs))
 
 
 def read_bytes(prefix):
@@ -36,7 +36,7 @@ def three_files(tmp_path, golden_lines):
 
 def test_folder_of_mixed_compression_equals_golden(golden, three_files, spm_model, tmp_path):
     summary = spm([three_files], tmp_path / "merged", spm_model, append_eod=True, max_part_mb=0.01)
-    assert summary["parts"] > 3  # the plain file is cut, the compressed ones are not
+    assert summary.parts > 3  # the plain file is cut, the compressed ones are not
     assert read_bytes(tmp_path / "merged_text_document") == (
         (golden / "megatron_out/spm_eod_text_document.bin").read_bytes(),
         (golden / "megatron_out/spm_eod_text_document.idx").read_bytes())
@@ -45,7 +45,7 @@ def test_folder_of_mixed_compression_equals_golden(golden, three_files, spm_mode
 def test_no_merge_gives_one_dataset_per_file(three_files, spm_model, tmp_path):
     files = sorted(three_files.iterdir())
     summary = spm([three_files / "*.jsonl*"], tmp_path / "shard", spm_model, merge=False)
-    assert [d["prefix"].rsplit("/", 1)[1] for d in summary["datasets"]] == [
+    assert [d.prefix.rsplit("/", 1)[1] for d in summary.datasets] == [
         f"shard_{i}_text_document" for i in range(3)]
     for i, path in enumerate(files):
         spm([path], tmp_path / f"alone{i}", spm_model, workers=1)
@@ -68,7 +68,7 @@ def test_blank_lines_are_skipped_and_counted(tmp_path, spm_model):
     path = tmp_path / "blank.jsonl"
     path.write_text('{"text": "one"}\n\n   \n{"text": "two"}\n')
     summary = spm([path], tmp_path / "out", spm_model)
-    assert (summary["documents"], summary["blank_lines"], summary["lines"]) == (2, 2, 4)
+    assert (summary.documents, summary.blank_lines, summary.lines) == (2, 2, 4)
 
 
 def test_missing_input_is_a_clear_error(tmp_path, spm_model):
@@ -81,6 +81,6 @@ def test_large_file_is_cut_into_parts_kept_in_order(tmp_path, spm_model, golden_
     path.write_bytes(b"".join(golden_lines) * 8)
     summary = spm([path], tmp_path / "out", spm_model, max_part_mb=1)
     view = read_index(tmp_path / "out_text_document")
-    assert summary["parts"] == math.ceil(path.stat().st_size / (1 << 20)) and view.num_documents == 66 * 8
+    assert summary.parts == math.ceil(path.stat().st_size / (1 << 20)) and view.num_documents == 66 * 8
     lengths = view.document_lengths()
     np.testing.assert_array_equal(lengths[:66], lengths[66 * 7:])

@@ -7,7 +7,7 @@ import pytest
 
 from megadoc_megatron.blend.weights import BlendConfig, make_blend
 from megadoc_megatron.cli import main
-from megadoc_megatron.data.preprocess import preprocess
+from megadoc_megatron.data.preprocess import PreprocessConfig, preprocess
 from megadoc_megatron.errors import InputError
 from megadoc_megatron.megadocs.assemble import MegadocsConfig, build_megadocs
 
@@ -131,8 +131,8 @@ def test_blend_counts_the_originals_inside_megadocs(corpus, spm_model):
     tmp, _ = corpus
     megadocs(tmp, "stitch")
     spm = dict(tokenizer_type="SentencePieceTokenizer", tokenizer_model=str(spm_model), append_eod=True, workers=1)
-    preprocess([str(tmp / "real.jsonl")], str(tmp / "real"), **spm)
-    preprocess([str(tmp / "stitch.jsonl")], str(tmp / "stitch"), **spm)
+    preprocess(PreprocessConfig([str(tmp / "real.jsonl")], str(tmp / "real"), **spm))
+    preprocess(PreprocessConfig([str(tmp / "stitch.jsonl")], str(tmp / "stitch"), **spm))
     blend = make_blend(BlendConfig([str(tmp / "real_text_document")], [str(tmp / "stitch_text_document")], 0.75, 2, 64, 8, tmp / "blend"))
     summary = json.loads((tmp / "stitch.jsonl.summary.json").read_text())
     fraction = summary["original_chars"] / summary["chars"]

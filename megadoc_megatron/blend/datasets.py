@@ -12,8 +12,8 @@ from types import SimpleNamespace
 import numpy as np
 
 from megadoc_megatron.blend.weights import MEGATRON_SURPLUS, Blend, samples_for_epochs
+from megadoc_megatron.data.dataset_info import recorded_tokenizer
 from megadoc_megatron.data.indexed import read_index
-from megadoc_megatron.data.preprocess import recorded_tokenizer
 from megadoc_megatron.distributed import single_process
 from megadoc_megatron.errors import InputError
 

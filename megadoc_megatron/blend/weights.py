@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
+from megadoc_megatron.data.dataset_info import DatasetInfo
 from megadoc_megatron.data.indexed import dataset_paths, read_index
-from megadoc_megatron.data.preprocess import metadata_path
 from megadoc_megatron.errors import InputError
 from megadoc_megatron.files import update_digest, write_text_atomic
 
@@ -157,12 +157,12 @@ def content_fingerprint(prefix) -> str:
     return digest.hexdigest()[:16]
 
 
-def original_fraction(meta: dict) -> float:
+def original_fraction(info: DatasetInfo | None) -> float:
     """Share of characters that are real documents, from the megadocs summaries of the inputs."""
     from megadoc_megatron.megadocs.assemble import MegadocsSummary
 
     chars = originals = 0
-    for source in meta.get("inputs", []):
+    for source in info.inputs if info else []:
         if not MegadocsSummary.path_of(source).is_file():
             return 0.0
         summary = MegadocsSummary.load(source)
@@ -174,13 +174,12 @@ def original_fraction(meta: dict) -> float:
 def describe_dataset(prefix: str, stream: str, split: str) -> BlendDataset:
     view = read_index(prefix)
     begin, end = train_sequence_range(len(view.sequence_lengths), split)
-    meta_file = metadata_path(prefix)
-    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    info = DatasetInfo.load(prefix)
     return BlendDataset(
         prefix=str(Path(prefix).resolve()), stream=stream,
         train_tokens=int(view.sequence_lengths[begin:end].sum(dtype=np.int64)), train_documents=end - begin,
-        tokenizer=meta.get("tokenizer", {}).get("fingerprint"), dtype=np.dtype(view.dtype).name,
-        content=content_fingerprint(prefix), original_fraction=original_fraction(meta) if stream == "synthetic" else 0.0)
+        tokenizer=info.tokenizer.get("fingerprint") if info else None, dtype=np.dtype(view.dtype).name,
+        content=content_fingerprint(prefix), original_fraction=original_fraction(info) if stream == "synthetic" else 0.0)
 
 
 def samples_for_epochs(tokens: int, epochs: int, sequence_length: int) -> int:

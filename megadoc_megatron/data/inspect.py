@@ -6,8 +6,8 @@ import argparse
 
 import numpy as np
 
+from megadoc_megatron.data.dataset_info import recorded_tokenizer
 from megadoc_megatron.data.indexed import read_index
-from megadoc_megatron.data.preprocess import recorded_tokenizer
 from megadoc_megatron.data.tokenizer import TOKENIZER_TYPES, load_tokenizer
 from megadoc_megatron.errors import InputError
 

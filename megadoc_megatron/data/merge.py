@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
+from dataclasses import replace
 from pathlib import Path
 
 from megadoc_megatron import __version__
+from megadoc_megatron.data.dataset_info import DatasetInfo
 from megadoc_megatron.data.indexed import merge_datasets, read_index
-from megadoc_megatron.data.preprocess import metadata_path
 from megadoc_megatron.errors import InputError
-from megadoc_megatron.files import write_text_atomic
 
 
 def dataset_prefixes(inputs: list[str]) -> list[str]:
@@ -33,16 +32,16 @@ def dataset_prefixes(inputs: list[str]) -> list[str]:
     return prefixes
 
 
-def sidecars_of(prefixes: list[str]) -> list[dict] | None:
+def sidecars_of(prefixes: list[str]) -> list[DatasetInfo] | None:
     """The inputs' sidecars, when every input has one; they must name one tokenizer."""
-    paths = [metadata_path(p) for p in prefixes]
-    if not all(path.is_file() for path in paths):
+    infos = [DatasetInfo.load(p) for p in prefixes]
+    if not all(infos):
         return None
-    records = [json.loads(path.read_text()) for path in paths]
-    if len({r["tokenizer"]["fingerprint"] for r in records}) > 1:
-        raise InputError("the datasets were made with different tokenizers", ", ".join(map(str, paths)),
+    if len({info.tokenizer["fingerprint"] for info in infos}) > 1:
+        raise InputError("the datasets were made with different tokenizers",
+                         ", ".join(str(DatasetInfo.path_of(p)) for p in prefixes),
                          fix="merge datasets made with one tokenizer")
-    return records
+    return infos
 
 
 def merge(inputs: list[str], output_prefix: str) -> dict:
@@ -55,10 +54,9 @@ def merge(inputs: list[str], output_prefix: str) -> dict:
     Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
     view = merge_datasets(prefixes, output_prefix)
     if records is not None:
-        metadata = {**records[0], "prefix": str(output_prefix), "documents": view.num_documents,
-                    "tokens": view.num_tokens, "inputs": sorted({i for r in records for i in r["inputs"]}),
-                    "merged_from": [str(p) for p in prefixes], "created_by": f"megadoc-megatron {__version__}"}
-        write_text_atomic(metadata_path(output_prefix), json.dumps(metadata, indent=2) + "\n")
+        replace(records[0], prefix=str(output_prefix), documents=view.num_documents, tokens=view.num_tokens,
+                inputs=sorted({i for r in records for i in r.inputs}), merged_from=[str(p) for p in prefixes],
+                created_by=f"megadoc-megatron {__version__}").save()
     return {"prefix": str(output_prefix), "inputs": len(prefixes), "documents": view.num_documents,
             "tokens": view.num_tokens}
 

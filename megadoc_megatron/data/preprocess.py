@@ -18,7 +18,6 @@ and each part's first documents. Any difference makes the run say so and use the
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import itertools
@@ -38,9 +37,9 @@ from pathlib import Path
 import numpy as np
 
 from megadoc_megatron import __version__
+from megadoc_megatron.data.dataset_info import DatasetInfo, dataset_prefix
 from megadoc_megatron.data.indexed import DatasetAssembler
 from megadoc_megatron.data.tokenizer import (
-    TOKENIZER_TYPES,
     GigatokenEncoder,
     load_tokenizer,
     optimal_dtype,
@@ -656,39 +655,20 @@ def _merge_rejects(parts, results, parts_dir: Path, destination: Path) -> None:
     os.replace(temporary, destination)
 
 
-def metadata_path(prefix) -> Path:
-    return Path(f"{prefix}.json")
-
-
-def recorded_tokenizer(prefix):
-    """The tokenizer `preprocess` recorded beside a dataset, or None (e.g. made by Megatron-LM)."""
-    meta = metadata_path(prefix)
-    if not meta.is_file():
-        return None
-    recorded = json.loads(meta.read_text())["tokenizer"]
-    return load_tokenizer(recorded["type"], recorded["model"])
-
-
-def _commit_outputs(groups, assemblers, results, options: Options, tokenizer: dict) -> list[dict]:
+def _commit_outputs(groups, assemblers, results, options: Options, tokenizer: dict) -> list[DatasetInfo]:
     written = []
     for output_prefix, group in groups:
         for key in options.json_keys:
-            prefix = f"{output_prefix}_{key}_document"
             assemblers[output_prefix, key].commit()
-            dtype = optimal_dtype(tokenizer["vocab_size"])
-            summary = {
-                "prefix": prefix,
-                "documents": sum(results[p.index].documents for p in group),
-                "tokens": sum(results[p.index].tokens.get(key, 0) for p in group),
-                "inputs": sorted({p.path for p in group}),
-                "json_key": key,
-                "append_eod": options.append_eod,
-                "dtype": np.dtype(dtype).name,
-                "tokenizer": tokenizer,
-                "created_by": f"megadoc-megatron {__version__}",
-            }
-            write_text_atomic(metadata_path(prefix), json.dumps(summary, indent=2) + "\n")
-            written.append(summary)
+            info = DatasetInfo(
+                prefix=dataset_prefix(output_prefix, key),
+                documents=sum(results[p.index].documents for p in group),
+                tokens=sum(results[p.index].tokens.get(key, 0) for p in group),
+                inputs=sorted({p.path for p in group}), json_key=key, append_eod=options.append_eod,
+                dtype=np.dtype(optimal_dtype(tokenizer["vocab_size"])).name, tokenizer=tokenizer,
+                created_by=f"megadoc-megatron {__version__}")
+            info.save()
+            written.append(info)
     return written
 
 
@@ -714,20 +694,54 @@ def _shard_parts(parts: list[Part], shard: tuple[int, int] | None) -> list[Part]
     return parts[len(parts) * index // count:len(parts) * (index + 1) // count]
 
 
-def preprocess(inputs: list[str], output_prefix: str, tokenizer_type: str, tokenizer_model: str,
-               json_keys=("text",), append_eod: bool = False, workers: int | None = None,
-               skip_bad_lines: bool = False, merge: bool = True, max_part_mb: float = 64,
-               fast_tokenizer: bool = True, shard: tuple[int, int] | None = None) -> dict:
+@dataclass
+class PreprocessConfig:
+    """The settings of `megadoc preprocess`."""
+    inputs: list[str]                   # JSONL files (.jsonl, .jsonl.gz, .jsonl.zst), globs or folders
+    output_prefix: str                  # outputs are PREFIX_{key}_document.bin/.idx
+    tokenizer_type: str
+    tokenizer_model: str                # local HF tokenizer folder or SentencePiece .model file
+    json_keys: tuple[str, ...] = ("text",)  # keys to extract, one dataset each
+    append_eod: bool = False            # the EOD token after every non-empty document
+    workers: int | None = None          # worker processes (None: all cores)
+    skip_bad_lines: bool = False        # write bad lines to PREFIX_rejected.jsonl and go on
+    merge: bool = True                  # False: one dataset per input file, PREFIX_{i}_{key}_document
+    max_part_mb: float = 64             # largest byte range of a plain input file given to one worker at a time
+    fast_tokenizer: bool = True         # gigatoken where it gives the same ids
+    shard: tuple[int, int] | None = None  # (i, n): array task i of n writes PREFIX_shard{i}of{n}
+
+
+@dataclass
+class PreprocessSummary:
+    datasets: list[DatasetInfo]
+    files: int
+    parts: int
+    tokenized_with: str                 # gigatoken | reference
+    parts_read_in_rust: int
+    lines: int
+    blank_lines: int
+    documents: int
+    rejected: int
+    rejects_file: str | None
+    tokens: int
+    bytes: int
+    seconds: float
+
+
+def preprocess(config: PreprocessConfig) -> PreprocessSummary:
     """Convert JSONL inputs into Megatron indexed datasets; returns counts and timings.
 
     With `shard=(i, n)` this is array task i of n: it converts its share of the corpus into
     `{output_prefix}_shard{i}of{n}`, and `merge_datasets` joins the n shards in order into what
     one run over the whole corpus writes."""
     started = time.perf_counter()
-    workers = workers or os.cpu_count() or 1
+    inputs, output_prefix, tokenizer_type, json_keys = (config.inputs, config.output_prefix, config.tokenizer_type,
+                                                        config.json_keys)
+    append_eod, skip_bad_lines, merge, shard = config.append_eod, config.skip_bad_lines, config.merge, config.shard
+    workers = config.workers or os.cpu_count() or 1
     _check_shard(workers, shard, merge)
     files = expand_inputs(inputs)
-    model_path = tokenizer_path(tokenizer_type, tokenizer_model)
+    model_path = tokenizer_path(tokenizer_type, config.tokenizer_model)
     output_prefix = str(Path(output_prefix).expanduser().resolve())
     if shard is not None:
         output_prefix = shard_prefix(output_prefix, *shard)
@@ -735,9 +749,9 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_type: str, token
     parts_dir = Path(f"{output_prefix}.parts")
     parts_dir.mkdir(exist_ok=True)
     options = Options(tokenizer_type, str(model_path), tuple(json_keys), append_eod, skip_bad_lines, str(parts_dir),
-                      _backend_for(tokenizer_type, fast_tokenizer))
+                      _backend_for(tokenizer_type, config.fast_tokenizer))
     # The plan depends on the corpus, --workers and the shard count only: every array task computes the same.
-    all_parts = plan_parts(files, workers * (shard[1] if shard else 1), int(max_part_mb * (1 << 20)))
+    all_parts = plan_parts(files, workers * (shard[1] if shard else 1), int(config.max_part_mb * (1 << 20)))
     parts = _shard_parts(all_parts, shard)
     if merge:
         groups = [(output_prefix, parts)]
@@ -761,21 +775,13 @@ def preprocess(inputs: list[str], output_prefix: str, tokenizer_type: str, token
     shutil.rmtree(parts_dir)
     seconds = time.perf_counter() - started
     in_bytes = sum(r.bytes for r in results.values())
-    return {
-        "datasets": datasets,
-        "files": len(files),
-        "parts": len(parts),
-        "tokenized_with": options.backend,
-        "parts_read_in_rust": sum(r.read_in_rust for r in results.values()),
-        "lines": sum(r.lines for r in results.values()),
-        "blank_lines": sum(r.blank_lines for r in results.values()),
-        "documents": sum(r.documents for r in results.values()),
-        "rejected": rejected,
-        "rejects_file": str(rejects_path) if rejected else None,
-        "tokens": sum(d["tokens"] for d in datasets),
-        "bytes": in_bytes,
-        "seconds": seconds,
-    }
+    return PreprocessSummary(
+        datasets=datasets, files=len(files), parts=len(parts), tokenized_with=options.backend,
+        parts_read_in_rust=sum(r.read_in_rust for r in results.values()),
+        lines=sum(r.lines for r in results.values()), blank_lines=sum(r.blank_lines for r in results.values()),
+        documents=sum(r.documents for r in results.values()), rejected=rejected,
+        rejects_file=str(rejects_path) if rejected else None, tokens=sum(d.tokens for d in datasets),
+        bytes=in_bytes, seconds=seconds)
 
 
 def _check_shard(workers: int, shard, merge: bool) -> None:
@@ -857,67 +863,6 @@ def _assemblers(groups, stems, options: Options, dtype: str) -> dict:
     for (output_prefix, group), key in itertools.product(groups, options.json_keys):
         files = [parts_dir / f"{stems[part.index]}.{key}" for part in group]
         assemblers[output_prefix, key] = DatasetAssembler(
-            f"{output_prefix}_{key}_document", np.dtype(dtype).type,
+            dataset_prefix(output_prefix, key), np.dtype(dtype).type,
             [Path(f"{f}.tokens") for f in files], [Path(f"{f}.lengths") for f in files])
     return assemblers
-
-
-def format_summary(summary: dict) -> str:
-    seconds = max(summary["seconds"], 1e-9)
-    lines = [f"{d['prefix']}.bin/.idx: {d['documents']:,} documents, {d['tokens']:,} tokens ({d['dtype']})"
-             for d in summary["datasets"]]
-    lines.append(
-        f"{summary['lines']:,} lines from {summary['files']} file(s) in {seconds:.1f} s: "
-        f"{summary['documents'] / seconds:,.0f} docs/s, {summary['tokens'] / seconds:,.0f} tokens/s, "
-        f"{summary['bytes'] / seconds / 1e6:.1f} MB/s")
-    if summary["tokenized_with"] == GIGATOKEN:
-        lines.append(f"tokenized by gigatoken, checked against tokenizers; {summary['parts_read_in_rust']} of "
-                     f"{summary['parts']} part(s) clean JSONL read in Rust, the others line by line")
-    if summary["blank_lines"]:
-        lines.append(f"{summary['blank_lines']:,} blank line(s) skipped")
-    if summary["rejected"]:
-        lines.append(f"{summary['rejected']:,} bad line(s) rejected, listed with their reasons in {summary['rejects_file']}")
-    return "\n".join(lines)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    data = parser.add_argument_group("input data")
-    data.add_argument("--input", nargs="+", required=True,
-                      help="JSONL files (.jsonl, .jsonl.gz, .jsonl.zst), globs or folders")
-    data.add_argument("--json-keys", nargs="+", default=["text"], help="keys to extract, one dataset each")
-    tok = parser.add_argument_group("tokenizer")
-    tok.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
-    tok.add_argument("--tokenizer-model", required=True,
-                     help="local HF tokenizer folder (with tokenizer.json) or SentencePiece .model file")
-    proc = parser.add_argument_group("tokenization process")
-    proc.add_argument("--append-eod", action="store_true", help="append the EOD token to every non-empty document")
-    proc.add_argument("--workers", type=int, default=os.cpu_count(), help="worker processes (default: all cores)")
-    proc.add_argument("--skip-bad-lines", action="store_true",
-                      help="write bad lines with their reason to PREFIX_rejected.jsonl and go on")
-    proc.add_argument("--max-part-mb", type=float, default=64,
-                      help="largest byte range of a plain input file given to one worker at a time")
-    proc.add_argument("--no-gigatoken", dest="fast_tokenizer", action="store_false",
-                      help="tokenize with tokenizers only (by default gigatoken does, where it gives the same ids)")
-    proc.add_argument("--shard", type=_shard_argument, metavar="I/N",
-                      help="be task I of an array of N (0-based, e.g. $SLURM_ARRAY_TASK_ID/16; N stays the array's "
-                           "size when one task is rerun): convert that share into PREFIX_shardIofN; join the shards "
-                           "with `megadoc merge`")
-    out = parser.add_argument_group("output data")
-    out.add_argument("--output-prefix", required=True, help="outputs are PREFIX_{key}_document.bin/.idx")
-    out.add_argument("--no-merge", dest="merge", action="store_false",
-                     help="one dataset per input file, PREFIX_{i}_{key}_document, instead of one merged dataset")
-
-
-def _shard_argument(value: str) -> tuple[int, int]:
-    index, _, count = value.partition("/")
-    if not (index.isdigit() and count.isdigit() and int(count) > 0):
-        raise argparse.ArgumentTypeError(f"expected I/N with 0 <= I < N, e.g. 3/16, not {value!r}")
-    return int(index), int(count)
-
-
-def run(args: argparse.Namespace) -> dict:
-    summary = preprocess(args.input, args.output_prefix, args.tokenizer_type, args.tokenizer_model,
-                         args.json_keys, args.append_eod, args.workers, args.skip_bad_lines, args.merge,
-                         args.max_part_mb, args.fast_tokenizer, args.shard)
-    print(format_summary(summary))
-    return summary

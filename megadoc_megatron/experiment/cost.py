@@ -55,12 +55,13 @@ def parameter_counts(model, vocab_size: int) -> dict:
 def real_train_tokens(experiment, plan, tokenizer) -> tuple[int, str]:
     """Tokens of the real training split as `megadoc blend` counts them (EOD after each non-empty
     document): from the preprocessed dataset when it exists, else by tokenizing the corpus."""
+    from megadoc_megatron.data.dataset_info import dataset_prefix
     from megadoc_megatron.data.indexed import read_index
     from megadoc_megatron.jsonl import expand_inputs, read_documents
 
     stage = next(s for s in plan.graph.stages if s.name == "preprocess-train")
     if stage.done:
-        prefix = stage.folder / f"real_{experiment.corpus.text_key}_document"
+        prefix = dataset_prefix(stage.folder / "real", experiment.corpus.text_key)
         return int(read_index(prefix).sequence_lengths.sum()), "the preprocessed real dataset"
     texts = [text for _, text in read_documents(expand_inputs([experiment.corpus.train]), experiment.corpus.id_key,
                                                 experiment.corpus.text_key)]

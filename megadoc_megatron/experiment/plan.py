@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from megadoc_megatron.config import merge_dicts
+from megadoc_megatron.data.dataset_info import dataset_prefix
 from megadoc_megatron.errors import InputError
 from megadoc_megatron.experiment.config import REPHRASED_KINDS, Experiment, Recipe
 from megadoc_megatron.experiment.stages import OUT, External, Graph, Stage
@@ -157,7 +158,8 @@ def build_graph(experiment: Experiment) -> Plan:
     corpus, text_key = experiment.corpus, experiment.corpus.text_key
     real = planner.add(Stage("preprocess-train", [planner.preprocess(External(corpus.train), "real", text_key)]))
     heldout = planner.add(Stage("preprocess-heldout", [planner.preprocess(External(corpus.heldout), "heldout", text_key)]))
-    prefixes = {"real": f"{real.folder}/real_{text_key}_document", "heldout": f"{heldout.folder}/heldout_{text_key}_document"}
+    prefixes = {"real": dataset_prefix(f"{real.folder}/real", text_key),
+                "heldout": dataset_prefix(f"{heldout.folder}/heldout", text_key)}
 
     # One synth stage per rephrase style set and one for textbooks, at the largest G asked of it;
     # smaller G take its first generations. Rationales depend on G (where they are inserted).
@@ -242,7 +244,7 @@ def _round(number: int, generator, tuned_against, data: Stage, train: Stage | No
 def train_stage(experiment: Experiment, recipe: Recipe, prefixes: dict, synthetic: list[Stage],
                 round_number: int | None = None, init_from: str = "", lineage: list | None = None) -> Stage:
     blend = experiment.blend
-    mix = ["--synthetic", *[f"{s.folder}/synthetic_text_document" for s in synthetic]] if synthetic else []
+    mix = ["--synthetic", *[dataset_prefix(f"{s.folder}/synthetic", "text") for s in synthetic]] if synthetic else []
     length = ["-E", recipe.epochs] if recipe.epochs is not None else ["--train-tokens", recipe.train_tokens]
     config = merge_dicts(experiment.train, recipe.train)
     config = merge_dicts(config, {"data": {"blend": f"{OUT}/blend/blend.json"}, "checkpoint": {"dir": f"{OUT}/ckpt"}})
