@@ -32,7 +32,7 @@ from stdlib_data import stdlib_documents
 from megadoc_megatron.synth.backends import HFBackend, Sampling, chat_token_ids, generate
 from megadoc_megatron.synth.default_model import DEFAULT_MODEL, default_model_dir
 from megadoc_megatron.synth.gates import Gates
-from megadoc_megatron.synth.pipeline import Planner, SynthConfig, run_synthesis
+from megadoc_megatron.synth.pipeline import PairMaker, SynthConfig, run_synthesis
 from megadoc_megatron.synth.prompts import BUILTIN
 
 
@@ -60,7 +60,7 @@ def measure(name: str, model: str, config: SynthConfig, corpus: Path, documents:
     start = time.perf_counter()
     backend = build(name, model, args)
     startup = time.perf_counter() - start
-    requests = [r for d in documents for p in Planner(config, backend.tokenizer).pairs(d["id"], d["text"])
+    requests = [r for d in documents for p in PairMaker(config, backend.tokenizer).pairs(d["id"], d["text"])
                 for r in p.requests]
     runs = {"bare": lambda: bare(backend, requests, config.sampling),
             "ours": lambda: run_synthesis(config, lambda: backend, backend.tokenizer, [str(corpus)],

@@ -20,16 +20,16 @@ STAGES = {
     "blend": ("megadoc_megatron.blend.command", "weights and train length for a mixing weight w and exactly E real epochs"),
     "train": ("megadoc_megatron.train.command", "pre-train the GPT on a blend with megatron-core (TP/PP/DP, checkpoints)"),
     "eval": ("megadoc_megatron.evaluate.command", "evaluate checkpoints (i.i.d., long-context, ensemble loss, lm-eval accuracy); fit scaling laws"),
-    "report": ("megadoc_megatron.evaluate.report", "tables and plots of recipes vs. losses and data efficiency"),
+    "report": ("megadoc_megatron.evaluate.report_command", "tables and plots of recipes vs. losses and data efficiency"),
     "run": ("megadoc_megatron.experiment.command", "the whole method from one experiment config: every stage cached and resumable"),
-    "sweep": ("megadoc_megatron.experiment.sweep", "a grid over E, w, lr and wd around one recipe, with the local-optimum check"),
+    "sweep": ("megadoc_megatron.experiment.sweep_command", "a grid over E, w, lr and wd around one recipe, with the local-optimum check"),
 }
 
 
-def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+def build_parser(only: str | None = None, parser_class=argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The parser of every stage, or with `only` the arguments of that stage alone (the others'
     modules are not imported: `megadoc preprocess` starts faster)."""
-    parser = argparse.ArgumentParser(prog="megadoc", description="Synthetic megadoc pre-training on megatron-core.")
+    parser = parser_class(prog="megadoc", description="Synthetic megadoc pre-training on megatron-core.")
     parser.add_argument("--version", action="version", version=f"megadoc-megatron {__version__}")
     subparsers = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
     for name, (module_name, help_text) in STAGES.items():

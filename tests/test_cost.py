@@ -151,7 +151,7 @@ def test_rationale_prompt_tokens_are_within_a_few_per_request_of_the_chat_templa
                                                                                           capsys):
     from megadoc_megatron.synth.backends import load_chat_tokenizer
     from megadoc_megatron.synth.command import build_config, resolve_model
-    from megadoc_megatron.synth.pipeline import Planner
+    from megadoc_megatron.synth.pipeline import PairMaker
 
     corpus = write_corpus(tmp_path)
     args = build_parser().parse_args(["synth", "rationale", "--input", str(corpus), "--output", str(tmp_path / "out"),
@@ -159,8 +159,8 @@ def test_rationale_prompt_tokens_are_within_a_few_per_request_of_the_chat_templa
     plan = synth_run(args)
     _, name, folder = resolve_model(args)
     tokenizer = load_chat_tokenizer(folder)
-    planner = Planner(build_config(args, name, folder), tokenizer)
-    sent = [len(chat_token_ids(tokenizer, r.messages)) for i, t in TEXTS.items() for p in planner.pairs(i, t)
+    pair_maker = PairMaker(build_config(args, name, folder), tokenizer)
+    sent = [len(chat_token_ids(tokenizer, r.messages)) for i, t in TEXTS.items() for p in pair_maker.pairs(i, t)
             for r in p.requests]
     assert plan["prompt_tokens_counted_as"] == "sum of parts" and plan["requests"] == len(sent) > 0
     assert abs(plan["prompt_tokens"] - sum(sent)) <= 5 * len(sent)

@@ -461,7 +461,7 @@ def _probe_sample() -> list:
 # ---------------------------------------------------------------- main process
 
 
-def plan_parts(files: list[Path], workers: int, max_part_bytes: int) -> list[Part]:
+def cut_into_parts(files: list[Path], workers: int, max_part_bytes: int) -> list[Part]:
     """Cut plain files into byte ranges so that every worker has several parts to do."""
     plain_bytes = sum(f.stat().st_size for f in files if not is_compressed(f))
     # ~8 parts per worker: the last parts to finish leave little of the run to a single worker.
@@ -750,8 +750,8 @@ def preprocess(config: PreprocessConfig) -> PreprocessSummary:
     parts_dir.mkdir(exist_ok=True)
     options = Options(tokenizer_type, str(model_path), tuple(json_keys), append_eod, skip_bad_lines, str(parts_dir),
                       _backend_for(tokenizer_type, config.fast_tokenizer))
-    # The plan depends on the corpus, --workers and the shard count only: every array task computes the same.
-    all_parts = plan_parts(files, workers * (shard[1] if shard else 1), int(config.max_part_mb * (1 << 20)))
+    # The parts depend on the corpus, --workers and the shard count only: every array task computes the same.
+    all_parts = cut_into_parts(files, workers * (shard[1] if shard else 1), int(config.max_part_mb * (1 << 20)))
     parts = _shard_parts(all_parts, shard)
     if merge:
         groups = [(output_prefix, parts)]

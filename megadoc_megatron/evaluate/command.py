@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
-import time
-from pathlib import Path
 
 from megadoc_megatron.errors import InputError
-from megadoc_megatron.files import write_text_atomic
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,62 +58,14 @@ def run_fit(args) -> dict:
     return out
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace):
     if args.evaluator == "fit":
         return run_fit(args)
-    from megadoc_megatron.data.indexed import read_index
-    from megadoc_megatron.distributed import shutdown
-    from megadoc_megatron.evaluate import losses
+    from megadoc_megatron.evaluate.evaluators import EvalConfig, evaluate
 
-    dataset = read_index(args.data) if args.evaluator != "downstream" else None
-    device = losses.evaluation_process_group()
-    try:
-        start = time.perf_counter()
-        roots = args.checkpoint if isinstance(args.checkpoint, list) else [args.checkpoint]
-        if args.evaluator == "downstream":
-            from megadoc_megatron.evaluate.downstream import downstream_accuracy
-
-            loaded = losses.load_model(roots[0], args.iteration, device)
-            if not loaded.tokenizer:
-                raise InputError("this checkpoint does not record where its tokenizer is", loaded.checkpoint,
-                                 fix="evaluate checkpoints written by this version of `megadoc train`")
-            members = [loaded]
-            metrics = downstream_accuracy(loaded, device, args.tasks, args.include_path, args.limit, args.num_fewshot)
-            settings = {"tasks": args.tasks, "include_path": args.include_path, "limit": args.limit,
-                        "num_fewshot": args.num_fewshot}
-        elif args.evaluator == "ensemble":
-            members, member_losses, sequences = [], [], None
-            for root in roots:  # one model in memory at a time
-                loaded = losses.load_model(root, args.iteration, device)
-                losses.check_dataset(dataset, loaded)
-                if sequences is None:
-                    sequences = losses.packed_sequences(dataset, loaded.seq_length, args.max_tokens)
-                member_losses.append(losses.sequence_losses(loaded, sequences, device, args.micro_batch))
-                members.append(loaded)
-                del loaded.model
-            metrics = {"tokens": int(member_losses[0].size), "ensembles": losses.ensemble_losses(member_losses)}
-            settings = {"max_tokens": args.max_tokens}
-        else:
-            loaded = losses.load_model(roots[0], args.iteration, device)
-            losses.check_dataset(dataset, loaded)
-            members = [loaded]
-            if args.evaluator == "loss":
-                metrics = losses.iid_loss(loaded, dataset, device, args.micro_batch, args.max_tokens)
-                settings = {"max_tokens": args.max_tokens}
-            else:
-                metrics = losses.long_context_loss(loaded, dataset, device, args.threshold, args.buckets, args.offset,
-                                                   args.max_documents, args.micro_batch)
-                settings = {"threshold": args.threshold, "buckets": [b["start"] for b in metrics["long"]["buckets"]]
-                            + [metrics["long"]["buckets"][-1]["end"]], "offset": metrics["long"]["beyond_offset"]["offset"],
-                            "max_documents": args.max_documents}
-        report = losses.result(args.evaluator, members, getattr(args, "data", None) or "lm-eval", settings, metrics,
-                               time.perf_counter() - start)
-    finally:
-        shutdown()
-    name = args.name or Path(args.data).name
-    path = losses.result_path(members[0], args.evaluator + (f"-{len(members)}" if args.evaluator == "ensemble" else ""), name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps(report, indent=2) + "\n")
-    print(json.dumps(report["metrics"], indent=2), file=sys.stdout)
+    checkpoints = args.checkpoint if isinstance(args.checkpoint, list) else [args.checkpoint]
+    options = {f.name: getattr(args, f.name) for f in dataclasses.fields(EvalConfig) if hasattr(args, f.name)}
+    result, path = evaluate(EvalConfig(**{**options, "checkpoints": checkpoints}))
+    print(json.dumps(result.metrics, indent=2), file=sys.stdout)
     print(f"written to {path}", file=sys.stderr)
-    return report
+    return result

@@ -10,15 +10,14 @@ with L(D) = A / D^B + C and inverted at each run's loss.
 
 from __future__ import annotations
 
-import argparse
 import html
 import json
 import math
-import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from megadoc_megatron.errors import InputError
+from megadoc_megatron.evaluate.results import latest_result
 from megadoc_megatron.files import write_text_atomic
 
 RECIPES = ("real", "simple", "stitch", "stretch")
@@ -43,22 +42,6 @@ class Run:
     ensemble: list[dict] | None = None   # [{"members": K, "loss"}] of this run's largest ensemble result
 
 
-def latest_result(run_dir: Path, evaluator: str, name: str | None = None) -> dict | None:
-    """The result of an evaluator at the run's highest evaluated iteration, for held-out set `name`
-    (any, when the run has results for only one)."""
-    found = {}
-    for path in (run_dir / "eval").glob(f"{evaluator}.{name or '*'}.iter_*.json"):
-        result_name, iteration = path.name[len(evaluator) + 1:-len(".json")].rsplit(".", 1)
-        found.setdefault(iteration, {})[result_name] = path
-    if not found:
-        return None
-    latest = found[max(found)]
-    if len(latest) > 1:
-        raise InputError(f"{evaluator} results for several held-out sets ({', '.join(sorted(latest))})", run_dir / "eval",
-                         fix="pick one with --eval-name")
-    return json.loads(next(iter(latest.values())).read_text())
-
-
 def load_run(path: Path, eval_name: str | None = None) -> Run:
     from megadoc_megatron.train import checkpoint
 
@@ -76,12 +59,12 @@ def load_run(path: Path, eval_name: str | None = None) -> Run:
               blend.synthetic_weight_requested if blend else None, config["optimizer"]["lr"],
               config["optimizer"]["weight_decay"], real_tokens)
     iid = latest_result(path, "loss", eval_name)
-    run.iid_loss = iid["metrics"]["loss"] if iid else None
+    run.iid_loss = iid.metrics["loss"] if iid else None
     long = latest_result(path, "long-context", eval_name)
-    run.long_context = long["metrics"] if long else None
+    run.long_context = long.metrics if long else None
     # results of one `megadoc run` share a name; results made by hand are called lm-eval
     downstream = (eval_name and latest_result(path, "downstream", eval_name)) or latest_result(path, "downstream")
-    run.downstream = downstream["metrics"].get("accuracy", {}) if downstream else {}
+    run.downstream = downstream.metrics.get("accuracy", {}) if downstream else {}
     run.parameters = _parameters(config["model"], (common.get("info") or {}).get("vocab_size"))
     run.ensemble = _largest_ensemble(path, eval_name)
     return run
@@ -109,7 +92,7 @@ def _largest_ensemble(run_dir: Path, eval_name: str | None) -> list[dict] | None
     for size in sorted(sizes, reverse=True):
         found = latest_result(run_dir, f"ensemble-{size}", eval_name)
         if found:
-            return found["metrics"]["ensembles"]
+            return found.metrics["ensembles"]
     return None
 
 
@@ -383,15 +366,3 @@ def build_report(run_dirs: list[str], output, eval_name: str | None = None) -> d
                                "fit": a.fit.as_dict() if a.fit else None, "note": a.note} for a in found]}
     write_text_atomic(folder / "report.json", json.dumps(summary, indent=2, default=str) + "\n")
     return {"markdown": text, **summary}
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("runs", nargs="+", help="checkpoint.dir of each run (with RUN/eval/ from `megadoc eval`)")
-    parser.add_argument("--output", required=True, help="folder for report.md, report.html, report.json and PNGs")
-    parser.add_argument("--eval-name", help="the held-out set to report (the --name of `megadoc eval`), when there are several")
-
-
-def run(args: argparse.Namespace) -> dict:
-    report = build_report(args.runs, args.output, args.eval_name)
-    print(report["markdown"], file=sys.stdout)
-    return report

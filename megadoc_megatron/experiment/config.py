@@ -36,7 +36,7 @@ class TokenizerConfig:
 
 
 @dataclass
-class BlendConfig:
+class BlendSection:
     seq_length: int = 0
     global_batch_size: int = 0
     seed: int = 1234                 # Megatron's --seed: the sample shuffle
@@ -87,7 +87,7 @@ class Experiment:
     rephrase: dict = field(default_factory=dict)       # ... for `megadoc synth rephrase` only
     rationale: dict = field(default_factory=dict)      # ... for `megadoc synth rationale` only
     megadocs: dict = field(default_factory=dict)
-    blend: BlendConfig = field(default_factory=BlendConfig)
+    blend: BlendSection = field(default_factory=BlendSection)
     train: dict = field(default_factory=dict)          # a `megadoc train` config without data.blend and checkpoint.dir
     eval: EvalConfig = field(default_factory=EvalConfig)
     report: dict = field(default_factory=dict)

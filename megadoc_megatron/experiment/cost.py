@@ -150,15 +150,15 @@ def base_tokenizer(experiment) -> str:
 def experiment_costs(experiment, plan, tokens_per_second: float | None = None, mfu: float = DEFAULT_MFU,
                      gpu_tflops: float = DEFAULT_GPU_TFLOPS) -> dict:
     """A row per synth and train stage (or its error), and the totals."""
+    from megadoc_megatron.cli import build_parser
     from megadoc_megatron.data.tokenizer import load_tokenizer
-    from megadoc_megatron.experiment.plan import Commands
 
     if not 0 < mfu <= 1 or gpu_tflops <= 0 or (tokens_per_second is not None and tokens_per_second <= 0):
         raise InputError("--mfu must lie in (0, 1], --gpu-tflops and --tokens-per-second must be positive",
                          fix="e.g. --mfu 0.4 --gpu-tflops 989 --tokens-per-second 7000")
     recipes = {f"train-{r.name}{f'-r{n}' if n else ''}": r for r in experiment.recipes
                for n in range(r.refresh.rounds + 1)}
-    parser, tokenizers, cache = Commands(experiment).parser, {}, {}
+    parser, tokenizers, cache = build_parser(), {}, {}
 
     def training_tokenizer():
         if "training" not in cache:

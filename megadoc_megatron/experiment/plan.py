@@ -23,44 +23,38 @@ from megadoc_megatron.train.config import config_from_dict
 from megadoc_megatron.train.layout import launcher_world_size, plan_layout
 
 
-def command_parser(parser: argparse.ArgumentParser, names: list[str]) -> argparse.ArgumentParser:
-    for name in names:
-        subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        parser = subparsers.choices[name]
-    return parser
+class ArgumentCheckError(Exception):
+    pass
+
+
+class CheckingParser(argparse.ArgumentParser):
+    """A parser that raises instead of printing usage and exiting (`error` is argparse's documented hook)."""
+
+    def error(self, message):
+        raise ArgumentCheckError(message)
 
 
 class Commands:
-    """Turns config sections of flags into checked `megadoc` command lines."""
+    """Turns config sections of flags into `megadoc` command lines, checked by the commands' own parsers."""
 
     def __init__(self, experiment: Experiment):
         from megadoc_megatron.cli import build_parser
 
-        self.parser = build_parser()
+        self.parser = build_parser(parser_class=CheckingParser)
         self.source = experiment.source
+        self.origin: dict[str, tuple[str, list[str]]] = {}  # option -> (config key, the tokens of its value)
 
-    def flags(self, names: list[str], values: dict, where: str, reserved: set[str]) -> list[str]:
+    def flags(self, values: dict, where: str, reserved: set[str]) -> list[str]:
         """`{max_new_tokens: 64, allow_truncated: true}` -> `--max-new-tokens 64 --allow-truncated`."""
-        options = {a.dest: a for a in command_parser(self.parser, names)._actions if a.option_strings and a.dest != "help"}
         argv = []
         for key, value in values.items():
             if key in reserved:
                 raise InputError(f"{where}.{key} is set by megadoc run", self.source, fix=f"remove {where}.{key}")
-            if key not in options:
-                allowed = ", ".join(sorted(set(options) - reserved))
-                raise InputError(f"{where}.{key} is not an option of `megadoc {' '.join(names)}`", self.source,
-                                 fix=f"use one of: {allowed}")
-            action = options[key]
-            option = next(o for o in action.option_strings if o.startswith("--"))
-            if action.nargs == 0:
-                if not isinstance(value, bool):
-                    raise InputError(f"{where}.{key} must be true or false, not {value!r}", self.source,
-                                     fix=f"{key}: true")
-                argv += [option] if value == action.const else []
-            elif isinstance(value, list):
-                argv += [option, *map(str, value)]
-            elif value is not None:
-                argv += [option, str(value)]
+            option = "--" + key.replace("_", "-")
+            tokens = [] if isinstance(value, bool) or value is None else \
+                list(map(str, value)) if isinstance(value, list) else [str(value)]
+            self.origin[option] = (f"{where}.{key}", tokens)
+            argv += [option, *tokens] if tokens or value is True else []
         return argv
 
     def check(self, stage: Stage) -> None:
@@ -69,9 +63,24 @@ class Commands:
             argv = [str(i.path) if isinstance(i, External) else str(i).replace(OUT, "/stage") for i in command]
             try:
                 self.parser.parse_args(argv)
-            except SystemExit:
-                raise InputError(f"the settings of stage {stage.name} make an invalid command: megadoc "
-                                 f"{' '.join(argv)}", self.source, fix="see the message above") from None
+            except ArgumentCheckError as error:
+                raise self._error(str(error), stage, argv) from None
+
+    def _error(self, message: str, stage: Stage, argv: list[str]) -> InputError:
+        """The config key behind a parser error where it can be told, else the whole command."""
+        command = " ".join(argv[:2] if argv[0] in ("synth", "eval") else argv[:1])
+        unrecognized = message.partition("unrecognized arguments: ")[2].split()
+        for token in unrecognized:
+            if token in self.origin:
+                key = self.origin[token][0]
+                return InputError(f"{key} is not an option of `megadoc {command}`", self.source,
+                                  fix=f"see `megadoc {command} --help` (options with underscores)")
+            key = next((k for k, tokens in self.origin.values() if tokens == [token]), None)
+            if key:
+                return InputError(f"{key} must be true or false, not {token!r}", self.source,
+                                  fix=f"{key.rsplit('.', 1)[-1]}: true")
+        return InputError(f"the settings of stage {stage.name} make an invalid command: megadoc {' '.join(argv)} "
+                          f"({message})", self.source, fix=f"see `megadoc {command} --help`")
 
 
 def _input(path: str):
@@ -102,10 +111,10 @@ class Planner:
         self.tokenizer = ["--tokenizer-type", experiment.tokenizer.type,
                           "--tokenizer-model", _input(experiment.tokenizer.model)]
         self.preprocess_flags = self.commands.flags(
-            ["preprocess"], experiment.preprocess, "preprocess",
+            experiment.preprocess, "preprocess",
             {"input", "output_prefix", "tokenizer_type", "tokenizer_model", "append_eod", "json_keys"})
         self.megadocs_flags = self.commands.flags(
-            ["megadocs"], experiment.megadocs, "megadocs",
+            experiment.megadocs, "megadocs",
             {"kind", "real", "generations", "output", "max_generations", "allow_uneven", "id_key", "text_key",
              "tokenizer_type", "tokenizer_model"})
 
@@ -123,8 +132,7 @@ class Planner:
         values = merge_dicts(self.experiment.generator, getattr(self.experiment, operation, {}))
         if "model" in replace:
             values.pop("tokenizer", None)
-        return self.commands.flags(["synth", operation], {**values, **replace}, f"generator/{operation}",
-                                   GENERATOR_RESERVED)
+        return self.commands.flags({**values, **replace}, f"generator/{operation}", GENERATOR_RESERVED)
 
     def synth(self, name: str, operation: str, generations: int, replace: dict) -> Stage:
         return self.add(Stage(name, [["synth", operation, "--input", External(self.corpus.train), "--output", OUT,
@@ -190,7 +198,7 @@ def build_graph(experiment: Experiment) -> Plan:
     eval_name = "run-" + hashlib.sha256(json.dumps(experiment.eval.__dict__, sort_keys=True).encode()).hexdigest()[:8]
     evals = {recipe: planner.add(eval_stage(experiment, planner.commands, recipe, train, prefixes["heldout"], eval_name))
              for recipe, train in trains.items()}
-    report_flags = planner.commands.flags(["report"], experiment.report, "report", {"runs", "output", "eval_name"})
+    report_flags = planner.commands.flags(experiment.report, "report", {"runs", "output", "eval_name"})
     report = planner.add(Stage("report", [["report", *[f"{t.folder}/ckpt" for t in trains.values()], "--output", OUT,
                                            "--eval-name", eval_name, *report_flags]]))
     return Plan(planner.graph, trains, evals, report, eval_name)
@@ -207,9 +215,9 @@ def refresh_rounds(planner: Planner, recipe: Recipe, prefixes: dict, first: Stag
     if experiment.generator.get("backend") == "openai":
         raise InputError(f"recipe {recipe.name}: refresh tunes a local generator, which an openai server does not serve",
                          experiment.source, fix="use backend hf or vllm for refresh recipes")
-    tune_flags = planner.commands.flags(["synth", "tune"], refresh.tune, f"{recipe.name}.refresh.tune",
+    tune_flags = planner.commands.flags(refresh.tune, f"{recipe.name}.refresh.tune",
                                         {"input", "output", "model", "checkpoint", "id_key", "text_key"})
-    style = refresh.tune.get("style") or STYLE_OF_OPERATION[refresh.tune.get("tuned_operation", "rephrase")]
+    style = refresh.tune.get("style") or STYLE_OF_OPERATION[refresh.tune.get("operation", "rephrase")]
     reference = [] if "reference" in refresh.tune else ["--reference", External(planner.corpus.train)]
     generator = experiment.generator.get("model")
     model = ["--model", _input(generator)] if generator else []  # then the tuned one of the round before
@@ -284,7 +292,6 @@ def eval_stage(experiment: Experiment, commands: Commands, recipe: str, train: S
         if values is None:
             continue
         data = [] if evaluator == "downstream" else ["--data", heldout_prefix]
-        flags = commands.flags(["eval", evaluator], values, f"eval.{evaluator.replace('-', '_')}",
-                               {"checkpoint", "data", "name", "iteration"})
+        flags = commands.flags(values, f"eval.{evaluator.replace('-', '_')}", {"checkpoint", "data", "name", "iteration"})
         lines.append(["eval", evaluator, checkpoint, *data, "--name", name, *flags])
     return Stage(f"eval-{recipe}", lines, launcher=experiment.launch.eval)

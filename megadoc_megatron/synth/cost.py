@@ -1,9 +1,9 @@
 """Cost before compute: what `megadoc synth OPERATION ... --plan` would submit, and its GPU-hours.
 
-The plan walks the corpus with the pipeline's own `Planner`, so documents, pairs and requests
+The plan walks the corpus with the pipeline's own `PairMaker`, so documents, pairs and requests
 (several per pair where a long document is chunked) are exactly those a run submits, and prompt
 tokens are the chat-template counts the backends send (`chat_token_ids`; for rationales, whose
-every prompt holds most of its document, the prompt's own tokens plus the planner's prefix and
+every prompt holds most of its document, the prompt's own tokens plus the pair maker's prefix and
 suffix token counts, within a few tokens per request, rather than G passes over the corpus).
 Output tokens cannot be known before generating, so the plan gives
 - an upper bound for every operation: --max-new-tokens per request;
@@ -33,11 +33,11 @@ from pathlib import Path
 from megadoc_megatron.errors import InputError
 from megadoc_megatron.jsonl import expand_inputs, read_documents
 from megadoc_megatron.synth.backends import chat_token_ids, generate
-from megadoc_megatron.synth.pipeline import Planner, Shard, SynthConfig, check_manifest
+from megadoc_megatron.synth.pipeline import PairMaker, Shard, SynthConfig, check_manifest
 
 PROMPT_COUNTS = {
     "chat template": "the chat-template token count of every request, as the backends send it",
-    "sum of parts": "the prompt's own tokens (instructions, chat template) plus the prefix and suffix tokens the planner "
+    "sum of parts": "the prompt's own tokens (instructions, chat template) plus the prefix and suffix tokens the pair maker "
                     "put in: within a few tokens per request of the chat-template count, without tokenizing every "
                     "prompt (each holds most of its document: G passes over the corpus)"}
 PUBLIC_FIGURES = ("public figures, not measured here: an 8B model decodes about 6,000-8,000 output tokens/s per H100 "
@@ -87,13 +87,13 @@ class PairCounter:
 
     def tally(self, pair) -> Tally:
         limit = self.config.sampling.max_new_tokens
-        if self.config.operation == "rationale":  # the prompt's own tokens and the planner's prefix/suffix counts
+        if self.config.operation == "rationale":  # the prompt's own tokens and the pair maker's prefix/suffix counts
             counts = [self.prompt_overhead(pair.prompt) + pair.source_input["prefix_tokens"]
                       + pair.source_input["suffix_tokens"]] if pair.requests else []
             return Tally(1, len(counts), sum(counts), 0, limit * len(counts))
         counts = [self.prompt_tokens(r.messages) for r in pair.requests]
         if len(counts) == 1 and pair.source_input.get("used_tokens") is not None:
-            sources = [pair.source_input["used_tokens"]]  # the document, or its head: the planner's own count
+            sources = [pair.source_input["used_tokens"]]  # the document, or its head: the pair maker's own count
         else:  # chunks: the request's tokens less the prompt's own
             sources = [max(count - self.prompt_overhead(pair.prompt), 0) for count in counts]
         return Tally(1, len(counts), sum(counts), sum(min(s, limit) for s in sources), limit * len(counts))
@@ -117,14 +117,14 @@ def plan_synthesis(config: SynthConfig, tokenizer, inputs: list[str], output, ta
     if not 0 <= task_index < task_count:
         raise InputError(f"task index {task_index} is not in [0, {task_count})", fix="pass --task-index < --task-count")
     complete, partial = done_pairs(Path(output), config, files)
-    planner, counter = Planner(config, tokenizer), PairCounter(config, tokenizer)
+    pair_maker, counter = PairMaker(config, tokenizer), PairCounter(config, tokenizer)
     whole, left, mine, handling = Tally(), Tally(), Tally(), Counter()
     documents = 0
     for number, (document_id, text) in enumerate(read_documents(files, config.id_key, config.text_key)):
         documents += 1
         shard = number // config.docs_per_shard
         counter.prompts.clear()  # the same prompt recurs only within a document (its G generations)
-        for pair in planner.pairs(document_id, text):
+        for pair in pair_maker.pairs(document_id, text):
             tally = counter.tally(pair)
             handling[pair.source_input["handling"]] += 1
             whole.add(tally)
@@ -152,11 +152,11 @@ def calibrate(config: SynthConfig, tokenizer, inputs: list[str], make_backend, d
     documents in one call (timed as generation): output tokens per second, per GPU, per request."""
     if documents < 1:
         raise InputError("--calibrate needs at least 1 document", fix="e.g. --calibrate 64")
-    planner, requests, used = Planner(config, tokenizer), [], 0
+    pair_maker, requests, used = PairMaker(config, tokenizer), [], 0
     for document_id, text in read_documents(expand_inputs(inputs), config.id_key, config.text_key):
         if used == documents:
             break
-        requests += [r for pair in planner.pairs(document_id, text) for r in pair.requests]
+        requests += [r for pair in pair_maker.pairs(document_id, text) for r in pair.requests]
         used += 1
     if not requests:
         raise InputError(f"the first {used} documents make no requests (too short to split?)",

@@ -79,7 +79,7 @@ def derive_seed(seed: int, source_id: str, index: int, part: int = 0) -> int:
     return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
 
 
-class Planner:
+class PairMaker:
     """Turns a document into its G pairs, fitting the source into the generator's window."""
 
     def __init__(self, config: SynthConfig, tokenizer):
@@ -263,7 +263,7 @@ class Synthesizer:
         if not 0 <= task_index < task_count:
             raise InputError(f"task index {task_index} is not in [0, {task_count})", fix="pass --task-index < --task-count")
         self.config, self.make_backend, self.backend, self.output = config, make_backend, None, Path(output)
-        self.planner = Planner(config, tokenizer)
+        self.pair_maker = PairMaker(config, tokenizer)
         self.task_index, self.task_count, self.progress = task_index, task_count, progress
         self.sync_seconds = sync_seconds
         self.throughput = Throughput()
@@ -323,7 +323,7 @@ class Synthesizer:
             done = shard.shard.done_pairs()
             self.bar.update(len(done))
             for document_id, text in documents:
-                for pair in self.planner.pairs(document_id, text):
+                for pair in self.pair_maker.pairs(document_id, text):
                     if (pair.source_id, pair.index) in done:
                         continue
                     work, shard.running = PairWork(shard, pair, [None] * len(pair.requests)), shard.running + 1
