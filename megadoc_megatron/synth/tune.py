@@ -148,7 +148,7 @@ def run_tune(config: TuneConfig) -> dict:
             reward_weights=list(weights.values()), logging_steps=1, report_to=[], save_strategy="no",
             use_cpu=device.type == "cpu", bf16=device.type == "cuda", seed=config.seed, disable_tqdm=False)
         start = time.time()
-        trainer = GRPOTrainer(model=model, reward_funcs=reward_functions, config=grpo, train_dataset=dataset,
+        trainer = GRPOTrainer(model=model, reward_funcs=reward_functions, args=grpo, train_dataset=dataset,
                               processing_class=tokenizer)
         trainer.train()
     finally:
