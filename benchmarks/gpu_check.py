@@ -289,9 +289,9 @@ def main() -> int:
     import torch
     from stdlib_data import stdlib_blend
 
-    from megadoc_megatron.data.blend_verify import dataset_tokenizer
+    from megadoc_megatron.blend.datasets import dataset_tokenizer
     from megadoc_megatron.model.presets import padded_vocab_size
-    from megadoc_megatron.train.cuda_on_cpu import megatron_core_on_cpu
+    from megadoc_megatron.train.engines.cuda_on_cpu import megatron_core_on_cpu
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print(json.dumps({"ok": False, "error": "no CUDA device (use --device cpu for the CPU form)"}))

@@ -32,7 +32,7 @@ from stdlib_data import stdlib_blend
 def bare_step(trainer, microbatches: list[dict]) -> None:
     """Forward/backward of every micro-batch, the engine's gradient finalization, megatron-core's
     own optimizer step (the portable engine's on that engine)."""
-    from megadoc_megatron.train.engine import finalize_portable_grads
+    from megadoc_megatron.train.engines.plain_torch import finalize_grads
 
     engine = trainer.engine
     (model,) = engine.model
@@ -48,7 +48,7 @@ def bare_step(trainer, microbatches: list[dict]) -> None:
         model.finish_grad_sync()
         engine.optimizer.optimizer.step()  # megatron-core's, without our non-finite check
     else:
-        finalize_portable_grads(engine.chunks)
+        finalize_grads(engine.chunks)
         engine.optimizer.step()
 
 

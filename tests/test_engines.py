@@ -156,8 +156,8 @@ def test_a_new_run_starts_from_the_other_engines_weights(engines, runs, tmp_path
 
 def test_megatron_lms_fast_paths_where_they_apply():
     from megadoc_megatron.distributed import one_cuda_connection
+    from megadoc_megatron.model.build import fast_paths, recompute_settings
     from megadoc_megatron.train.metrics import device_peak_tflops
-    from megadoc_megatron.train.trainer import fast_paths, recompute_settings
 
     assert fast_paths("megatron", "te", "cuda") == {"gradient_accumulation_fusion": True,
                                                     "deallocate_pipeline_outputs": True, "cross_entropy_loss_fusion": True}

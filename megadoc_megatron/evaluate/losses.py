@@ -13,7 +13,6 @@ and ensembles of checkpoints. Every evaluator writes one JSON schema (see `resul
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +22,6 @@ import torch
 
 from megadoc_megatron.data.indexed import IndexedDatasetView
 from megadoc_megatron.errors import InputError
-
-SCHEMA = "megadoc-eval/1"
 
 
 @dataclass
@@ -43,9 +40,9 @@ def load_model(root, iteration: int | None, device: torch.device) -> LoadedModel
     Needs the process groups (see `evaluation_process_group`)."""
     from megatron.core import dist_checkpointing
 
+    from megadoc_megatron.model.build import build_model, resolve_backend
     from megadoc_megatron.train import checkpoint
     from megadoc_megatron.train.config import ParallelConfig, config_from_dict
-    from megadoc_megatron.train.trainer import build_model, resolve_backend
 
     root = Path(root)
     iteration = iteration if iteration is not None else checkpoint.latest_iteration(root)
@@ -80,7 +77,7 @@ def evaluation_process_group():
 
 def check_dataset(dataset: IndexedDatasetView, loaded: LoadedModel) -> None:
     """The held-out data must be tokenized like the training data."""
-    from megadoc_megatron.data.blend_verify import dataset_tokenizer
+    from megadoc_megatron.blend.datasets import dataset_tokenizer
 
     identifiers = dataset_tokenizer(dataset.prefix).unique_identifiers
     trained = {"class": loaded.tokenizer.get("type"), "fingerprint": loaded.tokenizer.get("fingerprint")}
@@ -209,16 +206,3 @@ def ensemble_losses(member_losses: list[np.ndarray]) -> list[dict]:
         out.append({"members": k, "loss": float(-log_mean.mean())})
     return out
 
-
-def result(evaluator: str, checkpoints: list[LoadedModel], dataset_prefix: str, settings: dict, metrics: dict,
-           seconds: float) -> dict:
-    """The one schema every evaluator writes."""
-    return {"schema": SCHEMA, "evaluator": evaluator,
-            "checkpoints": [{"path": str(c.checkpoint), "iteration": c.iteration} for c in checkpoints],
-            "dataset": dataset_prefix, "seq_length": checkpoints[0].seq_length, "settings": settings, "metrics": metrics,
-            "wall_seconds": round(seconds, 3), "created": datetime.datetime.now(datetime.timezone.utc).isoformat()}
-
-
-def result_path(loaded: LoadedModel, evaluator: str, name: str) -> Path:
-    """CHECKPOINT_DIR/eval/EVALUATOR.NAME.iter_XXXXXXX.json, beside the checkpoints it measures."""
-    return loaded.checkpoint.parent / "eval" / f"{evaluator}.{name}.{loaded.checkpoint.name}.json"

@@ -6,6 +6,9 @@ resume under another tensor/pipeline/data-parallel layout), the learning-rate sc
 iteration and samples consumed (the data position), and every rank's RNG states. The tracker file
 is written by rank 0 only after every rank has finished writing, and atomically: a checkpoint
 interrupted by a kill is never taken as the latest.
+
+`Checkpointer` is the training loop's side: where a run starts (resumed, or from another run's
+checkpoint) and when it saves.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch.distributed as dist
 
 from megadoc_megatron.errors import InputError
 from megadoc_megatron.files import write_text_atomic
-from megadoc_megatron.train.cuda_on_cpu import megatron_core_on_cpu
+from megadoc_megatron.train.engines.cuda_on_cpu import megatron_core_on_cpu
 
 TRACKER = "latest_checkpointed_iteration.txt"
 
@@ -217,3 +220,46 @@ def load(root, engine, scheduler) -> tuple[int, int, str]:
     if not restore_rng:
         note += f"; layout {common['layout']} -> {layout()}: RNG states start afresh"
     return iteration, common["consumed_samples"], note
+
+
+class Checkpointer:
+    """A training run's checkpoints: where it starts (`start`) and when it saves (every
+    checkpoint.save_interval iterations, at the last one, and when forced; once per iteration at most)."""
+
+    def __init__(self, config, engine, scheduler, info: dict):
+        self.config, self.settings = config, config.checkpoint
+        self.engine, self.scheduler, self.info = engine, scheduler, info
+        self.saved_at = None
+
+    def start(self) -> tuple[int, int, str]:
+        """(iteration, consumed samples, a note): resume from checkpoint.dir, else start from
+        checkpoint.init_from's weights and optimizer state, else from scratch."""
+        start, consumed, note = 0, 0, "checkpoint.dir is empty: no checkpoints"
+        if self.settings.dir and self.settings.load:
+            start, consumed, note = load(self.settings.dir, self.engine, self.scheduler)
+        if start == 0 and self.settings.init_from:
+            note = self._init_from(self.settings.init_from)
+        return start, consumed, note
+
+    def _init_from(self, root: str) -> str:
+        if latest_iteration(root) is None:
+            raise InputError("checkpoint.init_from holds no checkpoint", root,
+                             fix="point it at a checkpoint.dir of a finished run")
+        iteration, _, taken = load(root, self.engine, scheduler=None)
+        self.scheduler.step(increment=0)  # the loaded optimizer state carries the old run's learning rate
+        self.info["init_from"] = {"dir": str(Path(root).resolve()), "iteration": iteration}
+        return f"started from {taken}; iterations, data and learning-rate schedule start afresh"
+
+    def should_save(self, iteration: int, last: bool) -> bool:
+        interval = self.settings.save_interval
+        return bool(self.settings.dir) and (last or bool(interval) and iteration % interval == 0)
+
+    def save(self, iteration: int, consumed: int, last: bool = False, force: bool = False) -> bool:
+        """Save when due (or forced, given a checkpoint.dir) unless already saved at this iteration;
+        whether it saved."""
+        if not self.settings.dir or self.saved_at == iteration or not (force or self.should_save(iteration, last)):
+            return False
+        with self.engine.params_synchronized():
+            save(self.settings.dir, iteration, consumed, self.engine, self.scheduler, self.config.to_dict(), self.info)
+        self.saved_at = iteration
+        return True

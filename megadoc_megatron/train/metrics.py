@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from megadoc_megatron.files import write_text_atomic
+
 # Dense peak TFLOP/s per device (NVIDIA datasheets, without sparsity): (BF16, FP8), matched against
 # torch.cuda.get_device_name() in this order (the first part whose words all appear wins).
 PEAK_TFLOPS = [
@@ -52,6 +54,18 @@ def peak_tflops(configured: float | None, fp8: str | None = None) -> float | Non
     if torch.cuda.is_available():
         return device_peak_tflops(torch.cuda.get_device_name(), fp8)
     return None
+
+
+def resumed_metrics_file(checkpoint_dir: str, resumed_at: int) -> Path | None:
+    """metrics.jsonl beside the checkpoints, cut back to the resumed iteration."""
+    if not checkpoint_dir:
+        return None
+    path = Path(checkpoint_dir) / "metrics.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kept = [line for line in path.read_text().splitlines() if json.loads(line)["iteration"] <= resumed_at] \
+        if path.is_file() and resumed_at else []
+    write_text_atomic(path, "".join(line + "\n" for line in kept))
+    return path
 
 
 class StepLogger:

@@ -3,12 +3,10 @@
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from contextlib import nullcontext
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -17,13 +15,22 @@ import torch.distributed as dist
 from megadoc_megatron.blend.datasets import build_datasets, dataset_tokenizer, load_checked
 from megadoc_megatron.distributed import initialize, launch_environment, shutdown
 from megadoc_megatron.errors import InputError
-from megadoc_megatron.files import write_text_atomic
+from megadoc_megatron.model.build import build_model, resolve_backend
 from megadoc_megatron.model.gpt import document_packing
 from megadoc_megatron.train import checkpoint
 from megadoc_megatron.train.config import TrainConfig
 from megadoc_megatron.train.data import micro_batches
+from megadoc_megatron.train.engines import build_engine, resolve_engine
+from megadoc_megatron.train.engines.cuda_on_cpu import megatron_core_on_cpu
 from megadoc_megatron.train.layout import memory_estimate_gb, plan_layout
-from megadoc_megatron.train.metrics import FLOPS_FORMULA, StepLogger, peak_tflops, training_flops
+from megadoc_megatron.train.metrics import (
+    FLOPS_FORMULA,
+    StepLogger,
+    peak_tflops,
+    resumed_metrics_file,
+    training_flops,
+)
+from megadoc_megatron.train.validator import Validator
 
 
 def masked_mean_loss(loss_mask: torch.Tensor, output: torch.Tensor):
@@ -44,63 +51,6 @@ def forward_step(data_iterator, model, device: torch.device, eod: int | None = N
     batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"], packed_seq_params=packed)
     return output, partial(masked_mean_loss, batch["loss_mask"])
-
-
-def resolve_backend(requested: str) -> str:
-    from megadoc_megatron.model.gpt import transformer_engine_available
-
-    if requested != "auto":
-        return requested
-    return "te" if torch.cuda.is_available() and transformer_engine_available() else "portable"
-
-
-def build_model(config: TrainConfig, vocab_size: int, seq_length: int, device: torch.device, engine: str = "portable"):
-    """(TransformerConfig, model chunks of this rank, padded vocabulary) on `device`, with the fast
-    paths Megatron-LM would use for this engine and device."""
-    from megatron.core import parallel_state
-
-    from megadoc_megatron.model.gpt import build_gpt, transformer_config
-    from megadoc_megatron.model.presets import padded_vocab_size
-
-    backend = resolve_backend(config.model.backend)
-    parallel, precision = config.parallel, config.precision
-    dtype = torch.bfloat16 if precision.bf16 else torch.float32
-    fast = {**fast_paths(engine, backend, device.type), **recompute_settings(config.model.recompute)}
-    model_config = transformer_config(
-        config.model.preset, backend, parallel.tensor, parallel.pipeline, parallel.sequence_parallel,
-        precision.bf16, precision.fp8, precision.fp8_recipe, precision.fp8_amax_history_len,
-        precision.fp8_amax_compute_algo, pipeline_dtype=dtype,
-        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline, **{**fast, **config.model.overrides})
-    padded = padded_vocab_size(vocab_size)  # splits over the tensor size (plan_layout checks it)
-    chunks = []
-    for stage in range(parallel.virtual_pipeline or 1):
-        vp_stage = stage if parallel.virtual_pipeline else None
-        first = parallel_state.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
-        last = parallel_state.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
-        chunk = build_gpt(model_config, padded, seq_length, backend, first, last, vp_stage)
-        chunks.append(chunk.to(device))
-    return model_config, chunks, padded
-
-
-def fast_paths(engine: str, backend: str, device_type: str) -> dict:
-    """The TransformerConfig fast paths Megatron-LM turns on where they apply."""
-    return {
-        # TE layers accumulate weight gradients straight into megatron-core DDP's FP32 buffers.
-        "gradient_accumulation_fusion": engine == "megatron" and backend == "te",
-        "deallocate_pipeline_outputs": engine == "megatron",  # 1F1B frees activations it has sent on
-        "cross_entropy_loss_fusion": device_type == "cuda",
-    }
-
-
-def recompute_settings(recompute: str) -> dict:
-    """TransformerConfig fields of model.recompute (Megatron-LM's --recompute-* flags)."""
-    if recompute == "none":
-        return {}
-    if recompute == "selective":
-        return {"recompute_granularity": "selective"}
-    if recompute == "full":
-        return {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
-    raise InputError(f"unknown model.recompute {recompute!r}", fix="use none, selective or full")
 
 
 def build_scheduler(optimizer, settings, train_iters: int):
@@ -141,24 +91,8 @@ def reduce_loss(reports: list[dict], device: torch.device) -> float:
     return loss.item()
 
 
-def plateaued(losses: list[float], patience: int) -> bool:
-    """Whether none of the last `patience` validation losses beat the best one before them."""
-    return 0 < patience < len(losses) and min(losses[-patience:]) >= min(losses[:-patience])
-
-
-def validation_history(checkpoint_dir: str, up_to: int) -> list[float]:
-    """The validation losses a resumed run had logged (metrics.jsonl beside the checkpoints)."""
-    path = Path(checkpoint_dir) / "metrics.jsonl" if checkpoint_dir and up_to else None
-    if path is None or not path.is_file():
-        return []
-    rows = (json.loads(line) for line in path.read_text().splitlines())
-    return [row["valid_loss"] for row in rows if "valid_loss" in row and row["iteration"] <= up_to]
-
-
 class Trainer:
     def __init__(self, config: TrainConfig, device: torch.device):
-        from megadoc_megatron.train.engine import megatron_engine, portable_engine, resolve_engine
-
         self.config, self.device = config, device
         self.engine_name = resolve_engine(config.engine, device)
         self.blend = load_checked(config.data.blend)
@@ -181,9 +115,9 @@ class Trainer:
         self.model_config, chunks, self.padded_vocab = build_model(config, tokenizer.vocab_size, self.seq_length, device,
                                                                    self.engine_name)
         self.info["backend"] = resolve_backend(config.model.backend)
-        self.engine = megatron_engine(chunks, self.model_config, config, self.info["backend"]) \
-            if self.engine_name == "megatron" else portable_engine(chunks, config, self.info["backend"])
+        self.engine = build_engine(self.engine_name, chunks, self.model_config, config, self.info["backend"])
         self.scheduler = build_scheduler(self.engine.optimizer, config.optimizer, self.train_iters)
+        self.checkpointer = checkpoint.Checkpointer(config, self.engine, self.scheduler, self.info)
         self.flops_per_iteration = training_flops(self.model_config, self.padded_vocab, self.seq_length, self.global_batch)
         self.peak = peak_tflops(config.logging.peak_tflops, config.precision.fp8)
 
@@ -228,78 +162,54 @@ class Trainer:
                 losses.append(reduce_loss(self.run_schedule(batches, forward_only=True), self.device))
         return float(np.mean(losses))
 
-    def start(self) -> tuple[int, int, str]:
-        """(iteration, consumed samples, a note): resume from checkpoint.dir, else start from
-        checkpoint.init_from's weights and optimizer state, else from scratch."""
-        settings = self.config.checkpoint
-        start, consumed, note = 0, 0, "checkpoint.dir is empty: no checkpoints"
-        if settings.dir and settings.load:
-            start, consumed, note = checkpoint.load(settings.dir, self.engine, self.scheduler)
-        if start == 0 and settings.init_from:
-            if checkpoint.latest_iteration(settings.init_from) is None:
-                raise InputError("checkpoint.init_from holds no checkpoint", settings.init_from,
-                                 fix="point it at a checkpoint.dir of a finished run")
-            iteration, _, taken = checkpoint.load(settings.init_from, self.engine, scheduler=None)
-            self.scheduler.step(increment=0)  # the loaded optimizer state carries the old run's learning rate
-            self.info["init_from"] = {"dir": str(Path(settings.init_from).resolve()), "iteration": iteration}
-            note = f"started from {taken}; iterations, data and learning-rate schedule start afresh"
-        return start, consumed, note
-
     def train(self) -> dict:
         config, rank0 = self.config, dist.get_rank() == 0
-        start, consumed, note = self.start()
+        start, consumed, note = self.checkpointer.start()
         train, valid = self.datasets()
         batches = self.batches(train, consumed, self.train_iters * self.global_batch, config.data.num_workers)
-        validations = validation_history(config.checkpoint.dir, start)  # read before rank 0 cuts the file
-        dist.barrier()
-        logger = StepLogger(config.logging, self._metrics_file(start), self.train_iters, start, config.to_dict()) \
-            if rank0 else None
+        validator = Validator(partial(self.validation_loss, valid) if valid is not None else None, config, start)
+        dist.barrier()  # every rank has read the validation history before rank 0 cuts metrics.jsonl back
+        logger = StepLogger(config.logging, resumed_metrics_file(config.checkpoint.dir, start), self.train_iters,
+                            start, config.to_dict()) if rank0 else None
         if rank0:
             print(f"{note}\n{self.describe()}{self._memory_warning()}", flush=True)
         last_loss, timer, skips = None, StepTimer(self.device), SkipCounter(config.optimizer.max_skipped_in_a_row)
-        iteration = start
-        stopped = "plateau" if plateaued(validations, config.patience) else "end"
+        iteration, stopped = start, "plateau" if validator.plateaued() else "end"
         while stopped == "end" and iteration < self.train_iters:
             iteration += 1
+            last = iteration == self.train_iters
             last_loss, lr, grad_norm, updated = self.train_step(batches)
             consumed += self.global_batch
             timer.tick()
             skips.count(updated, iteration, grad_norm)
-            if iteration % config.logging.log_interval == 0 or iteration == self.train_iters or skips.exhausted:
-                seconds, warmup = timer.read()
-                if rank0:
-                    logger.log(self._row(iteration, last_loss, lr, grad_norm, skips, seconds, warmup))
-                skips.window = 0
+            if iteration % config.logging.log_interval == 0 or last or skips.exhausted:
+                self._log_training(logger, timer, skips, iteration, last_loss, lr, grad_norm)
             if skips.exhausted:
                 raise skips.error(config.checkpoint.dir)
-            saved = config.checkpoint.dir and (iteration == self.train_iters or config.checkpoint.save_interval
-                                               and iteration % config.checkpoint.save_interval == 0)
-            if saved:
-                self.save(iteration, consumed)
-            validated = valid is not None and (iteration == self.train_iters or config.logging.eval_interval
-                                               and iteration % config.logging.eval_interval == 0)
+            saved = self.checkpointer.save(iteration, consumed, last)
+            validated = validator.should_validate(iteration, last)
             if validated:
-                validations.append(self.validation_loss(valid))
+                valid_loss = validator.validate()
                 if rank0:
-                    logger.log({"iteration": iteration, "valid_loss": validations[-1]})
-                if plateaued(validations, config.patience):
+                    logger.log({"iteration": iteration, "valid_loss": valid_loss})
+                if validator.plateaued():
                     stopped = "plateau"
-                    if config.checkpoint.dir and not saved:
-                        self.save(iteration, consumed)
+                    self.checkpointer.save(iteration, consumed, force=True)
             if saved or validated:
                 timer.restart()  # not training time
         if rank0:
             if stopped == "plateau":
-                print(f"stopped at iteration {iteration}: the validation loss has not improved on "
-                      f"{min(validations):.4f} in {config.patience} validations (patience)", flush=True)
+                print(validator.stop_note(iteration), flush=True)
             logger.close()
         return {"iterations": iteration, "final_loss": last_loss, "consumed_samples": consumed, "stopped": stopped,
                 "skipped_iterations": skips.total}
 
-    def save(self, iteration: int, consumed: int) -> None:
-        with self.engine.params_synchronized():
-            checkpoint.save(self.config.checkpoint.dir, iteration, consumed, self.engine, self.scheduler,
-                            self.config.to_dict(), self.info)
+    def _log_training(self, logger, timer, skips, iteration, loss, lr, grad_norm) -> None:
+        """Log the window since the last row (rank 0); every rank reads the timer (it synchronizes CUDA)."""
+        seconds, warmup = timer.read()
+        if logger is not None:
+            logger.log(self._row(iteration, loss, lr, grad_norm, skips, seconds, warmup))
+        skips.window = 0
 
     def _row(self, iteration, loss, lr, grad_norm, skips, seconds_per_iteration, warmup) -> dict:
         tflops = self.flops_per_iteration / seconds_per_iteration / dist.get_world_size() / 1e12
@@ -308,17 +218,6 @@ class Trainer:
                 "seconds_per_iteration": seconds_per_iteration, "tflops_per_device": tflops,
                 "mfu": tflops / self.peak if self.peak else None, "warmup": warmup,
                 "skipped": skips.window, "skipped_total": skips.total}
-
-    def _metrics_file(self, start: int) -> Path | None:
-        """metrics.jsonl beside the checkpoints, cut back to the resumed iteration."""
-        if not self.config.checkpoint.dir:
-            return None
-        path = Path(self.config.checkpoint.dir) / "metrics.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        kept = [line for line in path.read_text().splitlines() if json.loads(line)["iteration"] <= start] \
-            if path.is_file() and start else []
-        write_text_atomic(path, "".join(line + "\n" for line in kept))
-        return path
 
     def _memory_warning(self) -> str:
         if self.device.type != "cuda":
@@ -329,12 +228,10 @@ class Trainer:
             "it has: set model.recompute: full, or a smaller data.micro_batch_size")
 
     def describe(self) -> str:
-        from megadoc_megatron.train.checkpoint import layout
-
         parameters = sum(p.numel() for chunk in self.engine.chunks for p in chunk.parameters())
         peak = f"{self.peak:.0f} TFLOP/s per device" if self.peak else "unknown (set logging.peak_tflops)"
         return (f"model {self.config.model.preset} ({self.info['backend']} layers, "
-                f"{parameters:,} parameters on this rank) | parallel {layout()} | "
+                f"{parameters:,} parameters on this rank) | parallel {checkpoint.layout()} | "
                 f"{self.train_iters} iterations x {self.global_batch} sequences x {self.seq_length} tokens "
                 f"({self.num_microbatches} micro-batches of {self.config.data.micro_batch_size}) | "
                 f"engine {self.engine_name} on {self.device.type} | about {self.memory_gb:.1f} GB per rank (estimate) | "
@@ -402,9 +299,6 @@ class SkipCounter:
 
 def train(config: TrainConfig, launch=None) -> dict:
     """Initialize the process groups, train, tear down."""
-    from megadoc_megatron.train.cuda_on_cpu import megatron_core_on_cpu
-    from megadoc_megatron.train.engine import resolve_engine
-
     launch = launch or launch_environment()
     blend = load_checked(config.data.blend)
     plan_layout(config, launch.world_size, blend.global_batch_size, blend.seq_length, config.data.blend)

@@ -1,0 +1,70 @@
+"""The model of a training config on this rank: its TransformerConfig (with the fast paths
+Megatron-LM would turn on) and its GPTModel chunks."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from megadoc_megatron.errors import InputError
+
+if TYPE_CHECKING:
+    from megadoc_megatron.train.config import TrainConfig
+
+
+def resolve_backend(requested: str) -> str:
+    from megadoc_megatron.model.gpt import transformer_engine_available
+
+    if requested != "auto":
+        return requested
+    return "te" if torch.cuda.is_available() and transformer_engine_available() else "portable"
+
+
+def build_model(config: TrainConfig, vocab_size: int, seq_length: int, device: torch.device, engine: str = "portable"):
+    """(TransformerConfig, model chunks of this rank, padded vocabulary) on `device`, with the fast
+    paths Megatron-LM would use for this engine (the config's engine value) and device."""
+    from megatron.core import parallel_state
+
+    from megadoc_megatron.model.gpt import build_gpt, transformer_config
+    from megadoc_megatron.model.presets import padded_vocab_size
+
+    backend = resolve_backend(config.model.backend)
+    parallel, precision = config.parallel, config.precision
+    dtype = torch.bfloat16 if precision.bf16 else torch.float32
+    fast = {**fast_paths(engine, backend, device.type), **recompute_settings(config.model.recompute)}
+    model_config = transformer_config(
+        config.model.preset, backend, parallel.tensor, parallel.pipeline, parallel.sequence_parallel,
+        precision.bf16, precision.fp8, precision.fp8_recipe, precision.fp8_amax_history_len,
+        precision.fp8_amax_compute_algo, pipeline_dtype=dtype,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline, **{**fast, **config.model.overrides})
+    padded = padded_vocab_size(vocab_size)  # splits over the tensor size (plan_layout checks it)
+    chunks = []
+    for stage in range(parallel.virtual_pipeline or 1):
+        vp_stage = stage if parallel.virtual_pipeline else None
+        first = parallel_state.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
+        last = parallel_state.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
+        chunk = build_gpt(model_config, padded, seq_length, backend, first, last, vp_stage)
+        chunks.append(chunk.to(device))
+    return model_config, chunks, padded
+
+
+def fast_paths(engine: str, backend: str, device_type: str) -> dict:
+    """The TransformerConfig fast paths Megatron-LM turns on where they apply."""
+    return {
+        # TE layers accumulate weight gradients straight into megatron-core DDP's FP32 buffers.
+        "gradient_accumulation_fusion": engine == "megatron" and backend == "te",
+        "deallocate_pipeline_outputs": engine == "megatron",  # 1F1B frees activations it has sent on
+        "cross_entropy_loss_fusion": device_type == "cuda",
+    }
+
+
+def recompute_settings(recompute: str) -> dict:
+    """TransformerConfig fields of model.recompute (Megatron-LM's --recompute-* flags)."""
+    if recompute == "none":
+        return {}
+    if recompute == "selective":
+        return {"recompute_granularity": "selective"}
+    if recompute == "full":
+        return {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+    raise InputError(f"unknown model.recompute {recompute!r}", fix="use none, selective or full")

@@ -1,0 +1,49 @@
+"""Validation during training: when (every logging.eval_interval iterations and at the last one),
+the held-out losses so far (a resumed run's from its metrics.jsonl), and early stopping once
+`patience` validations in a row found no new best loss."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    from megadoc_megatron.train.config import TrainConfig
+
+
+def plateaued(losses: list[float], patience: int) -> bool:
+    """Whether none of the last `patience` validation losses beat the best one before them."""
+    return 0 < patience < len(losses) and min(losses[-patience:]) >= min(losses[:-patience])
+
+
+def validation_history(checkpoint_dir: str, up_to: int) -> list[float]:
+    """The validation losses a resumed run had logged (metrics.jsonl beside the checkpoints)."""
+    path = Path(checkpoint_dir) / "metrics.jsonl" if checkpoint_dir and up_to else None
+    if path is None or not path.is_file():
+        return []
+    rows = (json.loads(line) for line in path.read_text().splitlines())
+    return [row["valid_loss"] for row in rows if "valid_loss" in row and row["iteration"] <= up_to]
+
+
+class Validator:
+    """`loss` computes the held-out loss (None: the run has no held-out data and never validates).
+    Made before rank 0 cuts metrics.jsonl back to the resumed iteration: it reads the history there."""
+
+    def __init__(self, loss: Callable[[], float] | None, config: TrainConfig, resumed_at: int):
+        self.loss, self.interval, self.patience = loss, config.logging.eval_interval, config.patience
+        self.losses = validation_history(config.checkpoint.dir, resumed_at)
+
+    def should_validate(self, iteration: int, last: bool) -> bool:
+        return self.loss is not None and (last or bool(self.interval) and iteration % self.interval == 0)
+
+    def validate(self) -> float:
+        self.losses.append(self.loss())
+        return self.losses[-1]
+
+    def plateaued(self) -> bool:
+        return plateaued(self.losses, self.patience)
+
+    def stop_note(self, iteration: int) -> str:
+        return (f"stopped at iteration {iteration}: the validation loss has not improved on "
+                f"{min(self.losses):.4f} in {self.patience} validations (patience)")
