@@ -211,8 +211,8 @@ def test_a_refresh_round_tunes_regenerates_continues_and_records_its_lineage(dem
     every synthetic set so far. The data stages before the loop are the demo's, cached."""
     from megatron.core import dist_checkpointing
 
-    from megadoc_megatron.synth.tune import REWARDS
     from megadoc_megatron.train.checkpoint import iteration_dir
+    from megadoc_megatron.tune.grpo import REWARDS
 
     work, _ = demo
     output = run_example(work, "--set", f"recipes=[{json.dumps(REFRESH)}]", "--no-report", recipes=())

@@ -10,8 +10,8 @@ from conftest import run_training, write_config
 
 from megadoc_megatron.cli import main
 from megadoc_megatron.errors import InputError
-from megadoc_megatron.synth.rewards import FormatReward, LengthReward, QualityReward
-from megadoc_megatron.synth.tune import parse_weights
+from megadoc_megatron.tune.grpo import parse_weights
+from megadoc_megatron.tune.rewards import FormatReward, LengthReward, QualityReward
 
 pytest.importorskip("trl", reason="the tune extra (trl) is not installed")
 
@@ -57,7 +57,7 @@ def test_influence_reward_scores_text_and_puts_the_weights_back(checkpoint, gold
 
     from megadoc_megatron.distributed import shutdown
     from megadoc_megatron.evaluate.losses import evaluation_process_group
-    from megadoc_megatron.synth.rewards import InfluenceReward
+    from megadoc_megatron.tune.rewards import InfluenceReward
 
     device = evaluation_process_group()
     try:

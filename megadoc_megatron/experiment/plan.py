@@ -209,7 +209,7 @@ def refresh_rounds(planner: Planner, recipe: Recipe, prefixes: dict, first: Stag
     last generator) -> synth-rephrase-R-rN (G rephrases by the tuned generator, in its style) ->
     synthetic-R-rN -> train-R-rN (from the last checkpoint, every synthetic set so far). Each train
     stage's lineage.json lists the rounds up to it."""
-    from megadoc_megatron.synth.tune import STYLE_OF_OPERATION
+    from megadoc_megatron.tune.grpo import STYLE_OF_OPERATION
 
     experiment, refresh = planner.experiment, recipe.refresh
     if experiment.generator.get("backend") == "openai":

@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _tune_arguments(parser: argparse.ArgumentParser) -> None:
-    from megadoc_megatron.synth.tune import REWARDS, STYLE_OF_OPERATION
+    from megadoc_megatron.tune.grpo import REWARDS, STYLE_OF_OPERATION
 
     parser.add_argument("--input", nargs="+", required=True, help="real documents (JSONL) to rephrase while tuning")
     parser.add_argument("--output", required=True, help="folder for the tuned model (HF), tune.json, rewards.jsonl")
@@ -227,7 +227,7 @@ def run(args: argparse.Namespace) -> dict | None:
     if args.operation == "styles":
         return list_styles(args)
     if args.operation == "tune":
-        from megadoc_megatron.synth.tune import TuneConfig, run_tune
+        from megadoc_megatron.tune.grpo import TuneConfig, run_tune
 
         return run_tune(TuneConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TuneConfig)}))
     from megadoc_megatron.synth.backends import load_chat_tokenizer

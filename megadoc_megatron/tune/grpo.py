@@ -70,7 +70,7 @@ def parse_weights(items: list[str]) -> dict[str, float]:
 
 
 def build_rewards(config: TuneConfig, weights: dict[str, float], device):
-    from megadoc_megatron.synth import rewards
+    from megadoc_megatron.tune import rewards
 
     if "influence" in weights and not (config.checkpoint and config.reference):
         raise InputError("the influence reward needs --checkpoint (pre-training) and --reference (documents)",
