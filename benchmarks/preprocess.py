@@ -155,7 +155,8 @@ texts = [json.loads(line)["text"] for line in open(sys.argv[1], encoding="utf-8"
 def share(i):
     tokenizer = load_tokenizer({args.tokenizer_type!r}, {args.tokenizer_model!r})
     part = texts[len(texts) * i // {args.workers}:len(texts) * (i + 1) // {args.workers}]
-    return sum(len(ids) for start in range(0, len(part), 512) for ids in tokenizer.encode_batch(part[start:start + 512]))
+    return sum(len(ids) for start in range(0, len(part), 512) \
+for ids in tokenizer.encode_batch(part[start:start + 512]))
 started = time.perf_counter()
 with multiprocessing.get_context("fork").Pool({args.workers}) as pool:
     pool.map(share, range({args.workers}))
@@ -193,8 +194,8 @@ def main() -> None:
 
         ours, rss = best(args.repeat, lambda run: ours_command(path, tmp / f"ours{run}", args))
         summary = json.loads(Path(f"{tmp}/ours0_text_document.json").read_text())
-        print(f"megadoc preprocess: {ours:.2f} s, {megabytes / ours:.1f} MB/s, {summary['tokens'] / ours:,.0f} tokens/s; "
-              f"peak RSS {rss:.0f} MB")
+        print(f"megadoc preprocess: {ours:.2f} s, {megabytes / ours:.1f} MB/s, "
+              f"{summary['tokens'] / ours:,.0f} tokens/s; peak RSS {rss:.0f} MB")
         # Parts grow with the input up to --max-part-mb: with the cap reached at both sizes, memory is flat.
         _, rss_small_parts = best(1, lambda run: ours_command(path, tmp / "small_parts", args, "--max-part-mb", "2"))
         _, rss_quarter = best(1, lambda run: ours_command(quarter, tmp / "quarter", args, "--max-part-mb", "2"))

@@ -26,7 +26,9 @@ def stdlib_blend(work: Path, seq_length: int, global_batch: int, iterations: int
     work = Path(work)
     if not (work / "corpus.json").is_file():
         subprocess.run([sys.executable, str(REPO / "examples/tiny_cpu/make_corpus.py"), "--output-dir", str(work)],
-                       check=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
+                       check=True,
+                       env={**os.environ,
+                            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
     prefixes = {}
     for split in ("train", "heldout"):
         prefix = work / "data" / split
@@ -36,6 +38,7 @@ def stdlib_blend(work: Path, seq_length: int, global_batch: int, iterations: int
         prefixes[split] = f"{prefix}_text_document"
     blend = make_blend(BlendConfig([prefixes["train"]], [], 0.0, None, seq_length, global_batch,
                                    work / f"blend-{seq_length}-{global_batch}-{iterations}",
-                                   valid_data=[prefixes["heldout"]], train_tokens=iterations * seq_length * global_batch))
+                                   valid_data=[prefixes["heldout"]],
+                                   train_tokens=iterations * seq_length * global_batch))
     return blend.files.plan
 

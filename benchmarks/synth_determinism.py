@@ -24,7 +24,8 @@ from megadoc_megatron.synth.prompts import BUILTIN
 
 def first_difference(a: str, b: str) -> int | None:
     words = list(zip(a.split(), b.split()))
-    return next((i for i, (x, y) in enumerate(words) if x != y), None if len(a.split()) == len(b.split()) else len(words))
+    return next((i for i, (x, y) in enumerate(words) if x != y),
+                None if len(a.split()) == len(b.split()) else len(words))
 
 
 def main() -> None:

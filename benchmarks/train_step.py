@@ -72,7 +72,8 @@ def compare_steps(trainer, warmup: int, steps: int, rounds: int) -> tuple[list[f
     total = trainer.train_iters * trainer.global_batch
     stream = trainer.batches(train, 0, total, trainer.config.data.num_workers)
     first_batch = trainer.batches(train, 0, total)
-    in_memory = [{k: v.to(trainer.device) for k, v in next(first_batch).items()} for _ in range(trainer.num_microbatches)]
+    in_memory = [{k: v.to(trainer.device) for k, v in next(first_batch).items()}
+                 for _ in range(trainer.num_microbatches)]
     for _ in range(warmup):
         trainer.train_step(stream)
         bare_step(trainer, in_memory)

@@ -16,13 +16,20 @@ STAGES = {
     "preprocess": ("megadoc_megatron.data.command", "tokenize JSONL into Megatron indexed datasets (.bin/.idx)"),
     "merge": ("megadoc_megatron.data.merge", "join indexed datasets in order (the shards of a preprocess array)"),
     "inspect": ("megadoc_megatron.data.inspect", "summarize an indexed dataset and decode a document"),
-    "megadocs": ("megadoc_megatron.megadocs.command", "assemble the synthetic stream: simple, stitch or stretch megadocs"),
-    "blend": ("megadoc_megatron.blend.command", "weights and train length for a mixing weight w and exactly E real epochs"),
-    "train": ("megadoc_megatron.train.command", "pre-train the GPT on a blend with megatron-core (TP/PP/DP, checkpoints)"),
-    "eval": ("megadoc_megatron.evaluate.command", "evaluate checkpoints (i.i.d., long-context, ensemble loss, lm-eval accuracy); fit scaling laws"),
-    "report": ("megadoc_megatron.evaluate.report_command", "tables and plots of recipes vs. losses and data efficiency"),
-    "run": ("megadoc_megatron.experiment.command", "the whole method from one experiment config: every stage cached and resumable"),
-    "sweep": ("megadoc_megatron.experiment.sweep_command", "a grid over E, w, lr and wd around one recipe, with the local-optimum check"),
+    "megadocs": ("megadoc_megatron.megadocs.command", "assemble the synthetic stream: "
+                                                      "simple, stitch or stretch megadocs"),
+    "blend": ("megadoc_megatron.blend.command", "weights and train length for a mixing weight w "
+                                                "and exactly E real epochs"),
+    "train": ("megadoc_megatron.train.command", "pre-train the GPT on a blend with megatron-core "
+                                                "(TP/PP/DP, checkpoints)"),
+    "eval": ("megadoc_megatron.evaluate.command", "evaluate checkpoints (i.i.d., long-context, ensemble loss, "
+                                                  "lm-eval accuracy); fit scaling laws"),
+    "report": ("megadoc_megatron.evaluate.report_command", "tables and plots of recipes vs. losses "
+                                                           "and data efficiency"),
+    "run": ("megadoc_megatron.experiment.command", "the whole method from one experiment config: "
+                                                   "every stage cached and resumable"),
+    "sweep": ("megadoc_megatron.experiment.sweep_command", "a grid over E, w, lr and wd around one recipe, "
+                                                           "with the local-optimum check"),
 }
 
 

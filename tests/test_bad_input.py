@@ -96,7 +96,8 @@ def test_failed_run_keeps_previous_outputs(golden_lines, tmp_path, spm_model):
     convert(good, tmp_path / "out", "SentencePieceTokenizer", spm_model)
     before = [(tmp_path / f"out_text_document{s}").read_bytes() for s in (".bin", ".idx")]
     with pytest.raises(InputError):
-        convert(with_bad_line(golden_lines, tmp_path, b"{oops\n"), tmp_path / "out", "SentencePieceTokenizer", spm_model)
+        convert(with_bad_line(golden_lines, tmp_path, b"{oops\n"), tmp_path / "out", "SentencePieceTokenizer",
+                spm_model)
     assert [(tmp_path / f"out_text_document{s}").read_bytes() for s in (".bin", ".idx")] == before
 
 
@@ -122,7 +123,8 @@ def test_bad_tokenizer_flags(golden, tmp_path, tokenizer_type, model, message):
 
 def test_hf_folder_without_tokenizer_json(golden, tmp_path):
     with pytest.raises(InputError, match="no tokenizer.json"):
-        preprocess(PreprocessConfig([str(golden / "golden_input.jsonl")], str(tmp_path / "out"), "HuggingFaceTokenizer", str(tmp_path)))
+        preprocess(PreprocessConfig([str(golden / "golden_input.jsonl")], str(tmp_path / "out"), "HuggingFaceTokenizer",
+                                    str(tmp_path)))
 
 
 def test_a_line_only_gigatoken_accepts_among_the_checked_ones_goes_line_by_line(golden, golden_lines, tmp_path):
@@ -130,7 +132,8 @@ def test_a_line_only_gigatoken_accepts_among_the_checked_ones_goes_line_by_line(
     read by both for the check, such a line sends its part line by line, where it is rejected."""
     path = tmp_path / "input.jsonl"
     path.write_bytes(b'{"text": "a trailing comma",}\n' + b"".join(golden_lines))
-    summary = preprocess(PreprocessConfig([str(path)], str(tmp_path / "out"), "HuggingFaceTokenizer", str(golden / "qwen_tokenizer"),
+    summary = preprocess(PreprocessConfig([str(path)], str(tmp_path / "out"), "HuggingFaceTokenizer",
+                         str(golden / "qwen_tokenizer"),
                          append_eod=True, workers=2, skip_bad_lines=True))
     assert summary.tokenized_with == "gigatoken" and summary.parts_read_in_rust == 0
     assert summary.rejected == 1 and summary.documents == 66

@@ -21,8 +21,10 @@ def streams(tmp_path_factory, golden_lines, spm_model):
     sentences = [s.strip() for d in docs for s in d.split(". ") if 10 < len(s.strip()) < 80]
     spm = ("SentencePieceTokenizer", spm_model)
     return {
-        "long": (make_dataset(tmp, "real_long", long_docs[:12], *spm), make_dataset(tmp, "syn_long", long_docs[12:30], *spm)),
-        "short": (make_dataset(tmp, "real_short", sentences[:150], *spm), make_dataset(tmp, "syn_short", sentences[150:], *spm)),
+        "long": (make_dataset(tmp, "real_long", long_docs[:12], *spm),
+                 make_dataset(tmp, "syn_long", long_docs[12:30], *spm)),
+        "short": (make_dataset(tmp, "real_short", sentences[:150], *spm),
+                  make_dataset(tmp, "syn_short", sentences[150:], *spm)),
     }
 
 
@@ -90,7 +92,8 @@ def test_output_files_are_what_megatron_reads(streams, tmp_path, capsys):
     blend = Blend.load(tmp_path / "blend.json")
     assert prefixes == [d.prefix for d in blend.datasets] and weights == [d.weight for d in blend.datasets]
     per_split = json.loads((tmp_path / "per_split_data_args.json").read_text())
-    assert sorted(per_split) == ["test", "train", "valid"] and per_split["train"] == (tmp_path / "data_args.txt").read_text().split()
+    assert (sorted(per_split) == ["test", "train", "valid"]
+            and per_split["train"] == (tmp_path / "data_args.txt").read_text().split())
 
 
 def test_rewritten_dataset_gets_a_new_index_cache(tmp_path, spm_model, golden_lines):

@@ -70,7 +70,8 @@ def test_cut_or_mismatched_files_are_refused_by_every_reader(dataset, name, caps
     with pytest.raises(InputError, match=message):
         describe_dataset(str(dataset), "real", "100,0,0")  # megadoc blend
     blend = dataset.parent / "blend.json"
-    Blend(1, 1, 1, 8, 1, None, 0.0, 0.0, 9, 0.0, [BlendDataset(str(dataset), "real", 9, 1, None, "uint16", "")]).save(blend)
+    Blend(1, 1, 1, 8, 1, None, 0.0, 0.0, 9, 0.0,
+          [BlendDataset(str(dataset), "real", 9, 1, None, "uint16", "")]).save(blend)
     with pytest.raises(InputError, match=message):
         load_checked(blend)  # megadoc train, before any process group starts
 
@@ -156,7 +157,8 @@ def test_merge_checks_before_it_writes(golden, tmp_path, spm_model):
     for name, fingerprint in (("a", "0" * 16), ("b", "1" * 16)):  # the same tokens, sidecars naming two tokenizers
         for suffix in (".bin", ".idx"):
             shutil.copy(golden / f"megatron_out/spm_eod_text_document{suffix}", tmp_path / f"{name}{suffix}")
-        DatasetInfo(str(tmp_path / name), 66, 1, [], "text", True, "uint16", {"fingerprint": fingerprint}, "test").save()
+        DatasetInfo(str(tmp_path / name), 66, 1, [], "text", True, "uint16", {"fingerprint": fingerprint},
+                    "test").save()
         sides.append(str(tmp_path / name))
     with pytest.raises(InputError, match="different tokenizers"):
         merge(sides, str(tmp_path / "mixed_text_document"))

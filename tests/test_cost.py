@@ -107,7 +107,8 @@ def test_chunked_plan_is_what_a_run_submits_and_done_pairs_are_not_costed(tmp_pa
     run_recorded(synth_args(corpus, tmp_path / "whole", hf_tokenizer, "--long-documents", "chunk", generations=2,
                             window=400), submitted)
     assert plan["handling"]["chunked"] == 2 and plan["requests"] == len(submitted.requests) > plan["pairs"] == 10
-    assert plan["prompt_tokens"] == sum(len(chat_token_ids(submitted.tokenizer, r.messages)) for r in submitted.requests)
+    assert plan["prompt_tokens"] == sum(len(chat_token_ids(submitted.tokenizer, r.messages))
+                                        for r in submitted.requests)
     assert plan["gpu_hours"] is None and any("--tokens-per-second" in n for n in plan["notes"])
 
     # Task 0 of 2 finishes its shards (0 and 2: documents 1-2 and 5); task 1 was killed after writing the
@@ -228,7 +229,8 @@ def experiment_config(tmp_path, hf_tokenizer, spm_model):
     values["blend"] = {"seq_length": 32, "global_batch_size": 4}
     values["train"]["data"]["micro_batch_size"] = 4
     values["recipes"] = [{"name": "real", "kind": "real", "epochs": 3},
-                         {"name": "stitch_g2", "kind": "stitch", "generations": 2, "epochs": 2, "synthetic_weight": 0.6},
+                         {"name": "stitch_g2", "kind": "stitch", "generations": 2, "epochs": 2,
+                          "synthetic_weight": 0.6},
                          {"name": "budget", "kind": "textbook", "generations": 1, "train_tokens": 1000,
                           "synthetic_weight": 0.5}]
     path = tmp_path / "experiment.yaml"
@@ -260,8 +262,8 @@ def test_training_cost_is_6nd_with_d_as_the_blend_computes_it(experiment_config,
     n = parameter_counts(ModelConfig(preset="tiny", overrides=OVERRIDES), 8000)["total"]
     for recipe, w, length in (("real", 0.0, {"epochs": 3}), ("stitch_g2", 0.6, {"epochs": 2}),
                               ("budget", 0.5, {"train_tokens": 1000})):
-        iterations = make_blend(BlendConfig([real], [held] if w else [], w, length.get("epochs"), 32, 4, tmp_path / recipe,
-                           train_tokens=length.get("train_tokens"))).train_iters
+        iterations = make_blend(BlendConfig([real], [held] if w else [], w, length.get("epochs"), 32, 4,
+                                            tmp_path / recipe, train_tokens=length.get("train_tokens"))).train_iters
         row = rows[f"train-{recipe}"]
         assert row["tokens"] == iterations * 4 * 32
         assert row["tokens_basis"] == ("known" if recipe == "budget" else "estimate")

@@ -86,7 +86,8 @@ def test_non_finite_gradients_skip_the_update(engine, runs, tmp_path, blend_json
     assert all(math.isfinite(loss) for loss in valid.values())
     assert rows[ITERS]["skipped_total"] == 1
 
-    with nan_loss_at(set(range(1, ITERS + 1))), pytest.raises(InputError, match="training diverged: the last 3 updates"):
+    with nan_loss_at(set(range(1, ITERS + 1))), pytest.raises(InputError, match="training diverged: "
+                                                                                  "the last 3 updates"):
         train_run(tmp_path, blend_json, "diverged", f"engine={engine}", "optimizer.max_skipped_in_a_row=3")
     rows, _ = metrics(tmp_path / "diverged")
     assert rows[3]["skipped_total"] == 3 and max(rows) == 3
@@ -134,7 +135,8 @@ def test_megatron_core_engine_layouts_continue_the_single_process_run(request, r
 def test_optimizer_state_that_cannot_be_taken_is_refused_on_resume(runs, tmp_path, blend_json):
     source, expected, _ = runs["megatron"]
     config = write_config(tmp_path, blend_json, resume_copy(source, tmp_path))
-    with pytest.raises(InputError, match="kept by megatron-core's distributed optimizer, this run's is kept by portable"):
+    with pytest.raises(InputError, match="kept by megatron-core's distributed optimizer, "
+                                         "this run's is kept by portable"):
         run_training(config, overrides=["engine=portable"])
     with pytest.raises(torch.multiprocessing.ProcessRaisedException, match="laid out for tensor 1 x pipeline 1 ranks, "
                                                                            "this run has tensor 2 x pipeline 1"):
@@ -142,7 +144,8 @@ def test_optimizer_state_that_cannot_be_taken_is_refused_on_resume(runs, tmp_pat
                                     nprocs=2, join=True)
 
 
-@pytest.mark.parametrize("engines", [("megatron", "portable"), ("portable", "megatron")], ids=["to-portable", "to-megatron"])
+@pytest.mark.parametrize("engines", [("megatron", "portable"), ("portable", "megatron")],
+                         ids=["to-portable", "to-megatron"])
 def test_a_new_run_starts_from_the_other_engines_weights(engines, runs, tmp_path, blend_json, capsys):
     saved_by, engine = engines
     source, expected, _ = runs[saved_by]
@@ -160,7 +163,8 @@ def test_megatron_lms_fast_paths_where_they_apply():
     from megadoc_megatron.train.metrics import device_peak_tflops
 
     assert fast_paths("megatron", "te", "cuda") == {"gradient_accumulation_fusion": True,
-                                                    "deallocate_pipeline_outputs": True, "cross_entropy_loss_fusion": True}
+                                                    "deallocate_pipeline_outputs": True,
+                                                    "cross_entropy_loss_fusion": True}
     assert fast_paths("portable", "te", "cuda")["gradient_accumulation_fusion"] is False  # no FP32 buffers to fuse into
     assert not any(fast_paths("megatron", "portable", "cpu")[k] for k in ("gradient_accumulation_fusion",
                                                                          "cross_entropy_loss_fusion"))
@@ -170,7 +174,8 @@ def test_megatron_lms_fast_paths_where_they_apply():
     one_cuda_connection(TrainConfig(parallel=ParallelConfig(tensor=2)).parallel, env)
     assert env == {"CUDA_DEVICE_MAX_CONNECTIONS": "1"}
     with pytest.raises(InputError, match="CUDA_DEVICE_MAX_CONNECTIONS is 8; tensor parallelism .2. needs 1"):
-        one_cuda_connection(TrainConfig(parallel=ParallelConfig(tensor=2)).parallel, {"CUDA_DEVICE_MAX_CONNECTIONS": "8"})
+        one_cuda_connection(TrainConfig(parallel=ParallelConfig(tensor=2)).parallel,
+                            {"CUDA_DEVICE_MAX_CONNECTIONS": "8"})
     assert [device_peak_tflops(name, None) for name in ("NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA H100 NVL",
                                                         "NVIDIA H200", "NVIDIA GH200 480GB", "NVIDIA B200")] == \
         [989.0, 756.0, 835.0, 989.0, 989.0, 2250.0]

@@ -62,7 +62,8 @@ def runs(tmp_path_factory, blend_json):
     dirs = []
     for seed in (1, 2):
         tmp = tmp_path_factory.mktemp(f"run{seed}")
-        run_training(write_config(tmp, blend_json, tmp / "ckpt", logging={"eval_interval": 0}), overrides=[f"seed={seed}"])
+        run_training(write_config(tmp, blend_json, tmp / "ckpt", logging={"eval_interval": 0}),
+                     overrides=[f"seed={seed}"])
         dirs.append(tmp / "ckpt")
     return dirs
 
@@ -158,10 +159,10 @@ def test_ensemble_of_two_runs_beats_its_members(runs, held_out):
     assert two["members"] == 2 and two["loss"] < (first + second) / 2  # averaging probabilities never hurts on average
 
 
-def test_evaluation_refuses_data_of_another_tokenizer_and_missing_checkpoints(runs, tmp_path, golden_lines, hf_tokenizer,
-                                                                              capsys):
-    other = make_dataset(tmp_path, "hf", [json.loads(line)["text"] for line in golden_lines[:5]], "HuggingFaceTokenizer",
-                         hf_tokenizer)
+def test_evaluation_refuses_data_of_another_tokenizer_and_missing_checkpoints(runs, tmp_path, golden_lines,
+                                                                              hf_tokenizer, capsys):
+    other = make_dataset(tmp_path, "hf", [json.loads(line)["text"] for line in golden_lines[:5]],
+                         "HuggingFaceTokenizer", hf_tokenizer)
     assert main(["eval", "loss", str(runs[0]), "--data", other]) == 2
     assert f"{other}: tokenized with HuggingFaceTokenizer" in capsys.readouterr().err
     assert main(["eval", "loss", str(tmp_path / "nothing"), "--data", other]) == 2

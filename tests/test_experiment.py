@@ -64,7 +64,8 @@ def stage_folders(path) -> dict[str, str]:
      "stitch_g2.refresh.tune.colour is not an option of `megadoc synth tune`"),
     (lambda c: c["recipes"].append(dict(c["recipes"][0])), "two recipes are named 'real'"),
     (lambda c: c["recipes"][1].update(synthetic_weight=0), "synthetic_weight must lie in (0, 1)"),
-    (lambda c: c["generator"].update(colour=1), "generator/rephrase.colour is not an option of `megadoc synth rephrase`"),
+    (lambda c: c["generator"].update(colour=1),
+     "generator/rephrase.colour is not an option of `megadoc synth rephrase`"),
     (lambda c: c["generator"].update(output="x"), "generator/rephrase.output is set by megadoc run"),
     (lambda c: c["generator"].update(allow_truncated="yes"), "must be true or false"),
     (lambda c: c["train"]["optimizer"].update(lr="fast"), "optimizer.lr must be a float"),
@@ -192,7 +193,8 @@ def test_each_refresh_round_tunes_the_last_generator_against_the_last_checkpoint
     def two_rounds(c):
         c["recipes"] = [{**REFRESH, "refresh": {**REFRESH["refresh"], "rounds": 2}}]
     stages = {s.name: s for s in build_graph(load_experiment(config(two_rounds))).graph.stages}
-    tune, first, second = stages["tune-stitch_refresh-r2"], stages["tune-stitch_refresh-r1"], stages["train-stitch_refresh-r1"]
+    tune, first, second = (stages["tune-stitch_refresh-r2"], stages["tune-stitch_refresh-r1"],
+                           stages["train-stitch_refresh-r1"])
     (command,) = tune.commands
     assert command[command.index("--model") + 1] == f"{first.folder}/generator"
     assert command[command.index("--checkpoint") + 1] == f"{second.folder}/ckpt"
@@ -267,7 +269,8 @@ def test_mixture_study_trains_every_share_and_budget_and_fits_each_share(demo):
         assert list(losses) == ["4096", "12288"] and losses["12288"] < losses["4096"]
         assert "needs at least 4" in summary["fits"][weight]["note"]
     assert set(summary["best_weight"].values()) <= {0.0, 1.0}
-    assert (work / "mixture/mixture.png").stat().st_size > 10_000 and "| 1 |" in (work / "mixture/mixture.md").read_text()
+    assert ((work / "mixture/mixture.png").stat().st_size > 10_000
+            and "| 1 |" in (work / "mixture/mixture.md").read_text())
 
 
 def test_mixture_summary_fits_each_share_and_finds_the_best_one(tmp_path):

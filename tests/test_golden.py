@@ -98,8 +98,8 @@ def test_gigatoken_that_parts_ways_with_tokenizers_is_caught(golden, tmp_path, c
     spec = json.loads((folder / "tokenizer.json").read_text())
     next(t for t in spec["added_tokens"] if t["content"] == "<|endoftext|>")["single_word"] = True
     (folder / "tokenizer.json").write_text(json.dumps(spec))
-    summary = preprocess(PreprocessConfig([str(golden / "golden_input.jsonl")], str(tmp_path / "qwen_eod"), "HuggingFaceTokenizer",
-                         str(folder), append_eod=True, workers=2))
+    summary = preprocess(PreprocessConfig([str(golden / "golden_input.jsonl")], str(tmp_path / "qwen_eod"),
+                         "HuggingFaceTokenizer", str(folder), append_eod=True, workers=2))
     assert summary.tokenized_with == "reference"
     assert "gigatoken cannot stand in for HuggingFaceTokenizer here: its ids differ" in capsys.readouterr().err
     assert_same_as_golden(golden, tmp_path / "qwen_eod_text_document", "qwen_eod")
@@ -149,4 +149,5 @@ def test_megatron_core_reads_what_we_write(golden, tmp_path):
     starts = np.concatenate([[0], np.cumsum(ours.sequence_lengths)])
     for i in (0, 2, 40, 63):
         np.testing.assert_array_equal(theirs[i], tokens[starts[i]:starts[i + 1]])
-        np.testing.assert_array_equal(theirs[i], ours.document_tokens(int(np.searchsorted(ours.document_indices, i, "right") - 1)))
+        np.testing.assert_array_equal(theirs[i],
+                                      ours.document_tokens(int(np.searchsorted(ours.document_indices, i, "right") - 1)))

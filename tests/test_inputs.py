@@ -15,7 +15,8 @@ from megadoc_megatron.errors import InputError
 
 def spm(inputs, prefix, model, **kwargs):
     kwargs.setdefault("workers", 2)
-    return preprocess(PreprocessConfig([str(i) for i in inputs], str(prefix), "SentencePieceTokenizer", str(model), **kwargs))
+    return preprocess(PreprocessConfig([str(i) for i in inputs], str(prefix), "SentencePieceTokenizer", str(model),
+                                       **kwargs))
 
 
 def read_bytes(prefix):

@@ -133,7 +133,8 @@ def test_blend_counts_the_originals_inside_megadocs(corpus, spm_model):
     spm = dict(tokenizer_type="SentencePieceTokenizer", tokenizer_model=str(spm_model), append_eod=True, workers=1)
     preprocess(PreprocessConfig([str(tmp / "real.jsonl")], str(tmp / "real"), **spm))
     preprocess(PreprocessConfig([str(tmp / "stitch.jsonl")], str(tmp / "stitch"), **spm))
-    blend = make_blend(BlendConfig([str(tmp / "real_text_document")], [str(tmp / "stitch_text_document")], 0.75, 2, 64, 8, tmp / "blend"))
+    blend = make_blend(BlendConfig([str(tmp / "real_text_document")], [str(tmp / "stitch_text_document")],
+                                   0.75, 2, 64, 8, tmp / "blend"))
     summary = json.loads((tmp / "stitch.jsonl.summary.json").read_text())
     fraction = summary["original_chars"] / summary["chars"]
     assert blend.datasets[1].original_fraction == pytest.approx(fraction) and 0.4 < fraction < 0.7

@@ -24,7 +24,8 @@ VOCAB, SEQ, BATCH = 256, 32, 4
 
 
 def init_parallel(rank: int, world_size: int, port: int, tensor_parallel: int) -> None:
-    initialize(ParallelConfig(tensor=tensor_parallel), LaunchEnvironment(rank, world_size, rank, "127.0.0.1", port, "test"))
+    initialize(ParallelConfig(tensor=tensor_parallel),
+               LaunchEnvironment(rank, world_size, rank, "127.0.0.1", port, "test"))
 
 
 @pytest.fixture()

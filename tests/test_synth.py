@@ -30,8 +30,8 @@ DOCUMENTS = [
                "Gustave Eiffel and built from 1887 to 1889 for the World's Fair.\n\nIt is 330 metres tall. Artists "
                "criticised it when it was built; today it is the most visited paid monument in the world."),
     ("photosynthesis", "Photosynthesis is the process by which green plants use sunlight, water and carbon dioxide to "
-                       "make glucose and oxygen. It takes place in the chloroplasts.\n\nChlorophyll absorbs mostly blue "
-                       "and red light. The oxygen that plants release comes from water molecules."),
+                       "make glucose and oxygen. It takes place in the chloroplasts.\n\nChlorophyll absorbs mostly "
+                       "blue and red light. The oxygen that plants release comes from water molecules."),
     ("danube", "The Danube is the second-longest river in Europe. It rises in the Black Forest in Germany and flows "
                "east for about 2,850 kilometres.\n\nIt passes through ten countries, among them Austria, Hungary and "
                "Serbia, and four capital cities, before it reaches the Black Sea in Romania and Ukraine."),
@@ -88,7 +88,8 @@ def by_pair(records) -> dict:
 # --- prompts, split points, gates (no model) ---
 
 def test_catalogue_has_the_named_styles_each_versioned_by_its_text(tmp_path):
-    for style in ("wikipedia", "easy", "hard", "qa", "distill", "knowledge_list", "faithful_rephrase", "reformat_entries"):
+    for style in ("wikipedia", "easy", "hard", "qa", "distill", "knowledge_list", "faithful_rephrase",
+                  "reformat_entries"):
         assert BUILTIN[style].operation == "rephrase" and "{document}" in BUILTIN[style].text
     assert BUILTIN["rationale"].operation == "rationale"
     assert len({p.version for p in BUILTIN.values()}) == len(BUILTIN)
@@ -118,7 +119,8 @@ def test_split_points_make_equal_token_parts_on_paragraph_or_sentence_ends(hf_to
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(hf_tokenizer)
-    text = "\n\n".join(f"Paragraph {n} opens here. It has a second sentence. And a third one closes it." for n in range(6))
+    text = "\n\n".join(f"Paragraph {n} opens here. It has a second sentence. And a third one closes it."
+                       for n in range(6))
     starts = token_starts(tokenizer, text)
     cuts = split_points(text, starts, 3)
     assert len(cuts) == 2 and all(text[c - 2:c] == "\n\n" for c in cuts)  # snapped to paragraph ends
@@ -252,7 +254,8 @@ def test_rationales_sit_at_split_points_and_stretch(generator, tmp_path):
 
     kept = tmp_path / "kept.jsonl"
     kept.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in DOCUMENTS[:2]))
-    assert main(["megadocs", "--kind", "stretch", "--real", str(kept), "--generations", str(tmp_path / "out" / "shard-00000.jsonl"),
+    assert main(["megadocs", "--kind", "stretch", "--real", str(kept),
+                 "--generations", str(tmp_path / "out" / "shard-00000.jsonl"),
                  "--output", str(tmp_path / "stretched.jsonl")]) == 0
     stretched = json.loads((tmp_path / "stretched.jsonl").read_text().splitlines()[0])["text"]
     assert stretched.count("<think>") == 2 and stretched.startswith(DOCUMENTS[0][1][:20])
@@ -260,7 +263,8 @@ def test_rationales_sit_at_split_points_and_stretch(generator, tmp_path):
 
 def test_rejected_outputs_go_to_the_side_file_and_are_counted(generator, tmp_path):
     corpus = write_corpus(tmp_path / "docs.jsonl", DOCUMENTS[:2])
-    summary = synthesize(generator, corpus, tmp_path / "out", config(gates=Gates(min_tokens=25)))  # 24 new tokens at most
+    summary = synthesize(generator, corpus, tmp_path / "out",
+                         config(gates=Gates(min_tokens=25)))  # 24 new tokens at most
     assert summary["accepted"] == 0 and summary["rejected"] == 4
     assert set(summary["rejected_per_reason"]) <= {"truncated", "too_short"}
     rejected = [json.loads(line) for line in (tmp_path / "out" / "shard-00000.rejected.jsonl").read_text().splitlines()]
@@ -281,15 +285,17 @@ def test_tasks_of_an_array_together_equal_one_task(generator, tmp_path):
 
 def synth_command(corpus: Path, output: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "megadoc_megatron.cli", "synth", "rephrase", "--input", str(corpus), "--output",
-            str(output), "-G", "2", "--max-new-tokens", "12", "--allow-truncated", "--min-tokens", "1", "--min-length-ratio", "0",
-            "--docs-per-shard", "2", "--batch-size", "1", "--sync-every", "0", "--no-progress", *extra]
+            str(output), "-G", "2", "--max-new-tokens", "12", "--allow-truncated", "--min-tokens", "1",
+            "--min-length-ratio", "0", "--docs-per-shard", "2", "--batch-size", "1", "--sync-every", "0",
+            "--no-progress", *extra]
 
 
 def test_killed_run_resumes_without_duplicates_or_losses(tmp_path):
     corpus = write_corpus(tmp_path / "docs.jsonl", DOCUMENTS)
     output = tmp_path / "out"
     default_model_dir()  # convert before timing the kill
-    process = subprocess.Popen(synth_command(corpus, output), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(synth_command(corpus, output), cwd=REPO, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
     partial = output / "shard-00000.jsonl.partial"
     deadline = time.time() + 300
     while time.time() < deadline and not (partial.exists() and partial.read_text().count("\n") >= 2):
@@ -345,14 +351,16 @@ def test_openai_backend_against_a_real_server(tmp_path):
     from megadoc_megatron.synth.default_model import gguf_path
 
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf_path()), "--host", "127.0.0.1",
+    server = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf_path()),
+                               "--host", "127.0.0.1",
                                "--port", str(port), "--n_ctx", "2048", "--model_alias", "smollm2"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         corpus = write_corpus(tmp_path / "docs.jsonl", DOCUMENTS[:2])
         extra = ["--backend", "openai", "--model", "smollm2", "--tokenizer", str(default_model_dir()), "--base-url",
                  f"http://127.0.0.1:{port}/v1", "--max-concurrency", "2", "--max-retries", "8", "--window", "2048"]
-        result = subprocess.run(synth_command(corpus, tmp_path / "out", *extra), cwd=REPO, capture_output=True, text=True)
+        result = subprocess.run(synth_command(corpus, tmp_path / "out", *extra), cwd=REPO, capture_output=True,
+                                text=True)
         assert result.returncode == 0, result.stderr
         records = all_records(tmp_path / "out")
         assert len(records) == 4 and all(r["generator"]["backend"] == "openai" and r["text"] for r in records)

@@ -79,8 +79,9 @@ def test_rephrases_with_provenance_feed_megadocs(engine, tmp_path):
     for source in ("eiffel", "photosynthesis", "danube"):
         assert records[(source, 0)]["text"] != records[(source, 1)]["text"]  # G generations, G seeds
     shard = [json.loads(line) for line in (tmp_path / "out" / "shard-00000.jsonl").read_text().splitlines()]
+    # input order, whatever finished first
     assert [(r["source_id"], r["index"]) for r in shard] == [("eiffel", 0), ("eiffel", 1), ("photosynthesis", 0),
-                                                             ("photosynthesis", 1)]  # input order, whatever finished first
+                                                             ("photosynthesis", 1)]
 
     from megadoc_megatron.cli import main
 
@@ -140,8 +141,10 @@ def test_killed_run_resumes_without_duplicates_or_losses(tmp_path):
     result = subprocess.run(synth_command(corpus, output), cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     records = all_records(output)
-    assert Counter((r["source_id"], r["index"]) for r in records) == Counter({(d, i): 1 for d, _ in DOCUMENTS for i in (0, 1)})
-    summary, _ = json.JSONDecoder().raw_decode(result.stdout[result.stdout.rindex('{\n  "operation"'):])  # vLLM logs after it
+    assert (Counter((r["source_id"], r["index"]) for r in records)
+            == Counter({(d, i): 1 for d, _ in DOCUMENTS for i in (0, 1)}))
+    # vLLM logs after it
+    summary, _ = json.JSONDecoder().raw_decode(result.stdout[result.stdout.rindex('{\n  "operation"'):])
     assert summary["this_run"]["pairs"] == 8 - len(before)
     after = by_pair(records)
     assert all(after[k]["text"] == r["text"] for k, r in before.items())  # what was written is never regenerated
@@ -156,7 +159,8 @@ def test_openai_backend_against_a_vllm_server(tmp_path):
     from megadoc_megatron.distributed import free_port
 
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(default_model_dir()),
+    server = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+                               "--model", str(default_model_dir()),
                                "--served-model-name", "smollm2", "--port", str(port), "--max-model-len", str(WINDOW),
                                "--dtype", "float32", "--enforce-eager", "--gpu-memory-utilization", "0.15",
                                "--no-enable-chunked-prefill", "--max-num-batched-tokens", str(WINDOW)],

@@ -21,10 +21,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--global-batch-size", type=int, required=True)
     parser.add_argument("--split", default="100,0,0", help="Megatron's train,valid,test split of every dataset")
     parser.add_argument("--seed", type=int, default=1234, help="Megatron's --seed (it shuffles the datasets)")
-    parser.add_argument("--valid-data", nargs="+", help="held-out dataset prefixes: also write per_split_data_args.json")
+    parser.add_argument("--valid-data", nargs="+", help="held-out dataset prefixes: "
+                                                        "also write per_split_data_args.json")
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--verify", action="store_true",
-                        help="build the blend with megatron-core's BlendedMegatronDatasetBuilder and report what it draws")
+                        help="build the blend with megatron-core's BlendedMegatronDatasetBuilder "
+                             "and report what it draws")
 
 
 def run(args: argparse.Namespace) -> Blend:

@@ -90,7 +90,8 @@ class Blend:
     def load(cls, path) -> "Blend":
         path = Path(path)
         if not path.is_file():
-            raise InputError("blend file not found", path, fix="run `megadoc blend ... --output-dir DIR` and use DIR/blend.json")
+            raise InputError("blend file not found", path,
+                             fix="run `megadoc blend ... --output-dir DIR` and use DIR/blend.json")
         try:
             values = json.loads(path.read_text())
             values["datasets"] = [BlendDataset(**d) for d in values["datasets"]]
@@ -139,7 +140,8 @@ def split_fractions(split: str) -> list[float]:
         values = []
     values += [0.0] * (3 - len(values))
     if len(values) != 3 or min(values) < 0 or sum(values) <= 0 or values[0] <= 0:
-        raise InputError(f"bad --split {split!r}", fix='give three non-negative numbers with a positive train part, e.g. "969,30,1"')
+        raise InputError(f"bad --split {split!r}",
+                         fix='give three non-negative numbers with a positive train part, e.g. "969,30,1"')
     return [v / sum(values) for v in values]
 
 
@@ -179,7 +181,8 @@ def describe_dataset(prefix: str, stream: str, split: str) -> BlendDataset:
         prefix=str(Path(prefix).resolve()), stream=stream,
         train_tokens=int(view.sequence_lengths[begin:end].sum(dtype=np.int64)), train_documents=end - begin,
         tokenizer=info.tokenizer.get("fingerprint") if info else None, dtype=np.dtype(view.dtype).name,
-        content=content_fingerprint(prefix), original_fraction=original_fraction(info) if stream == "synthetic" else 0.0)
+        content=content_fingerprint(prefix),
+        original_fraction=original_fraction(info) if stream == "synthetic" else 0.0)
 
 
 def samples_for_epochs(tokens: int, epochs: int, sequence_length: int) -> int:
@@ -213,12 +216,14 @@ def _check(datasets: list[BlendDataset], synthetic_weight: float, epochs: int | 
                          fix="use e.g. 0.75 (the paper searched 0.5, 0.75, 0.9), 0 for real data only, or "
                              "--train-tokens for synthetic data only (w = 1)")
     if (synthetic_weight > 0) != any(d.stream == "synthetic" for d in datasets):
-        raise InputError("a synthetic weight above 0 needs synthetic datasets, and synthetic datasets need a weight above 0",
+        raise InputError("a synthetic weight above 0 needs synthetic datasets, "
+                         "and synthetic datasets need a weight above 0",
                          fix="pass --synthetic PREFIX with -w > 0, or neither for a real-only run (-w 0)")
     if epochs is not None and epochs < 1:
         raise InputError(f"--epochs must be at least 1, not {epochs}", fix="count whole passes over the real data")
     if train_tokens is not None and train_tokens < sequence_length * global_batch_size:
-        raise InputError(f"--train-tokens {train_tokens} is less than one batch ({sequence_length * global_batch_size})",
+        raise InputError(f"--train-tokens {train_tokens} is less than one batch "
+                         f"({sequence_length * global_batch_size})",
                          fix="give a larger budget")
     if sequence_length < 1 or global_batch_size < 1:
         raise InputError("--seq-length and --global-batch-size must be positive")
@@ -276,7 +281,8 @@ def _weigh_for_epochs(real: list[BlendDataset], synthetic_weight: float, epochs:
                       global_batch_size: int) -> int:
     """Weights of the real datasets such that megatron-core draws exactly E passes; the train samples."""
     real_samples = [samples_for_epochs(d.train_tokens, epochs, sequence_length) for d in real]
-    train_samples = iterations_for_real_samples(sum(real_samples), synthetic_weight, global_batch_size) * global_batch_size
+    train_samples = iterations_for_real_samples(sum(real_samples), synthetic_weight,
+                                                global_batch_size) * global_batch_size
     for dataset, samples in zip(real, real_samples):
         # Half a sample below the target: ceil() gives the target despite float rounding.
         dataset.weight = (samples - 0.5) / train_samples

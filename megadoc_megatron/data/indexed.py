@@ -246,7 +246,8 @@ def read_index(prefix) -> IndexedDatasetView:
     with open(idx_path, "rb") as stream:
         header = stream.read(HEADER_BYTES)
     if header[: len(INDEX_MAGIC)] != INDEX_MAGIC:
-        raise InputError("not a Megatron indexed dataset (bad magic)", idx_path, fix="rebuild it with `megadoc preprocess`")
+        raise InputError("not a Megatron indexed dataset (bad magic)", idx_path,
+                         fix="rebuild it with `megadoc preprocess`")
     if len(header) < HEADER_BYTES:
         raise InputError(f"the index is cut short ({len(header)} bytes)", idx_path, fix=_REBUILD)
     version, code, sequences, documents = struct.unpack("<QBQQ", header[len(INDEX_MAGIC):])

@@ -21,7 +21,8 @@ def length_histogram(lengths: np.ndarray) -> list[tuple[int, int, int]]:
         return []
     exponents = np.floor(np.log2(lengths)).astype(np.int64)
     counts = np.bincount(exponents - exponents.min())
-    return [(1 << (e + int(exponents.min())), 1 << (e + 1 + int(exponents.min())), int(c)) for e, c in enumerate(counts)]
+    return [(1 << (e + int(exponents.min())), 1 << (e + 1 + int(exponents.min())), int(c))
+            for e, c in enumerate(counts)]
 
 
 def _tokenizer_for(prefix, tokenizer_type, tokenizer_model):
@@ -59,7 +60,8 @@ def inspect_dataset(prefix, document: int = 0, tokenizer_type=None, tokenizer_mo
         tokenizer = _tokenizer_for(prefix, tokenizer_type, tokenizer_model)
         out.append(f"document {document}: {len(tokens):,} tokens; first ids {tokens[:16].tolist()}")
         if tokenizer is None:
-            out.append("  (no tokenizer recorded beside the dataset: pass --tokenizer-type/--tokenizer-model to decode)")
+            out.append("  (no tokenizer recorded beside the dataset: "
+                       "pass --tokenizer-type/--tokenizer-model to decode)")
         else:
             text = tokenizer.decode(tokens)
             more = f"\n... ({len(text) - max_chars:,} more characters)" if len(text) > max_chars else ""

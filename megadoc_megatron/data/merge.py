@@ -63,7 +63,8 @@ def merge(inputs: list[str], output_prefix: str) -> dict:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input", nargs="+", required=True,
-                        help="dataset prefixes in order, or a glob of .idx files (sorted), e.g. 'out/c_shard*_text_document.idx'")
+                        help="dataset prefixes in order, or a glob of .idx files (sorted), "
+                             "e.g. 'out/c_shard*_text_document.idx'")
     parser.add_argument("--output-prefix", required=True, help="the merged dataset, e.g. out/c_text_document")
 
 

@@ -97,7 +97,8 @@ class Encoding:
     @classmethod
     def of(cls, tokenizer, probe=()) -> "Encoding":
         """For the reference tokenizer, or gigatoken's (checked against the reference's once it loads)."""
-        return cls(tokenizer.eod, tokenizer.vocab_size, np.dtype(optimal_dtype(tokenizer.vocab_size)).name, tuple(probe))
+        return cls(tokenizer.eod, tokenizer.vocab_size, np.dtype(optimal_dtype(tokenizer.vocab_size)).name,
+                   tuple(probe))
 
 
 @dataclass(frozen=True)
@@ -194,7 +195,8 @@ class _PartWriter:
         self.rejects = open(parts_dir / f"{stem}.rejects.jsonl", "w", encoding="utf-8")
 
     def reject(self, line: int, raw: bytes, error: InputError) -> None:
-        record = {"line": line, "reason": error.message, "text": raw.rstrip(b"\r\n").decode("utf-8", "backslashreplace")}
+        record = {"line": line, "reason": error.message,
+                  "text": raw.rstrip(b"\r\n").decode("utf-8", "backslashreplace")}
         self.rejects.write(json.dumps(record, ensure_ascii=False) + "\n")
 
     def write(self, key: str, tokens: np.ndarray, lengths: np.ndarray) -> None:
@@ -508,7 +510,8 @@ def _check_sample(result: PartResult, part: Part, reference) -> None:
     expected = reference.encode_batch([text for _, text, _ in result.sample or []])
     for (label, text, ids), reference_ids in zip(result.sample or [], expected):
         if list(reference_ids) != ids:
-            where = label if label.startswith("a probe") else f"{part.path}, {label} of the part starting at byte {part.start}"
+            where = (label if label.startswith("a probe")
+                     else f"{part.path}, {label} of the part starting at byte {part.start}")
             raise GigatokenUnusable(f"its ids differ from {reference.type_name}'s for {where}: {text[:60]!r}")
 
 
@@ -528,7 +531,8 @@ def _worker_pool(options: Options, workers: int):
         yield executor
     except BrokenProcessPool:
         raise InputError("a worker process died (out of memory?)", options.parts_dir,
-                         fix="lower --workers or --max-part-mb and run the same command again: finished parts are reused"
+                         fix="lower --workers or --max-part-mb and run the same command again: "
+                             "finished parts are reused"
                          ) from None
     except BaseException:
         for process in list(executor._processes.values()):  # stop now; unfinished parts are redone on resume
@@ -550,8 +554,8 @@ def _run_parts(parts, stems, encoding: Encoding, options: Options, pool, referen
     futures = [pool.submit(_convert_part, (part, stems[part.index], encoding)) for part in todo]
     if options.backend == GIGATOKEN:  # waits for the reference to load, while the workers convert
         if replace(Encoding.of(reference), probe=encoding.probe) != encoding:
-            raise GigatokenUnusable(f"its vocabulary size or EOD id ({encoding.vocab_size}, {encoding.eod}) differ from "
-                                    f"{reference.type_name}'s ({reference.vocab_size}, {reference.eod})")
+            raise GigatokenUnusable(f"its vocabulary size or EOD id ({encoding.vocab_size}, {encoding.eod}) "
+                                    f"differ from {reference.type_name}'s ({reference.vocab_size}, {reference.eod})")
     from tqdm import tqdm
 
     tqdm.monitor_interval = 0  # no monitor thread: a later worker pool forks a single-threaded process
@@ -757,7 +761,8 @@ def preprocess(config: PreprocessConfig) -> PreprocessSummary:
         groups = [(output_prefix, parts)]
     else:
         width = len(str(len(files) - 1))
-        groups = [(f"{output_prefix}_{i:0{width}d}", [p for p in parts if p.file_index == i]) for i in range(len(files))]
+        groups = [(f"{output_prefix}_{i:0{width}d}", [p for p in parts if p.file_index == i])
+                  for i in range(len(files))]
     results, options, tokenizer, assemblers = _convert(parts, groups, options, workers)  # tokenizer: its description
     if not sum(r.documents for r in results.values()) and shard is None:
         for assembler in assemblers.values():
@@ -823,7 +828,8 @@ def _convert(parts, groups, options: Options, workers: int):
 
 def _convert_with(parts, groups, options: Options, workers: int):
     # started first: the reference loads in its process while gigatoken loads in this one
-    checker = _ReferenceProcess(options.tokenizer_type, options.tokenizer_model) if options.backend == GIGATOKEN else None
+    checker = (_ReferenceProcess(options.tokenizer_type, options.tokenizer_model)
+               if options.backend == GIGATOKEN else None)
     assemblers = {}
     try:
         with _worker_pool(options, max(1, min(workers, len(parts)))) as pool:

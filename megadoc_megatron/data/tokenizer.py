@@ -24,7 +24,8 @@ BPE_CACHE_WORDS = 500_000
 # their own, scripts, and (added per tokenizer) the text of every added token.
 PROBE_TEXTS = (
     "", " ", "  \n\n\t  x", "\r\n\r\n", "Hello, world!", "trailing   ", "   leading", "a\u00a0b\u200bc\u3000d",
-    "12345 3.14159 1,000,000 007 ١٢٣", "I'm you're THEY'LL we'VE it's", "e\u0301 \u00e9 \ufb01 \u2460 \uff46\uff55\uff4c\uff4c",
+    "12345 3.14159 1,000,000 007 ١٢٣", "I'm you're THEY'LL we'VE it's",
+    "e\u0301 \u00e9 \ufb01 \u2460 \uff46\uff55\uff4c\uff4c",
     "\x00\x01\x04\x1b\x7f\x85", "中文文本测试，标点。", "日本語のテキストです", "한국어 텍스트", "مرحبا بالعالم",
     "\U0001f469\u200d\U0001f469\u200d\U0001f467 \U0001f600\U0001f3fd", "def f(x):\n    return x ** 2  # note\n",
     "https://example.org/a?b=c&d=%20", "!!!!????....----____", "a" * 3000, " " * 300 + "\n" * 30,
@@ -270,7 +271,8 @@ def tokenizer_fingerprint(tokenizer_type: str, model_path: Path) -> str:
 def tokenizer_path(tokenizer_type: str, tokenizer_model) -> Path:
     """The tokenizer's local path, resolved, once the type and path are checked (nothing is loaded)."""
     if tokenizer_type not in TOKENIZER_TYPES:
-        raise InputError(f"unsupported --tokenizer-type {tokenizer_type!r}", fix=f"use one of {', '.join(TOKENIZER_TYPES)}")
+        raise InputError(f"unsupported --tokenizer-type {tokenizer_type!r}",
+                         fix=f"use one of {', '.join(TOKENIZER_TYPES)}")
     if tokenizer_model is None:
         raise InputError("--tokenizer-model is required", fix="pass a local tokenizer folder or .model file")
     path = Path(tokenizer_model).expanduser()

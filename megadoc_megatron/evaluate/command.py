@@ -26,12 +26,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         sub.add_argument("--max-tokens", type=int, help="evaluate at most this many tokens")
     long.add_argument("--threshold", type=int, default=2048, help="documents longer than this many tokens are 'long'")
     long.add_argument("--buckets", type=int, nargs="+", help="position bucket edges (default 0 512 1024 2048 ...)")
-    long.add_argument("--offset", type=int, help="also report the mean loss at positions >= offset (default: threshold)")
+    long.add_argument("--offset", type=int, help="also report the mean loss at positions >= offset "
+                                                 "(default: threshold)")
     long.add_argument("--max-documents", type=int, default=500, help="per set (the papers use 500 short and 500 long)")
     downstream = evaluators.add_parser("downstream", help="lm-eval-harness accuracy (loglikelihood tasks)")
     downstream.add_argument("checkpoint", help="checkpoint.dir of `megadoc train`")
     downstream.add_argument("--tasks", nargs="+", default=["arc_easy", "arc_challenge", "hellaswag", "piqa", "sciq",
-                                                            "winogrande"], help="lm-eval task names (default: the papers')")
+                                                            "winogrande"],
+                            help="lm-eval task names (default: the papers')")
     downstream.add_argument("--include-path", help="folder of extra lm-eval task YAMLs (e.g. on local data)")
     downstream.add_argument("--limit", type=int, help="at most this many examples per task")
     downstream.add_argument("--num-fewshot", type=int)

@@ -58,7 +58,8 @@ def fit_power_law(x, y, what: str = "points", bootstrap: int = 1000, seed: int =
     order = np.argsort(x)
     x, y = x[order], y[order]
     if len(np.unique(x)) < MIN_POINTS:
-        raise InputError(f"a scaling fit over {what} needs at least {MIN_POINTS} distinct x values, got {len(np.unique(x))}",
+        raise InputError(f"a scaling fit over {what} needs at least {MIN_POINTS} distinct x values, "
+                         f"got {len(np.unique(x))}",
                          fix=f"train at more {what} values")
     if np.any(x <= 0) or not np.all(np.isfinite(y)):
         raise InputError(f"scaling-fit {what} must have positive x and finite losses", fix="drop the bad points")
@@ -102,5 +103,6 @@ def data_efficiency(baseline: PowerLaw, loss: float, real_tokens: float | None =
     used = real_tokens if real_tokens is not None else baseline.inverse(reference_loss)
     result = {"loss": loss, "tokens_needed": needed, "tokens_used": used, "efficiency": needed / used}
     if math.isinf(needed):
-        result["note"] = f"loss {loss} is at or below the baseline's asymptote {baseline.C:.4f}: no finite amount of real data reaches it"
+        result["note"] = (f"loss {loss} is at or below the baseline's asymptote {baseline.C:.4f}: "
+                          "no finite amount of real data reaches it")
     return result

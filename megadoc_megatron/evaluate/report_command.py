@@ -10,7 +10,8 @@ from megadoc_megatron.evaluate.report import build_report
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", help="checkpoint.dir of each run (with RUN/eval/ from `megadoc eval`)")
     parser.add_argument("--output", required=True, help="folder for report.md, report.html, report.json and PNGs")
-    parser.add_argument("--eval-name", help="the held-out set to report (the --name of `megadoc eval`), when there are several")
+    parser.add_argument("--eval-name", help="the held-out set to report (the --name of `megadoc eval`), "
+                                            "when there are several")
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -61,6 +61,7 @@ def latest_result(run_dir: Path, evaluator: str, name: str | None = None) -> Eva
         return None
     latest = found[max(found)]
     if len(latest) > 1:
-        raise InputError(f"{evaluator} results for several held-out sets ({', '.join(sorted(latest))})", run_dir / "eval",
+        raise InputError(f"{evaluator} results for several held-out sets ({', '.join(sorted(latest))})",
+                         run_dir / "eval",
                          fix="pick one with --eval-name")
     return EvalResult.load(next(iter(latest.values())))

@@ -51,7 +51,8 @@ class EvalConfig:
 
 @dataclass
 class LaunchConfig:
-    train: str = ""                  # what starts Python for training, e.g. "torchrun --nproc-per-node 8"; "": this Python
+    train: str = ""                  # what starts Python for training, e.g. "torchrun --nproc-per-node 8";
+                                     # "": this Python
     eval: str = ""                   # the same for evaluation
 
 
@@ -145,24 +146,28 @@ def check_recipe(recipe: Recipe, where: str, path) -> Recipe:
     if budget:
         if not isinstance(recipe.train_tokens, (int, float)) or recipe.train_tokens < 1 \
                 or recipe.train_tokens != int(recipe.train_tokens):
-            fail(f"train_tokens must be a positive whole number, not {recipe.train_tokens}", "e.g. train_tokens: 1.0e+8")
+            fail(f"train_tokens must be a positive whole number, not {recipe.train_tokens}",
+                 "e.g. train_tokens: 1.0e+8")
         recipe.train_tokens = int(recipe.train_tokens)  # YAML reads 1.0e+8 as a float
     if recipe.kind == "real":
         if recipe.generations is not None or recipe.synthetic_weight != 0:
-            fail("a real-only recipe has no generations and no synthetic weight", "drop generations and synthetic_weight")
+            fail("a real-only recipe has no generations and no synthetic weight",
+                 "drop generations and synthetic_weight")
     else:
         if not isinstance(recipe.generations, int) or recipe.generations < 1:
             fail(f"a {recipe.kind} recipe needs generations (G) of at least 1", "e.g. generations: 4")
         if not (0 < recipe.synthetic_weight <= 1 if budget else 0 < recipe.synthetic_weight < 1):
             fail(f"synthetic_weight must lie in (0, {'1]' if budget else '1)'}, not "
-                 f"{recipe.synthetic_weight}", "e.g. synthetic_weight: 0.75 (1, synthetic data only, needs train_tokens)")
+                 f"{recipe.synthetic_weight}",
+                 "e.g. synthetic_weight: 0.75 (1, synthetic data only, needs train_tokens)")
     if recipe.styles is not None and (recipe.kind not in REPHRASED_KINDS or not recipe.styles
                                       or not all(isinstance(s, str) for s in recipe.styles)):
         fail("styles is a list of rephrase styles, for simple and stitch recipes", "e.g. styles: [qa]")
     refresh = recipe.refresh
     if refresh.rounds:
         if recipe.kind not in REPHRASED_KINDS:
-            fail(f"refresh regenerates rephrases: a {recipe.kind} recipe cannot refresh", "use it with simple or stitch")
+            fail(f"refresh regenerates rephrases: a {recipe.kind} recipe cannot refresh",
+                 "use it with simple or stitch")
         if refresh.rounds < 0 or refresh.patience < 1:
             fail("refresh needs rounds >= 0 and patience >= 1", "e.g. refresh: {rounds: 2, patience: 3}")
     reserved = {("data", "blend"), ("checkpoint", "dir")}

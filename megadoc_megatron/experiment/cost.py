@@ -213,9 +213,9 @@ def _table(rows: list[dict], width: int, columns) -> list[str]:
 
 def _synth_columns(row: dict) -> str:
     plan = row["plan"]
-    return (f"{plan['documents']:>10,} {plan['pairs']:>10,} {plan['requests']:>10,} {_count(plan['prompt_tokens']):>11} "
-            f"{_count(row['output_tokens']):>11} {row['output_basis']:<12} {_hours(row['gpu_hours']):>8} "
-            f"{_hours(row['gpu_hours_left']):>8}")
+    return (f"{plan['documents']:>10,} {plan['pairs']:>10,} {plan['requests']:>10,} "
+            f"{_count(plan['prompt_tokens']):>11} {_count(row['output_tokens']):>11} {row['output_basis']:<12} "
+            f"{_hours(row['gpu_hours']):>8} {_hours(row['gpu_hours_left']):>8}")
 
 
 def _train_columns(row: dict) -> str:

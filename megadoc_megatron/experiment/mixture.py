@@ -63,9 +63,11 @@ def parse_mixture(experiment):
     for i, entry in enumerate(entries):
         where = f"mixture.data[{i}]"
         if not isinstance(entry, dict) or {"epochs", "train_tokens", "synthetic_weight"} & set(entry):
-            raise InputError(f"{where}: a data type has no epochs, train_tokens or synthetic_weight (the study sets them)",
+            raise InputError(f"{where}: a data type has no epochs, train_tokens or synthetic_weight "
+                             "(the study sets them)",
                              source, fix="give name, kind, generations and optionally styles and train")
-        recipe = build_dataclass(Recipe, {**entry, "train_tokens": int(budgets[0]), "synthetic_weight": 1.0}, where, source)
+        recipe = build_dataclass(Recipe, {**entry, "train_tokens": int(budgets[0]), "synthetic_weight": 1.0},
+                                 where, source)
         if recipe.kind == "real" or recipe.name == "real":
             raise InputError(f"{where}: the real-only runs (w = 0) are part of the study", source,
                              fix="list synthetic data types only, and not under the name real")
@@ -80,7 +82,8 @@ def _numbers(section: dict, name: str, source) -> list[float]:
     if not isinstance(values, list) or not values or any(not isinstance(v, (int, float)) for v in values) \
             or len(set(values)) != len(values):
         raise InputError(f"mixture.{name} must be a list of distinct numbers, not {values!r}", source,
-                         fix=f"e.g. {name}: [0, 0.5, 1]" if name == "synthetic_weight" else f"e.g. {name}: [1.0e+8, 2.0e+8]")
+                         fix=(f"e.g. {name}: [0, 0.5, 1]" if name == "synthetic_weight"
+                              else f"e.g. {name}: [1.0e+8, 2.0e+8]"))
     return sorted(float(v) for v in values)
 
 
@@ -158,7 +161,8 @@ def plot_mixture(summary: dict, folder: Path) -> Path:
             if entry["fit"]:
                 grid = np.geomspace(min(xs), max(xs), 100)
                 top.plot(grid, PowerLaw(**entry["fit"]).loss(grid), color=color, linewidth=1)
-        top.set(xscale="log", xlabel="training tokens (budget D)", ylabel="i.i.d. loss", title=f"{data}: loss vs. budget")
+        top.set(xscale="log", xlabel="training tokens (budget D)", ylabel="i.i.d. loss",
+                title=f"{data}: loss vs. budget")
         top.legend(fontsize="small")
         for color, budget in zip(plt.cm.plasma(np.linspace(0, 0.85, len(budgets))), budgets):
             points = [(float(w), result["fits"][w]["losses"][str(budget)]) for w in weights

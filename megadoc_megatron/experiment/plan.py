@@ -165,7 +165,8 @@ def build_graph(experiment: Experiment) -> Plan:
     planner = Planner(experiment)
     corpus, text_key = experiment.corpus, experiment.corpus.text_key
     real = planner.add(Stage("preprocess-train", [planner.preprocess(External(corpus.train), "real", text_key)]))
-    heldout = planner.add(Stage("preprocess-heldout", [planner.preprocess(External(corpus.heldout), "heldout", text_key)]))
+    heldout = planner.add(Stage("preprocess-heldout",
+                                [planner.preprocess(External(corpus.heldout), "heldout", text_key)]))
     prefixes = {"real": dataset_prefix(f"{real.folder}/real", text_key),
                 "heldout": dataset_prefix(f"{heldout.folder}/heldout", text_key)}
 
@@ -187,8 +188,9 @@ def build_graph(experiment: Experiment) -> Plan:
             source = planner.synth(f"synth-rationale-g{recipe.generations}", "rationale", recipe.generations, {})
         else:
             source = sources[_source(recipe)]
-        synthetic[key] = planner.synthetic(f"synthetic-{recipe.kind}{_style_suffix(recipe.styles)}-g{recipe.generations}",
-                                           recipe.kind, source, None if recipe.kind == "stretch" else recipe.generations)
+        synthetic[key] = planner.synthetic(
+            f"synthetic-{recipe.kind}{_style_suffix(recipe.styles)}-g{recipe.generations}",
+            recipe.kind, source, None if recipe.kind == "stretch" else recipe.generations)
 
     trains = {}
     for recipe in experiment.recipes:
@@ -196,7 +198,8 @@ def build_graph(experiment: Experiment) -> Plan:
         trains[recipe.name] = refresh_rounds(planner, recipe, prefixes, data) if recipe.refresh.rounds else \
             planner.add(train_stage(experiment, recipe, prefixes, [data] if data else []))
     eval_name = "run-" + hashlib.sha256(json.dumps(experiment.eval.__dict__, sort_keys=True).encode()).hexdigest()[:8]
-    evals = {recipe: planner.add(eval_stage(experiment, planner.commands, recipe, train, prefixes["heldout"], eval_name))
+    evals = {recipe: planner.add(eval_stage(experiment, planner.commands, recipe, train, prefixes["heldout"],
+                                            eval_name))
              for recipe, train in trains.items()}
     report_flags = planner.commands.flags(experiment.report, "report", {"runs", "output", "eval_name"})
     report = planner.add(Stage("report", [["report", *[f"{t.folder}/ckpt" for t in trains.values()], "--output", OUT,
@@ -213,7 +216,8 @@ def refresh_rounds(planner: Planner, recipe: Recipe, prefixes: dict, first: Stag
 
     experiment, refresh = planner.experiment, recipe.refresh
     if experiment.generator.get("backend") == "openai":
-        raise InputError(f"recipe {recipe.name}: refresh tunes a local generator, which an openai server does not serve",
+        raise InputError(f"recipe {recipe.name}: refresh tunes a local generator, "
+                         "which an openai server does not serve",
                          experiment.source, fix="use backend hf or vllm for refresh recipes")
     tune_flags = planner.commands.flags(refresh.tune, f"{recipe.name}.refresh.tune",
                                         {"input", "output", "model", "checkpoint", "id_key", "text_key"})
@@ -263,7 +267,8 @@ def train_stage(experiment: Experiment, recipe: Recipe, prefixes: dict, syntheti
             raise InputError(f"recipe {recipe.name}: refresh stops each round on a validation plateau, so it needs "
                              "train.logging.eval_interval", experiment.source,
                              fix="e.g. `train: {logging: {eval_interval: 100}}`")
-    checked = config_from_dict(config, experiment.source)  # unknown fields and wrong types fail here, before anything runs
+    # unknown fields and wrong types fail here, before anything runs
+    checked = config_from_dict(config, experiment.source)
     world_size = launcher_world_size(experiment.launch.train)
     if world_size is not None:  # and a launch that cannot run it
         plan_layout(checked, world_size, blend.global_batch_size, blend.seq_length, experiment.source)
@@ -292,6 +297,7 @@ def eval_stage(experiment: Experiment, commands: Commands, recipe: str, train: S
         if values is None:
             continue
         data = [] if evaluator == "downstream" else ["--data", heldout_prefix]
-        flags = commands.flags(values, f"eval.{evaluator.replace('-', '_')}", {"checkpoint", "data", "name", "iteration"})
+        flags = commands.flags(values, f"eval.{evaluator.replace('-', '_')}",
+                               {"checkpoint", "data", "name", "iteration"})
         lines.append(["eval", evaluator, checkpoint, *data, "--name", name, *flags])
     return Stage(f"eval-{recipe}", lines, launcher=experiment.launch.eval)

@@ -17,8 +17,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--execute", choices=("local", "slurm"),
                         help="run the needed points here one after another (repeating until tuned), or submit "
                              "one SLURM job each; default: only print the table")
-    parser.add_argument("--sbatch-args", default="", help='slurm: options for sbatch, e.g. "--nodes 1 --gres gpu:8 --time 4:00:00"')
-    parser.add_argument("--dry-run", action="store_true", help="slurm: print the sbatch commands instead of running them")
+    parser.add_argument("--sbatch-args", default="", help='slurm: options for sbatch, '
+                                                          'e.g. "--nodes 1 --gres gpu:8 --time 4:00:00"')
+    parser.add_argument("--dry-run", action="store_true", help="slurm: print the sbatch commands "
+                                                               "instead of running them")
     parser.add_argument("--point", help="run just this point (what each SLURM job does)")
     parser.add_argument("--preset", choices=("mixture",),
                         help="mixture: the synthetic-mixture study of the config's mixture section (w x budget x "

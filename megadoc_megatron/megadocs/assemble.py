@@ -224,11 +224,14 @@ def _stretch_splits(source: str, text: str, generations: list[Generation]) -> li
     ordered = sorted(generations, key=lambda g: g.split_char)
     for previous, current in zip([None] + ordered, ordered):
         if not 0 <= current.split_char <= len(text):
-            raise InputError(f"split_char {current.split_char} lies outside document {source!r} ({len(text)} characters)",
-                             current.path, current.line, fix="regenerate the rationales from this version of the document")
+            raise InputError(f"split_char {current.split_char} lies outside document {source!r} "
+                             f"({len(text)} characters)",
+                             current.path, current.line,
+                             fix="regenerate the rationales from this version of the document")
         if previous is not None and previous.split_char == current.split_char:
             raise InputError(f"two rationales of document {source!r} share split_char {current.split_char} "
-                             f"(also at {previous.path}:{previous.line})", current.path, current.line, fix="keep one rationale per split point")
+                             f"(also at {previous.path}:{previous.line})", current.path, current.line,
+                             fix="keep one rationale per split point")
     return ordered
 
 
@@ -272,8 +275,10 @@ def build_megadocs(config: MegadocsConfig) -> MegadocsSummary:
         try:
             real = _index_real(store, expand_inputs(config.real), config.id_key, config.text_key)
             if config.max_generations is not None and (config.kind == "stretch" or config.max_generations < 1):
-                raise InputError(f"--max-generations {config.max_generations} is not possible for {config.kind} megadocs",
-                                 fix="give a positive number; stretch megadocs take every rationale (generate with -G N)")
+                raise InputError(f"--max-generations {config.max_generations} is not possible for "
+                                 f"{config.kind} megadocs",
+                                 fix="give a positive number; stretch megadocs take every rationale "
+                                     "(generate with -G N)")
             generations = _index_generations(store, expand_inputs(config.generations), config.kind, real,
                                              config.max_generations)
             per_document = _check_uniform(real, generations, config.allow_uneven)

@@ -16,7 +16,8 @@ def format_summary(summary: MegadocsSummary) -> str:
     for unit in ("tokens", "chars"):
         stats = getattr(summary, f"{unit}_per_document")
         if stats:
-            lines.append(f"{unit}/document: min {stats['min']:,}  mean {stats['mean']:,.0f}  median {stats['median']:,.0f}  "
+            lines.append(f"{unit}/document: min {stats['min']:,}  mean {stats['mean']:,.0f}  "
+                         f"median {stats['median']:,.0f}  "
                          f"p90 {stats['p90']:,.0f}  max {stats['max']:,}  (total {stats['total']:,})")
     return "\n".join(lines)
 
@@ -27,7 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--generations", nargs="+", required=True, help="generation records of `megadoc synth`")
     parser.add_argument("--output", required=True, help="output JSONL (a .summary.json is written beside it)")
     parser.add_argument("--original", choices=("back", "front", "none"), default="back",
-                        help="stitch: where the original goes; simple: 'none' leaves it out, else it is its own document")
+                        help="stitch: where the original goes; simple: 'none' leaves it out, "
+                             "else it is its own document")
     parser.add_argument("--separator", default="\n\n", help="stitch: text between the parts")
     parser.add_argument("--order", choices=("index", "shuffle"), default="index", help="stitch: order of the rephrases")
     parser.add_argument("--seed", type=int, default=0)
@@ -36,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-generations", type=int,
                         help="simple/stitch: use only generations with index below this (the first N of each document; "
                              "the same texts as `megadoc synth -G N`)")
-    parser.add_argument("--allow-uneven", action="store_true", help="accept documents with other numbers of generations")
+    parser.add_argument("--allow-uneven", action="store_true",
+                        help="accept documents with other numbers of generations")
     parser.add_argument("--id-key", default="id")
     parser.add_argument("--text-key", default="text")
     parser.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, help="report token lengths with this tokenizer")

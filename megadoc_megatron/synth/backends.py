@@ -172,7 +172,8 @@ class OpenAIBackend:
         try:
             import openai
         except ImportError:
-            raise InputError("the openai backend needs the openai package", fix='pip install "megadoc-megatron[openai]"') from None
+            raise InputError("the openai backend needs the openai package",
+                             fix='pip install "megadoc-megatron[openai]"') from None
         self.model_path, self.base_url, self.max_concurrency = model, base_url, max_concurrency
         self.max_retries = max_retries
         # the client retries connection errors, 408/409/429 and 5xx with exponential backoff
@@ -200,13 +201,15 @@ class OpenAIBackend:
                 top_p=sampling.top_p, max_tokens=sampling.max_new_tokens)
         except openai.APIConnectionError as error:
             raise InputError(f"cannot reach {self.base_url} after {self.max_retries} retries ({error})",
-                             fix="start the server, or point --base-url at it; finished blocks are kept, rerun to resume") from None
+                             fix="start the server, or point --base-url at it; "
+                                 "finished blocks are kept, rerun to resume") from None
         except openai.APIStatusError as error:
             raise InputError(f"{self.base_url} answered HTTP {error.status_code}: {error.message}",
                              fix="check that --model names a model the server serves") from None
         choice = response.choices[0]
         usage = response.usage
-        return Completion((choice.message.content or "").strip(), "length" if choice.finish_reason == "length" else "stop",
+        return Completion((choice.message.content or "").strip(),
+                          "length" if choice.finish_reason == "length" else "stop",
                           usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0)
 
 
@@ -266,7 +269,8 @@ class VLLMBackend:
         from vllm.sampling_params import RequestOutputKind
 
         # FINAL_ONLY: no partial output per step (each would be detokenized and sent back), as LLM.generate does
-        return SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p, max_tokens=sampling.max_new_tokens,
+        return SamplingParams(temperature=sampling.temperature, top_p=sampling.top_p,
+                              max_tokens=sampling.max_new_tokens,
                               seed=request.seed if self.seeding == "request" else None,
                               output_kind=RequestOutputKind.FINAL_ONLY)
 
@@ -275,7 +279,8 @@ def cpu_seeded_settings(max_model_len: int | None, max_num_batched_tokens: int |
     """vLLM on CPU crashes when a seeded request is prefilled in pieces ("CPU Generator does not use
     offset": it rewinds the request's generator, which CPU generators cannot). Prefill whole prompts."""
     budget = max(max_num_batched_tokens or 0, max_model_len or 0) or None
-    print(f"vllm on CPU with per-request seeds: chunked prefill off, max_num_batched_tokens {budget or 'max_model_len'} "
+    print(f"vllm on CPU with per-request seeds: chunked prefill off, "
+          f"max_num_batched_tokens {budget or 'max_model_len'} "
           "(a seeded request prefilled in pieces crashes vLLM's CPU sampler)", file=sys.stderr, flush=True)
     return {"enable_chunked_prefill": False, "max_num_batched_tokens": budget}
 

@@ -40,7 +40,8 @@ def _tune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--style", help="prompt style (default: faithful_rephrase / reformat_entries)")
     parser.add_argument("--prompts", help="YAML file of your own styles")
     parser.add_argument("--model", help="HF folder of the generator (default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--checkpoint", help="the current pre-training checkpoint (checkpoint.dir): the influence reward")
+    parser.add_argument("--checkpoint", help="the current pre-training checkpoint (checkpoint.dir): "
+                                             "the influence reward")
     parser.add_argument("--reference", nargs="+", help="reference documents (JSONL) for the influence reward")
     parser.add_argument("--weights", nargs="+", default=[f"{r}=1" for r in REWARDS], metavar="NAME=WEIGHT",
                         help=f"reward weights ({', '.join(REWARDS)}); 0 or absent turns one off")
@@ -80,11 +81,13 @@ def _generation_arguments(parser: argparse.ArgumentParser, operation: str) -> No
     gen.add_argument("-G", "--generations", type=int, default=4, help="generations per document")
     gen.add_argument("--styles", nargs="+", help=f"prompt styles (default: {DEFAULT_STYLE[operation]})")
     gen.add_argument("--prompts", help="YAML file of your own styles (see `megadoc synth styles`)")
-    gen.add_argument("--seed", type=int, default=0, help="each generation's seed derives from (seed, document id, index)")
+    gen.add_argument("--seed", type=int, default=0, help="each generation's seed derives from "
+                                                         "(seed, document id, index)")
     gen.add_argument("--max-new-tokens", type=int, default=512)
     gen.add_argument("--temperature", type=float, default=SAMPLING_DEFAULTS[operation]["temperature"])
     gen.add_argument("--top-p", type=float, default=SAMPLING_DEFAULTS[operation]["top_p"])
-    gen.add_argument("--window", type=int, help="generator context in tokens (default: the model's max_position_embeddings)")
+    gen.add_argument("--window", type=int, help="generator context in tokens "
+                                                "(default: the model's max_position_embeddings)")
     if operation == "rephrase":
         gen.add_argument("--long-documents", choices=("truncate", "chunk"), default="truncate",
                          help="documents longer than the window: keep the head, or rephrase each chunk and join them")
@@ -121,7 +124,8 @@ def _generation_arguments(parser: argparse.ArgumentParser, operation: str) -> No
     vllm = parser.add_argument_group("vllm backend (options left out keep vLLM's own defaults)")
     vllm.add_argument("--tensor-parallel-size", type=int, default=1)
     vllm.add_argument("--max-num-seqs", type=int, help="sequences per engine step (vLLM: 1024 on an 80 GB H100)")
-    vllm.add_argument("--max-num-batched-tokens", type=int, help="tokens per engine step (vLLM: 16384 on an 80 GB H100)")
+    vllm.add_argument("--max-num-batched-tokens", type=int, help="tokens per engine step "
+                                                                 "(vLLM: 16384 on an 80 GB H100)")
     vllm.add_argument("--gpu-memory-utilization", type=float,
                       help="share of GPU memory (vLLM: 0.92); on CPU, the share of host RAM: try 0.3")
     vllm.add_argument("--no-prefix-caching", action="store_true",
@@ -152,8 +156,10 @@ def resolve_model(args) -> tuple[str, str, str]:
 
     if args.model is None:
         if args.backend == "openai":
-            raise InputError("the openai backend needs --model (the served model's name) and --tokenizer (its HF folder)",
-                             fix="e.g. --model SmolLM2-135M-Instruct --tokenizer ~/.cache/megadoc-megatron/SmolLM2-135M-Instruct")
+            raise InputError("the openai backend needs --model (the served model's name) "
+                             "and --tokenizer (its HF folder)",
+                             fix="e.g. --model SmolLM2-135M-Instruct "
+                                 "--tokenizer ~/.cache/megadoc-megatron/SmolLM2-135M-Instruct")
         folder = str(default_model_dir())
         return folder, DEFAULT_MODEL, args.tokenizer or folder
     tokenizer = args.tokenizer or args.model

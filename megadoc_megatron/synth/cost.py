@@ -37,9 +37,9 @@ from megadoc_megatron.synth.pipeline import PairMaker, Shard, SynthConfig, check
 
 PROMPT_COUNTS = {
     "chat template": "the chat-template token count of every request, as the backends send it",
-    "sum of parts": "the prompt's own tokens (instructions, chat template) plus the prefix and suffix tokens the pair maker "
-                    "put in: within a few tokens per request of the chat-template count, without tokenizing every "
-                    "prompt (each holds most of its document: G passes over the corpus)"}
+    "sum of parts": "the prompt's own tokens (instructions, chat template) plus the prefix and suffix tokens "
+                    "the pair maker put in: within a few tokens per request of the chat-template count, without "
+                    "tokenizing every prompt (each holds most of its document: G passes over the corpus)"}
 PUBLIC_FIGURES = ("public figures, not measured here: an 8B model decodes about 6,000-8,000 output tokens/s per H100 "
                   "with vLLM at large batch")
 SCOPE = "the whole corpus: every shard of every task (--task-index/--task-count do not narrow the plan)"
@@ -238,7 +238,8 @@ def format_plan(plan: dict) -> str:
     lines = [f"{plan['plan']} --plan: {plan['scope']}",
              f"  documents          {plan['documents']:>14,}   in {plan['shards']:,} shards",
              f"  generations (G)    {plan['generations']:>14,}",
-             f"  pairs              {plan['pairs']:>14,}   {plan['done']['pairs']:,} done, {left['pairs']:,} to generate",
+             f"  pairs              {plan['pairs']:>14,}   {plan['done']['pairs']:,} done, "
+             f"{left['pairs']:,} to generate",
              f"  requests           {plan['requests']:>14,}   {left['requests']:,} to send "
              f"(source handling per pair: {', '.join(f'{k} {v:,}' for k, v in plan['handling'].items())})",
              f"  prompt tokens      {plan['prompt_tokens']:>14,}   {left['prompt_tokens']:,} to send ({counted})"]
@@ -259,8 +260,10 @@ def format_plan(plan: dict) -> str:
                   "(time N documents on this backend)", f"                     {PUBLIC_FIGURES}"]
     else:
         rate = plan["throughput"]["output_tokens_per_second_per_gpu"]
-        figures = ", ".join(f"{_hours(v)} ({k.replace('_', ' ')})" for k, v in plan["gpu_hours"].items() if v is not None)
-        lines.append(f"  GPU-hours          {figures} at {rate:,.1f} output tokens/s per GPU ({plan['throughput']['source']})")
+        figures = ", ".join(f"{_hours(v)} ({k.replace('_', ' ')})" for k, v in plan["gpu_hours"].items()
+                            if v is not None)
+        lines.append(f"  GPU-hours          {figures} at {rate:,.1f} output tokens/s per GPU "
+                     f"({plan['throughput']['source']})")
     if "this_task" in plan:
         mine = plan["this_task"]
         lines.append(f"  this task          {mine['task'][0]} of {mine['task'][1]}: {mine['pairs']:,} pairs, "

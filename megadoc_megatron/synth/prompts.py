@@ -94,7 +94,8 @@ def load_catalogue(path: str | None = None) -> dict[str, Prompt]:
     try:
         entries = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except OSError as error:
-        raise InputError(f"cannot read the prompt file: {error.strerror}", path, fix="pass an existing YAML file") from None
+        raise InputError(f"cannot read the prompt file: {error.strerror}", path,
+                         fix="pass an existing YAML file") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         raise InputError(f"invalid YAML: {getattr(error, 'problem', error)}", path, mark.line + 1 if mark else None,
@@ -118,7 +119,8 @@ def _user_prompt(name, entry, path) -> Prompt:
                          fix=f"use one of {', '.join(PLACEHOLDERS)}")
     unknown = set(entry) - {"prompt", "operation"}
     if unknown:
-        raise InputError(f"style {name!r} has unknown keys {sorted(unknown)}", path, fix="keep only prompt and operation")
+        raise InputError(f"style {name!r} has unknown keys {sorted(unknown)}", path,
+                         fix="keep only prompt and operation")
     missing = [p for p in PLACEHOLDERS[operation] if p not in entry["prompt"]]
     if missing:
         raise InputError(f"the {operation} prompt {name!r} lacks {', '.join(missing)}", path,

@@ -1,1 +1,2 @@
-"""Pre-training on megatron-core: config, launch, data, engines (GPU: megatron-core; CPU: portable), checkpoints, metrics."""
+"""Pre-training on megatron-core: config, launch, data, engines (GPU: megatron-core; CPU: portable),
+checkpoints, metrics."""

@@ -21,7 +21,8 @@ from megadoc_megatron.errors import InputError
 
 @dataclass
 class DataConfig:
-    blend: str = ""                     # blend.json from `megadoc blend`: datasets, seq length, global batch, iterations
+    blend: str = ""                     # blend.json from `megadoc blend`: datasets, seq length, global batch,
+                                        # iterations
     micro_batch_size: int = 1
     eod_mask_loss: bool = False         # no loss on the end-of-document token
     reset_attention_mask: bool = False  # documents packed in one sequence do not attend to each other (packed
@@ -92,7 +93,8 @@ class LoggingConfig:
     eval_iters: int = 1                  # global batches of held-out data per validation
     tensorboard_dir: str = ""
     wandb_project: str = ""
-    peak_tflops: float | None = None     # per device, for MFU; None: the GPU's datasheet peak (FP8 when on), else no MFU
+    peak_tflops: float | None = None     # per device, for MFU; None: the GPU's datasheet peak (FP8 when on),
+                                         # else no MFU
 
 
 @dataclass
@@ -134,7 +136,8 @@ def load_config(path, overrides: list[str] = ()) -> TrainConfig:
     """Read and check a YAML training config, with `section.field=value` overrides on top."""
     path = Path(path)
     values = read_yaml(path, "a YAML training config")
-    values = merge_dicts(_resolve_paths(values, path.parent), _resolve_paths(parse_overrides(list(overrides)), Path.cwd()))
+    values = merge_dicts(_resolve_paths(values, path.parent),
+                         _resolve_paths(parse_overrides(list(overrides)), Path.cwd()))
     config = build_dataclass(TrainConfig, values, "", path)
     for name, package in (("tensorboard_dir", "tensorboard"), ("wandb_project", "wandb")):
         if getattr(config.logging, name) and importlib.util.find_spec(package) is None:

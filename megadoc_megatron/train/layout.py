@@ -68,7 +68,8 @@ def plan_layout(config: TrainConfig, world_size: int, global_batch: int, seq_len
         refuse(f"{model.num_layers} layers do not split into pipeline {pipeline} x virtual {virtual or 1} stages",
                "pick parallel.pipeline (and virtual_pipeline) dividing the layer count")
     if virtual and pipeline == 1:
-        refuse("virtual pipeline stages need pipeline parallelism", "unset parallel.virtual_pipeline or set pipeline > 1")
+        refuse("virtual pipeline stages need pipeline parallelism",
+               "unset parallel.virtual_pipeline or set pipeline > 1")
     if global_batch % (micro * data):
         per_rank = global_batch / data
         fix = (f"set data.micro_batch_size to a divisor of {int(per_rank)}" if per_rank == int(per_rank) else

@@ -1,1 +1,2 @@
-"""`megadoc synth tune`: GRPO tuning of a generator on weighted rewards (grpo.py, rewards.py), the refresh rounds of `megadoc run`."""
+"""`megadoc synth tune`: GRPO tuning of a generator on weighted rewards (grpo.py, rewards.py), the refresh
+rounds of `megadoc run`."""

