@@ -267,7 +267,7 @@ def throughput(check: Check) -> dict:
             shutdown()
         tokens = trainer.global_batch * trainer.seq_length
         row = {"seq_length": trainer.seq_length, "global_batch": trainer.global_batch,
-               "micro_batches": trainer.num_microbatches, "backend": trainer.info["backend"],
+               "micro_batches": trainer.num_microbatches, "backend": trainer.info.backend,
                "peak_memory_gb": round(peak_memory, 2) if peak_memory else None,
                "memory_estimate_gb": round(trainer.memory_gb, 2)}
         for name, times in (("ours", ours), ("bare", bare)):

@@ -74,7 +74,7 @@ def run_training(config_path, launch=None, overrides=()):
     return train(load_config(config_path, overrides), launch)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def blend_json(tmp_path_factory, golden_lines, spm_model):
     """A real blend: real, synthetic and held-out datasets from real text and a real tokenizer."""
     from megadoc_megatron.blend.weights import BlendConfig, make_blend
@@ -82,6 +82,16 @@ def blend_json(tmp_path_factory, golden_lines, spm_model):
     tmp = tmp_path_factory.mktemp("train_data")
     docs = [json.loads(line)["text"] for line in golden_lines]
     spm = ("SentencePieceTokenizer", spm_model)
-    real, synthetic, held_out = (make_dataset(tmp, "real", docs[:30], *spm), make_dataset(tmp, "syn", docs[30:50], *spm),
-                                 make_dataset(tmp, "held", docs[50:], *spm))
+    real = make_dataset(tmp, "real", docs[:30], *spm)
+    synthetic, held_out = make_dataset(tmp, "syn", docs[30:50], *spm), make_dataset(tmp, "held", docs[50:], *spm)
     return make_blend(BlendConfig([real], [synthetic], 0.5, 1, 64, 8, tmp / "blend", valid_data=[held_out])).files.plan
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, blend_json) -> tuple[str, Path]:
+    """One uninterrupted single-process run of write_config's settings: (config path, checkpoint.dir).
+    Shared: tests read it and copy what they change."""
+    tmp = tmp_path_factory.mktemp("trained_run")
+    config = write_config(tmp, blend_json, tmp / "ckpt")
+    run_training(config)
+    return config, tmp / "ckpt"

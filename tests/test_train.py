@@ -32,12 +32,10 @@ def read_metrics(checkpoint_dir) -> dict[int, dict]:
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, blend_json):
+def reference(trained_run):
     """An uninterrupted single-process run: (config path, checkpoint dir, metrics by iteration)."""
-    tmp = tmp_path_factory.mktemp("reference")
-    config = write_config(tmp, blend_json, tmp / "ckpt")
-    run_training(config)
-    return config, tmp / "ckpt", read_metrics(tmp / "ckpt")
+    config, checkpoint_dir = trained_run
+    return config, checkpoint_dir, read_metrics(checkpoint_dir)
 
 
 def test_tiny_model_learns_from_the_blend(reference):
@@ -204,7 +202,8 @@ def documented_sbatch_launches():
     for source in sorted((REPO / "examples").rglob("*")):
         if source.suffix not in (".sbatch", ".yaml"):
             continue
-        comment = "\n".join(line.lstrip("#").strip() for line in source.read_text().splitlines() if line.startswith("#"))
+        comment = "\n".join(line.lstrip("#").strip() for line in source.read_text().splitlines()
+                            if line.startswith("#"))
         for command in comment.replace("\\\n", " ").splitlines():
             words = shlex.split(command) if "sbatch" in command and "CONFIG=" in command else []
             if words:
@@ -212,7 +211,8 @@ def documented_sbatch_launches():
                 script = REPO / next(word for word in words if word.endswith(".sbatch"))
                 nodes = words[words.index("--nodes") + 1] if "--nodes" in words else \
                     re.search(r"#SBATCH --nodes=(\d+)", script.read_text()).group(1)
-                launches.append((source.name, script, REPO / assigned["CONFIG"], assigned.get("SET", "").split(), int(nodes)))
+                launches.append((source.name, script, REPO / assigned["CONFIG"], assigned.get("SET", "").split(),
+                                 int(nodes)))
     return launches
 
 
@@ -285,5 +285,7 @@ def test_paper_config_is_valid():
 
 def test_the_command_line_loads_without_torch():
     """Every `megadoc` command builds the full parser: training's heavy imports wait for `run`."""
-    code = "import sys, megadoc_megatron.cli as c; c.build_parser(); print(sorted({'torch', 'megatron'} & set(sys.modules)))"
-    assert subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout.strip() == "[]"
+    code = ("import sys, megadoc_megatron.cli as c; c.build_parser(); "
+            "print(sorted({'torch', 'megatron'} & set(sys.modules)))")
+    printed = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert printed.strip() == "[]"

@@ -6,7 +6,6 @@ import json
 import math
 
 import pytest
-from conftest import run_training, write_config
 
 from megadoc_megatron.cli import main
 from megadoc_megatron.errors import InputError
@@ -29,8 +28,10 @@ def test_tune_refuses_an_existing_output_before_loading_anything(tmp_path, capsy
 def test_rewards_score_what_they_say():
     length, reformat, rephrase = LengthReward(5, 1.25), FormatReward(5, "reformat"), FormatReward(5, "rephrase")
     source = "x" * 100
-    assert length(None, ["y" * 100, "y" * 200, "y" * 300, "y"], [source] * 4) == pytest.approx([1.0, 0.4, 0.0, 0.0])  # last: floor
-    assert reformat(None, ["Topic: Rivers\nContent: The Danube flows east.", "The Danube flows east."], [source] * 2) == [1, 0]
+    # the last is below the floor
+    assert length(None, ["y" * 100, "y" * 200, "y" * 300, "y"], [source] * 4) == pytest.approx([1.0, 0.4, 0.0, 0.0])
+    assert reformat(None, ["Topic: Rivers\nContent: The Danube flows east.", "The Danube flows east."],
+                    [source] * 2) == [1, 0]
     assert rephrase(None, ["Here is the rewritten text: rivers.", "Rivers flow."], [source] * 2) == [0, 1]
     repeated = " ".join(["the river flows east"] * 10)
     quality = QualityReward(5)(None, [repeated, DOCUMENTS[0]], [DOCUMENTS[0]] * 2)
@@ -45,11 +46,9 @@ def test_rewards_score_what_they_say():
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, blend_json):
-    """A tiny pre-training checkpoint (megatron-core, trained here on real text)."""
-    tmp = tmp_path_factory.mktemp("pretrain")
-    run_training(write_config(tmp, blend_json, tmp / "ckpt"))
-    return tmp / "ckpt"
+def checkpoint(trained_run):
+    """A tiny pre-training checkpoint (megatron-core, trained on real text)."""
+    return trained_run[1]
 
 
 def test_influence_reward_scores_text_and_puts_the_weights_back(checkpoint, golden_lines):

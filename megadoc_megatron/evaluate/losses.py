@@ -51,21 +51,21 @@ def load_model(root, iteration: int | None, device: torch.device) -> LoadedModel
         raise InputError(f"no checkpoint{'' if iteration is None else f' for iteration {iteration}'} here",
                          root, fix="pass the checkpoint.dir of a `megadoc train` run (and an --iteration it saved)")
     common = dist_checkpointing.load_common_state_dict(str(source))
-    info = common.get("info") or {}
-    if "seq_length" not in info:
+    info = checkpoint.CheckpointInfo.of(common)
+    if info is None:
         raise InputError("this checkpoint does not record its sequence length and vocabulary", source,
                          fix="evaluate checkpoints written by this version of `megadoc train`")
     config = config_from_dict(common["config"], source)
     config = dataclasses.replace(config, parallel=ParallelConfig(),
                                  precision=dataclasses.replace(config.precision, fp8=None,
                                                                bf16=config.precision.bf16 and device.type == "cuda"))
-    _, (model,), _ = build_model(config, info["vocab_size"], info["seq_length"], device)
+    _, (model,), _ = build_model(config, info.vocab_size, info.seq_length, device)
     backend = resolve_backend(config.model.backend)  # a GPU (TE) checkpoint loads into portable layers on CPU
-    state = checkpoint.model_state(model, backend=backend, saved_backend=info.get("backend"))
+    state = checkpoint.model_state(model, backend=backend, saved_backend=info.backend)
     checkpoint.load_model_state(model, dist_checkpointing.load({"model": state}, str(source))["model"])
     model.eval()
-    eod = info["tokenizer"].get("eod") if config.data.reset_attention_mask else None
-    return LoadedModel(model, source, iteration, info["seq_length"], info["vocab_size"], info["tokenizer"], eod)
+    eod = info.tokenizer.get("eod") if config.data.reset_attention_mask else None
+    return LoadedModel(model, source, iteration, info.seq_length, info.vocab_size, info.tokenizer, eod)
 
 
 def evaluation_process_group():
@@ -187,9 +187,11 @@ def long_context_loss(loaded: LoadedModel, dataset, device, threshold: int, buck
     buckets = sorted({min(b, seq) for b in (buckets or default_buckets(seq))} | {0, seq})
     offset = offset if offset is not None else min(threshold, seq // 2)
     results = {}
-    for name, chosen in (("long", np.flatnonzero(lengths > threshold)), ("short", np.flatnonzero((lengths <= threshold) & (lengths >= 2)))):
+    for name, chosen in (("long", np.flatnonzero(lengths > threshold)),
+                         ("short", np.flatnonzero((lengths <= threshold) & (lengths >= 2)))):
         chosen = chosen[:max_documents]
-        sums, counts = position_losses(loaded.model, [dataset.document_tokens(d) for d in chosen], seq, device, micro_batch)
+        sums, counts = position_losses(loaded.model, [dataset.document_tokens(d) for d in chosen], seq, device,
+                                       micro_batch)
         results[name] = summarize_positions(sums, counts, buckets, offset, len(chosen))
     if results["long"]["documents"] == 0:
         raise InputError(f"no held-out document is longer than {threshold} tokens (longest: {int(lengths.max())})",

@@ -65,7 +65,8 @@ def load_run(path: Path, eval_name: str | None = None) -> Run:
     # results of one `megadoc run` share a name; results made by hand are called lm-eval
     downstream = (eval_name and latest_result(path, "downstream", eval_name)) or latest_result(path, "downstream")
     run.downstream = downstream.metrics.get("accuracy", {}) if downstream else {}
-    run.parameters = _parameters(config["model"], (common.get("info") or {}).get("vocab_size"))
+    info = checkpoint.CheckpointInfo.of(common)
+    run.parameters = _parameters(config["model"], info.vocab_size if info else None)
     run.ensemble = _largest_ensemble(path, eval_name)
     return run
 
@@ -115,7 +116,8 @@ def fit_or_reason(points: list[tuple[float, float]], what: str):
 
 def baseline_fit(runs: list[Run]):
     """The fit of real-only runs over real tokens, or (None, why not)."""
-    return fit_or_reason([(r.real_tokens, r.iid_loss) for r in runs if r.recipe == "real" and r.iid_loss and r.real_tokens],
+    return fit_or_reason([(r.real_tokens, r.iid_loss) for r in runs
+                          if r.recipe == "real" and r.iid_loss and r.real_tokens],
                 "real-only data amounts")
 
 
@@ -135,7 +137,8 @@ def asymptotes(runs: list[Run]) -> list[Asymptote]:
     for run in runs:
         if run.ensemble:
             points = [(e["members"], e["loss"]) for e in run.ensemble]
-            found.append(Asymptote("ensemble members", run.name, points, *fit_or_reason(points, f"{run.name}'s ensemble members")))
+            found.append(Asymptote("ensemble members", run.name, points,
+                                   *fit_or_reason(points, f"{run.name}'s ensemble members")))
     groups: dict[tuple, list] = {}
     for run in runs:
         if run.parameters and run.iid_loss is not None:
@@ -143,7 +146,8 @@ def asymptotes(runs: list[Run]) -> list[Asymptote]:
     for (recipe, generations), points in groups.items():
         if len({p[0] for p in points}) > 1:
             subject = recipe + (f" G={generations}" if generations else "")
-            found.append(Asymptote("parameters", subject, sorted(points), *fit_or_reason(points, f"{subject} model sizes")))
+            found.append(Asymptote("parameters", subject, sorted(points),
+                                   *fit_or_reason(points, f"{subject} model sizes")))
     return found
 
 
@@ -167,7 +171,8 @@ def table_rows(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
                      _cell(run.lr), _cell(run.weight_decay), _cell(run.iid_loss, ".4f"), _cell(long.get("loss"), ".4f"),
                      _cell((long.get("beyond_offset") or {}).get("loss"), ".4f"),
                      *[_cell(run.downstream.get(task), ".3f") for task in tasks],
-                     f"{run.efficiency:.2f}x" if run.efficiency and not math.isinf(run.efficiency) else _cell(run.efficiency)])
+                     f"{run.efficiency:.2f}x" if run.efficiency and not math.isinf(run.efficiency)
+                     else _cell(run.efficiency)])
     return header, rows
 
 
@@ -281,7 +286,8 @@ def _plot_fit(runs, fit, folder):
                and not math.isinf(r.efficiency)]
     right = max([base[-1][0]] + [r.efficiency * r.real_tokens for r in recipes]) * 2
     xs = np.geomspace(base[0][0] / 2, right, 200)
-    axes.plot(xs, fit.loss(xs), color="black", label=f"real only: {fit.A:.3g} / (D / {fit.x_unit:.3g})^{fit.B:.3g} + {fit.C:.3f}")
+    axes.plot(xs, fit.loss(xs), color="black",
+              label=f"real only: {fit.A:.3g} / (D / {fit.x_unit:.3g})^{fit.B:.3g} + {fit.C:.3f}")
     axes.scatter([p[0] for p in base], [p[1] for p in base], color="black", zorder=3)
     axes.axhline(fit.C, color="black", linestyle=":", linewidth=1, label=f"asymptote {fit.C:.3f}")
     colors: dict[str, str] = {}
@@ -324,8 +330,9 @@ def markdown(header, rows, plots, fit, fit_note, asymptote_table=None) -> str:
 def _fit_sentence(fit, note) -> str:
     if fit is None:
         return f"No data efficiency: {note}."
-    return (f"Baseline: L(D) = {fit.A:.4g} / (D / {fit.x_unit:.4g})^{fit.B:.4g} + {fit.C:.4f} over {fit.points} real-only "
-            f"runs (rmse {fit.rmse:.2g}); data efficiency = D(recipe loss) / real tokens used.")
+    return (f"Baseline: L(D) = {fit.A:.4g} / (D / {fit.x_unit:.4g})^{fit.B:.4g} + {fit.C:.4f} "
+            f"over {fit.points} real-only runs (rmse {fit.rmse:.2g}); "
+            "data efficiency = D(recipe loss) / real tokens used.")
 
 
 def _html_table(header, rows) -> str:
@@ -338,7 +345,8 @@ def html_page(header, rows, plots, fit, fit_note, asymptote_table=None) -> str:
     body = [_html_table(header, rows), f"<p>{html.escape(_fit_sentence(fit, fit_note))}</p>"]
     if asymptote_table and asymptote_table[1]:
         body += ["<h2>Asymptotes</h2>", _html_table(*asymptote_table)]
-    body += [f'<figure><img src="{name}"><figcaption>{html.escape(caption)}</figcaption></figure>' for name, caption in plots]
+    body += [f'<figure><img src="{name}"><figcaption>{html.escape(caption)}</figcaption></figure>'
+             for name, caption in plots]
     style = "body{font-family:sans-serif}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px}"
     return f"<!doctype html><html><head><meta charset='utf-8'><title>megadoc report</title><style>{style}</style>" \
            f"</head><body><h1>megadoc report</h1>{''.join(body)}</body></html>\n"

@@ -46,7 +46,8 @@ def parse_sweep(experiment) -> tuple[object, dict[str, list]]:
     sweep, source = experiment.sweep, experiment.source
     if not isinstance(sweep, dict) or "recipe" not in sweep:
         raise InputError("the config has no sweep section naming a recipe", source,
-                         fix="add `sweep: {recipe: NAME, epochs: [...], synthetic_weight: [...], lr: [...], weight_decay: [...]}`")
+                         fix="add `sweep: {recipe: NAME, epochs: [...], synthetic_weight: [...], "
+                             "lr: [...], weight_decay: [...]}`")
     unknown = sorted(set(sweep) - {"recipe", "start", *AXES})
     if unknown:
         raise InputError(f"sweep.{unknown[0]} is unknown", source, fix=f"use recipe, start, {', '.join(AXES)}")
@@ -60,7 +61,8 @@ def parse_sweep(experiment) -> tuple[object, dict[str, list]]:
                          fix="sweep a recipe with epochs; for budgets and shares use --preset mixture")
     optimizer = {**experiment.train.get("optimizer", {}), **base.train.get("optimizer", {})}
     own = {"epochs": base.epochs, "synthetic_weight": base.synthetic_weight,
-           "lr": optimizer.get("lr", OptimizerConfig.lr), "weight_decay": optimizer.get("weight_decay", OptimizerConfig.weight_decay)}
+           "lr": optimizer.get("lr", OptimizerConfig.lr),
+           "weight_decay": optimizer.get("weight_decay", OptimizerConfig.weight_decay)}
     axes = {}
     for axis in AXES:
         values = sweep.get(axis, [own[axis]])
@@ -156,7 +158,7 @@ class Study:
         return found
 
     def run_point(self, point) -> None:
-        from megadoc_megatron.experiment.command import run_experiment
+        from megadoc_megatron.experiment.runner import run_experiment
 
         run_experiment(self.with_recipes([point]), report=False)
 
@@ -176,7 +178,8 @@ class Sweep(Study):
         self.base, self.axes = parse_sweep(self.experiment)
         self.points = grid(self.axes)
         self.start = start_point(self.experiment.sweep, self.base, self.axes, self.points)
-        self.recipes = {p: check_recipe(point_recipe(self.base, p), f"sweep point {p.name(self.base.name)}", self.experiment.source)
+        self.recipes = {p: check_recipe(point_recipe(self.base, p), f"sweep point {p.name(self.base.name)}",
+                                        self.experiment.source)
                         for p in self.points}
 
     def needed(self, losses: dict[Point, float], mode: str) -> list[Point]:
@@ -189,7 +192,8 @@ class Sweep(Study):
         verdict = local_optimum(self.axes, losses)
         lines = [f"{'point':<44} {'E':>4} {'w':>6} {'lr':>9} {'wd':>7} {'i.i.d. loss':>12}  status"]
         for point in self.points:
-            status = "best" if point == verdict.best else ("needed" if point in needed else ("done" if point in losses else ""))
+            status = ("best" if point == verdict.best
+                      else ("needed" if point in needed else ("done" if point in losses else "")))
             loss = f"{losses[point]:.4f}" if point in losses else "—"
             e, w, lr, wd = point.values
             lines.append(f"{point.name(self.base.name):<44} {e:>4} {w:>6g} {lr:>9g} {wd:>7g} {loss:>12}  {status}")
@@ -205,7 +209,7 @@ class Sweep(Study):
         return "\n".join(lines)
 
     def report(self, losses: dict[Point, float]) -> None:
-        from megadoc_megatron.experiment.command import run_experiment
+        from megadoc_megatron.experiment.runner import run_experiment
 
         if losses:
             run_experiment(self.with_recipes([p for p in self.points if p in losses]))
@@ -274,7 +278,8 @@ class SweepConfig:
 
 
 def run_sweep(options: SweepConfig) -> dict:
-    study = MixtureStudy(options.config, options.overrides) if options.preset == "mixture" else Sweep(options.config, options.overrides)
+    study = (MixtureStudy(options.config, options.overrides) if options.preset == "mixture"
+             else Sweep(options.config, options.overrides))
     if options.point:
         point = next((p for p in study.points if study.point_name(p) == options.point), None)
         if point is None:

@@ -21,7 +21,7 @@ import os
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -32,7 +32,7 @@ from megadoc_megatron.synth.backends import Completion, Request, Sampling, chat_
 from megadoc_megatron.synth.chunks import head, split_points, tail, token_starts
 from megadoc_megatron.synth.gates import Gates
 from megadoc_megatron.synth.prompts import Prompt
-from megadoc_megatron.synth.records import generation_record
+from megadoc_megatron.synth.records import GenerationRecord
 
 MANIFEST = "synth.json"
 
@@ -141,7 +141,8 @@ class PairMaker:
             prefix = tail(text[:cut], starts[:before], prefix_tokens)
             suffix = head(text[cut:], [s - cut for s in starts[before:]], suffix_tokens)
             handling = "full" if (prefix_tokens, suffix_tokens) == (before, len(starts) - before) else "trimmed"
-            pairs.append(Pair(source_id, index, prompt, seed, [Request(prompt.render(prefix=prefix, suffix=suffix), seed)],
+            pairs.append(Pair(source_id, index, prompt, seed,
+                              [Request(prompt.render(prefix=prefix, suffix=suffix), seed)],
                               {"handling": handling, "document_tokens": len(starts), "prefix_tokens": prefix_tokens,
                                "suffix_tokens": suffix_tokens}, split_char=cut))
         return pairs
@@ -168,13 +169,13 @@ class Shard:
         for path in (self.partial(self.accepted), self.partial(self.rejected)):
             if path.exists():
                 for record in _complete_records(path, repair):
-                    done.add((record["source_id"], record["index"]))
+                    done.add((record.source_id, record.index))
         return done
 
-    def append(self, accepted: list[dict], rejected: list[dict]) -> None:
+    def append(self, accepted: list[GenerationRecord], rejected: list[GenerationRecord]) -> None:
         for path, records in ((self.accepted, accepted), (self.rejected, rejected)):
             with open(self.partial(path), "a", encoding="utf-8") as out:
-                out.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+                out.write("".join(r.to_json() + "\n" for r in records))
                 out.flush()
                 os.fsync(out.fileno())
 
@@ -183,8 +184,8 @@ class Shard:
         for path in (self.rejected, self.accepted):  # the accepted file last: its name marks the shard complete
             partial = self.partial(path)
             records = _complete_records(partial) if partial.exists() else []
-            records.sort(key=lambda r: (position[r["source_id"]], r["index"]))
-            write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+            records.sort(key=lambda r: (position[r.source_id], r.index))
+            write_text_atomic(path, "".join(r.to_json() + "\n" for r in records))
             partial.unlink(missing_ok=True)
 
 
@@ -200,14 +201,15 @@ def check_manifest(output: Path, manifest: dict) -> dict:
     return manifest
 
 
-def _complete_records(path: Path, repair: bool = True) -> list[dict]:
+def _complete_records(path: Path, repair: bool = True) -> list[GenerationRecord]:
+    """The whole lines of a shard file; a torn last line (killed mid-write) is cut off with `repair`."""
     records, good_bytes = [], 0
     with open(path, "rb") as stream:
         for raw in stream:
             if not raw.endswith(b"\n"):
                 break
             try:
-                records.append(json.loads(raw))
+                records.append(GenerationRecord.from_json(raw))
             except json.JSONDecodeError:
                 break
             good_bytes += len(raw)
@@ -261,7 +263,8 @@ class Synthesizer:
                  task_count: int = 1, progress: bool = True, sync_seconds: float = 2.0):
         """`make_backend()` is called once there is work to do: bad input fails before a model loads."""
         if not 0 <= task_index < task_count:
-            raise InputError(f"task index {task_index} is not in [0, {task_count})", fix="pass --task-index < --task-count")
+            raise InputError(f"task index {task_index} is not in [0, {task_count})",
+                             fix="pass --task-index < --task-count")
         self.config, self.make_backend, self.backend, self.output = config, make_backend, None, Path(output)
         self.pair_maker = PairMaker(config, tokenizer)
         self.task_index, self.task_count, self.progress = task_index, task_count, progress
@@ -278,10 +281,12 @@ class Synthesizer:
         documents = sum(1 for _ in self._documents(inputs))  # validates every record before writing anything
         write_text_atomic(self.output / MANIFEST, json.dumps(manifest, indent=2) + "\n")
         per_shard = self.config.docs_per_shard
-        todo = {n for n in range(math.ceil(documents / per_shard)) if self.owns(n) and not Shard(self.output, n).complete()}
+        todo = {n for n in range(math.ceil(documents / per_shard))
+                if self.owns(n) and not Shard(self.output, n).complete()}
         if todo and self.backend is None:
             self.backend = self.make_backend()
-        self.bar = self._progress_bar(sum(min(per_shard, documents - n * per_shard) for n in todo) * self.config.generations)
+        self.bar = self._progress_bar(sum(min(per_shard, documents - n * per_shard)
+                                          for n in todo) * self.config.generations)
         try:
             for (work, part), completion in self.backend.stream(self._requests(inputs, todo), self.config.sampling) \
                     if todo else ():
@@ -340,7 +345,7 @@ class Synthesizer:
         if reason is None:
             shard.accepted.append(record)
         else:
-            shard.rejected.append({**record, "reject_reason": reason})
+            shard.rejected.append(replace(record, reject_reason=reason))
             self.throughput.rejected += 1
         if shard not in self._unwritten:
             self._unwritten.append(shard)
@@ -352,7 +357,8 @@ class Synthesizer:
             self._flush()
         self.bar.update(1)
         rates = self.throughput.as_dict()
-        self.bar.set_postfix(docs_s=f"{rates['documents_per_second']:.2f}", tok_s=f"{rates['generated_tokens_per_second']:.0f}",
+        self.bar.set_postfix(docs_s=f"{rates['documents_per_second']:.2f}",
+                             tok_s=f"{rates['generated_tokens_per_second']:.0f}",
                              rejected=self.throughput.rejected, refresh=False)
 
     def _flush(self) -> None:
@@ -367,15 +373,16 @@ class Synthesizer:
             self._flush()
             shard.shard.finish(shard.position)
 
-    def _record(self, pair: Pair, completions: list[Completion]) -> tuple[dict, str | None]:
+    def _record(self, pair: Pair, completions: list[Completion]) -> tuple[GenerationRecord, str | None]:
         text = "\n\n".join(c.text for c in completions)
         finish = "unsplittable" if not completions else (
             "length" if any(c.finish_reason == "length" for c in completions) else "stop")
         completion_tokens = sum(c.completion_tokens for c in completions)
         self.throughput.generated_tokens += completion_tokens
-        record = generation_record(
+        record = GenerationRecord(
             source_id=pair.source_id, operation=self.config.operation, index=pair.index, style=pair.prompt.style,
-            prompt_version=pair.prompt.version, generator={**self.config.generator, "sampling": asdict(self.config.sampling)},
+            prompt_version=pair.prompt.version,
+            generator={**self.config.generator, "sampling": asdict(self.config.sampling)},
             seed=pair.seed, finish_reason=finish, prompt_tokens=sum(c.prompt_tokens for c in completions),
             completion_tokens=completion_tokens, text=text, source_input=pair.source_input, split_char=pair.split_char)
         reason = "unsplittable" if not completions else self.config.gates.reason(
@@ -390,13 +397,14 @@ class Synthesizer:
             shard = Shard(self.output, number)
             for path, counter in ((shard.accepted, kept), (shard.rejected, rejected)):
                 for record in _complete_records(path) if path.exists() else []:
-                    key = record["style"] if counter is kept else f"{record['style']}/{record['reject_reason']}"
+                    key = record.style if counter is kept else f"{record.style}/{record.reject_reason}"
                     counter[key] += 1
-                    tokens["accepted" if counter is kept else "rejected"] += record["completion_tokens"]
+                    tokens["accepted" if counter is kept else "rejected"] += record.completion_tokens
         reasons = Counter()
         for key, count in rejected.items():
             reasons[key.split("/", 1)[1]] += count
-        return {"operation": self.config.operation, "output": str(self.output), "task": [self.task_index, self.task_count],
+        return {"operation": self.config.operation, "output": str(self.output),
+                "task": [self.task_index, self.task_count],
                 "shards": len(shards), "accepted": sum(kept.values()), "rejected": sum(rejected.values()),
                 "accepted_per_style": dict(sorted(kept.items())), "rejected_per_reason": dict(sorted(reasons.items())),
                 "rejected_per_style_and_reason": dict(sorted(rejected.items())), "completion_tokens": dict(tokens),

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import shutil
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -138,8 +139,32 @@ def _sharded_state(engine, scheduler, is_loading: bool, rng: dict | None, optimi
     return state
 
 
+@dataclass
+class CheckpointInfo:
+    """What a checkpoint records about its run besides weights and config (the `info` of its common
+    state): enough for evaluation and the report to rebuild the model without the training data."""
+    seq_length: int
+    vocab_size: int
+    tokenizer: dict                 # data/tokenizer.py's describe(): type, model, fingerprint, vocab_size, eod
+    backend: str = "portable"       # the layer spec it was trained with: te | portable
+    init_from: dict | None = None   # {"dir", "iteration"} when it started from another run's weights
+
+    def to_dict(self) -> dict:
+        values = asdict(self)
+        if values["init_from"] is None:
+            del values["init_from"]
+        return values
+
+    @classmethod
+    def of(cls, common: dict) -> "CheckpointInfo | None":
+        """The info of a checkpoint's common state; None for checkpoints older than this record."""
+        info = common.get("info") or {}
+        return cls(**info) if "seq_length" in info else None
+
+
 def saved_backend(common: dict) -> str | None:
-    return (common.get("info") or {}).get("backend")
+    info = CheckpointInfo.of(common)
+    return info.backend if info else None
 
 
 def optimizer_mismatch(common: dict, engine) -> str | None:
@@ -153,11 +178,13 @@ def optimizer_mismatch(common: dict, engine) -> str | None:
     sharding = (common.get("sharding_metadata") or {}).get("distrib_optim_sharding_type")
     if sharding == "dp_reshardable" and any(saved_layout[k] != current[k] for k in ("tensor", "pipeline")):
         return (f"its distributed-optimizer state is laid out for tensor {saved_layout['tensor']} x pipeline "
-                f"{saved_layout['pipeline']} ranks, this run has tensor {current['tensor']} x pipeline {current['pipeline']}")
+                f"{saved_layout['pipeline']} ranks, this run has tensor {current['tensor']} "
+                f"x pipeline {current['pipeline']}")
     return None
 
 
-def save(root, iteration: int, consumed_samples: int, engine, scheduler, config: dict, info: dict | None = None) -> Path:
+def save(root, iteration: int, consumed_samples: int, engine, scheduler, config: dict,
+         info: dict | None = None) -> Path:
     """Write a checkpoint of every rank, then mark it the latest. `info` (sequence length, vocabulary,
     tokenizer) lets evaluation rebuild the model without the training data."""
     from megatron.core import dist_checkpointing
@@ -169,8 +196,8 @@ def save(root, iteration: int, consumed_samples: int, engine, scheduler, config:
         target.mkdir(parents=True)
     dist.barrier()
     state = _sharded_state(engine, scheduler, is_loading=False, rng=_rng_states())
-    state.update(iteration=iteration, consumed_samples=consumed_samples, layout=layout(), config=config, info=info or {},
-                 optimizer_format=engine.optimizer_format,
+    state.update(iteration=iteration, consumed_samples=consumed_samples, layout=layout(), config=config,
+                 info=info.to_dict() if info else {}, optimizer_format=engine.optimizer_format,
                  sharding_metadata=dict(engine.checkpoint_metadata or {}))
     with megatron_core_on_cpu():  # its writer synchronizes CUDA and flags failures on the current device
         dist_checkpointing.save(state, str(target))
@@ -226,7 +253,7 @@ class Checkpointer:
     """A training run's checkpoints: where it starts (`start`) and when it saves (every
     checkpoint.save_interval iterations, at the last one, and when forced; once per iteration at most)."""
 
-    def __init__(self, config, engine, scheduler, info: dict):
+    def __init__(self, config, engine, scheduler, info: CheckpointInfo):
         self.config, self.settings = config, config.checkpoint
         self.engine, self.scheduler, self.info = engine, scheduler, info
         self.saved_at = None
@@ -247,7 +274,7 @@ class Checkpointer:
                              fix="point it at a checkpoint.dir of a finished run")
         iteration, _, taken = load(root, self.engine, scheduler=None)
         self.scheduler.step(increment=0)  # the loaded optimizer state carries the old run's learning rate
-        self.info["init_from"] = {"dir": str(Path(root).resolve()), "iteration": iteration}
+        self.info.init_from = {"dir": str(Path(root).resolve()), "iteration": iteration}
         return f"started from {taken}; iterations, data and learning-rate schedule start afresh"
 
     def should_save(self, iteration: int, last: bool) -> bool:

@@ -108,17 +108,18 @@ class Trainer:
         if tokenizer.vocab_size is None:
             raise InputError("the dataset has no tokenizer record, so the vocabulary size is unknown",
                              self.blend.datasets[0].prefix, fix="convert it with `megadoc preprocess`")
-        self.info = {"seq_length": self.seq_length, "vocab_size": tokenizer.vocab_size, "tokenizer": tokenizer.describe()}
+        self.info = checkpoint.CheckpointInfo(self.seq_length, tokenizer.vocab_size, tokenizer.describe(),
+                                              resolve_backend(config.model.backend))
         self.memory_gb = memory_estimate_gb(config, self.layout, self.seq_length, tokenizer.vocab_size)
         self.eod = tokenizer.eod if config.data.reset_attention_mask else None
         seed_everything(config.seed)
-        self.model_config, chunks, self.padded_vocab = build_model(config, tokenizer.vocab_size, self.seq_length, device,
-                                                                   self.engine_name)
-        self.info["backend"] = resolve_backend(config.model.backend)
-        self.engine = build_engine(self.engine_name, chunks, self.model_config, config, self.info["backend"])
+        self.model_config, chunks, self.padded_vocab = build_model(config, tokenizer.vocab_size, self.seq_length,
+                                                                   device, self.engine_name)
+        self.engine = build_engine(self.engine_name, chunks, self.model_config, config, self.info.backend)
         self.scheduler = build_scheduler(self.engine.optimizer, config.optimizer, self.train_iters)
         self.checkpointer = checkpoint.Checkpointer(config, self.engine, self.scheduler, self.info)
-        self.flops_per_iteration = training_flops(self.model_config, self.padded_vocab, self.seq_length, self.global_batch)
+        self.flops_per_iteration = training_flops(self.model_config, self.padded_vocab, self.seq_length,
+                                                  self.global_batch)
         self.peak = peak_tflops(config.logging.peak_tflops, config.precision.fp8)
 
     def batches(self, dataset, start: int, end: int, num_workers: int = 0):
@@ -230,12 +231,12 @@ class Trainer:
     def describe(self) -> str:
         parameters = sum(p.numel() for chunk in self.engine.chunks for p in chunk.parameters())
         peak = f"{self.peak:.0f} TFLOP/s per device" if self.peak else "unknown (set logging.peak_tflops)"
-        return (f"model {self.config.model.preset} ({self.info['backend']} layers, "
+        return (f"model {self.config.model.preset} ({self.info.backend} layers, "
                 f"{parameters:,} parameters on this rank) | parallel {checkpoint.layout()} | "
                 f"{self.train_iters} iterations x {self.global_batch} sequences x {self.seq_length} tokens "
                 f"({self.num_microbatches} micro-batches of {self.config.data.micro_batch_size}) | "
-                f"engine {self.engine_name} on {self.device.type} | about {self.memory_gb:.1f} GB per rank (estimate) | "
-                f"peak for MFU {peak} | FLOPs: {FLOPS_FORMULA}")
+                f"engine {self.engine_name} on {self.device.type} | "
+                f"about {self.memory_gb:.1f} GB per rank (estimate) | peak for MFU {peak} | FLOPs: {FLOPS_FORMULA}")
 
 
 class StepTimer:
@@ -291,8 +292,8 @@ class SkipCounter:
 
     def error(self, checkpoint_dir: str) -> InputError:
         iteration, norm = self.last
-        return InputError(f"training diverged: the last {self.in_a_row} updates (to iteration {iteration}) were skipped "
-                          f"because the gradient norm was not finite ({norm})", checkpoint_dir or None,
+        return InputError(f"training diverged: the last {self.in_a_row} updates (to iteration {iteration}) "
+                          f"were skipped because the gradient norm was not finite ({norm})", checkpoint_dir or None,
                           fix="lower optimizer.lr or lengthen optimizer.warmup_iters, then resume from the last "
                               "checkpoint (optimizer.max_skipped_in_a_row sets this limit)")
 

@@ -1,0 +1,104 @@
+"""Run an experiment's stage graph: every stage cached and resumable (`megadoc run`, and each point
+of `megadoc sweep`), the refresh lineage, the summary table."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from pathlib import Path
+
+from megadoc_megatron.blend.weights import Blend
+from megadoc_megatron.errors import InputError
+from megadoc_megatron.files import write_text_atomic
+
+
+def _duration(seconds: float) -> str:
+    return f"{int(seconds // 60)}m{seconds % 60:04.1f}s" if seconds >= 60 else f"{seconds:.1f}s"
+
+
+def run_experiment(experiment, report: bool = True, dry_run: bool = False, cost: dict | None = None) -> dict:
+    """Run (or, dry, describe and cost: `cost` holds experiment_costs' options) the stages; returns
+    {stage name: 'cached' | 'ran' | 'to run' | 'done'}."""
+    from megadoc_megatron.experiment.plan import build_graph
+    from megadoc_megatron.experiment.stages import point_link, run_stage
+
+    plan = build_graph(experiment)
+    stages = [s for s in plan.graph.stages if report or s is not plan.report]
+    work = plan.graph.work_dir
+    pending = [s for s in stages if not s.done]
+    print(f"megadoc run: {len(stages)} stages, {len(stages) - len(pending)} done, {len(pending)} to run "
+          f"(work dir {work})", flush=True)
+    status = {}
+    for number, stage in enumerate(stages, 1):
+        where = stage.folder.relative_to(work)
+        if dry_run:
+            status[stage.name] = "done" if stage.done else "to run"
+            print(f"[{number}/{len(stages)}] {stage.name:<28} {status[stage.name]:<7} {where}")
+            for command in stage.commands:
+                launcher = f"{stage.launcher} -m megadoc_megatron.cli" if stage.launcher else "megadoc"
+                print(f"      {launcher} {shlex.join(stage.argv(command))}")
+            continue
+        print(f"[{number}/{len(stages)}] {stage.name:<28} {'cached' if stage.done else 'running'}  {where}", flush=True)
+        start = time.time()
+        status[stage.name] = run_stage(stage)
+        if status[stage.name] == "ran":
+            print(f"[{number}/{len(stages)}] {stage.name:<28} done in {_duration(time.time() - start)}", flush=True)
+    if dry_run:
+        from megadoc_megatron.experiment.cost import experiment_costs, format_costs
+
+        print(format_costs(experiment_costs(experiment, plan, **(cost or {}))), flush=True)
+    else:
+        for name, train in plan.trains.items():
+            point_link(work / "runs" / name, train.folder)
+            if (train.folder / "lineage.json").is_file():
+                rounds = lineage(train.folder)
+                (work / "lineage").mkdir(exist_ok=True)
+                write_text_atomic(work / "lineage" / f"{name}.json", json.dumps(rounds, indent=2) + "\n")
+                print(format_lineage(name, rounds))
+        if report:
+            point_link(work / "report", plan.report.folder)
+            print((plan.report.folder / "report.md").read_text() if status["report"] == "cached" else "")
+            print(f"report: {work / 'report' / 'report.md'} (and report.html, *.png)")
+    return status
+
+
+def lineage(train_folder: Path) -> list[dict]:
+    """The refresh rounds up to a train stage (its lineage.json: generator, data, checkpoint), with
+    what each round's training did: iterations, why it stopped, best validation loss, and the
+    tuned generator's final rewards."""
+    from megadoc_megatron.train.checkpoint import latest_iteration
+
+    rounds = json.loads((train_folder / "lineage.json").read_text())["rounds"]
+    for entry in rounds:
+        checkpoint = Path(entry["checkpoint"])
+        planned = Blend.load(checkpoint.parent / "blend" / "blend.json").train_iters
+        rows = [json.loads(line) for line in (checkpoint / "metrics.jsonl").read_text().splitlines()]
+        entry["iterations"] = latest_iteration(checkpoint)
+        entry["planned_iterations"] = planned
+        entry["stopped"] = "plateau" if entry["iterations"] < planned else "end"
+        entry["best_valid_loss"] = min((r["valid_loss"] for r in rows if "valid_loss" in r), default=None)
+        tuned = Path(entry["generator"]) / "tune.json"
+        entry["generator_rewards"] = json.loads(tuned.read_text())["final_rewards"] if tuned.is_file() else None
+    return rounds
+
+
+def format_lineage(name: str, rounds: list[dict]) -> str:
+    lines = [f"lineage of {name}:", f"  {'round':<6} {'stopped':<8} {'iterations':>12} {'best valid':>11}  generator"]
+    for entry in rounds:
+        loss = f"{entry['best_valid_loss']:.4f}" if entry["best_valid_loss"] is not None else "—"
+        lines.append(f"  {entry['round']:<6} {entry['stopped']:<8} "
+                     f"{entry['iterations']:>5}/{entry['planned_iterations']:<6}"
+                     f" {loss:>11}  {entry['generator']}")
+    return "\n".join(lines)
+
+
+def select_recipes(experiment, names: list[str] | None):
+    if names:
+        known = {r.name for r in experiment.recipes}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise InputError(f"no recipe named {unknown[0]!r}", experiment.source,
+                             fix=f"choose from {', '.join(sorted(known))}")
+        experiment.recipes = [r for r in experiment.recipes if r.name in names]
+    return experiment
