@@ -114,6 +114,7 @@ def reshardable_run(tmp_path_factory, blend_json):
 
 @pytest.mark.parametrize("layout", ["parallel.tensor=2", "parallel.pipeline=2", "data.micro_batch_size=2"],
                          ids=["TP2", "PP2", "DP2"])
+@pytest.mark.e2e
 def test_megatron_core_engine_layouts_continue_the_single_process_run(request, runs, tmp_path, blend_json, layout):
     """Two gloo processes resume the single-process checkpoint and match its losses: tensor parallel
     or the 1F1B schedule (from model-space optimizer state), or the distributed optimizer sharded
@@ -132,6 +133,7 @@ def test_megatron_core_engine_layouts_continue_the_single_process_run(request, r
     assert valid[ITERS] == pytest.approx(expected_valid[ITERS], rel=1e-5)
 
 
+@pytest.mark.e2e
 def test_optimizer_state_that_cannot_be_taken_is_refused_on_resume(runs, tmp_path, blend_json):
     source, expected, _ = runs["megatron"]
     config = write_config(tmp_path, blend_json, resume_copy(source, tmp_path))

@@ -282,6 +282,7 @@ QUESTIONS = [
 ]
 
 
+@pytest.mark.e2e
 def test_lm_eval_adapter_scores_a_local_multiple_choice_task(runs, tmp_path):
     pytest.importorskip("lm_eval")
     from megadoc_megatron.data.tokenizer import load_tokenizer

@@ -126,6 +126,7 @@ def demo(tmp_path_factory):
     return work, run_example(work)
 
 
+@pytest.mark.e2e
 def test_the_example_runs_every_stage_and_reports(demo):
     work, output = demo
     assert started(output)[:3] == ["preprocess-train", "preprocess-heldout", "synth-rephrase"]
@@ -148,6 +149,7 @@ def test_the_example_runs_every_stage_and_reports(demo):
     assert real.num_documents == 6 and tokenizer.decode(real.document_tokens(0)[:-1]) == first
 
 
+@pytest.mark.e2e
 def test_rerun_skips_finished_stages_and_a_change_reruns_only_its_dependents_even_after_a_kill(demo):
     work, _ = demo
     again = run_example(work)
@@ -170,6 +172,7 @@ def test_rerun_skips_finished_stages_and_a_change_reruns_only_its_dependents_eve
     assert (killed[0] / "log.txt").read_text().count("\n=== ") == 2  # the same folder, a second attempt
 
 
+@pytest.mark.e2e
 def test_local_sweep_runs_the_start_point_and_its_neighbours_until_tuned(demo):
     work, _ = demo
     output = run_example(work, "sweep", "--set", "sweep.lr=[0.003, 0.01]", "--set", "sweep.weight_decay=[0.1]",
@@ -207,6 +210,7 @@ def test_each_refresh_round_tunes_the_last_generator_against_the_last_checkpoint
         "synthetic-stitch-g2", "synthetic-stitch_refresh-r1", "synthetic-stitch_refresh-r2"]
 
 
+@pytest.mark.e2e
 def test_a_refresh_round_tunes_regenerates_continues_and_records_its_lineage(demo):
     """Pre-train; then a round: GRPO-tune the generator (every reward live) against the newest
     checkpoint, regenerate with it (the hf backend loads it), continue from that checkpoint with
@@ -249,6 +253,7 @@ def test_a_refresh_round_tunes_regenerates_continues_and_records_its_lineage(dem
     assert started(again) == []  # every round is recorded as done: the run resumes, nothing reruns
 
 
+@pytest.mark.e2e
 def test_mixture_study_trains_every_share_and_budget_and_fits_each_share(demo):
     """w = 0 (real only) and w = 1 (synthetic only) at two token budgets: real blends, real
     training, the report and its plot (the fits: the test below)."""

@@ -10,6 +10,8 @@ import pytest
 import torch
 from conftest import REPO
 
+pytestmark = pytest.mark.e2e  # the GPU proof in its CPU form: training runs of both engines
+
 
 def gpu_check(tmp_path, *flags) -> tuple[subprocess.CompletedProcess, dict]:
     out = tmp_path / "summary.json"

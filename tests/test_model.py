@@ -171,6 +171,7 @@ def _tensor_parallel_rank(rank, port, out_dir):
         shutdown()
 
 
+@pytest.mark.e2e
 def test_tensor_parallel_2_matches_1(tmp_path):
     torch.multiprocessing.spawn(_tensor_parallel_rank, args=(free_port(), tmp_path), nprocs=2, join=True)
     init_parallel(0, 1, free_port(), 1)

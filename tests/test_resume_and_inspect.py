@@ -21,6 +21,7 @@ def preprocess_command(path, prefix, model):
             "--tokenizer-model", str(model), "--append-eod", "--workers", "1", "--max-part-mb", "0.25"]
 
 
+@pytest.mark.e2e
 def test_killed_run_leaves_nothing_loadable_and_resumes(tmp_path, golden_lines, spm_model):
     path = tmp_path / "input.jsonl"
     path.write_bytes(b"".join(golden_lines) * 8)
@@ -76,6 +77,7 @@ def test_inspect_rejects_bad_prefix_and_document(golden, tmp_path):
     assert "pass --tokenizer-type/--tokenizer-model to decode" in report
 
 
+@pytest.mark.e2e
 def test_killed_worker_fails_the_run_instead_of_hanging(tmp_path, golden_lines, spm_model):
     psutil = pytest.importorskip("psutil")
     path = tmp_path / "input.jsonl"

@@ -195,6 +195,7 @@ def test_rephrases_carry_their_provenance(generator, tmp_path):
     assert stitched[0]["generation_ids"] == ["eiffel#rephrase0", "eiffel#rephrase1"]
 
 
+@pytest.mark.e2e
 def test_same_seed_same_text_whatever_the_batch_and_another_seed_changes_it(generator, tmp_path):
     corpus = write_corpus(tmp_path / "docs.jsonl", DOCUMENTS[:2])
     synthesize(generator, corpus, tmp_path / "a", config())
@@ -290,6 +291,7 @@ def synth_command(corpus: Path, output: Path, *extra: str) -> list[str]:
             "--no-progress", *extra]
 
 
+@pytest.mark.e2e
 def test_killed_run_resumes_without_duplicates_or_losses(tmp_path):
     corpus = write_corpus(tmp_path / "docs.jsonl", DOCUMENTS)
     output = tmp_path / "out"

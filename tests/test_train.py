@@ -74,6 +74,7 @@ def _rank(rank, port, config, overrides):
     run_training(config, LaunchEnvironment(rank, 2, rank, "127.0.0.1", port, "test"), overrides)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("layout", ["parallel.pipeline=2", "data.micro_batch_size=2"], ids=["PP2", "DP2"])
 def test_two_process_layouts_continue_the_single_process_run(reference, tmp_path, layout):
     """The portable engine's own schedule (PP=2) and gradient all-reduce (DP=2) over gloo resume

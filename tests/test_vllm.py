@@ -24,6 +24,8 @@ from megadoc_megatron.synth.prompts import BUILTIN, select_styles
 from tests.conftest import REPO
 from tests.test_synth import DOCUMENTS, LONG, all_records, by_pair, write_corpus
 
+pytestmark = pytest.mark.e2e  # the real vLLM engine
+
 if os.environ.get("MEGADOC_REQUIRE_VLLM"):  # .ci/run's vLLM step: a broken install fails, never skips
     import vllm  # noqa: F401
 else:
