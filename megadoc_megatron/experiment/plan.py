@@ -42,10 +42,12 @@ class Commands:
 
         self.parser = build_parser(parser_class=CheckingParser)
         self.source = experiment.source
-        self.origin: dict[str, tuple[str, list[str]]] = {}  # option -> (config key, the tokens of its value)
+        # (command, option) -> (config key, the tokens of its value): to name the key a parser refuses
+        self.origin: dict[tuple[str, str], tuple[str, list[str]]] = {}
 
-    def flags(self, values: dict, where: str, reserved: set[str]) -> list[str]:
-        """`{max_new_tokens: 64, allow_truncated: true}` -> `--max-new-tokens 64 --allow-truncated`."""
+    def flags(self, command: str, values: dict, where: str, reserved: set[str]) -> list[str]:
+        """`{max_new_tokens: 64, allow_truncated: true}` -> `--max-new-tokens 64 --allow-truncated`
+        for `megadoc COMMAND` (e.g. "synth rephrase")."""
         argv = []
         for key, value in values.items():
             if key in reserved:
@@ -53,7 +55,7 @@ class Commands:
             option = "--" + key.replace("_", "-")
             tokens = [] if isinstance(value, bool) or value is None else \
                 list(map(str, value)) if isinstance(value, list) else [str(value)]
-            self.origin[option] = (f"{where}.{key}", tokens)
+            self.origin[command, option] = (f"{where}.{key}", tokens)
             argv += [option, *tokens] if tokens or value is True else []
         return argv
 
@@ -71,11 +73,11 @@ class Commands:
         command = " ".join(argv[:2] if argv[0] in ("synth", "eval") else argv[:1])
         unrecognized = message.partition("unrecognized arguments: ")[2].split()
         for token in unrecognized:
-            if token in self.origin:
-                key = self.origin[token][0]
+            if (command, token) in self.origin:
+                key = self.origin[command, token][0]
                 return InputError(f"{key} is not an option of `megadoc {command}`", self.source,
                                   fix=f"see `megadoc {command} --help` (options with underscores)")
-            key = next((k for k, tokens in self.origin.values() if tokens == [token]), None)
+            key = next((k for (c, _), (k, tokens) in self.origin.items() if c == command and tokens == [token]), None)
             if key:
                 return InputError(f"{key} must be true or false, not {token!r}", self.source,
                                   fix=f"{key.rsplit('.', 1)[-1]}: true")
@@ -111,10 +113,10 @@ class Planner:
         self.tokenizer = ["--tokenizer-type", experiment.tokenizer.type,
                           "--tokenizer-model", _input(experiment.tokenizer.model)]
         self.preprocess_flags = self.commands.flags(
-            experiment.preprocess, "preprocess",
+            "preprocess", experiment.preprocess, "preprocess",
             {"input", "output_prefix", "tokenizer_type", "tokenizer_model", "append_eod", "json_keys"})
         self.megadocs_flags = self.commands.flags(
-            experiment.megadocs, "megadocs",
+            "megadocs", experiment.megadocs, "megadocs",
             {"kind", "real", "generations", "output", "max_generations", "allow_uneven", "id_key", "text_key",
              "tokenizer_type", "tokenizer_model"})
 
@@ -132,7 +134,8 @@ class Planner:
         values = merge_dicts(self.experiment.generator, getattr(self.experiment, operation, {}))
         if "model" in replace:
             values.pop("tokenizer", None)
-        return self.commands.flags({**values, **replace}, f"generator/{operation}", GENERATOR_RESERVED)
+        return self.commands.flags(f"synth {operation}", {**values, **replace}, f"generator/{operation}",
+                                   GENERATOR_RESERVED)
 
     def synth(self, name: str, operation: str, generations: int, replace: dict) -> Stage:
         return self.add(Stage(name, [["synth", operation, "--input", External(self.corpus.train), "--output", OUT,
@@ -201,7 +204,7 @@ def build_graph(experiment: Experiment) -> Plan:
     evals = {recipe: planner.add(eval_stage(experiment, planner.commands, recipe, train, prefixes["heldout"],
                                             eval_name))
              for recipe, train in trains.items()}
-    report_flags = planner.commands.flags(experiment.report, "report", {"runs", "output", "eval_name"})
+    report_flags = planner.commands.flags("report", experiment.report, "report", {"runs", "output", "eval_name"})
     report = planner.add(Stage("report", [["report", *[f"{t.folder}/ckpt" for t in trains.values()], "--output", OUT,
                                            "--eval-name", eval_name, *report_flags]]))
     return Plan(planner.graph, trains, evals, report, eval_name)
@@ -219,7 +222,7 @@ def refresh_rounds(planner: Planner, recipe: Recipe, prefixes: dict, first: Stag
         raise InputError(f"recipe {recipe.name}: refresh tunes a local generator, "
                          "which an openai server does not serve",
                          experiment.source, fix="use backend hf or vllm for refresh recipes")
-    tune_flags = planner.commands.flags(refresh.tune, f"{recipe.name}.refresh.tune",
+    tune_flags = planner.commands.flags("synth tune", refresh.tune, f"{recipe.name}.refresh.tune",
                                         {"input", "output", "model", "checkpoint", "id_key", "text_key"})
     style = refresh.tune.get("style") or STYLE_OF_OPERATION[refresh.tune.get("operation", "rephrase")]
     reference = [] if "reference" in refresh.tune else ["--reference", External(planner.corpus.train)]
@@ -297,7 +300,7 @@ def eval_stage(experiment: Experiment, commands: Commands, recipe: str, train: S
         if values is None:
             continue
         data = [] if evaluator == "downstream" else ["--data", heldout_prefix]
-        flags = commands.flags(values, f"eval.{evaluator.replace('-', '_')}",
+        flags = commands.flags(f"eval {evaluator}", values, f"eval.{evaluator.replace('-', '_')}",
                                {"checkpoint", "data", "name", "iteration"})
         lines.append(["eval", evaluator, checkpoint, *data, "--name", name, *flags])
     return Stage(f"eval-{recipe}", lines, launcher=experiment.launch.eval)
