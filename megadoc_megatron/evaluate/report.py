@@ -13,7 +13,7 @@ from __future__ import annotations
 import html
 import json
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from megadoc_megatron.errors import InputError
@@ -21,6 +21,27 @@ from megadoc_megatron.evaluate.results import latest_result
 from megadoc_megatron.files import write_text_atomic
 
 RECIPES = ("real", "simple", "stitch", "stretch")
+
+
+@dataclass
+class RunLabel:
+    """RUN/recipe.json beside a run's checkpoints: what `megadoc run` trained there (the report's labels).
+    Written by hand it may hold any of the fields."""
+    name: str | None = None
+    recipe: str = "unknown"            # real | simple | stitch | stretch | textbook
+    generations: int | None = None     # G
+    round: int | None = None           # the refresh round, for refresh recipes
+
+    def to_json(self) -> str:
+        values = asdict(self)
+        if values["round"] is None:
+            del values["round"]
+        return json.dumps(values)
+
+    @classmethod
+    def load(cls, run_dir: Path) -> "RunLabel":
+        path = run_dir / "recipe.json"
+        return cls(**json.loads(path.read_text())) if path.is_file() else cls()
 
 
 @dataclass
@@ -51,11 +72,10 @@ def load_run(path: Path, eval_name: str | None = None) -> Run:
     common = _checkpoint_common(checkpoint.iteration_dir(path, iteration))
     config = common["config"]
     blend = _blend(config["data"]["blend"])
-    recipe = json.loads((path / "recipe.json").read_text()) if (path / "recipe.json").is_file() else {}
+    label = RunLabel.load(path)
     real_tokens = blend.real_tokens if blend else None
-    name = recipe.get("name") or (path.name if path.name != "ckpt" else path.parent.name)
-    run = Run(name, path, recipe.get("recipe", "unknown"),
-              recipe.get("generations"), blend.epochs if blend else None,
+    name = label.name or (path.name if path.name != "ckpt" else path.parent.name)
+    run = Run(name, path, label.recipe, label.generations, blend.epochs if blend else None,
               blend.synthetic_weight_requested if blend else None, config["optimizer"]["lr"],
               config["optimizer"]["weight_decay"], real_tokens)
     iid = latest_result(path, "loss", eval_name)

@@ -17,6 +17,7 @@ from pathlib import Path
 from megadoc_megatron.config import merge_dicts
 from megadoc_megatron.data.dataset_info import dataset_prefix
 from megadoc_megatron.errors import InputError
+from megadoc_megatron.evaluate.report import RunLabel
 from megadoc_megatron.experiment.config import REPHRASED_KINDS, Experiment, Recipe
 from megadoc_megatron.experiment.stages import OUT, External, Graph, Stage
 from megadoc_megatron.train.config import config_from_dict
@@ -275,12 +276,10 @@ def train_stage(experiment: Experiment, recipe: Recipe, prefixes: dict, syntheti
     world_size = launcher_world_size(experiment.launch.train)
     if world_size is not None:  # and a launch that cannot run it
         plan_layout(checked, world_size, blend.global_batch_size, blend.seq_length, experiment.source)
-    run_info = {"name": recipe.name, "recipe": recipe.kind, "generations": recipe.generations}
     files = {"train.yaml": json.dumps(config, indent=2) + "\n"}
     if round_number is not None:
-        run_info["round"] = round_number
         files["lineage.json"] = json.dumps({"recipe": recipe.name, "rounds": lineage}, indent=2) + "\n"
-    files["ckpt/recipe.json"] = json.dumps(run_info) + "\n"
+    files["ckpt/recipe.json"] = RunLabel(recipe.name, recipe.kind, recipe.generations, round_number).to_json() + "\n"
     suffix = f"-r{round_number}" if round_number else ""
     return Stage(f"train-{recipe.name}{suffix}", [
         ["blend", "--real", prefixes["real"], *mix, "-w", recipe.synthetic_weight, *length,
