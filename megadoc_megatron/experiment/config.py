@@ -43,7 +43,7 @@ class BlendSection:
 
 
 @dataclass
-class EvalConfig:
+class EvalSection:
     loss: dict = field(default_factory=dict)           # flags of `megadoc eval loss`
     long_context: dict | None = field(default_factory=dict)  # of `megadoc eval long-context`; null: skip
     downstream: dict | None = None                     # of `megadoc eval downstream`; null (default): skip
@@ -90,7 +90,7 @@ class Experiment:
     megadocs: dict = field(default_factory=dict)
     blend: BlendSection = field(default_factory=BlendSection)
     train: dict = field(default_factory=dict)          # a `megadoc train` config without data.blend and checkpoint.dir
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    eval: EvalSection = field(default_factory=EvalSection)
     report: dict = field(default_factory=dict)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     recipes: list = field(default_factory=list)        # of Recipe once loaded
