@@ -4,6 +4,8 @@ checked, `section.field=value` overrides, merging, and reading YAML with errors 
 from __future__ import annotations
 
 import dataclasses
+import types
+import typing
 from pathlib import Path
 
 import yaml
@@ -12,7 +14,9 @@ from megadoc_megatron.errors import InputError
 
 
 def build_dataclass(cls, values: dict, where: str, path):
-    """A dataclass from a mapping: unknown fields and wrong types are InputErrors naming `where` in `path`."""
+    """A dataclass from a mapping: unknown fields and values that are not of a field's declared type
+    (also where its default is None) are InputErrors naming `where` in `path`; null leaves a field
+    that cannot be None at its default."""
     if not isinstance(values, dict):
         raise InputError(f"{where or 'the config'} must be a mapping, not {type(values).__name__}", path,
                          fix="write `key: value` pairs")
@@ -22,32 +26,61 @@ def build_dataclass(cls, values: dict, where: str, path):
         name = f"{where}.{unknown[0]}" if where else unknown[0]
         raise InputError(f"unknown config field {name!r}", path,
                          fix=f"use one of: {', '.join(fields)}")
+    hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in values.items():
-        default = fields[name].default_factory() if fields[name].default_factory is not dataclasses.MISSING \
-            else fields[name].default
         key = f"{where}.{name}" if where else name
-        if dataclasses.is_dataclass(default):
-            kwargs[name] = build_dataclass(type(default), value, key, path)
+        kind = _declared(hints[name])
+        if value is None and type(None) not in typing.get_args(hints[name]):
+            continue  # `key: null` (or `--set key=`) leaves a field that cannot be None at its default
+        if dataclasses.is_dataclass(kind):
+            kwargs[name] = build_dataclass(kind, value, key, path)
         else:
-            kwargs[name] = _check_type(value, default, key, path)
+            kwargs[name] = _checked(value, kind, key, path)
     return cls(**kwargs)
 
 
-def _check_type(value, default, key: str, path):
-    if default is None or value is None or isinstance(default, dict) and isinstance(value, dict):
+def _declared(hint):
+    """The type a field holds when set: `int | None` -> int, `list[str]` -> list."""
+    options = [a for a in typing.get_args(hint) if a is not type(None)] \
+        if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union else [hint]
+    kind = options[0] if len(options) == 1 else object
+    return typing.get_origin(kind) or kind
+
+
+NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string", list: "a list",
+         dict: "a mapping", Path: "a path"}
+
+
+def _checked(value, kind, key: str, path):
+    """The value as the field's type (YAML 1.1 reads `1e-3` and `1e3` as strings: numbers are parsed),
+    or an InputError naming the key, the type and the value."""
+    if value is None:
         return value
-    if isinstance(default, bool) != isinstance(value, bool):
-        raise InputError(f"{key} must be true or false, not {value!r}", path, fix=f"e.g. {key.split('.')[-1]}: true")
-    if isinstance(default, float) and isinstance(value, (int, str)):
-        try:  # YAML 1.1 reads `1e-3` (no dot) as a string
-            return float(value)
-        except ValueError:
-            pass
-    if not isinstance(value, type(default)):
-        raise InputError(f"{key} must be a {type(default).__name__}, not {value!r}", path,
-                         fix=f"e.g. {key.split('.')[-1]}: {default!r}")
-    return value
+    if kind in (float, int) and not isinstance(value, bool) and isinstance(value, (int, float, str)):
+        number = _number(value)
+        if number is not None and (kind is float or number == int(number)):
+            return kind(number)
+    elif kind is Path and isinstance(value, str) or kind is object:
+        return value
+    elif isinstance(value, kind) and (kind is bool or not isinstance(value, bool)):
+        return value
+    name = key.split(".")[-1]
+    raise InputError(f"{key} must be {NAMES.get(kind, kind.__name__)}, not {value!r}", path,
+                     fix=f"e.g. {name}: {_example(kind)}")
+
+
+def _number(value) -> float | None:
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if number == number and abs(number) != float("inf") else None
+
+
+def _example(kind) -> str:
+    return {bool: "true", int: "1000", float: "1.0e-3", str: "text", list: "[a, b]", dict: "{key: value}"}.get(
+        kind, "...")
 
 
 def parse_overrides(overrides: list[str]) -> dict:

@@ -68,7 +68,7 @@ def stage_folders(path) -> dict[str, str]:
      "generator/rephrase.colour is not an option of `megadoc synth rephrase`"),
     (lambda c: c["generator"].update(output="x"), "generator/rephrase.output is set by megadoc run"),
     (lambda c: c["generator"].update(allow_truncated="yes"), "must be true or false"),
-    (lambda c: c["train"]["optimizer"].update(lr="fast"), "optimizer.lr must be a float"),
+    (lambda c: c["train"]["optimizer"].update(lr="fast"), "optimizer.lr must be a number"),
     (lambda c: c["recipes"][0].update(train={"checkpoint": {"dir": "x"}}), "checkpoint.dir is set by megadoc run"),
     (lambda c: c["eval"]["long_context"].update(threshold="long"), "invalid command: megadoc eval long-context"),
 ])

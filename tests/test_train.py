@@ -22,7 +22,7 @@ from megadoc_megatron.errors import InputError
 from megadoc_megatron.model.gpt import transformer_config
 from megadoc_megatron.model.presets import PRESETS, parameter_count
 from megadoc_megatron.train import checkpoint
-from megadoc_megatron.train.config import load_config
+from megadoc_megatron.train.config import OptimizerConfig, load_config
 from megadoc_megatron.train.metrics import training_flops
 
 
@@ -146,8 +146,18 @@ def test_config_errors_name_the_field(tmp_path, blend_json):
     config = write_config(tmp_path, blend_json, tmp_path / "ckpt")
     with pytest.raises(InputError, match="unknown config field 'optimizer.lrr'"):
         load_config(config, ["optimizer.lrr=1"])
-    with pytest.raises(InputError, match="optimizer.lr must be a float"):
+    with pytest.raises(InputError, match="optimizer.lr must be a number, not 'fast'"):
         load_config(config, ["optimizer.lr=fast"])
+    # fields whose default is None are checked too: YAML reads 1e3 as text, which is read as a number
+    assert load_config(config, ["train_iters=1e3"]).train_iters == 1000
+    assert load_config(config, ["optimizer.lr=null"]).optimizer.lr == OptimizerConfig().lr  # null: the default
+    for override, message in (("train_iters=2.5", "train_iters must be an integer, not 2.5"),
+                              ("train_iters=abc", "train_iters must be an integer, not 'abc'"),
+                              ("precision.fp8=5", "precision.fp8 must be a string, not 5"),
+                              ("model.overrides={colour: 1}", "model.overrides.colour is not a field")):
+        with pytest.raises(InputError, match=re.escape(message)) as error:
+            load_config(config, [override])
+        assert str(error.value).startswith(str(config))
     with pytest.raises(InputError, match="data.blend is not set"):
         load_config(config, ["data.blend="])
     (tmp_path / "bad.yaml").write_text("data:\n  blend: [unclosed\n")

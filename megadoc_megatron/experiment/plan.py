@@ -273,6 +273,10 @@ def train_stage(experiment: Experiment, recipe: Recipe, prefixes: dict, syntheti
                              fix="e.g. `train: {logging: {eval_interval: 100}}`")
     # unknown fields and wrong types fail here, before anything runs
     checked = config_from_dict(config, experiment.source)
+    if checked.model.overrides:
+        from megadoc_megatron.model.gpt import check_overrides
+
+        check_overrides(checked.model.overrides, experiment.source)
     world_size = launcher_world_size(experiment.launch.train)
     if world_size is not None:  # and a launch that cannot run it
         plan_layout(checked, world_size, blend.global_batch_size, blend.seq_length, experiment.source)

@@ -62,6 +62,17 @@ def transformer_config(preset: str | ModelPreset, backend: str = "portable", ten
     return TransformerConfig(**fields)
 
 
+def check_overrides(overrides: dict, path) -> None:
+    """model.overrides: every key a field of megatron-core's TransformerConfig (checked before any
+    work starts; TransformerConfig itself would raise a bare TypeError when the model is built)."""
+    known = {f.name for f in dataclasses.fields(TransformerConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise InputError(f"model.overrides.{unknown[0]} is not a field of megatron-core's TransformerConfig", path,
+                         fix="use a TransformerConfig field (megatron/core/transformer/transformer_config.py), "
+                             "e.g. num_layers, ffn_hidden_size, kv_channels")
+
+
 class PortableCoreAttention(torch.nn.Module):
     """Causal attention by `torch.nn.functional.scaled_dot_product_attention`, on any device.
 

@@ -145,6 +145,10 @@ def load_config(path, overrides: list[str] = ()) -> TrainConfig:
                              fix=f"pip install {package}, or unset logging.{name}")
     if not config.data.blend:
         raise InputError("data.blend is not set", path, fix="point it at the blend.json written by `megadoc blend`")
+    if config.model.overrides:
+        from megadoc_megatron.model.gpt import check_overrides
+
+        check_overrides(config.model.overrides, path)
     if config.patience and not config.logging.eval_interval:
         raise InputError(f"patience {config.patience} needs validation during training", path,
                          fix="set logging.eval_interval (iterations between validations)")
