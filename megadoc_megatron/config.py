@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from megadoc_megatron.errors import InputError
+from megadoc_megatron.files import read_utf8
 
 
 def build_dataclass(cls, values: dict, where: str, path):
@@ -107,7 +108,7 @@ def merge_dicts(base: dict, extra: dict) -> dict:
 
 def read_yaml(path: Path, what: str) -> dict:
     try:
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.safe_load(read_utf8(path)) or {}
     except FileNotFoundError:
         raise InputError("config file not found", path, fix=f"give the path of {what}") from None
     except yaml.YAMLError as error:

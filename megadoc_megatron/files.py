@@ -6,6 +6,8 @@ import math
 import os
 from pathlib import Path
 
+from megadoc_megatron.errors import InputError
+
 
 def write_text_atomic(path, text: str) -> None:
     """Write under a temporary name, sync, then rename: readers see the old file or the new one."""
@@ -31,3 +33,13 @@ def update_digest(digest, path, whole_up_to: float = math.inf) -> None:
             digest.update(stream.read(1 << 20))
             stream.seek(max(0, size - (1 << 20)))
             digest.update(stream.read(1 << 20))
+
+
+def read_utf8(path) -> str:
+    """A text file's content, or an InputError naming the line of its first byte that is not UTF-8."""
+    raw = Path(path).read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise InputError(f"not UTF-8 text (byte {raw[error.start]:#04x} at offset {error.start})", path,
+                         raw[:error.start].count(b"\n") + 1, fix="save the file as UTF-8") from None

@@ -160,7 +160,7 @@ def test_ensemble_of_two_runs_beats_its_members(runs, held_out):
 
 
 def test_evaluation_refuses_data_of_another_tokenizer_and_missing_checkpoints(runs, tmp_path, golden_lines,
-                                                                              hf_tokenizer, capsys):
+                                                                              hf_tokenizer, spm_model, capsys):
     other = make_dataset(tmp_path, "hf", [json.loads(line)["text"] for line in golden_lines[:5]],
                          "HuggingFaceTokenizer", hf_tokenizer)
     assert main(["eval", "loss", str(runs[0]), "--data", other]) == 2
@@ -168,6 +168,10 @@ def test_evaluation_refuses_data_of_another_tokenizer_and_missing_checkpoints(ru
     assert main(["eval", "loss", str(tmp_path / "nothing"), "--data", other]) == 2
     assert "no checkpoint here" in capsys.readouterr().err
     assert not list(runs[0].glob("eval/loss.hf_text_document*"))
+    blank = make_dataset(tmp_path, "blank", ["", ""], "SentencePieceTokenizer", spm_model)  # documents, no tokens
+    for evaluator in ("loss", "long-context"):
+        assert main(["eval", evaluator, str(runs[0]), "--data", blank]) == 2
+        assert f"{blank}: the held-out dataset holds no tokens" in capsys.readouterr().err
 
 
 def test_a_checkpoint_of_transformer_engine_layers_loads_into_portable_layers(runs, tmp_path):

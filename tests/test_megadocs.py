@@ -179,3 +179,12 @@ def test_refuses_duplicates_wrong_operation_and_missing_keys(corpus):
     del rows[2]["source_id"]
     error = bad(tmp, "stitch", rows)
     assert "lacks the key 'source_id'" in error.message and error.line == 3
+
+
+def test_refuses_an_empty_real_corpus_before_writing(corpus):
+    tmp, _ = corpus
+    (tmp / "empty.jsonl").write_text("\n")
+    with pytest.raises(InputError, match="the real documents hold no documents"):
+        build_megadocs(MegadocsConfig("stitch", [str(tmp / "empty.jsonl")], [str(tmp / "rephrases.jsonl")],
+                                      str(tmp / "out.jsonl")))
+    assert not (tmp / "out.jsonl").exists()

@@ -106,10 +106,12 @@ def test_catalogue_has_the_named_styles_each_versioned_by_its_text(tmp_path):
     ("wikipedia:\n  prompt: '{document}'\n", "is built in"),
     ("news:\n  prompt: '{document}'\n  operation: summarise\n", "operation 'summarise'"),
     ("news: [unclosed\n", "invalid YAML"),
+    ("news:\n  prompt: 'Go on from {prefix}: {document}'\n", "uses {prefix}, which rephrase does not fill"),
+    (b"news:\n  prompt: '\xff {document}'\n", ":2: not UTF-8 text"),
 ])
 def test_bad_prompt_files_name_the_problem(tmp_path, text, message):
     user = tmp_path / "styles.yaml"
-    user.write_text(text)
+    user.write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(InputError, match=message) as error:
         load_catalogue(str(user))
     assert str(user) in str(error.value)
@@ -342,6 +344,46 @@ def test_openai_backend_reports_an_unreachable_server(tmp_path):
     with pytest.raises(InputError, match="cannot reach http://127.0.0.1:9/v1") as error:
         generate(backend, [Request([{"role": "user", "content": "hi"}], 1)], Sampling())
     assert "--base-url" in str(error.value)
+
+
+def test_openai_server_without_usage_is_counted_with_the_generator_tokenizer():
+    """A server that omits `usage` (a real HTTP server on loopback, the real openai client): the
+    tokens are counted with the generator's tokenizer, so the length gates do not reject everything."""
+    pytest.importorskip("openai")
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from megadoc_megatron.synth.backends import OpenAIBackend, Request, generate, load_chat_tokenizer
+
+    answer = "The river runs east through three valleys and reaches the sea in spring."
+
+    class NoUsage(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = json.dumps({"id": "c", "object": "chat.completion", "created": 0, "model": "m", "choices": [
+                {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": answer}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), NoUsage)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    tokenizer = load_chat_tokenizer(str(default_model_dir()))
+    try:
+        request = Request([{"role": "user", "content": "Rewrite: the river runs east."}], 1)
+        backend = OpenAIBackend("m", f"http://127.0.0.1:{server.server_port}/v1", max_retries=0, timeout=10,
+                                tokenizer=tokenizer)
+        [completion] = generate(backend, [request], Sampling())
+    finally:
+        server.shutdown()
+    assert completion.text == answer
+    assert completion.completion_tokens == len(tokenizer(answer, add_special_tokens=False)["input_ids"]) > 10
+    assert completion.prompt_tokens == len(chat_token_ids(tokenizer, request.messages))
 
 
 def test_openai_backend_against_a_real_server(tmp_path):

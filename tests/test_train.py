@@ -163,6 +163,9 @@ def test_config_errors_name_the_field(tmp_path, blend_json):
     (tmp_path / "bad.yaml").write_text("data:\n  blend: [unclosed\n")
     with pytest.raises(InputError, match=r"bad.yaml:\d+: not valid YAML"):
         load_config(tmp_path / "bad.yaml")
+    (tmp_path / "latin1.yaml").write_bytes(b"data:\n  blend: caf\xe9.json\n")
+    with pytest.raises(InputError, match=r"latin1.yaml:2: not UTF-8 text"):
+        load_config(tmp_path / "latin1.yaml")
     if importlib.util.find_spec("tensorboard") is None:
         with pytest.raises(InputError, match="the tensorboard package is not installed"):
             load_config(config, ["logging.tensorboard_dir=tb"])

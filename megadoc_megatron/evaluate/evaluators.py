@@ -35,11 +35,12 @@ def evaluate(config: EvalConfig) -> tuple[EvalResult, Path]:
     from megadoc_megatron.distributed import shutdown
     from megadoc_megatron.evaluate import losses
 
+    dataset = None if config.evaluator == "downstream" else held_out(config.data)
     device = losses.evaluation_process_group()
     try:
         start = time.perf_counter()
         measure = {"downstream": _downstream, "ensemble": _ensemble}.get(config.evaluator, _one_checkpoint)
-        members, settings, metrics = measure(config, device)
+        members, settings, metrics = measure(config, dataset, device)
         evaluator = config.evaluator + (f"-{len(members)}" if config.evaluator == "ensemble" else "")
         result = EvalResult.measured(evaluator, members, config.data or "lm-eval", settings, metrics,
                                      time.perf_counter() - start)
@@ -48,7 +49,18 @@ def evaluate(config: EvalConfig) -> tuple[EvalResult, Path]:
     return result, result.save(config.name or Path(config.data).name)
 
 
-def _downstream(config: EvalConfig, device):
+def held_out(prefix: str):
+    """The held-out dataset, refused before any model loads when it holds no tokens."""
+    from megadoc_megatron.data.indexed import read_index
+
+    dataset = read_index(prefix)
+    if dataset.num_tokens == 0:
+        raise InputError("the held-out dataset holds no tokens", prefix,
+                         fix="convert a held-out set with documents (`megadoc preprocess`), or check --data")
+    return dataset
+
+
+def _downstream(config: EvalConfig, dataset, device):
     from megadoc_megatron.evaluate import losses
     from megadoc_megatron.evaluate.downstream import downstream_accuracy
 
@@ -62,11 +74,9 @@ def _downstream(config: EvalConfig, device):
     return [loaded], settings, metrics
 
 
-def _ensemble(config: EvalConfig, device):
-    from megadoc_megatron.data.indexed import read_index
+def _ensemble(config: EvalConfig, dataset, device):
     from megadoc_megatron.evaluate import losses
 
-    dataset = read_index(config.data)
     members, member_losses, sequences = [], [], None
     for root in config.checkpoints:  # one model in memory at a time
         loaded = losses.load_model(root, config.iteration, device)
@@ -80,12 +90,10 @@ def _ensemble(config: EvalConfig, device):
     return members, {"max_tokens": config.max_tokens}, metrics
 
 
-def _one_checkpoint(config: EvalConfig, device):
+def _one_checkpoint(config: EvalConfig, dataset, device):
     """loss or long-context of one checkpoint."""
-    from megadoc_megatron.data.indexed import read_index
     from megadoc_megatron.evaluate import losses
 
-    dataset = read_index(config.data)
     loaded = losses.load_model(config.checkpoints[0], config.iteration, device)
     losses.check_dataset(dataset, loaded)
     if config.evaluator == "loss":

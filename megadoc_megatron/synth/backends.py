@@ -168,14 +168,14 @@ class OpenAIBackend:
     name = "openai"
 
     def __init__(self, model: str, base_url: str, api_key_env: str = "OPENAI_API_KEY", max_concurrency: int = 32,
-                 timeout: float = 600.0, max_retries: int = 5):
+                 timeout: float = 600.0, max_retries: int = 5, tokenizer=None):
         try:
             import openai
         except ImportError:
             raise InputError("the openai backend needs the openai package",
                              fix='pip install "megadoc-megatron[openai]"') from None
         self.model_path, self.base_url, self.max_concurrency = model, base_url, max_concurrency
-        self.max_retries = max_retries
+        self.max_retries, self.tokenizer = max_retries, tokenizer  # counts tokens where a server omits usage
         # the client retries connection errors, 408/409/429 and 5xx with exponential backoff
         self.client = openai.OpenAI(base_url=base_url, api_key=os.environ.get(api_key_env, "EMPTY"),
                                     timeout=timeout, max_retries=max_retries)
@@ -207,10 +207,18 @@ class OpenAIBackend:
             raise InputError(f"{self.base_url} answered HTTP {error.status_code}: {error.message}",
                              fix="check that --model names a model the server serves") from None
         choice = response.choices[0]
-        usage = response.usage
-        return Completion((choice.message.content or "").strip(),
-                          "length" if choice.finish_reason == "length" else "stop",
-                          usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0)
+        text = (choice.message.content or "").strip()
+        prompt_tokens, completion_tokens = self._token_counts(response.usage, request, text)
+        return Completion(text, "length" if choice.finish_reason == "length" else "stop", prompt_tokens,
+                          completion_tokens)
+
+    def _token_counts(self, usage, request: Request, text: str) -> tuple[int, int]:
+        """The server's counts, or where it reports none, the generator tokenizer's (without them the
+        length gates would take every output for empty)."""
+        if usage is not None or self.tokenizer is None:
+            return (usage.prompt_tokens, usage.completion_tokens) if usage else (0, 0)
+        return (len(chat_token_ids(self.tokenizer, request.messages)),
+                len(self.tokenizer(text, add_special_tokens=False)["input_ids"]))
 
 
 class VLLMBackend:

@@ -174,14 +174,14 @@ def model_window(folder: str) -> int | None:
     return json.loads(config.read_text()).get("max_position_embeddings") if config.exists() else None
 
 
-def build_backend(args, model: str, window: int):
+def build_backend(args, model: str, window: int, tokenizer_folder: str):
     from megadoc_megatron.synth import backends
 
     if args.backend == "hf":
         return backends.HFBackend(model, batch_size=args.batch_size, dtype=args.dtype or "float32")
     if args.backend == "openai":
         return backends.OpenAIBackend(model, args.base_url, args.api_key_env, args.max_concurrency, args.timeout,
-                                      args.max_retries)
+                                      args.max_retries, backends.load_chat_tokenizer(tokenizer_folder))
     return backends.VLLMBackend(model, args.tensor_parallel_size, args.max_num_seqs, args.max_num_batched_tokens,
                                 not args.no_prefix_caching, args.gpu_memory_utilization, window, args.dtype or "auto",
                                 args.speculative, args.speculative_tokens, args.seeding, args.enforce_eager)
@@ -241,7 +241,7 @@ def run(args: argparse.Namespace) -> dict | None:
 
     model, model_name, tokenizer_folder = resolve_model(args)
     config = build_config(args, model_name, tokenizer_folder)
-    make_backend = lambda: build_backend(args, model, config.window)  # noqa: E731
+    make_backend = lambda: build_backend(args, model, config.window, tokenizer_folder)  # noqa: E731
     task_index, task_count = task_from_environment(args.task_index, args.task_count)
     if args.plan or args.tokens_per_second is not None or args.calibrate is not None:
         if not args.plan:

@@ -16,9 +16,9 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 from megadoc_megatron.errors import InputError
+from megadoc_megatron.files import read_utf8
 
 PLACEHOLDERS = {"rephrase": ("{document}",), "rationale": ("{prefix}", "{suffix}"), "textbook": ("{document}",)}
 _PLACEHOLDER = re.compile(r"\{(document|prefix|suffix)\}")
@@ -92,7 +92,7 @@ def load_catalogue(path: str | None = None) -> dict[str, Prompt]:
     import yaml
 
     try:
-        entries = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        entries = yaml.safe_load(read_utf8(path))
     except OSError as error:
         raise InputError(f"cannot read the prompt file: {error.strerror}", path,
                          fix="pass an existing YAML file") from None
@@ -121,6 +121,10 @@ def _user_prompt(name, entry, path) -> Prompt:
     if unknown:
         raise InputError(f"style {name!r} has unknown keys {sorted(unknown)}", path,
                          fix="keep only prompt and operation")
+    foreign = sorted({m.group(0) for m in _PLACEHOLDER.finditer(entry["prompt"])} - set(PLACEHOLDERS[operation]))
+    if foreign:
+        raise InputError(f"the {operation} prompt {name!r} uses {', '.join(foreign)}, which {operation} does not fill",
+                         path, fix=f"a {operation} prompt takes {' and '.join(PLACEHOLDERS[operation])}")
     missing = [p for p in PLACEHOLDERS[operation] if p not in entry["prompt"]]
     if missing:
         raise InputError(f"the {operation} prompt {name!r} lacks {', '.join(missing)}", path,
