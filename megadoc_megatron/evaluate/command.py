@@ -34,7 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     downstream.add_argument("--tasks", nargs="+", default=["arc_easy", "arc_challenge", "hellaswag", "piqa", "sciq",
                                                             "winogrande"],
                             help="lm-eval task names (default: the papers')")
-    downstream.add_argument("--include-path", help="folder of extra lm-eval task YAMLs (e.g. on local data)")
+    downstream.add_argument("--include-path",
+                            help="folder of extra lm-eval task YAMLs (e.g. on local data); task files can import "
+                                 "and run Python code (!function): use only folders you trust")
     downstream.add_argument("--limit", type=int, help="at most this many examples per task")
     downstream.add_argument("--num-fewshot", type=int)
     downstream.add_argument("--iteration", type=int)
