@@ -70,6 +70,19 @@ def test_resume_is_exact(reference, tmp_path):
             (expected[step]["loss"], expected[step]["grad_norm"], expected[step]["lr"])
 
 
+def test_a_metrics_line_torn_by_a_crash_is_dropped_on_resume(reference, tmp_path):
+    config, source, _ = reference
+    target = resume_copy(reference, tmp_path)
+    lines = (source / "metrics.jsonl").read_text().splitlines()
+    kept = [line for line in lines if json.loads(line)["iteration"] <= SAVE_AT]
+    torn = next(line for line in lines if json.loads(line)["iteration"] > SAVE_AT)[:25]  # no newline
+    (target / "metrics.jsonl").write_text("".join(line + "\n" for line in kept) + torn)
+    run_training(config, overrides=[f"checkpoint.dir={target}"])
+    after = [json.loads(line) for line in (target / "metrics.jsonl").read_text().splitlines()]
+    assert after[:len(kept)] == [json.loads(line) for line in kept]
+    assert [row["iteration"] for row in after if "loss" in row] == list(range(1, ITERS + 1))
+
+
 def _rank(rank, port, config, overrides):
     run_training(config, LaunchEnvironment(rank, 2, rank, "127.0.0.1", port, "test"), overrides)
 

@@ -68,12 +68,13 @@ def lineage(train_folder: Path) -> list[dict]:
     what each round's training did: iterations, why it stopped, best validation loss, and the
     tuned generator's final rewards."""
     from megadoc_megatron.train.checkpoint import latest_iteration
+    from megadoc_megatron.train.metrics import metric_rows
 
     rounds = json.loads((train_folder / "lineage.json").read_text())["rounds"]
     for entry in rounds:
         checkpoint = Path(entry["checkpoint"])
         planned = Blend.load(checkpoint.parent / "blend" / "blend.json").train_iters
-        rows = [json.loads(line) for line in (checkpoint / "metrics.jsonl").read_text().splitlines()]
+        rows = [row for _, row in metric_rows(checkpoint)]
         entry["iterations"] = latest_iteration(checkpoint)
         entry["planned_iterations"] = planned
         entry["stopped"] = "plateau" if entry["iterations"] < planned else "end"

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from megadoc_megatron.errors import InputError
 from megadoc_megatron.files import write_text_atomic
 
 # Dense peak TFLOP/s per device (NVIDIA datasheets, without sparsity): (BF16, FP8), matched against
@@ -56,14 +57,30 @@ def peak_tflops(configured: float | None, fp8: str | None = None) -> float | Non
     return None
 
 
+def metric_rows(checkpoint_dir) -> list[tuple[str, dict]]:
+    """(line, row) of metrics.jsonl beside the checkpoints. A last line without its newline was cut
+    short by a crash while it was appended (each row is one append): it is left out; a damaged line
+    before it is an error."""
+    path = Path(checkpoint_dir) / "metrics.jsonl"
+    *whole, last = path.read_text().split("\n") if path.is_file() else [""]
+    rows = []
+    for number, line in enumerate(whole, start=1):
+        if line.strip():
+            try:
+                rows.append((line, json.loads(line)))
+            except json.JSONDecodeError:
+                raise InputError("this line is not JSON", path, number,
+                                 fix="restore metrics.jsonl, or remove the line") from None
+    return rows
+
+
 def resumed_metrics_file(checkpoint_dir: str, resumed_at: int) -> Path | None:
-    """metrics.jsonl beside the checkpoints, cut back to the resumed iteration."""
+    """metrics.jsonl beside the checkpoints, cut back to the resumed iteration (and rid of a torn last line)."""
     if not checkpoint_dir:
         return None
     path = Path(checkpoint_dir) / "metrics.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
-    kept = [line for line in path.read_text().splitlines() if json.loads(line)["iteration"] <= resumed_at] \
-        if path.is_file() and resumed_at else []
+    kept = [line for line, row in metric_rows(checkpoint_dir) if row["iteration"] <= resumed_at] if resumed_at else []
     write_text_atomic(path, "".join(line + "\n" for line in kept))
     return path
 

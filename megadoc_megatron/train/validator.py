@@ -4,9 +4,9 @@ the held-out losses so far (a resumed run's from its metrics.jsonl), and early s
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import TYPE_CHECKING, Callable
+
+from megadoc_megatron.train.metrics import metric_rows
 
 if TYPE_CHECKING:
     from megadoc_megatron.train.config import TrainConfig
@@ -19,10 +19,9 @@ def plateaued(losses: list[float], patience: int) -> bool:
 
 def validation_history(checkpoint_dir: str, up_to: int) -> list[float]:
     """The validation losses a resumed run had logged (metrics.jsonl beside the checkpoints)."""
-    path = Path(checkpoint_dir) / "metrics.jsonl" if checkpoint_dir and up_to else None
-    if path is None or not path.is_file():
+    if not checkpoint_dir or not up_to:
         return []
-    rows = (json.loads(line) for line in path.read_text().splitlines())
+    rows = [row for _, row in metric_rows(checkpoint_dir)]
     return [row["valid_loss"] for row in rows if "valid_loss" in row and row["iteration"] <= up_to]
 
 
