@@ -11,6 +11,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 from unittest import mock
 
 import pytest
@@ -81,6 +82,32 @@ def test_a_metrics_line_torn_by_a_crash_is_dropped_on_resume(reference, tmp_path
     after = [json.loads(line) for line in (target / "metrics.jsonl").read_text().splitlines()]
     assert after[:len(kept)] == [json.loads(line) for line in kept]
     assert [row["iteration"] for row in after if "loss" in row] == list(range(1, ITERS + 1))
+
+
+def test_resume_refuses_another_model_and_changed_data_unless_allowed(reference, tmp_path, capsys):
+    config, _, expected = reference
+    target = resume_copy(reference, tmp_path)
+    with pytest.raises(InputError, match="this checkpoint holds another model: model.overrides") as error:
+        run_training(config, overrides=[f"checkpoint.dir={target}", "model.overrides={num_layers: 1}"])
+    assert str(checkpoint.iteration_dir(target, SAVE_AT)) in str(error.value)
+    other_seed = [f"checkpoint.dir={target}", f"data.blend={reblend(config, tmp_path)}"]
+    with pytest.raises(InputError, match=r"the data differ from the checkpoint's \(blend .* \(draws \w+\) -> "):
+        run_training(config, overrides=other_seed)
+    assert not (target / "metrics.jsonl").exists() or not read_metrics(target)  # nothing trained
+    run_training(config, overrides=[*other_seed, "checkpoint.allow_changed_data=true"])
+    assert "changed since the checkpoint: blend" in capsys.readouterr().out
+    assert sorted(read_metrics(target)) == list(range(SAVE_AT + 1, ITERS + 1))
+
+
+def reblend(config, tmp_path) -> str:
+    """The reference's blend again with another shuffle seed: other draws of the same datasets."""
+    from megadoc_megatron.blend.weights import Blend, BlendConfig, make_blend
+
+    blend = Blend.load(json.loads(Path(config).read_text())["data"]["blend"])
+    by_stream = {s: [d.prefix for d in blend.datasets if d.stream == s] for s in ("real", "synthetic")}
+    return make_blend(BlendConfig(by_stream["real"], by_stream["synthetic"], blend.synthetic_weight_requested,
+                                  blend.epochs, blend.seq_length, blend.global_batch_size, str(tmp_path / "reblend"),
+                                  seed=blend.seed + 1, valid_data=blend.validation_prefixes())).files.plan
 
 
 def _rank(rank, port, config, overrides):

@@ -101,6 +101,12 @@ class Blend:
             raise InputError(f"not a blend.json of `megadoc blend` ({error})", path,
                              fix="rerun `megadoc blend` to write it again") from None
 
+    def fingerprint(self) -> str:
+        """What training draws: every dataset's content and weight, the samples, their length and order."""
+        key = [[d.prefix, d.content, d.weight] for d in self.datasets] + \
+            [self.train_samples, self.seq_length, self.global_batch_size, self.split, self.seed]
+        return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+
     @property
     def real_tokens(self) -> int:
         return sum(d.train_tokens for d in self.datasets if d.stream == "real")

@@ -148,11 +148,13 @@ class CheckpointInfo:
     tokenizer: dict                 # data/tokenizer.py's describe(): type, model, fingerprint, vocab_size, eod
     backend: str = "portable"       # the layer spec it was trained with: te | portable
     init_from: dict | None = None   # {"dir", "iteration"} when it started from another run's weights
+    blend: dict | None = None       # {"path", "fingerprint"}: the blend it trained on (Blend.fingerprint)
 
     def to_dict(self) -> dict:
         values = asdict(self)
-        if values["init_from"] is None:
-            del values["init_from"]
+        for optional in ("init_from", "blend"):
+            if values[optional] is None:
+                del values[optional]
         return values
 
     @classmethod
@@ -208,6 +210,13 @@ def save(root, iteration: int, consumed_samples: int, engine, scheduler, config:
     return target
 
 
+def read_common(source) -> dict:
+    """The common (not sharded) state of a checkpoint's iteration folder."""
+    from megatron.core import dist_checkpointing
+
+    return dist_checkpointing.load_common_state_dict(str(source))
+
+
 def load(root, engine, scheduler) -> tuple[int, int, str]:
     """Restore the latest complete checkpoint in root: (iteration, consumed samples, a note);
     (0, 0, note) when there is none. With scheduler None (a new run starting from another run's
@@ -218,7 +227,7 @@ def load(root, engine, scheduler) -> tuple[int, int, str]:
     if iteration is None:
         return 0, 0, f"no checkpoint in {root}: starting from scratch"
     source = iteration_dir(root, iteration)
-    common = dist_checkpointing.load_common_state_dict(str(source))
+    common = read_common(source)
     mismatch = optimizer_mismatch(common, engine)
     if mismatch and scheduler is not None:
         raise InputError(f"cannot resume from this checkpoint: {mismatch}", source,
@@ -263,10 +272,42 @@ class Checkpointer:
         checkpoint.init_from's weights and optimizer state, else from scratch."""
         start, consumed, note = 0, 0, "checkpoint.dir is empty: no checkpoints"
         if self.settings.dir and self.settings.load:
+            changed = self._same_run_check()
             start, consumed, note = load(self.settings.dir, self.engine, self.scheduler)
+            note += "".join(f"\nchanged since the checkpoint: {change}" for change in changed)
         if start == 0 and self.settings.init_from:
             note = self._init_from(self.settings.init_from)
         return start, consumed, note
+
+    def _same_run_check(self) -> list[str]:
+        """What differs between the latest checkpoint in dir and this run, before anything loads: another
+        model or tokenizer is refused, another blend or sequence length unless checkpoint.allow_changed_data
+        (then returned, to print); another parallel layout is allowed (`load` says so)."""
+        iteration = latest_iteration(self.settings.dir)
+        if iteration is None:
+            return []
+        source = iteration_dir(self.settings.dir, iteration)
+        common = read_common(source)
+        saved, model = CheckpointInfo.of(common), common["config"]["model"]
+        fix = "resume with the settings it was trained with, or give this run another checkpoint.dir"
+        for field in ("preset", "overrides"):
+            if model.get(field) != getattr(self.config.model, field):
+                raise InputError(f"this checkpoint holds another model: model.{field} {model.get(field)!r} there, "
+                                 f"{getattr(self.config.model, field)!r} here", source, fix=fix)
+        if saved and saved.tokenizer.get("fingerprint") != self.info.tokenizer.get("fingerprint"):
+            raise InputError(f"this checkpoint was trained with another tokenizer ({saved.tokenizer.get('model')}, "
+                             f"here {self.info.tokenizer.get('model')})", source, fix=fix)
+        data = []
+        if saved and saved.seq_length != self.info.seq_length:
+            data.append(f"sequence length {saved.seq_length} -> {self.info.seq_length}")
+        if saved and saved.blend and saved.blend["fingerprint"] != self.info.blend["fingerprint"]:
+            data.append(f"blend {saved.blend['path']} (draws {saved.blend['fingerprint']}) -> "
+                        f"{self.info.blend['path']} (draws {self.info.blend['fingerprint']})")
+        if data and not self.settings.allow_changed_data:
+            raise InputError(f"the data differ from the checkpoint's ({'; '.join(data)})", source,
+                             fix="resume with the blend it was trained on, or pass --allow-changed-data "
+                                 "(checkpoint.allow_changed_data: true) to continue on the new data")
+        return data
 
     def _init_from(self, root: str) -> str:
         if latest_iteration(root) is None:

@@ -18,6 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="YAML training config (see examples/repro_300m/train.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override a config field, e.g. --set optimizer.lr=1e-3 (repeatable)")
+    parser.add_argument("--allow-changed-data", action="store_true",
+                        help="resume although the blend or the sequence length differs from the checkpoint's "
+                             "(what changed is printed); same as --set checkpoint.allow_changed_data=true")
     parser.add_argument("--check", action="store_true",
                         help="only check that --world-size processes can run this config (batch, tensor/pipeline/data "
                              "split, heads, layers, vocabulary) and print the layout; starts nothing")
@@ -27,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    config = load_config(args.config, args.overrides)
+    overrides = [*args.overrides, *(["checkpoint.allow_changed_data=true"] if args.allow_changed_data else [])]
+    config = load_config(args.config, overrides)
     if args.check:
         return check(config, args)
     from megadoc_megatron.train.trainer import train

@@ -84,6 +84,7 @@ class CheckpointConfig:
                                          # save; Megatron-LM's --dist-ckpt-optim-fully-reshardable)
     init_from: str = ""                  # while dir holds none: start from the latest checkpoint here (weights and
                                          # optimizer state; iterations, data and learning-rate schedule start afresh)
+    allow_changed_data: bool = False     # resume although the blend or sequence length differs from the checkpoint's
 
 
 @dataclass

@@ -7,6 +7,7 @@ import random
 import time
 from contextlib import nullcontext
 from functools import partial
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -108,8 +109,9 @@ class Trainer:
         if tokenizer.vocab_size is None:
             raise InputError("the dataset has no tokenizer record, so the vocabulary size is unknown",
                              self.blend.datasets[0].prefix, fix="convert it with `megadoc preprocess`")
-        self.info = checkpoint.CheckpointInfo(self.seq_length, tokenizer.vocab_size, tokenizer.describe(),
-                                              resolve_backend(config.model.backend))
+        self.info = checkpoint.CheckpointInfo(
+            self.seq_length, tokenizer.vocab_size, tokenizer.describe(), resolve_backend(config.model.backend),
+            blend={"path": str(Path(config.data.blend).resolve()), "fingerprint": self.blend.fingerprint()})
         self.memory_gb = memory_estimate_gb(config, self.layout, self.seq_length, tokenizer.vocab_size)
         self.eod = tokenizer.eod if config.data.reset_attention_mask else None
         seed_everything(config.seed)
