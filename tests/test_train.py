@@ -84,6 +84,22 @@ def test_a_metrics_line_torn_by_a_crash_is_dropped_on_resume(reference, tmp_path
     assert [row["iteration"] for row in after if "loss" in row] == list(range(1, ITERS + 1))
 
 
+def test_a_run_killed_during_validation_validates_that_iteration_on_resume(reference, tmp_path):
+    """The checkpoint of a validation iteration is saved before the validation: killed during it, the
+    run resumes with that validation, so history and patience match the uninterrupted run's."""
+    config, source, _ = reference
+    target = resume_copy(reference, tmp_path)
+    rows = [json.loads(line) for line in (source / "metrics.jsonl").read_text().splitlines()]
+    logged = [row for row in rows if row["iteration"] <= SAVE_AT and "valid_loss" not in row]
+    (target / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in logged))
+    run_training(config, overrides=[f"checkpoint.dir={target}"])
+    after = [json.loads(line) for line in (target / "metrics.jsonl").read_text().splitlines()]
+
+    def validations(rows):
+        return [(row["iteration"], row["valid_loss"]) for row in rows if "valid_loss" in row]
+    assert validations(after) == validations(rows) and [i for i, _ in validations(rows)] == [SAVE_AT, ITERS]
+
+
 def test_resume_refuses_another_model_and_changed_data_unless_allowed(reference, tmp_path, capsys):
     config, _, expected = reference
     target = resume_copy(reference, tmp_path)

@@ -176,6 +176,8 @@ class Trainer:
                             start, config.to_dict()) if rank0 else None
         if rank0:
             print(f"{note}\n{self.describe()}{self._memory_warning()}", flush=True)
+        if validator.missed(start, start == self.train_iters):
+            self._log_validation(logger, start, validator.validate(start))
         last_loss, timer, skips = None, StepTimer(self.device), SkipCounter(config.optimizer.max_skipped_in_a_row)
         iteration, stopped = start, "plateau" if validator.plateaued() else "end"
         while stopped == "end" and iteration < self.train_iters:
@@ -192,9 +194,7 @@ class Trainer:
             saved = self.checkpointer.save(iteration, consumed, last)
             validated = validator.should_validate(iteration, last)
             if validated:
-                valid_loss = validator.validate()
-                if rank0:
-                    logger.log({"iteration": iteration, "valid_loss": valid_loss})
+                self._log_validation(logger, iteration, validator.validate(iteration))
                 if validator.plateaued():
                     stopped = "plateau"
                     self.checkpointer.save(iteration, consumed, force=True)
@@ -206,6 +206,11 @@ class Trainer:
             logger.close()
         return {"iterations": iteration, "final_loss": last_loss, "consumed_samples": consumed, "stopped": stopped,
                 "skipped_iterations": skips.total}
+
+    @staticmethod
+    def _log_validation(logger, iteration: int, valid_loss: float) -> None:
+        if logger is not None:  # rank 0
+            logger.log({"iteration": iteration, "valid_loss": valid_loss})
 
     def _log_training(self, logger, timer, skips, iteration, loss, lr, grad_norm) -> None:
         """Log the window since the last row (rank 0); every rank reads the timer (it synchronizes CUDA)."""

@@ -17,12 +17,12 @@ def plateaued(losses: list[float], patience: int) -> bool:
     return 0 < patience < len(losses) and min(losses[-patience:]) >= min(losses[:-patience])
 
 
-def validation_history(checkpoint_dir: str, up_to: int) -> list[float]:
-    """The validation losses a resumed run had logged (metrics.jsonl beside the checkpoints)."""
+def validation_history(checkpoint_dir: str, up_to: int) -> dict[int, float]:
+    """iteration -> validation loss of what a resumed run had logged (metrics.jsonl beside the checkpoints)."""
     if not checkpoint_dir or not up_to:
-        return []
+        return {}
     rows = [row for _, row in metric_rows(checkpoint_dir)]
-    return [row["valid_loss"] for row in rows if "valid_loss" in row and row["iteration"] <= up_to]
+    return {row["iteration"]: row["valid_loss"] for row in rows if "valid_loss" in row and row["iteration"] <= up_to}
 
 
 class Validator:
@@ -31,14 +31,23 @@ class Validator:
 
     def __init__(self, loss: Callable[[], float] | None, config: TrainConfig, resumed_at: int):
         self.loss, self.interval, self.patience = loss, config.logging.eval_interval, config.patience
-        self.losses = validation_history(config.checkpoint.dir, resumed_at)
+        self.history = validation_history(config.checkpoint.dir, resumed_at)
+
+    @property
+    def losses(self) -> list[float]:
+        return list(self.history.values())
 
     def should_validate(self, iteration: int, last: bool) -> bool:
         return self.loss is not None and (last or bool(self.interval) and iteration % self.interval == 0)
 
-    def validate(self) -> float:
-        self.losses.append(self.loss())
-        return self.losses[-1]
+    def missed(self, iteration: int, last: bool) -> bool:
+        """Whether a resumed run's checkpoint iteration was due a validation it never logged: a run killed
+        during validation (the checkpoint is saved before it) validates that iteration first on resume."""
+        return iteration > 0 and self.should_validate(iteration, last) and iteration not in self.history
+
+    def validate(self, iteration: int) -> float:
+        self.history[iteration] = self.loss()
+        return self.history[iteration]
 
     def plateaued(self) -> bool:
         return plateaued(self.losses, self.patience)
