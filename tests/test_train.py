@@ -168,6 +168,17 @@ def test_an_interrupted_save_is_not_the_latest(reference, tmp_path):
     assert read_metrics(target)[ITERS]["loss"] == expected[ITERS]["loss"]
 
 
+def test_a_tracker_naming_a_missing_checkpoint_names_the_repair(tmp_path):
+    for iteration in (4, 8):
+        checkpoint.iteration_dir(tmp_path, iteration).mkdir(parents=True)
+    for named, fix in (("12", "write 8 into it to resume from iter_0000008"),
+                       ("x", "write the iteration of the newest complete save into it (iter_ folders: 4, 8)")):
+        (tmp_path / checkpoint.TRACKER).write_text(named + "\n")
+        with pytest.raises(InputError, match="which is not a checkpoint here") as error:
+            checkpoint.latest_iteration(tmp_path)
+        assert fix in error.value.fix and "delete" not in error.value.fix
+
+
 def test_patience_stops_on_a_plateau_and_a_rerun_stays_stopped(tmp_path, blend_json):
     """lr 0: the validation loss never improves, so patience 2 stops after the third validation."""
     config = write_config(tmp_path, blend_json, tmp_path / "ckpt", optimizer={"lr": 0.0, "min_lr": 0.0},

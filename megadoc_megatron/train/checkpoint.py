@@ -42,8 +42,21 @@ def latest_iteration(root) -> int | None:
     text = tracker.read_text().strip()
     if not text.isdigit() or not iteration_dir(root, int(text)).is_dir():
         raise InputError(f"the checkpoint tracker names {text!r}, which is not a checkpoint here", tracker,
-                         fix="delete the tracker file to start afresh, or restore the missing iter_ folder")
+                         fix=_tracker_repair(root, int(text) if text.isdigit() else None))
     return int(text)
+
+
+def _tracker_repair(root, named: int | None) -> str:
+    """Saves run in order, each completed before the tracker names it: below a named iteration every
+    iter_ folder is complete, so the newest of them can be resumed from."""
+    saved = sorted(int(p.name[len("iter_"):]) for p in Path(root).glob("iter_*") if p.name[len("iter_"):].isdigit())
+    below = [i for i in saved if named is None or i < named]
+    if named is not None and below:
+        return (f"write {below[-1]} into it to resume from iter_{below[-1]:07d}, the newest complete checkpoint "
+                f"below it (or restore iter_{named:07d})")
+    if named is None and saved:
+        return f"write the iteration of the newest complete save into it (iter_ folders: {', '.join(map(str, saved))})"
+    return "restore the missing iter_ folder, or remove the tracker file to start afresh"
 
 
 def layout() -> dict:
