@@ -16,7 +16,7 @@ from unittest import mock
 
 import pytest
 import torch
-from conftest import ITERS, REPO, SAVE_AT, run_training, write_config
+from conftest import ITERS, REPO, SAVE_AT, make_dataset, run_training, write_config
 
 from megadoc_megatron.distributed import LaunchEnvironment, first_slurm_host, free_port, launch_environment
 from megadoc_megatron.errors import InputError
@@ -166,6 +166,25 @@ def test_an_interrupted_save_is_not_the_latest(reference, tmp_path):
     run_training(config, overrides=[f"checkpoint.dir={target}"])  # resumes and overwrites the partial one
     assert checkpoint.latest_iteration(target) == ITERS
     assert read_metrics(target)[ITERS]["loss"] == expected[ITERS]["loss"]
+
+
+def test_every_dataset_of_the_run_must_share_the_tokenizer(reference, tmp_path, golden_lines, hf_tokenizer):
+    """Held-out data of another tokenizer is refused before training, with or without its sidecar."""
+    from megadoc_megatron.blend.weights import Blend, BlendConfig, make_blend
+
+    config, _, _ = reference
+    blend = Blend.load(json.loads(Path(config).read_text())["data"]["blend"])
+    other = make_dataset(tmp_path, "hf", [json.loads(line)["text"] for line in golden_lines[:5]],
+                         "HuggingFaceTokenizer", hf_tokenizer)
+    mixed = make_blend(BlendConfig([d.prefix for d in blend.datasets if d.stream == "real"],
+                                   [d.prefix for d in blend.datasets if d.stream == "synthetic"], 0.5, 1, 64, 8,
+                                   str(tmp_path / "mixed"), valid_data=[other])).files.plan
+    overrides = [f"data.blend={mixed}", f"checkpoint.dir={tmp_path / 'ckpt'}"]
+    with pytest.raises(InputError, match="tokenized with .*hf_tokenizer, the run's first dataset with"):
+        run_training(config, overrides=overrides)
+    Path(f"{other}.json").unlink()  # as if made by Megatron-LM
+    with pytest.raises(InputError, match="beyond the vocabulary of 8000"):
+        run_training(config, overrides=overrides)
 
 
 def test_a_tracker_naming_a_missing_checkpoint_names_the_repair(tmp_path):

@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from megadoc_megatron.blend.weights import MEGATRON_SURPLUS, Blend, samples_for_epochs
-from megadoc_megatron.data.dataset_info import recorded_tokenizer
+from megadoc_megatron.data.dataset_info import DatasetInfo, recorded_tokenizer
 from megadoc_megatron.data.indexed import read_index
 from megadoc_megatron.distributed import single_process
 from megadoc_megatron.errors import InputError
@@ -35,6 +35,23 @@ def load_checked(path) -> Blend:
     for prefix in [d.prefix for d in blend.datasets] + blend.validation_prefixes():
         read_index(prefix)  # a cut or mismatched .bin/.idx stops the run here
     return blend
+
+
+def check_tokenized_alike(prefixes: list[str], tokenizer) -> None:
+    """Every dataset tokenized with `tokenizer`: by its sidecar, or for one made without it (by Megatron-LM)
+    by its token ids, which must all lie in the vocabulary."""
+    for prefix in prefixes:
+        info = DatasetInfo.load(prefix)
+        if info is None:
+            largest = read_index(prefix).largest_token()
+            if largest >= tokenizer.vocab_size:
+                raise InputError(f"holds token id {largest}, beyond the vocabulary of {tokenizer.vocab_size} of "
+                                 f"{tokenizer.describe()['model']} (it has no sidecar naming its tokenizer)", prefix,
+                                 fix="convert every dataset of the run with one tokenizer (`megadoc preprocess`)")
+        elif info.tokenizer.get("fingerprint") != tokenizer.fingerprint():
+            raise InputError(f"tokenized with {info.tokenizer.get('model')}, the run's first dataset with "
+                             f"{tokenizer.describe()['model']}", prefix,
+                             fix="convert every dataset of the run, held-out data included, with one tokenizer")
 
 
 def gpt_dataset_config(blend: Blend, eod_mask_loss: bool = False):

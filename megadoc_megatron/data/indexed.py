@@ -222,6 +222,11 @@ class IndexedDatasetView:
         sequence_ends = np.concatenate([[0], np.cumsum(self.sequence_lengths, dtype=np.int64)])
         return np.diff(sequence_ends[self.document_indices])
 
+    def largest_token(self) -> int:
+        """The largest token id in the dataset (-1 when it holds none)."""
+        tokens = np.memmap(dataset_paths(self.prefix)[0], dtype=self.dtype, mode="r")
+        return int(tokens.max()) if len(tokens) else -1
+
     def document_tokens(self, document: int) -> np.ndarray:
         first, last = self.document_indices[document], self.document_indices[document + 1]
         if first == last:

@@ -81,7 +81,13 @@ def check_dataset(dataset: IndexedDatasetView, loaded: LoadedModel) -> None:
 
     identifiers = dataset_tokenizer(dataset.prefix).unique_identifiers
     trained = {"class": loaded.tokenizer.get("type"), "fingerprint": loaded.tokenizer.get("fingerprint")}
-    if identifiers.get("class") != "unknown" and identifiers != trained:
+    if identifiers.get("class") == "unknown":  # made without megadoc's sidecar: check what the tokens tell
+        largest = dataset.largest_token()
+        if largest >= loaded.vocab_size:
+            raise InputError(f"holds token id {largest}, beyond the checkpoint's vocabulary of {loaded.vocab_size} "
+                             "(the dataset has no sidecar naming its tokenizer)", dataset.prefix,
+                             fix="convert the held-out documents with the training tokenizer (`megadoc preprocess`)")
+    elif identifiers != trained:
         raise InputError(f"tokenized with {identifiers['class']} {identifiers.get('fingerprint', '')}, "
                          f"the checkpoint was trained on {trained['class']} {trained['fingerprint']}",
                          dataset.prefix, fix="convert the held-out documents with the training tokenizer")

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megadoc_megatron.blend.datasets import build_datasets, dataset_tokenizer, load_checked
+from megadoc_megatron.blend.datasets import build_datasets, check_tokenized_alike, dataset_tokenizer, load_checked
 from megadoc_megatron.distributed import initialize, launch_environment, shutdown
 from megadoc_megatron.errors import InputError
 from megadoc_megatron.model.build import build_model, resolve_backend
@@ -109,6 +109,7 @@ class Trainer:
         if tokenizer.vocab_size is None:
             raise InputError("the dataset has no tokenizer record, so the vocabulary size is unknown",
                              self.blend.datasets[0].prefix, fix="convert it with `megadoc preprocess`")
+        check_tokenized_alike([d.prefix for d in self.blend.datasets[1:]] + self.blend.validation_prefixes(), tokenizer)
         self.info = checkpoint.CheckpointInfo(
             self.seq_length, tokenizer.vocab_size, tokenizer.describe(), resolve_backend(config.model.backend),
             blend={"path": str(Path(config.data.blend).resolve()), "fingerprint": self.blend.fingerprint()})
