@@ -83,9 +83,9 @@ def test_several_real_datasets_each_get_exact_epochs(streams, tmp_path):
 def test_output_files_are_what_megatron_reads(streams, tmp_path, capsys):
     from megatron.core.datasets.utils import get_blend_from_list
 
-    real, synthetic = streams["long"]
+    (real, synthetic), (held_out, _) = streams["long"], streams["short"]
     assert main(["blend", "--real", real, "--synthetic", synthetic, "-w", "0.75", "-E", "2", "--seq-length", "64",
-                 "--global-batch-size", "8", "--valid-data", real, "--output-dir", str(tmp_path)]) == 0
+                 "--global-batch-size", "8", "--valid-data", held_out, "--output-dir", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "--data-args-path" in printed and "exactly 2 passes" in printed
     prefixes, weights = get_blend_from_list((tmp_path / "data_args.txt").read_text().split())
@@ -141,3 +141,14 @@ def test_valid_data_needs_the_whole_train_split(streams, tmp_path):
     real, synthetic = streams["long"]
     with pytest.raises(InputError, match="--valid-data needs --split 100,0,0"):
         make_blend(BlendConfig([real], [synthetic], 0.5, 2, 64, 8, tmp_path, split="98,2,0", valid_data=[real]))
+
+
+def test_held_out_data_that_repeats_training_documents_is_refused(streams, tmp_path, golden_lines, spm_model):
+    real, synthetic = streams["long"]
+    docs = [json.loads(line)["text"] for line in golden_lines if len(json.loads(line)["text"]) > 2000]
+    leaky = make_dataset(tmp_path, "leaky", ["A held-out document of its own."] + docs[3:5], "SentencePieceTokenizer",
+                         spm_model)  # two of real_long's documents
+    with pytest.raises(InputError, match=r"2 held-out document\(s\) are also training documents \(document 1 is "
+                                         r"document 3 of .*real_long_text_document\)") as error:
+        make_blend(BlendConfig([real], [synthetic], 0.5, 2, 64, 8, tmp_path / "out", valid_data=[leaky]))
+    assert error.value.path == leaky and not (tmp_path / "out").exists()  # nothing written

@@ -350,6 +350,30 @@ def format_blend(blend: Blend) -> str:
     return "\n".join(lines)
 
 
+def _document_digests(prefix: str):
+    """(document number, digest of its tokens without a trailing EOD) of every non-empty document."""
+    info = DatasetInfo.load(prefix)
+    eod = info.tokenizer.get("eod") if info and info.append_eod else None
+    for number, tokens in enumerate(read_index(prefix).documents()):
+        if len(tokens) and eod is not None and tokens[-1] == eod:
+            tokens = tokens[:-1]
+        if len(tokens):
+            yield number, hashlib.blake2b(tokens.tobytes(), digest_size=16).digest()
+
+
+def check_held_out(train: list[str], held_out: list[str]) -> None:
+    """Held-out data that repeats a training document exactly would measure memorization: refused."""
+    seen = {digest: (prefix, number) for prefix in train for number, digest in _document_digests(prefix)}
+    shared = [(prefix, number, *seen[digest]) for prefix in held_out for number, digest in _document_digests(prefix)
+              if digest in seen]
+    if shared:
+        prefix, number, train_prefix, train_number = shared[0]
+        raise InputError(f"{len(shared)} held-out document(s) are also training documents (document {number} is "
+                         f"document {train_number} of {train_prefix})", prefix,
+                         fix="hold out documents the training data does not contain (deduplicate the corpora, "
+                             "then convert them again)")
+
+
 def make_blend(config: BlendConfig) -> Blend:
     """Weigh the datasets and write `data_args.txt`, `blend.json` (and `per_split_data_args.json`)."""
     synthetic = config.synthetic or []
@@ -359,6 +383,11 @@ def make_blend(config: BlendConfig) -> Blend:
         [describe_dataset(p, "synthetic", config.split) for p in synthetic]
     blend = weigh(datasets[:len(config.real)], datasets[len(config.real):], config.synthetic_weight, config.epochs,
                   config.seq_length, config.global_batch_size, config.train_tokens)
+    if config.valid_data:  # checked before anything is written
+        if split_fractions(config.split)[0] != 1.0:
+            raise InputError("--valid-data needs --split 100,0,0 (the held-out data replaces the split)",
+                             fix="drop --valid-data or use --split 100,0,0")
+        check_held_out([d.prefix for d in blend.datasets], config.valid_data)
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     blend.split, blend.seed = config.split, config.seed
@@ -367,9 +396,6 @@ def make_blend(config: BlendConfig) -> Blend:
                              plan=str((output_dir / "blend.json").resolve()))
     write_text_atomic(Path(blend.files.data_args), " ".join(data_args(blend)) + "\n")
     if config.valid_data:
-        if split_fractions(config.split)[0] != 1.0:
-            raise InputError("--valid-data needs --split 100,0,0 (the held-out data replaces the split)",
-                             fix="drop --valid-data or use --split 100,0,0")
         held_out = [item for p in config.valid_data for item in ("1.0", str(Path(p).resolve()))]
         blend.files.per_split_data_args = str((output_dir / "per_split_data_args.json").resolve())
         write_text_atomic(Path(blend.files.per_split_data_args),

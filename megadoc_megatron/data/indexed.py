@@ -222,6 +222,13 @@ class IndexedDatasetView:
         sequence_ends = np.concatenate([[0], np.cumsum(self.sequence_lengths, dtype=np.int64)])
         return np.diff(sequence_ends[self.document_indices])
 
+    def documents(self):
+        """Each document's tokens in order (views into one memory map of the .bin)."""
+        tokens = np.memmap(dataset_paths(self.prefix)[0], dtype=self.dtype, mode="r")
+        ends = np.concatenate([[0], np.cumsum(self.sequence_lengths, dtype=np.int64)])[self.document_indices]
+        for start, end in zip(ends[:-1], ends[1:]):
+            yield tokens[start:end]
+
     def largest_token(self) -> int:
         """The largest token id in the dataset (-1 when it holds none)."""
         tokens = np.memmap(dataset_paths(self.prefix)[0], dtype=self.dtype, mode="r")
