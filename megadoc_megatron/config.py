@@ -59,6 +59,8 @@ def _checked(value, kind, key: str, path):
     if value is None:
         return value
     if kind in (float, int) and not isinstance(value, bool) and isinstance(value, (int, float, str)):
+        if isinstance(value, int):
+            return kind(value)  # exact, however large
         number = _number(value)
         if number is not None and (kind is float or number == int(number)):
             return kind(number)
