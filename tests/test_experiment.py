@@ -16,6 +16,7 @@ import yaml
 from conftest import REPO
 
 from megadoc_megatron.blend.weights import Blend
+from megadoc_megatron.cli import main
 from megadoc_megatron.data.indexed import read_index
 from megadoc_megatron.data.tokenizer import load_tokenizer
 from megadoc_megatron.errors import InputError
@@ -76,6 +77,17 @@ def test_config_errors_name_the_field(config, change, message):
     with pytest.raises(InputError, match=re.escape(message)) as error:
         build_graph(load_experiment(config(change)))
     assert "experiment.yaml" in str(error.value)
+
+
+def test_a_held_out_document_that_is_also_trained_on_is_refused_before_any_stage(config, tmp_path, capsys):
+    path = config()
+    train = (tmp_path / "train.jsonl").read_text().splitlines()
+    leaked = {**json.loads(train[1]), "id": "held-copy"}
+    with open(tmp_path / "heldout.jsonl", "a") as out:
+        out.write(json.dumps(leaked) + "\n")
+    assert main(["run", str(path), "--dry-run"]) == 2
+    assert "1 held-out document(s) repeat a training document (held-out 'held-copy' is training 'doc1')" in \
+        capsys.readouterr().err
 
 
 def test_a_changed_setting_changes_only_the_keys_of_the_stages_that_depend_on_it(config, tmp_path):

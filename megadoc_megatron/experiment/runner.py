@@ -24,6 +24,7 @@ def run_experiment(experiment, report: bool = True, dry_run: bool = False, cost:
     from megadoc_megatron.experiment.stages import point_link, run_stage
 
     plan = build_graph(experiment)
+    check_corpus_split(experiment)
     stages = [s for s in plan.graph.stages if report or s is not plan.report]
     work = plan.graph.work_dir
     pending = [s for s in stages if not s.done]
@@ -61,6 +62,27 @@ def run_experiment(experiment, report: bool = True, dry_run: bool = False, cost:
             print((plan.report.folder / "report.md").read_text() if status["report"] == "cached" else "")
             print(f"report: {work / 'report' / 'report.md'} (and report.html, *.png)")
     return status
+
+
+def check_corpus_split(experiment) -> None:
+    """The held-out corpus must not repeat a training document (by text): refused before any stage runs,
+    where `megadoc blend` would refuse it only after synthesis."""
+    import hashlib
+
+    from megadoc_megatron.jsonl import expand_inputs, read_documents
+
+    corpus = experiment.corpus
+
+    def texts(path: str):
+        for document_id, text in read_documents(expand_inputs([path]), corpus.id_key, corpus.text_key):
+            yield document_id, hashlib.blake2b(text.encode(), digest_size=16).digest()
+
+    train = {digest: document_id for document_id, digest in texts(corpus.train)}
+    shared = [(document_id, train[digest]) for document_id, digest in texts(corpus.heldout) if digest in train]
+    if shared:
+        raise InputError(f"{len(shared)} held-out document(s) repeat a training document (held-out {shared[0][0]!r} "
+                         f"is training {shared[0][1]!r})", corpus.heldout,
+                         fix="hold out documents the training corpus does not contain (deduplicate the split)")
 
 
 def lineage(train_folder: Path) -> list[dict]:
