@@ -79,7 +79,7 @@ def test_config_errors_name_the_field(config, change, message):
     assert "experiment.yaml" in str(error.value)
 
 
-def test_a_held_out_document_that_is_also_trained_on_is_refused_before_any_stage(config, tmp_path, capsys):
+def test_a_held_out_document_or_id_that_is_also_trained_on_is_refused_before_any_stage(config, tmp_path, capsys):
     path = config()
     train = (tmp_path / "train.jsonl").read_text().splitlines()
     leaked = {**json.loads(train[1]), "id": "held-copy"}
@@ -88,6 +88,9 @@ def test_a_held_out_document_that_is_also_trained_on_is_refused_before_any_stage
     assert main(["run", str(path), "--dry-run"]) == 2
     assert "1 held-out document(s) repeat a training document (held-out 'held-copy' is training 'doc1')" in \
         capsys.readouterr().err
+    (tmp_path / "heldout.jsonl").write_text(json.dumps({"id": "doc1", "text": "Another text."}) + "\n")
+    assert main(["run", str(path), "--dry-run"]) == 2
+    assert "1 document id(s) are in both corpora (e.g. 'doc1')" in capsys.readouterr().err
 
 
 def test_a_changed_setting_changes_only_the_keys_of_the_stages_that_depend_on_it(config, tmp_path):

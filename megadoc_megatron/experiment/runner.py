@@ -65,8 +65,9 @@ def run_experiment(experiment, report: bool = True, dry_run: bool = False, cost:
 
 
 def check_corpus_split(experiment) -> None:
-    """The held-out corpus must not repeat a training document (by text): refused before any stage runs,
-    where `megadoc blend` would refuse it only after synthesis."""
+    """The held-out corpus must share no document id and no document text with the training corpus (which
+    synth rephrases): refused before any stage runs, where `megadoc blend` would refuse repeated tokens only
+    after synthesis."""
     import hashlib
 
     from megadoc_megatron.jsonl import expand_inputs, read_documents
@@ -78,7 +79,12 @@ def check_corpus_split(experiment) -> None:
             yield document_id, hashlib.blake2b(text.encode(), digest_size=16).digest()
 
     train = {digest: document_id for document_id, digest in texts(corpus.train)}
-    shared = [(document_id, train[digest]) for document_id, digest in texts(corpus.heldout) if digest in train]
+    held_out = dict(texts(corpus.heldout))
+    same_ids = sorted(set(held_out) & set(train.values()))
+    if same_ids:  # synth rephrases the training corpus: it must never be given a held-out id
+        raise InputError(f"{len(same_ids)} document id(s) are in both corpora (e.g. {same_ids[0]!r})", corpus.heldout,
+                         fix="give held-out documents ids of their own (the training corpus is what synth rephrases)")
+    shared = [(document_id, train[digest]) for document_id, digest in held_out.items() if digest in train]
     if shared:
         raise InputError(f"{len(shared)} held-out document(s) repeat a training document (held-out {shared[0][0]!r} "
                          f"is training {shared[0][1]!r})", corpus.heldout,
