@@ -361,9 +361,11 @@ def _document_digests(prefix: str):
             yield number, hashlib.blake2b(tokens.tobytes(), digest_size=16).digest()
 
 
-def check_held_out(train: list[str], held_out: list[str]) -> None:
-    """Held-out data that repeats a training document exactly would measure memorization: refused."""
-    seen = {digest: (prefix, number) for prefix in train for number, digest in _document_digests(prefix)}
+def check_held_out(real: list[str], held_out: list[str]) -> None:
+    """Held-out data that repeats a real training document exactly would measure memorization: refused.
+    The real datasets only: the synthetic ones are made from them (many times their size, so hashing them
+    would cost each blend most of its time), and what generations quote is a question for n-gram checks."""
+    seen = {digest: (prefix, number) for prefix in real for number, digest in _document_digests(prefix)}
     shared = [(prefix, number, *seen[digest]) for prefix in held_out for number, digest in _document_digests(prefix)
               if digest in seen]
     if shared:
@@ -387,7 +389,7 @@ def make_blend(config: BlendConfig) -> Blend:
         if split_fractions(config.split)[0] != 1.0:
             raise InputError("--valid-data needs --split 100,0,0 (the held-out data replaces the split)",
                              fix="drop --valid-data or use --split 100,0,0")
-        check_held_out([d.prefix for d in blend.datasets], config.valid_data)
+        check_held_out(config.real, config.valid_data)
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     blend.split, blend.seed = config.split, config.seed
