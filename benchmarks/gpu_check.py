@@ -314,8 +314,10 @@ def main() -> int:
                 summary["checks"][name] = step()
             except Exception as error:  # noqa: BLE001 - every failure is reported in the summary
                 summary["checks"][name] = {"ok": False, "error": f"{type(error).__name__}: {error}",
-                                           "traceback": traceback.format_exc(limit=6)}
+                                           "traceback": traceback.format_exc()}
             summary["checks"][name]["seconds"] = round(time.perf_counter() - step_started, 1)
+            if args.out:  # what ran so far survives a run stopped at its time limit
+                args.out.write_text(json.dumps({**summary, "partial": True}, indent=2, default=str) + "\n")
     engine_env = summary["checks"]["environment"]
     summary["not_checked"] = [] if engine_env.get("transformer_engine") else [
         "Transformer Engine is not installed: its layer spec, FP8 and TE's fused kernels were not run "

@@ -9,6 +9,7 @@ import torch.distributed as dist
 
 from megadoc_megatron.distributed import LaunchEnvironment, free_port, initialize, shutdown, single_process
 from megadoc_megatron.errors import InputError
+from megadoc_megatron.model.build import placed
 from megadoc_megatron.model.gpt import (
     PortableCoreAttention,
     build_gpt,
@@ -119,6 +120,16 @@ def test_tiny_model_learns_a_batch(one_process):
         losses.append(loss.item())
     assert losses[0] == pytest.approx(math.log(VOCAB), rel=0.1)  # starts near uniform
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_a_placed_model_holds_every_tensor_on_its_device(one_process):
+    """The GPU check found the rotary frequencies left on the CPU under a CUDA model (a plain
+    attribute, which `.to()` does not move); the meta device shows the same on a CPU machine."""
+    model = placed(tiny_model(), torch.device("meta"))
+    tensors = [*model.parameters(), *model.buffers()]
+    tensors += [value for module in model.modules() for value in vars(module).values()
+                if isinstance(value, torch.Tensor)]
+    assert tensors and {t.device.type for t in tensors} == {"meta"}
 
 
 def test_parameter_count_formula_matches_megatron_core(one_process):

@@ -44,9 +44,18 @@ def build_model(config: TrainConfig, vocab_size: int, seq_length: int, device: t
         vp_stage = stage if parallel.virtual_pipeline else None
         first = parallel_state.is_pipeline_first_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
         last = parallel_state.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
-        chunk = build_gpt(model_config, padded, seq_length, backend, first, last, vp_stage)
-        chunks.append(chunk.to(device))
+        chunks.append(placed(build_gpt(model_config, padded, seq_length, backend, first, last, vp_stage), device))
     return model_config, chunks, padded
+
+
+def placed(model, device: torch.device):
+    """The model on `device`, its rotary frequencies too: megatron-core keeps them in a plain
+    attribute (not a buffer), which `.to()` leaves on the CPU where the portable spec made them."""
+    model = model.to(device)
+    rotary = getattr(model, "rotary_pos_emb", None)
+    if rotary is not None:
+        rotary.inv_freq = rotary.inv_freq.to(device)
+    return model
 
 
 def fast_paths(engine: str, backend: str, device_type: str) -> dict:
