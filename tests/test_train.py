@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from unittest import mock
 
 import pytest
@@ -180,11 +181,35 @@ def test_every_dataset_of_the_run_must_share_the_tokenizer(reference, tmp_path, 
                                    [d.prefix for d in blend.datasets if d.stream == "synthetic"], 0.5, 1, 64, 8,
                                    str(tmp_path / "mixed"), valid_data=[other])).files.plan
     overrides = [f"data.blend={mixed}", f"checkpoint.dir={tmp_path / 'ckpt'}"]
-    with pytest.raises(InputError, match="tokenized with .*hf_tokenizer, the run's first dataset with"):
+    with pytest.raises(InputError, match="tokenized with .*hf_tokenizer, the run's tokenizer is .*spm8k"):
         run_training(config, overrides=overrides)
     Path(f"{other}.json").unlink()  # as if made by Megatron-LM
     with pytest.raises(InputError, match="beyond the vocabulary of 8000"):
         run_training(config, overrides=overrides)
+
+
+def test_datasets_without_sidecars_train_alike_with_the_tokenizer_named(reference, tmp_path, spm_model):
+    """Datasets made by Megatron-LM (no sidecar): the train config names the tokenizer, and the run is the
+    one the same datasets with sidecars give."""
+    from megadoc_megatron.blend.weights import Blend, BlendConfig, make_blend
+
+    config, _, expected = reference
+    blend = Blend.load(json.loads(Path(config).read_text())["data"]["blend"])
+    copies = {}
+    for dataset in [*blend.datasets, *[SimpleNamespace(prefix=p) for p in blend.validation_prefixes()]]:
+        copies[dataset.prefix] = str(tmp_path / Path(dataset.prefix).name)
+        for suffix in (".bin", ".idx"):
+            shutil.copy(dataset.prefix + suffix, copies[dataset.prefix] + suffix)
+    bare = make_blend(BlendConfig([copies[d.prefix] for d in blend.datasets if d.stream == "real"],
+                                  [copies[d.prefix] for d in blend.datasets if d.stream == "synthetic"], 0.5, 1, 64, 8,
+                                  str(tmp_path / "blend"), valid_data=[copies[p] for p in blend.validation_prefixes()]))
+    overrides = [f"data.blend={bare.files.plan}", f"checkpoint.dir={tmp_path / 'ckpt'}"]
+    with pytest.raises(InputError, match="no sidecar naming its tokenizer"):
+        run_training(config, overrides=overrides)
+    run_training(config, overrides=[*overrides, "data.tokenizer_type=SentencePieceTokenizer",
+                                    f"data.tokenizer_model={spm_model}"])
+    losses = read_metrics(tmp_path / "ckpt")
+    assert [losses[i]["loss"] for i in range(1, ITERS + 1)] == [expected[i]["loss"] for i in range(1, ITERS + 1)]
 
 
 def test_a_tracker_naming_a_missing_checkpoint_names_the_repair(tmp_path):

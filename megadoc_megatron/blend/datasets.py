@@ -37,24 +37,58 @@ def load_checked(path) -> Blend:
     return blend
 
 
-def check_tokenized_alike(prefixes: list[str], tokenizer) -> None:
+def run_tokenizer(blend: Blend, tokenizer_type: str = "", tokenizer_model: str = "", eod_expected: bool = False):
+    """The run's tokenizer: the one named (data.tokenizer_type and data.tokenizer_model), else the one the
+    first dataset's sidecar records; every dataset, held-out ones included, is checked against it."""
+    prefixes = [d.prefix for d in blend.datasets] + blend.validation_prefixes()
+    if tokenizer_type:
+        from megadoc_megatron.data.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer_type, tokenizer_model)
+    else:
+        tokenizer = recorded_tokenizer(prefixes[0])
+        if tokenizer is None:
+            raise InputError("the dataset has no sidecar naming its tokenizer (it was made without `megadoc "
+                             "preprocess`), so the vocabulary is unknown", prefixes[0],
+                             fix="name the tokenizer it was made with in the train config: data.tokenizer_type and "
+                                 "data.tokenizer_model")
+    check_tokenized_alike(prefixes, tokenizer, eod_expected)
+    return tokenizer
+
+
+def check_tokenized_alike(prefixes: list[str], tokenizer, eod_expected: bool = False) -> None:
     """Every dataset tokenized with `tokenizer`: by its sidecar, or for one made without it (by Megatron-LM)
-    by its token ids, which must all lie in the vocabulary."""
+    by what its tokens can show: a dtype that holds the vocabulary, every id inside it, and (where documents
+    must end with the end-of-document token: document masking, eod_mask_loss) that token at their ends."""
+    fix = "convert every dataset of the run, held-out data included, with one tokenizer (`megadoc preprocess`)"
     for prefix in prefixes:
         info = DatasetInfo.load(prefix)
-        if info is None:
-            largest = read_index(prefix).largest_token()
-            if largest >= tokenizer.vocab_size:
-                raise InputError(f"holds token id {largest}, beyond the vocabulary of {tokenizer.vocab_size} of "
-                                 f"{tokenizer.describe()['model']} (it has no sidecar naming its tokenizer)", prefix,
-                                 fix="convert every dataset of the run with one tokenizer (`megadoc preprocess`)")
-        elif info.tokenizer.get("fingerprint") != tokenizer.fingerprint():
-            raise InputError(f"tokenized with {info.tokenizer.get('model')}, the run's first dataset with "
-                             f"{tokenizer.describe()['model']}", prefix,
-                             fix="convert every dataset of the run, held-out data included, with one tokenizer")
+        if info is not None:
+            if info.tokenizer.get("fingerprint") != tokenizer.fingerprint():
+                raise InputError(f"tokenized with {info.tokenizer.get('model')}, the run's tokenizer is "
+                                 f"{tokenizer.describe()['model']}", prefix, fix=fix)
+            continue
+        index, vocabulary = read_index(prefix), f"the vocabulary of {tokenizer.vocab_size} of " \
+                                                f"{tokenizer.describe()['model']} (the dataset has no sidecar)"
+        if np.iinfo(index.dtype).max < tokenizer.vocab_size - 1:
+            raise InputError(f"stores tokens as {np.dtype(index.dtype).name}, too small for {vocabulary}", prefix,
+                             fix=fix)
+        largest = index.largest_token()
+        if largest >= tokenizer.vocab_size:
+            raise InputError(f"holds token id {largest}, beyond {vocabulary}", prefix, fix=fix)
+        if eod_expected and tokenizer.eod is not None and not _ends_with(index, tokenizer.eod):
+            raise InputError(f"no document ends with the end-of-document token {tokenizer.eod} of "
+                             f"{tokenizer.describe()['model']}, which document masking and eod_mask_loss need", prefix,
+                             fix="convert it with --append-eod, or turn off data.reset_attention_mask and "
+                                 "data.eod_mask_loss")
 
 
-def gpt_dataset_config(blend: Blend, eod_mask_loss: bool = False):
+def _ends_with(index, token: int, documents: int = 100) -> bool:
+    """Whether any of the first documents ends with `token`."""
+    return any(index.document_tokens(d)[-1:].tolist() == [token] for d in range(min(documents, index.num_documents)))
+
+
+def gpt_dataset_config(blend: Blend, eod_mask_loss: bool = False, tokenizer=None):
     """Training data from the blend's weights over its --split, or with held-out data (--valid-data,
     which needs split 100,0,0) the whole datasets for training and the held-out ones for validation."""
     from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
@@ -65,20 +99,21 @@ def gpt_dataset_config(blend: Blend, eod_mask_loss: bool = False):
     Path(blend.data_cache_path).mkdir(parents=True, exist_ok=True)
     return GPTDatasetConfig(
         random_seed=blend.seed, sequence_length=blend.seq_length, path_to_cache=blend.data_cache_path,
-        tokenizer=dataset_tokenizer(blend.datasets[0].prefix),
+        tokenizer=tokenizer or dataset_tokenizer(blend.datasets[0].prefix),
         # Document masking is applied in the forward step (packed sequences), not by dense masks here.
         reset_position_ids=False, reset_attention_mask=False, create_attention_mask=False,
         eod_mask_loss=eod_mask_loss, mid_level_dataset_surplus=MEGATRON_SURPLUS, **data)
 
 
-def build_datasets(blend: Blend, train_samples: int, valid_samples: int, eod_mask_loss: bool = False):
+def build_datasets(blend: Blend, train_samples: int, valid_samples: int, eod_mask_loss: bool = False,
+                   tokenizer=None):
     """(train, valid or None) megatron-core datasets. Every rank builds its own (global rank 0 writes
     the index caches, the others load them)."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset
 
     sizes = [train_samples, valid_samples if blend.validation_prefixes() else 0, 0]
-    config = gpt_dataset_config(blend, eod_mask_loss)
+    config = gpt_dataset_config(blend, eod_mask_loss, tokenizer)
     train, valid, _ = BlendedMegatronDatasetBuilder(GPTDataset, sizes, lambda: True, config).build()
     return train, valid
 

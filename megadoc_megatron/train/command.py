@@ -45,11 +45,11 @@ def check(config, args: argparse.Namespace) -> dict:
 
     batch, length, vocab = args.global_batch_size, args.seq_length, None
     if batch is None or length is None:
-        from megadoc_megatron.blend.datasets import dataset_tokenizer, load_checked
+        from megadoc_megatron.blend.datasets import load_checked, run_tokenizer
 
         blend = load_checked(config.data.blend)
         batch, length = batch or blend.global_batch_size, length or blend.seq_length
-        vocab = dataset_tokenizer(blend.datasets[0].prefix).vocab_size
+        vocab = run_tokenizer(blend, config.data.tokenizer_type, config.data.tokenizer_model).vocab_size
     world_size = args.world_size or launch_environment().world_size
     layout = plan_layout(config, world_size, batch, length, args.config)
     memory = f"; about {memory_estimate_gb(config, layout, length, vocab):.1f} GB per GPU (estimate)" if vocab else ""

@@ -28,6 +28,8 @@ class DataConfig:
     reset_attention_mask: bool = False  # documents packed in one sequence do not attend to each other (packed
                                         # sequences with cu_seqlens: honoured by Transformer Engine and portable layers)
     num_workers: int = 0                # DataLoader worker processes
+    tokenizer_type: str = ""            # the tokenizer of datasets made without `megadoc preprocess` (no sidecar):
+    tokenizer_model: str = ""           # Megatron's --tokenizer-type and its model path; checked against them
 
 
 @dataclass
@@ -116,7 +118,8 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-PATH_FIELDS = (("data", "blend"), ("checkpoint", "dir"), ("checkpoint", "init_from"), ("logging", "tensorboard_dir"))
+PATH_FIELDS = (("data", "blend"), ("data", "tokenizer_model"), ("checkpoint", "dir"), ("checkpoint", "init_from"),
+               ("logging", "tensorboard_dir"))
 
 
 def _resolve_paths(values: dict, base: Path) -> dict:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megadoc_megatron.blend.datasets import build_datasets, check_tokenized_alike, dataset_tokenizer, load_checked
+from megadoc_megatron.blend.datasets import build_datasets, load_checked, run_tokenizer
 from megadoc_megatron.distributed import initialize, launch_environment, shutdown
 from megadoc_megatron.errors import InputError
 from megadoc_megatron.model.build import build_model, resolve_backend
@@ -105,11 +105,9 @@ class Trainer:
             raise InputError(f"train_iters {self.train_iters} is beyond the blend's {self.blend.train_iters} "
                              "iterations (its exact epochs)", config.data.blend,
                              fix="leave train_iters unset, or re-plan the blend with more epochs")
-        tokenizer = dataset_tokenizer(self.blend.datasets[0].prefix)
-        if tokenizer.vocab_size is None:
-            raise InputError("the dataset has no tokenizer record, so the vocabulary size is unknown",
-                             self.blend.datasets[0].prefix, fix="convert it with `megadoc preprocess`")
-        check_tokenized_alike([d.prefix for d in self.blend.datasets[1:]] + self.blend.validation_prefixes(), tokenizer)
+        data = config.data
+        self.tokenizer = tokenizer = run_tokenizer(self.blend, data.tokenizer_type, data.tokenizer_model,
+                                                   data.reset_attention_mask or data.eod_mask_loss)
         self.info = checkpoint.CheckpointInfo(
             self.seq_length, tokenizer.vocab_size, tokenizer.describe(), resolve_backend(config.model.backend),
             blend={"path": str(Path(config.data.blend).resolve()), "fingerprint": self.blend.fingerprint()})
@@ -155,7 +153,8 @@ class Trainer:
     def datasets(self):
         """(train, valid or None) for this run's blend."""
         return build_datasets(self.blend, self.blend.train_samples,
-                              self.config.logging.eval_iters * self.global_batch, self.config.data.eod_mask_loss)
+                              self.config.logging.eval_iters * self.global_batch, self.config.data.eod_mask_loss,
+                              self.tokenizer)
 
     def validation_loss(self, valid) -> float:
         samples = self.config.logging.eval_iters * self.global_batch
