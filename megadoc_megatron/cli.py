@@ -18,6 +18,8 @@ STAGES = {
     "inspect": ("megadoc_megatron.data.inspect", "summarize an indexed dataset and decode a document"),
     "megadocs": ("megadoc_megatron.megadocs.command", "assemble the synthetic stream: "
                                                       "simple, stitch or stretch megadocs"),
+    "decontaminate": ("megadoc_megatron.decontaminate.command", "find (and drop) synthetic records that quote "
+                                                                "held-out or benchmark text"),
     "blend": ("megadoc_megatron.blend.command", "weights and train length for a mixing weight w "
                                                 "and exactly E real epochs"),
     "train": ("megadoc_megatron.train.command", "pre-train the GPT on a blend with megatron-core "

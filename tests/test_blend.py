@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from conftest import make_dataset
 
-from megadoc_megatron.blend.datasets import verify_blend
+from megadoc_megatron.blend.datasets import run_tokenizer, verify_blend
 from megadoc_megatron.blend.weights import Blend, BlendConfig, make_blend
 from megadoc_megatron.cli import main
+from megadoc_megatron.data.indexed import read_index
 from megadoc_megatron.errors import InputError
 
 
@@ -25,6 +26,7 @@ def streams(tmp_path_factory, golden_lines, spm_model):
                  make_dataset(tmp, "syn_long", long_docs[12:30], *spm)),
         "short": (make_dataset(tmp, "real_short", sentences[:150], *spm),
                   make_dataset(tmp, "syn_short", sentences[150:], *spm)),
+        "held_out": make_dataset(tmp, "held_out", long_docs[30:36], *spm),  # in neither stream
     }
 
 
@@ -83,7 +85,7 @@ def test_several_real_datasets_each_get_exact_epochs(streams, tmp_path):
 def test_output_files_are_what_megatron_reads(streams, tmp_path, capsys):
     from megatron.core.datasets.utils import get_blend_from_list
 
-    (real, synthetic), (held_out, _) = streams["long"], streams["short"]
+    (real, synthetic), held_out = streams["long"], streams["held_out"]
     assert main(["blend", "--real", real, "--synthetic", synthetic, "-w", "0.75", "-E", "2", "--seq-length", "64",
                  "--global-batch-size", "8", "--valid-data", held_out, "--output-dir", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
@@ -143,12 +145,55 @@ def test_valid_data_needs_the_whole_train_split(streams, tmp_path):
         make_blend(BlendConfig([real], [synthetic], 0.5, 2, 64, 8, tmp_path, split="98,2,0", valid_data=[real]))
 
 
+def _near_copy(text: str) -> str:
+    """The text with every 40th word replaced: a near-duplicate (most 13-grams survive)."""
+    words = text.split()
+    return " ".join("changed" if i % 40 == 20 else w for i, w in enumerate(words))
+
+
 def test_held_out_data_that_repeats_training_documents_is_refused(streams, tmp_path, golden_lines, spm_model):
     real, synthetic = streams["long"]
     docs = [json.loads(line)["text"] for line in golden_lines if len(json.loads(line)["text"]) > 2000]
-    leaky = make_dataset(tmp_path, "leaky", ["A held-out document of its own."] + docs[3:5], "SentencePieceTokenizer",
-                         spm_model)  # two of real_long's documents
-    with pytest.raises(InputError, match=r"2 held-out document\(s\) are also training documents \(document 1 is "
-                                         r"document 3 of .*real_long_text_document\)") as error:
+    leaky = make_dataset(tmp_path, "leaky", ["A held-out document of its own."] + [docs[3], _near_copy(docs[4])],
+                         "SentencePieceTokenizer", spm_model)  # an exact and a near copy of real_long's documents
+    with pytest.raises(InputError, match=r"2 training document\(s\) of .*real_long_text_document overlap held-out "
+                                         r"documents \(training document 3 and held-out document 1: 100% of "
+                                         r"13-grams shared, limit 50%\)") as error:
         make_blend(BlendConfig([real], [synthetic], 0.5, 2, 64, 8, tmp_path / "out", valid_data=[leaky]))
     assert error.value.path == leaky and not (tmp_path / "out").exists()  # nothing written
+
+
+def test_the_overlap_threshold_and_n_gram_length_decide_what_is_a_near_duplicate(streams, tmp_path, golden_lines,
+                                                                                  spm_model):
+    real, synthetic = streams["long"]
+    docs = [json.loads(line)["text"] for line in golden_lines if len(json.loads(line)["text"]) > 2000]
+    near = make_dataset(tmp_path, "near", [_near_copy(docs[4])], "SentencePieceTokenizer", spm_model)
+    with pytest.raises(InputError, match=r"training document 4 and held-out document 0: [5-9]\d% of 13-grams"):
+        make_blend(BlendConfig([real], [synthetic], 0.5, 2, 64, 8, tmp_path / "a", valid_data=[near]))
+    make_blend(BlendConfig([real], [synthetic], 0.5, 2, 64, 8, tmp_path / "b", valid_data=[near],
+                           overlap_threshold=0.99))
+    with pytest.raises(InputError, match=r"[1-4]\d% of 50-grams shared"):  # longer n-grams: fewer survive the edits
+        make_blend(BlendConfig([real], [synthetic], 0.5, 2, 64, 8, tmp_path / "c", valid_data=[near],
+                               overlap_ngram=50, overlap_threshold=0.1))
+
+
+def test_a_dataset_without_a_sidecar_is_checked_against_the_tokenizer_the_user_names(golden, tmp_path, hf_tokenizer,
+                                                                                   spm_model):
+    """Datasets made by Megatron-LM itself carry no record of their tokenizer: the run names it, and what the
+    tokens can show (their dtype, their largest id, the end-of-document token) is checked."""
+    made = {name: str(golden / f"megatron_out/{name}_text_document") for name in ("hf_eod", "hf_noeod")}
+    with_eod = make_blend(BlendConfig([made["hf_eod"]], [], 0.0, 1, 64, 8, tmp_path / "a"))
+    with pytest.raises(InputError, match="no sidecar naming its tokenizer") as error:
+        run_tokenizer(with_eod)
+    assert "data.tokenizer_type and data.tokenizer_model" in error.value.fix
+    tokenizer = run_tokenizer(with_eod, "HuggingFaceTokenizer", str(hf_tokenizer), eod_expected=True)
+    assert tokenizer.vocab_size > read_index(made["hf_eod"]).largest_token()
+    with pytest.raises(InputError, match=r"stores tokens as uint16, too small for the vocabulary of 15\d{4}"):
+        run_tokenizer(with_eod, "HuggingFaceTokenizer", str(golden / "qwen_tokenizer"))
+    with pytest.raises(InputError, match="holds token id .*, beyond the vocabulary of 8000"):
+        run_tokenizer(with_eod, "SentencePieceTokenizer", str(spm_model))
+    without_eod = make_blend(BlendConfig([made["hf_noeod"]], [], 0.0, 1, 64, 8, tmp_path / "b"))
+    run_tokenizer(without_eod, "HuggingFaceTokenizer", str(hf_tokenizer))
+    with pytest.raises(InputError, match="no document ends with the end-of-document token") as error:
+        run_tokenizer(without_eod, "HuggingFaceTokenizer", str(hf_tokenizer), eod_expected=True)
+    assert error.value.path == made["hf_noeod"]

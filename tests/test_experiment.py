@@ -82,12 +82,17 @@ def test_config_errors_name_the_field(config, change, message):
 def test_a_held_out_document_or_id_that_is_also_trained_on_is_refused_before_any_stage(config, tmp_path, capsys):
     path = config()
     train = (tmp_path / "train.jsonl").read_text().splitlines()
+    held_out = (tmp_path / "heldout.jsonl").read_text()
     leaked = {**json.loads(train[1]), "id": "held-copy"}
-    with open(tmp_path / "heldout.jsonl", "a") as out:
-        out.write(json.dumps(leaked) + "\n")
+    near = {"id": "held-near", "text": json.loads(train[2])["text"].replace("topic 2.", "topic two.", 3)}
+    (tmp_path / "heldout.jsonl").write_text(held_out + json.dumps(leaked) + "\n")
     assert main(["run", str(path), "--dry-run"]) == 2
-    assert "1 held-out document(s) repeat a training document (held-out 'held-copy' is training 'doc1')" in \
-        capsys.readouterr().err
+    assert "1 training document(s) overlap held-out documents (training 'doc1' and held-out 'held-copy': 100% of " \
+           "13-grams shared, limit 50%)" in capsys.readouterr().err
+    (tmp_path / "heldout.jsonl").write_text(held_out + json.dumps(near) + "\n")  # 3 of 20 sentences changed
+    assert main(["run", str(path), "--dry-run"]) == 2
+    assert re.search(r"\(training 'doc2' and held-out 'held-near': [5-9]\d% of 13-grams", capsys.readouterr().err)
+    assert main(["run", str(path), "--dry-run", "--set", "decontaminate.overlap_threshold=0.95"]) == 0
     (tmp_path / "heldout.jsonl").write_text(json.dumps({"id": "doc1", "text": "Another text."}) + "\n")
     assert main(["run", str(path), "--dry-run"]) == 2
     assert "1 document id(s) are in both corpora (e.g. 'doc1')" in capsys.readouterr().err

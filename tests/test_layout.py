@@ -14,7 +14,8 @@ from tests.conftest import REPO
 PACKAGE = REPO / "megadoc_megatron"
 # Lowest first. "commands" are the thin CLI modules (cli.py, */command.py, *_command.py): they may use
 # any library layer; the experiment runs whole stage command lines, so it sits above them.
-LAYERS = ["base", "data", "model", "synth", "megadocs", "blend", "train", "evaluate", "tune", "commands", "experiment"]
+LAYERS = ["base", "data", "model", "synth", "megadocs", "decontaminate", "blend", "train", "evaluate", "tune",
+          "commands", "experiment"]
 BASE = {"__init__", "errors", "files", "jsonl", "config", "distributed"}
 
 

@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 
 from megadoc_megatron.blend.weights import Blend, BlendConfig, format_blend, make_blend
+from megadoc_megatron.data.overlap import NGRAM, THRESHOLD
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -23,6 +24,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=1234, help="Megatron's --seed (it shuffles the datasets)")
     parser.add_argument("--valid-data", nargs="+", help="held-out dataset prefixes: "
                                                         "also write per_split_data_args.json")
+    parser.add_argument("--overlap-ngram", type=int, default=NGRAM,
+                        help="the held-out check: n-gram length in tokens (default %(default)s, as GPT-3 and Llama 2)")
+    parser.add_argument("--overlap-threshold", type=float, default=THRESHOLD,
+                        help="refuse a training and a held-out document that share this fraction of the smaller "
+                             "one's n-grams (default %(default)s; 1.0: only where one holds the other whole)")
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--verify", action="store_true",
                         help="build the blend with megatron-core's BlendedMegatronDatasetBuilder "

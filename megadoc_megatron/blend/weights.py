@@ -28,6 +28,7 @@ import numpy as np
 
 from megadoc_megatron.data.dataset_info import DatasetInfo
 from megadoc_megatron.data.indexed import dataset_paths, read_index
+from megadoc_megatron.data.overlap import NGRAM, THRESHOLD, NgramIndex, check_settings
 from megadoc_megatron.errors import InputError
 from megadoc_megatron.files import update_digest, write_text_atomic
 
@@ -136,6 +137,8 @@ class BlendConfig:
     seed: int = 1234                 # Megatron's --seed (it shuffles the datasets)
     valid_data: list[str] | None = None  # held-out dataset prefixes
     train_tokens: int | None = None  # instead of epochs: a budget of training tokens
+    overlap_ngram: int = NGRAM       # the held-out check (check_held_out): n-gram length, in tokens
+    overlap_threshold: float = THRESHOLD  # and the overlap at which it refuses
 
 
 def split_fractions(split: str) -> list[float]:
@@ -350,30 +353,24 @@ def format_blend(blend: Blend) -> str:
     return "\n".join(lines)
 
 
-def _document_digests(prefix: str):
-    """(document number, digest of its tokens without a trailing EOD) of every non-empty document."""
-    info = DatasetInfo.load(prefix)
-    eod = info.tokenizer.get("eod") if info and info.append_eod else None
-    for number, tokens in enumerate(read_index(prefix).documents()):
-        if len(tokens) and eod is not None and tokens[-1] == eod:
-            tokens = tokens[:-1]
-        if len(tokens):
-            yield number, hashlib.blake2b(tokens.tobytes(), digest_size=16).digest()
-
-
-def check_held_out(real: list[str], held_out: list[str]) -> None:
-    """Held-out data that repeats a real training document exactly would measure memorization: refused.
-    The real datasets only: the synthetic ones are made from them (many times their size, so hashing them
-    would cost each blend most of its time), and what generations quote is a question for n-gram checks."""
-    seen = {digest: (prefix, number) for prefix in real for number, digest in _document_digests(prefix)}
-    shared = [(prefix, number, *seen[digest]) for prefix in held_out for number, digest in _document_digests(prefix)
-              if digest in seen]
-    if shared:
-        prefix, number, train_prefix, train_number = shared[0]
-        raise InputError(f"{len(shared)} held-out document(s) are also training documents (document {number} is "
-                         f"document {train_number} of {train_prefix})", prefix,
-                         fix="hold out documents the training data does not contain (deduplicate the corpora, "
-                             "then convert them again)")
+def check_held_out(real: list[str], held_out: list[str], ngram: int = NGRAM, threshold: float = THRESHOLD) -> None:
+    """Held-out data that (nearly) repeats a real training document would measure memorization: refused
+    when a training document and a held-out one overlap by `threshold` of their token n-grams (data/overlap.py;
+    1.0: one holds the other whole). The real datasets only: synthetic ones are made from them (many times
+    their size), and what generations quote is `megadoc decontaminate`'s question."""
+    check_settings(ngram, threshold)
+    index = NgramIndex((tokens for prefix in held_out for tokens in read_index(prefix).documents()), ngram)
+    owners = [(prefix, number) for prefix in held_out for number in range(read_index(prefix).num_documents)]
+    for prefix in real:
+        found = [o for o in index.overlaps(read_index(prefix).documents()) if o.fraction >= threshold]
+        if found:
+            worst = max(found, key=lambda o: o.fraction)
+            held_prefix, held_number = owners[worst.reference]
+            raise InputError(f"{len(found)} training document(s) of {prefix} overlap held-out documents (training "
+                             f"document {worst.query} and held-out document {held_number}: {worst.fraction:.0%} of "
+                             f"{ngram}-grams shared, limit {threshold:.0%})", held_prefix,
+                             fix="hold out documents the training data does not contain (deduplicate the corpora, "
+                                 "then convert them again), or raise --overlap-threshold")
 
 
 def make_blend(config: BlendConfig) -> Blend:
@@ -389,7 +386,7 @@ def make_blend(config: BlendConfig) -> Blend:
         if split_fractions(config.split)[0] != 1.0:
             raise InputError("--valid-data needs --split 100,0,0 (the held-out data replaces the split)",
                              fix="drop --valid-data or use --split 100,0,0")
-        check_held_out(config.real, config.valid_data)
+        check_held_out(config.real, config.valid_data, config.overlap_ngram, config.overlap_threshold)
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     blend.split, blend.seed = config.split, config.seed

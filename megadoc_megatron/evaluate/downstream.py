@@ -8,15 +8,9 @@ is in the local HF datasets cache, or the task reads local files (`--include-pat
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-
-def offline() -> None:
-    """Nothing may download at run time: lm-eval and datasets read caches and local files only."""
-    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        os.environ[name] = "1"
+from megadoc_megatron.data.tasks import offline
 
 
 def continuation_logprob(model, context: list[int], continuation: list[int], seq_length: int,

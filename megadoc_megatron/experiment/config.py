@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megadoc_megatron.config import build_dataclass, merge_dicts, parse_overrides, read_yaml
+from megadoc_megatron.data.overlap import NGRAM, THRESHOLD, check_settings
 from megadoc_megatron.errors import InputError
 
 KINDS = ("real", "simple", "stitch", "stretch", "textbook")
@@ -40,6 +41,17 @@ class BlendSection:
     seq_length: int = 0
     global_batch_size: int = 0
     seed: int = 1234                 # Megatron's --seed: the sample shuffle
+
+
+@dataclass
+class DecontaminateSection:
+    """Data hygiene: the held-out corpus against the training corpus (before any stage runs, and by
+    `megadoc blend`), and every synthetic stream against the held-out corpus (`megadoc decontaminate`)."""
+    overlap_ngram: int = NGRAM
+    overlap_threshold: float = THRESHOLD
+    drop: bool = True                # leave the synthetic records that quote held-out text out of training
+    tasks: list | None = None        # lm-eval tasks whose documents count as held out too
+    include_path: str = ""           # their task YAMLs, where they are not in lm-eval
 
 
 @dataclass
@@ -89,6 +101,7 @@ class Experiment:
     rationale: dict = field(default_factory=dict)      # ... for `megadoc synth rationale` only
     megadocs: dict = field(default_factory=dict)
     blend: BlendSection = field(default_factory=BlendSection)
+    decontaminate: DecontaminateSection = field(default_factory=DecontaminateSection)
     train: dict = field(default_factory=dict)          # a `megadoc train` config without data.blend and checkpoint.dir
     eval: EvalSection = field(default_factory=EvalSection)
     report: dict = field(default_factory=dict)
@@ -101,7 +114,8 @@ class Experiment:
 
 # fields holding paths, resolved against the config file's folder
 PATH_FIELDS = [("corpus", "train"), ("corpus", "heldout"), ("tokenizer", "model"), ("generator", "model"),
-               ("generator", "tokenizer"), ("generator", "prompts"), ("rephrase", "prompts"), ("rationale", "prompts")]
+               ("generator", "tokenizer"), ("generator", "prompts"), ("rephrase", "prompts"), ("rationale", "prompts"),
+               ("decontaminate", "include_path")]
 
 
 TUNE_PATHS = ("reference", "faithfulness_model", "quality_model", "prompts")
@@ -195,6 +209,7 @@ def load_experiment(path, overrides: list[str] = ()) -> Experiment:
         if not Path(getattr(experiment.corpus, name)).is_file():
             raise InputError(f"corpus.{name} file not found: {getattr(experiment.corpus, name)}", path,
                              fix="give a JSONL file, relative to the config's folder or absolute")
+    check_settings(experiment.decontaminate.overlap_ngram, experiment.decontaminate.overlap_threshold, path)
     if experiment.blend.seq_length < 1 or experiment.blend.global_batch_size < 1:
         raise InputError("blend.seq_length and blend.global_batch_size must be set", path,
                          fix="e.g. `blend: {seq_length: 4096, global_batch_size: 64}`")

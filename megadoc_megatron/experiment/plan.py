@@ -116,6 +116,9 @@ class Planner:
         self.preprocess_flags = self.commands.flags(
             "preprocess", experiment.preprocess, "preprocess",
             {"input", "output_prefix", "tokenizer_type", "tokenizer_model", "append_eod", "json_keys"})
+        decontaminate = experiment.decontaminate
+        self.overlap_flags = ["--overlap-ngram", decontaminate.overlap_ngram,
+                              "--overlap-threshold", decontaminate.overlap_threshold]
         self.megadocs_flags = self.commands.flags(
             "megadocs", experiment.megadocs, "megadocs",
             {"kind", "real", "generations", "output", "max_generations", "allow_uneven", "id_key", "text_key",
@@ -151,7 +154,19 @@ class Planner:
                  generations.folder, "--output", f"{OUT}/megadocs.jsonl",
                  *(["--max-generations", subset] if subset else []), "--allow-uneven", "--id-key", self.corpus.id_key,
                  "--text-key", self.corpus.text_key, *self.megadocs_flags]
-        return self.add(Stage(name, [build, self.preprocess(f"{OUT}/megadocs.jsonl", "synthetic", "text")]))
+        clean = self.decontaminate(f"{OUT}/megadocs.jsonl", f"{OUT}/clean.jsonl")
+        converted = f"{OUT}/clean.jsonl" if self.experiment.decontaminate.drop else f"{OUT}/megadocs.jsonl"
+        return self.add(Stage(name, [build, clean, self.preprocess(converted, "synthetic", "text")]))
+
+    def decontaminate(self, source: str, output: str) -> list:
+        """The synthetic records against the held-out corpus (and lm-eval tasks): a report beside them, and
+        with `drop` the records that quote none (data/overlap.py)."""
+        settings, corpus = self.experiment.decontaminate, self.corpus
+        return ["decontaminate", source, "--held-out", External(corpus.heldout), "--held-out-text-key",
+                corpus.text_key, "--id-key", corpus.id_key, "--report", f"{OUT}/decontamination.json",
+                *self.overlap_flags, *(["--output", output] if settings.drop else []),
+                *(["--tasks", *settings.tasks] if settings.tasks else []),
+                *(["--include-path", _input(settings.include_path)] if settings.include_path else [])]
 
 
 def _source(recipe: Recipe) -> tuple | None:
@@ -288,7 +303,8 @@ def train_stage(experiment: Experiment, recipe: Recipe, prefixes: dict, syntheti
     return Stage(f"train-{recipe.name}{suffix}", [
         ["blend", "--real", prefixes["real"], *mix, "-w", recipe.synthetic_weight, *length,
          "--seq-length", blend.seq_length, "--global-batch-size", blend.global_batch_size, "--seed", blend.seed,
-         "--valid-data", prefixes["heldout"], "--output-dir", f"{OUT}/blend"],
+         "--valid-data", prefixes["heldout"], "--overlap-ngram", experiment.decontaminate.overlap_ngram,
+         "--overlap-threshold", experiment.decontaminate.overlap_threshold, "--output-dir", f"{OUT}/blend"],
         ["train", f"{OUT}/train.yaml"]],
         files=files, launcher=experiment.launch.train)
 

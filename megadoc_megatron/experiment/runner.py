@@ -65,30 +65,34 @@ def run_experiment(experiment, report: bool = True, dry_run: bool = False, cost:
 
 
 def check_corpus_split(experiment) -> None:
-    """The held-out corpus must share no document id and no document text with the training corpus (which
-    synth rephrases): refused before any stage runs, where `megadoc blend` would refuse repeated tokens only
-    after synthesis."""
-    import hashlib
-
+    """The held-out corpus must share no document id with the training corpus (which synth rephrases), and
+    no document may (nearly) repeat a training one (word n-grams, the decontaminate section's settings):
+    refused before any stage runs, where `megadoc blend` would refuse only after synthesis."""
+    from megadoc_megatron.data.overlap import NgramIndex, text_units
     from megadoc_megatron.jsonl import expand_inputs, read_documents
 
-    corpus = experiment.corpus
+    corpus, settings = experiment.corpus, experiment.decontaminate
+    held_out = list(read_documents(expand_inputs([corpus.heldout]), corpus.id_key, corpus.text_key))
+    train_ids = []
 
-    def texts(path: str):
-        for document_id, text in read_documents(expand_inputs([path]), corpus.id_key, corpus.text_key):
-            yield document_id, hashlib.blake2b(text.encode(), digest_size=16).digest()
+    def train_units():
+        for document_id, text in read_documents(expand_inputs([corpus.train]), corpus.id_key, corpus.text_key):
+            train_ids.append(document_id)
+            yield text_units(text)
 
-    train = {digest: document_id for document_id, digest in texts(corpus.train)}
-    held_out = dict(texts(corpus.heldout))
-    same_ids = sorted(set(held_out) & set(train.values()))
+    index = NgramIndex((text_units(text) for _, text in held_out), settings.overlap_ngram)
+    found = [o for o in index.overlaps(train_units()) if o.fraction >= settings.overlap_threshold]
+    same_ids = sorted({document_id for document_id, _ in held_out} & set(train_ids))
     if same_ids:  # synth rephrases the training corpus: it must never be given a held-out id
         raise InputError(f"{len(same_ids)} document id(s) are in both corpora (e.g. {same_ids[0]!r})", corpus.heldout,
                          fix="give held-out documents ids of their own (the training corpus is what synth rephrases)")
-    shared = [(document_id, train[digest]) for document_id, digest in held_out.items() if digest in train]
-    if shared:
-        raise InputError(f"{len(shared)} held-out document(s) repeat a training document (held-out {shared[0][0]!r} "
-                         f"is training {shared[0][1]!r})", corpus.heldout,
-                         fix="hold out documents the training corpus does not contain (deduplicate the split)")
+    if found:
+        worst = max(found, key=lambda o: o.fraction)
+        pair = f"training {train_ids[worst.query]!r} and held-out {held_out[worst.reference][0]!r}"
+        raise InputError(f"{len(found)} training document(s) overlap held-out documents ({pair}: {worst.fraction:.0%} "
+                         f"of {settings.overlap_ngram}-grams shared, limit {settings.overlap_threshold:.0%})",
+                         corpus.heldout, fix="hold out documents the training corpus does not contain (deduplicate the "
+                                             "split), or raise decontaminate.overlap_threshold")
 
 
 def lineage(train_folder: Path) -> list[dict]:

@@ -257,7 +257,7 @@ def _megadoc_rows(store, real, generations, config: MegadocsConfig):
             yield Megadoc(f"{source}#stretch", source, "stretch", [g.id for g in ordered], len(original), text)
 
 
-def _length_stats(lengths: list[int]) -> dict:
+def length_stats(lengths: list[int]) -> dict:
     values = np.asarray(lengths, dtype=np.int64)
     if len(values) == 0:
         return {}
@@ -334,5 +334,5 @@ def _write(rows, path: Path, tokenizer, batch: int = 256) -> dict:
     if tokenizer is not None and pending:
         count_tokens()
     return {"documents": len(chars), "chars": sum(chars), "original_chars": originals,
-            "chars_per_document": _length_stats(chars),
-            "tokens_per_document": _length_stats(tokens) if tokenizer is not None else None}
+            "chars_per_document": length_stats(chars),
+            "tokens_per_document": length_stats(tokens) if tokenizer is not None else None}
