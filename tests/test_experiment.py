@@ -111,6 +111,8 @@ def test_a_changed_setting_changes_only_the_keys_of_the_stages_that_depend_on_it
     assert changed(stitch_lr) == ["eval-stitch_g2", "report", "train-stitch_g2"]
     assert changed(lambda c: c["rationale"].update(max_new_tokens=8)) == [
         "eval-stretch_g2", "report", "synth-rationale-g2", "synthetic-stretch-g2", "train-stretch_g2"]
+    assert changed(lambda c: c["decontaminate"].update(overlap_threshold=0.9)) == [
+        name for name in sorted(base) if name.split("-")[0] in ("synthetic", "train", "eval", "report")]
     assert changed(lambda c: c["eval"]["loss"].update(max_tokens=100)) == [
         name for name in sorted(base) if name.startswith("eval-") or name == "report"]
     (tmp_path / "heldout.jsonl").write_text((tmp_path / "heldout.jsonl").read_text().replace("Document", "Doc"))
@@ -162,6 +164,11 @@ def test_the_example_runs_every_stage_and_reports(demo):
     assert [d.stream for d in blend.datasets] == ["real", "synthetic"] and blend.epochs == 16
     megadocs = [json.loads(line) for line in next(work.glob("stages/synthetic-stitch-g2.*/megadocs.jsonl")).open()]
     assert len(megadocs) == 6 and all(len(m["generation_ids"]) <= 2 for m in megadocs)
+    decontamination = json.loads(next(work.glob("stages/synthetic-stitch-g2.*/decontamination.json")).read_text())
+    held_out = (work / "corpus/heldout.jsonl").read_text().splitlines()
+    assert decontamination["records"] == 6 and decontamination["references"] == len(held_out)
+    converted = next(work.glob("stages/synthetic-stitch-g2.*/synthetic_text_document.idx"))
+    assert read_index(str(converted)[:-len(".idx")]).num_documents == 6 - decontamination["contaminated"]
     # the corpus is real text, and the trained tokenizer keeps its layout: decoding gives the text back
     real = read_index(str(next(work.glob("stages/preprocess-train.*/real_text_document.idx")))[:-len(".idx")])
     tokenizer = load_tokenizer("SentencePieceTokenizer", work / "corpus/tokenizer.model")

@@ -336,6 +336,19 @@ def test_bad_document_fails_before_the_model_loads_and_writes_no_shard(tmp_path)
     assert not list((tmp_path / "out").glob("shard-*")) and not (tmp_path / "out" / "synth.json").exists()
 
 
+def test_a_held_out_document_given_to_synth_is_refused_before_the_model_loads(tmp_path):
+    corpus, held_out = tmp_path / "docs.jsonl", tmp_path / "held.jsonl"
+    corpus.write_text('{"id": "a", "text": "A training text."}\n{"id": "b", "text": "Another training text."}\n')
+    for held, same in (('{"id": "b", "text": "A held-out text."}', "id"), ('{"id": "h", "text": "Another training '
+                                                                             'text."}', "text")):
+        held_out.write_text(held + "\n")
+        result = subprocess.run([*synth_command(corpus, tmp_path / "out"), "--held-out", str(held_out)], cwd=REPO,
+                                capture_output=True, text=True)
+        assert result.returncode == 2
+        assert f"{held_out}: input document 'b' is a held-out document (the same {same})" in result.stderr
+        assert not list((tmp_path / "out").glob("shard-*")) and not (tmp_path / "out" / "synth.json").exists()
+
+
 def test_openai_backend_reports_an_unreachable_server(tmp_path):
     pytest.importorskip("openai")
     from megadoc_megatron.synth.backends import OpenAIBackend, Request, generate

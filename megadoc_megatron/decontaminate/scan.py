@@ -88,8 +88,8 @@ def _references(config: DecontaminateConfig) -> tuple[list[str], list[str]]:
 
 def _quote(record_text: str, reference_text: str, n: int) -> str:
     """The first n words of the record that the reference holds too (as the report's evidence)."""
-    words = record_text.split()
-    held = {tuple(w.lower() for w in reference_text.split()[i:i + n]) for i in range(len(reference_text.split()))}
+    words, reference = record_text.split(), reference_text.lower().split()
+    held = {tuple(reference[i:i + n]) for i in range(len(reference))}
     for start in range(max(len(words) - n + 1, 1)):
         if tuple(w.lower() for w in words[start:start + n]) in held:
             return " ".join(words[start:start + n])

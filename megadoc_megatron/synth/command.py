@@ -68,6 +68,8 @@ def _generation_arguments(parser: argparse.ArgumentParser, operation: str) -> No
     io = parser.add_argument_group("input and output")
     io.add_argument("--input", nargs="+", required=True, help="real documents: JSONL files, globs or folders")
     io.add_argument("--output", required=True, help="folder for the shards, synth.json and summary.json")
+    io.add_argument("--held-out", nargs="+", help="held-out documents (JSONL): an input document with one of "
+                                                  "their ids or texts is refused before anything is generated")
     io.add_argument("--id-key", default="id")
     io.add_argument("--text-key", default="text")
     io.add_argument("--docs-per-shard", type=int, default=1000)
@@ -252,6 +254,6 @@ def run(args: argparse.Namespace) -> dict | None:
                             (task_index, task_count))
     summary = run_synthesis(config, make_backend, load_chat_tokenizer(tokenizer_folder), args.input,
                             args.output, task_index=task_index, task_count=task_count,
-                            progress=not args.no_progress, sync_seconds=args.sync_every)
+                            progress=not args.no_progress, sync_seconds=args.sync_every, held_out=args.held_out)
     print(json.dumps(summary, indent=2), file=sys.stdout)
     return summary

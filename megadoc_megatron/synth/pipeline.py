@@ -260,7 +260,8 @@ class PairWork:
 
 class Synthesizer:
     def __init__(self, config: SynthConfig, make_backend, tokenizer, output: Path, task_index: int = 0,
-                 task_count: int = 1, progress: bool = True, sync_seconds: float = 2.0):
+                 task_count: int = 1, progress: bool = True, sync_seconds: float = 2.0,
+                 held_out: list[str] | None = None):
         """`make_backend()` is called once there is work to do: bad input fails before a model loads."""
         if not 0 <= task_index < task_count:
             raise InputError(f"task index {task_index} is not in [0, {task_count})",
@@ -268,7 +269,7 @@ class Synthesizer:
         self.config, self.make_backend, self.backend, self.output = config, make_backend, None, Path(output)
         self.pair_maker = PairMaker(config, tokenizer)
         self.task_index, self.task_count, self.progress = task_index, task_count, progress
-        self.sync_seconds = sync_seconds
+        self.sync_seconds, self.held_out = sync_seconds, held_out
         self.throughput = Throughput()
         self._unwritten: list[ShardWork] = []
         self._flushed = time.monotonic()
@@ -278,7 +279,7 @@ class Synthesizer:
 
     def run(self, inputs: list[Path]) -> dict:
         manifest = self._checked_manifest(inputs)
-        documents = sum(1 for _ in self._documents(inputs))  # validates every record before writing anything
+        documents = self._count_checked(inputs)
         write_text_atomic(self.output / MANIFEST, json.dumps(manifest, indent=2) + "\n")
         per_shard = self.config.docs_per_shard
         todo = {n for n in range(math.ceil(documents / per_shard))
@@ -303,6 +304,25 @@ class Synthesizer:
 
     def _documents(self, inputs: list[Path]):
         return read_documents(inputs, self.config.id_key, self.config.text_key)
+
+    def _count_checked(self, inputs: list[Path]) -> int:
+        """The input documents, every record validated before anything is written, none of them held out
+        (by id or text: the held-out loss would measure rephrases of its own documents)."""
+        def digest(text: str) -> bytes:
+            return hashlib.blake2b(text.encode(), digest_size=16).digest()
+
+        held_out = expand_inputs(self.held_out) if self.held_out else []
+        held = {key: where for document_id, text in self._documents(held_out)
+                for key, where in ((document_id, "id"), (digest(text), "text"))}
+        count = 0
+        for document_id, text in self._documents(inputs):
+            count += 1
+            same = held.get(document_id) or held.get(digest(text))
+            if same:
+                raise InputError(f"input document {document_id!r} is a held-out document (the same {same})",
+                                 held_out[0], fix="rephrase training documents only: take the held-out documents "
+                                                  "out of --input")
+        return count
 
     def _checked_manifest(self, inputs: list[Path]) -> dict:
         """This run's settings, refused if the output folder holds generations made with others."""
