@@ -245,20 +245,38 @@ def test_report_tables_and_plots_the_runs(runs, held_out, tmp_path):
 
 def test_report_fit_and_efficiency_from_the_published_points(tmp_path):
     """The baseline plot and efficiencies from METHOD.md's numbers (no checkpoints needed)."""
-    from megadoc_megatron.evaluate.report import Run, baseline_fit, plot_all, table_rows
+    from megadoc_megatron.evaluate.report import Run, write_report
 
     runs = [Run(f"real-{i}", tmp_path, "real", None, 16, None, 3e-3, 1.6, int(tokens), iid_loss=loss)
             for i, (tokens, loss) in enumerate(zip(BASELINE_TOKENS, BASELINE_LOSS))]
     runs.append(Run("simple-32", tmp_path, "simple", 32, 8, 0.75, 3e-3, 0.8, int(203.9e6), iid_loss=3.41))
-    fit, note = baseline_fit(runs)
-    assert note is None
-    for run in runs:
-        run.efficiency = fit.inverse(run.iid_loss) / run.real_tokens
-    assert runs[0].efficiency == pytest.approx(1.0, abs=0.02)
-    header, rows = table_rows(runs)
-    assert rows[-1][header.index("data efficiency")] == f"{runs[-1].efficiency:.2f}x"
-    plots = plot_all(runs, fit, tmp_path)
-    assert [name for name, _ in plots] == ["loss_vs_generations.png", "scaling_fit.png"]
+    report = write_report(runs, tmp_path / "report")
+    assert report["baseline_note"] is None and report["runs"][0]["efficiency"] == pytest.approx(1.0, abs=0.02)
+    simple = report["runs"][-1]["efficiency"]
+    assert f"| {simple:.2f}x |" in report["markdown"]
+    assert report["plots"] == ["loss_vs_generations.png", "scaling_fit.png"]
+
+
+def test_report_data_efficiency_on_a_known_baseline(tmp_path):
+    """Real-only runs on L(D) = 2 / (D/1e6)^0.3 + 3 exactly: a recipe whose loss the baseline reaches
+    with 2.5x its real tokens has data efficiency 2.5; one below the asymptote, infinite."""
+    from megadoc_megatron.evaluate.report import Run, write_report
+
+    def law(tokens):
+        return 2.0 / (tokens / 1e6) ** 0.3 + 3.0
+
+    runs = [Run(f"real-{d:g}", tmp_path, "real", None, 4, None, 3e-3, 0.1, int(d), iid_loss=law(d))
+            for d in (1e6, 2e6, 4e6, 8e6, 16e6)]
+    runs += [Run("stitch", tmp_path, "stitch", 4, 4, 0.75, 3e-3, 0.1, int(4e6), iid_loss=law(2.5 * 4e6)),
+             Run("beyond", tmp_path, "stitch", 8, 4, 0.75, 3e-3, 0.1, int(4e6), iid_loss=2.99)]
+    report = write_report(runs, tmp_path / "report")
+    fit = report["baseline_fit"]
+    assert (fit["A"], fit["B"], fit["C"]) == pytest.approx((2.0, 0.3, 3.0), abs=1e-3)
+    efficiency = {run["name"]: run["efficiency"] for run in report["runs"]}
+    assert efficiency["stitch"] == pytest.approx(2.5, rel=1e-3) and math.isinf(efficiency["beyond"])
+    assert all(efficiency[f"real-{d:g}"] == pytest.approx(1.0, rel=1e-3) for d in (1e6, 2e6, 4e6, 8e6, 16e6))
+    assert "| 2.50x |" in report["markdown"] and "No data efficiency" not in report["markdown"]
+    assert (tmp_path / "report" / "scaling_fit.png").stat().st_size > 10_000
 
 
 def test_report_asymptotes_over_ensemble_members_and_model_size(tmp_path):

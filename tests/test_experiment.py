@@ -300,7 +300,13 @@ def test_mixture_study_trains_every_share_and_budget_and_fits_each_share(demo):
         losses = summary["fits"][weight]["losses"]
         assert list(losses) == ["4096", "12288"] and losses["12288"] < losses["4096"]
         assert "needs at least 4" in summary["fits"][weight]["note"]
-    assert set(summary["best_weight"].values()) <= {0.0, 1.0}
+    for budget in (4096, 12288):  # the best w of each budget: the lower of the two trained losses, read apart
+        measured = {}
+        for stage in work.glob(f"stages/train-*-D{budget}.*"):
+            [result] = (stage / "ckpt/eval").glob("loss.*.json")
+            weight = Blend.load(stage / "blend/blend.json").synthetic_weight_requested
+            measured[weight] = json.loads(result.read_text())["metrics"]["loss"]
+        assert len(measured) == 2 and summary["best_weight"][str(budget)] == min(measured, key=measured.get)
     assert ((work / "mixture/mixture.png").stat().st_size > 10_000
             and "| 1 |" in (work / "mixture/mixture.md").read_text())
 

@@ -60,12 +60,13 @@ def test_influence_reward_scores_text_and_puts_the_weights_back(checkpoint, gold
 
     device = evaluation_process_group()
     try:
-        reference = [json.loads(line)["text"] for line in golden_lines[50:56]]
+        texts = [json.loads(line)["text"] for line in golden_lines[50:57]]
+        reference, unseen = texts[:6], texts[6]  # the candidate is held apart from the reference set
         reward = InfluenceReward(1, str(checkpoint), reference, device, steps=2, lr=1e-2)
         before = [p.detach().clone() for p in reward.loaded.model.parameters()]
-        on_topic, noise = reward.gain(reference[0]), reward.gain("zq " * 40)
+        on_topic, noise = reward.gain(unseen), reward.gain("zq " * 40)
         assert all(torch.equal(a, b) for a, b in zip(before, reward.loaded.model.parameters()))
-        assert on_topic > noise and math.isfinite(noise)  # held-out-like text helps more than noise
-        assert reward(None, ["zq " * 40], [reference[0]]) == [pytest.approx(noise - on_topic)]
+        assert on_topic > noise and math.isfinite(noise)  # real text of the same kind helps more than noise
+        assert reward(None, ["zq " * 40], [unseen]) == [pytest.approx(noise - on_topic)]
     finally:
         shutdown()

@@ -109,7 +109,7 @@ def _keep_megadocs_summary(files: list[Path], output: Path, chars: list[int], or
 
 
 def decontaminate(config: DecontaminateConfig) -> DecontaminationSummary:
-    check_settings(config.overlap_ngram, config.overlap_threshold, config.report)
+    check_settings(config.overlap_ngram, config.overlap_threshold)
     files = expand_inputs(config.inputs)
     names, texts = _references(config)
     index = NgramIndex((text_units(t) for t in texts), config.overlap_ngram)

@@ -373,7 +373,12 @@ def html_page(header, rows, plots, fit, fit_note, asymptote_table=None) -> str:
 
 
 def build_report(run_dirs: list[str], output, eval_name: str | None = None) -> dict:
-    runs = [load_run(Path(d), eval_name) for d in run_dirs]
+    return write_report([load_run(Path(d), eval_name) for d in run_dirs], output)
+
+
+def write_report(runs: list[Run], output) -> dict:
+    """The report of loaded runs: each one's data efficiency against the real-only baseline fit (where
+    there are enough real-only runs), tables, plots and report.json."""
     fit, note = baseline_fit(runs)
     if fit is not None:
         for run in runs:
