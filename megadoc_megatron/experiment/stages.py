@@ -5,13 +5,13 @@ with paths inside the work directory written relative to it (an upstream stage's
 carries that stage's key) and external inputs written as a fingerprint of their content. Same
 settings and same inputs: same key, and a finished stage (its `stage.json` exists) is skipped.
 A stage that was interrupted is rerun in its own folder, where `megadoc synth` and `megadoc
-train` resume from what they had written. A lock file lets concurrent runs (a sweep's SLURM
-jobs) share stages: the second waits for the first and then finds the stage finished.
+train` resume from what they had written. A lock file (experiment/lock.py, safe on NFS and Lustre)
+lets concurrent runs (a sweep's SLURM jobs) share stages: the second waits for the first and then
+finds the stage finished.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import io
 import json
@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megadoc_megatron.errors import InputError
+from megadoc_megatron.experiment.lock import held
 from megadoc_megatron.files import update_digest, write_text_atomic
 
 OUT = "{out}"  # the stage's own folder, in command lines and files
@@ -97,28 +98,56 @@ class Graph:
         return stage
 
 
+LOCK = ".megadoc-lock"  # experiment/lock.py: safe on NFS and Lustre
+
+
 @contextmanager
 def stage_lock(folder: Path):
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"    waiting for another process working on {folder.name}", flush=True)
-            fcntl.flock(lock, fcntl.LOCK_EX)
+
+    def waiting(holder: dict | None):
+        who = f"{holder['host']} pid {holder['pid']}" + (f" (job {holder['job']})" if holder.get("job") else "") \
+            if holder else "another process"
+        print(f"    waiting for {who}, working on {folder.name}", flush=True)
+
+    with held(folder / LOCK, on_wait=waiting):
         yield
 
 
+# Runs a command that Linux signals (SIGTERM) when the process that started it dies, even by SIGKILL:
+# torchrun and srun then stop their workers, and no trainer is left writing into a stage folder that a
+# rerun writes into too. The signal is set before exec and survives it.
+_TIED = ("import ctypes, os, signal, sys\n"
+         "ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG\n"
+         "if os.getppid() != int(sys.argv[1]):\n"
+         "    sys.exit('megadoc run ended before the stage started')\n"
+         "os.execvp(sys.argv[2], sys.argv[2:])\n")
+
+
+def tied_to_this_process(command: list[str]) -> list[str]:
+    """`command`, stopped when this process dies (Linux; elsewhere as it is)."""
+    return [sys.executable, "-c", _TIED, str(os.getpid()), *command] if sys.platform == "linux" else command
+
+
 def _run_launched(command: list[str], log) -> int:
-    """Run a command under its launcher, its output going to the console and the stage's log."""
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    """Run a command under its launcher, its output going to the console and the stage's log; it does not
+    outlive this process (see tied_to_this_process)."""
+    process = subprocess.Popen(tied_to_this_process(command), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    for line in iter(process.stdout.readline, b""):
-        sys.stdout.buffer.write(line)
-        sys.stdout.flush()
-        log.write(line.decode(errors="replace"))
-    log.flush()
-    return process.wait()
+    try:
+        for line in iter(process.stdout.readline, b""):
+            sys.stdout.buffer.write(line)
+            sys.stdout.flush()
+            log.write(line.decode(errors="replace"))
+        log.flush()
+        return process.wait()
+    finally:  # interrupted (Ctrl-C, an error): the stage stops with us
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
 
 
 class _Tee(io.TextIOBase):
