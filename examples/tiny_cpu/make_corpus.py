@@ -12,10 +12,28 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import sentencepiece
 from corpus import is_heldout, stdlib_documents
 
+from megadoc_megatron.data.overlap import THRESHOLD, NgramIndex, text_units
 from megadoc_megatron.files import write_text_atomic
+
+
+def apart_from(train: list[dict], heldout: list[dict], tokenizer) -> list[dict]:
+    """The training documents without those that nearly repeat a held-out one (modules whose docstrings
+    were copied from each other), by word n-grams (what `megadoc run` checks) and token n-grams (what
+    `megadoc blend` checks; short documents sharing a licence line can differ a lot between the two),
+    with half their threshold as a margin."""
+    def units(texts: list[str]):
+        return [[text_units(t) for t in texts], [np.array(ids) for ids in tokenizer.encode(texts)]]
+
+    close = set()
+    for held, candidates in zip(units([d["text"] for d in heldout]), units([d["text"] for d in train])):
+        close |= {o.query for o in NgramIndex(held).overlaps(candidates) if o.fraction >= THRESHOLD / 2}
+    if close:
+        print(f"left out {len(close)} training document(s) that nearly repeat held-out ones")
+    return [d for number, d in enumerate(train) if number not in close]
 
 
 def main() -> None:
@@ -39,13 +57,6 @@ def main() -> None:
     documents = list(stdlib_documents(args.min_chars))
     heldout = {d["id"] for d in documents if is_heldout(d["id"], args.heldout_fraction)}
     kept = [d for d in documents if args.max_chars is None or len(d["text"]) <= args.max_chars]
-    splits = {"train": [d for d in kept if d["id"] not in heldout][:args.max_train_documents],
-              "heldout": [d for d in kept if d["id"] in heldout]}
-    for name, rows in splits.items():
-        write_text_atomic(args.output_dir / f"{name}.jsonl",
-                          "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-        print(f"{name}: {len(rows)} documents, {sum(len(r['text']) for r in rows):,} characters")
-
     sentencepiece.SentencePieceTrainer.train(
         sentence_iterator=iter(d["text"] for d in documents if d["id"] not in heldout),
         model_prefix=str(args.output_dir / "tokenizer"), vocab_size=args.vocab_size, model_type="bpe",
@@ -54,6 +65,13 @@ def main() -> None:
         normalization_rule_name="identity", remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
         minloglevel=2)
     print(f"tokenizer: {args.output_dir / 'tokenizer.model'} (SentencePiece BPE, vocab {args.vocab_size})")
+    tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(args.output_dir / "tokenizer.model"))
+    splits = {"train": [d for d in kept if d["id"] not in heldout], "heldout": [d for d in kept if d["id"] in heldout]}
+    splits["train"] = apart_from(splits["train"], splits["heldout"], tokenizer)[:args.max_train_documents]
+    for name, rows in splits.items():
+        write_text_atomic(args.output_dir / f"{name}.jsonl",
+                          "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+        print(f"{name}: {len(rows)} documents, {sum(len(r['text']) for r in rows):,} characters")
     write_text_atomic(done, json.dumps(settings) + "\n")
 
 

@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overlap-threshold", type=float, default=THRESHOLD,
                         help="refuse a training and a held-out document that share this fraction of the smaller "
                              "one's n-grams (default %(default)s; 1.0: only where one holds the other whole)")
+    parser.add_argument("--held-out-checked", action="store_true",
+                        help="skip that check: the corpora were compared already (`megadoc run` does, on their "
+                             "words, before any stage)")
     parser.add_argument("--output-dir", required=True)
     parser.add_argument("--verify", action="store_true",
                         help="build the blend with megatron-core's BlendedMegatronDatasetBuilder "

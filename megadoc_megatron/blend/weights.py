@@ -139,6 +139,7 @@ class BlendConfig:
     train_tokens: int | None = None  # instead of epochs: a budget of training tokens
     overlap_ngram: int = NGRAM       # the held-out check (check_held_out): n-gram length, in tokens
     overlap_threshold: float = THRESHOLD  # and the overlap at which it refuses
+    held_out_checked: bool = False   # the caller compared the corpora already (megadoc run, on their words)
 
 
 def split_fractions(split: str) -> list[float]:
@@ -386,7 +387,8 @@ def make_blend(config: BlendConfig) -> Blend:
         if split_fractions(config.split)[0] != 1.0:
             raise InputError("--valid-data needs --split 100,0,0 (the held-out data replaces the split)",
                              fix="drop --valid-data or use --split 100,0,0")
-        check_held_out(config.real, config.valid_data, config.overlap_ngram, config.overlap_threshold)
+        if not config.held_out_checked:
+            check_held_out(config.real, config.valid_data, config.overlap_ngram, config.overlap_threshold)
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     blend.split, blend.seed = config.split, config.seed

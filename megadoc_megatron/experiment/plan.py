@@ -303,8 +303,7 @@ def train_stage(experiment: Experiment, recipe: Recipe, prefixes: dict, syntheti
     return Stage(f"train-{recipe.name}{suffix}", [
         ["blend", "--real", prefixes["real"], *mix, "-w", recipe.synthetic_weight, *length,
          "--seq-length", blend.seq_length, "--global-batch-size", blend.global_batch_size, "--seed", blend.seed,
-         "--valid-data", prefixes["heldout"], "--overlap-ngram", experiment.decontaminate.overlap_ngram,
-         "--overlap-threshold", experiment.decontaminate.overlap_threshold, "--output-dir", f"{OUT}/blend"],
+         "--valid-data", prefixes["heldout"], "--held-out-checked", "--output-dir", f"{OUT}/blend"],
         ["train", f"{OUT}/train.yaml"]],
         files=files, launcher=experiment.launch.train)
 
