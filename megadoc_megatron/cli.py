@@ -30,6 +30,8 @@ STAGES = {
                                                            "and data efficiency"),
     "run": ("megadoc_megatron.experiment.command", "the whole method from one experiment config: "
                                                    "every stage cached and resumable"),
+    "status": ("megadoc_megatron.experiment.status_command", "where every stage of a work folder stands: done, "
+                                                             "running, failed, waiting"),
     "sweep": ("megadoc_megatron.experiment.sweep_command", "a grid over E, w, lr and wd around one recipe, "
                                                            "with the local-optimum check"),
 }

@@ -22,6 +22,7 @@ from megadoc_megatron.data.tokenizer import load_tokenizer
 from megadoc_megatron.errors import InputError
 from megadoc_megatron.experiment.config import load_experiment
 from megadoc_megatron.experiment.plan import build_graph
+from megadoc_megatron.experiment.status import read_status
 
 EXAMPLE = REPO / "examples/tiny_cpu/experiment.yaml"
 
@@ -161,6 +162,8 @@ def test_the_example_runs_every_stage_and_reports(demo):
     for plot in ("loss_vs_generations.png", "loss_vs_position.png"):
         assert (work / "report" / plot).stat().st_size > 10_000
     assert "| real |" in output and "report:" in output
+    states = read_status(work)
+    assert len(states) == 13 and {s.state for s in states} == {"done"}  # megadoc status: the run's plan, all done
     blend = Blend.load(work / "runs/stitch_g2/blend/blend.json")
     assert [d.stream for d in blend.datasets] == ["real", "synthetic"] and blend.epochs == 16
     megadocs = [json.loads(line) for line in next(work.glob("stages/synthetic-stitch-g2.*/megadocs.jsonl")).open()]

@@ -10,6 +10,7 @@ import textwrap
 import threading
 import time
 
+import pytest
 from conftest import REPO
 
 from megadoc_megatron.experiment.lock import held, read_holder
@@ -116,3 +117,39 @@ def test_a_launched_stage_dies_with_megadoc_run(tmp_path):
     wait_for(gone, 30)
     with stage_lock(tmp_path / "stage"):  # and the stage can be taken up again at once
         pass
+
+
+def test_status_tells_done_running_failed_and_waiting_stages(tmp_path, capsys):
+    from megadoc_megatron.cli import main
+    from megadoc_megatron.errors import InputError
+    from megadoc_megatron.experiment.lock import held
+    from megadoc_megatron.experiment.stages import OUT, Graph, Stage, run_stage
+    from megadoc_megatron.experiment.status import read_status, write_plan
+
+    assert main(["status", str(tmp_path)]) == 2 and "no plan in this work folder" in capsys.readouterr().err
+    graph = Graph(tmp_path)
+    data = graph.add(Stage("data", [], files={"data.txt": "x"}))
+    train = graph.add(Stage("train", [["train", f"{data.folder}/data.txt"]]))
+    graph.add(Stage("report", [["report", f"{train.folder}/ckpt", "--output", OUT]]))
+    broken = graph.add(Stage("broken", [["inspect", str(tmp_path / "missing")]]))
+    write_plan(tmp_path, graph.stages)
+    assert [s.state for s in read_status(tmp_path)] == ["to run", "waiting", "waiting", "to run"]
+    run_stage(data)
+    with pytest.raises(InputError, match="stage broken failed"):
+        run_stage(broken)
+    (train.folder / "ckpt").mkdir(parents=True)
+    (train.folder / "ckpt/metrics.jsonl").write_text("".join(json.dumps({"iteration": i, "loss": 5.0}) + "\n"
+                                                             for i in (1, 2, 3)))
+    (train.folder / "blend").mkdir()
+    (train.folder / "blend/blend.json").write_text(json.dumps({"train_iters": 8}))
+    with held(train.folder / LOCK):
+        states = {s.name: s for s in read_status(tmp_path)}
+        assert main(["status", str(tmp_path)]) == 0
+    assert states["data"].state == "done" and states["report"].state == "waiting"
+    assert states["report"].detail == "for train"
+    assert states["train"].state == "running" and states["train"].detail.endswith(f"pid {os.getpid()}, iteration 3 "
+                                                                                  "of 8")
+    assert states["broken"].state == "failed" and "megadoc inspect: error:" in states["broken"].detail
+    printed = capsys.readouterr().out
+    assert "4 stages: 1 done, 1 running, 1 failed, 1 waiting" in printed
+    assert read_status(tmp_path)[1].state == "to run"  # the lock let go: interrupted, to run again

@@ -36,7 +36,7 @@ def read_holder(path: Path) -> dict | None:
         return None
 
 
-def _alive_here(pid: int) -> bool:
+def alive_here(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -95,7 +95,7 @@ def _holder_gone(path: Path, watch: _Watch, stale: float) -> str | None:
         return None
     holder = read_holder(path)
     if holder and holder.get("host") == socket.gethostname():
-        return text if not _alive_here(int(holder.get("pid", -1))) else None
+        return text if not alive_here(int(holder.get("pid", -1))) else None
     return text if watch.see(text, mtime) >= stale else None  # another host, or a torn record
 
 

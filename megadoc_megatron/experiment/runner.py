@@ -28,6 +28,11 @@ def run_experiment(experiment, report: bool = True, dry_run: bool = False, cost:
     stages = [s for s in plan.graph.stages if report or s is not plan.report]
     work = plan.graph.work_dir
     pending = [s for s in stages if not s.done]
+    if not dry_run:
+        from megadoc_megatron.experiment.status import write_plan
+
+        work.mkdir(parents=True, exist_ok=True)
+        write_plan(work, stages)
     print(f"megadoc run: {len(stages)} stages, {len(stages) - len(pending)} done, {len(pending)} to run "
           f"(work dir {work})", flush=True)
     status = {}

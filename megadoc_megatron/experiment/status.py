@@ -1,0 +1,112 @@
+"""`megadoc status WORK`: every stage of the last `megadoc run` planned on a work folder, and where it
+stands (done, running where and how far, failed with its error line, waiting on what), read from the
+files the stages write, so it can be run while a run is going, from any node."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from megadoc_megatron.errors import InputError
+from megadoc_megatron.experiment.lock import HEARTBEAT, alive_here, read_holder
+from megadoc_megatron.experiment.stages import LOCK
+from megadoc_megatron.files import write_text_atomic
+
+PLAN = "plan.json"
+
+
+def write_plan(work: Path, stages: list) -> None:
+    """WORK/plan.json: the stages in the order they run, each with the stages whose output it reads."""
+    folders = {stage.name: str(stage.folder) for stage in stages}
+
+    def reads(stage, folder: str) -> bool:
+        return any(arg == folder or arg.startswith(folder + "/") for command in stage.commands
+                   for arg in stage.argv(command))
+
+    entries = [{"name": stage.name, "folder": stage.folder.name,
+                "needs": [name for name, folder in folders.items() if name != stage.name and reads(stage, folder)]}
+               for stage in stages]
+    write_text_atomic(work / PLAN, json.dumps({"planned": time.strftime("%Y-%m-%dT%H:%M:%S"), "stages": entries},
+                                              indent=2) + "\n")
+
+
+@dataclass
+class StageState:
+    name: str
+    state: str     # done | running | failed | waiting | to run
+    detail: str
+
+
+def _holder_alive(lock: Path) -> dict | None:
+    """The lock's holder while it runs: on this host its pid is alive; elsewhere its heartbeat is recent."""
+    holder = read_holder(lock)
+    if holder is None:
+        return None
+    if holder.get("host") == socket.gethostname():
+        return holder if alive_here(int(holder.get("pid", -1))) else None
+    try:
+        return holder if time.time() - lock.stat().st_mtime < 3 * HEARTBEAT else None
+    except FileNotFoundError:
+        return None
+
+
+def _progress(folder: Path) -> str:
+    """How far a running stage is, from what it writes: generations, or training iterations."""
+    shards = [p for p in folder.glob("shard-*.jsonl") if not p.name.endswith(".rejected.jsonl")]
+    if shards:
+        generations = sum(p.read_bytes().count(b"\n") for p in shards)
+        return f"{generations:,} generations written"
+    metrics, blend = folder / "ckpt" / "metrics.jsonl", folder / "blend" / "blend.json"
+    if metrics.is_file() and blend.is_file():
+        rows = [json.loads(line) for line in metrics.read_text().splitlines()[-20:] if line.endswith("}")]
+        done = max((row["iteration"] for row in rows if "loss" in row), default=0)
+        return f"iteration {done:,} of {json.loads(blend.read_text())['train_iters']:,}"
+    return ""
+
+
+def _last_error(log: Path) -> str | None:
+    if not log.is_file():
+        return None
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines()]
+    start = max((i for i, line in enumerate(lines) if line.startswith("=== ")), default=0)  # the last attempt
+    errors = [line for line in lines[start:] if "error" in line.lower()]
+    return errors[-1][:200] if errors else None
+
+
+def read_status(work: Path) -> list[StageState]:
+    plan = Path(work) / PLAN
+    if not plan.is_file():
+        raise InputError("no plan in this work folder", work,
+                         fix="start `megadoc run CONFIG` on it first (it writes plan.json), or pass its work_dir")
+    states: dict[str, StageState] = {}
+    for entry in json.loads(plan.read_text())["stages"]:
+        folder = Path(work) / "stages" / entry["folder"]
+        holder = _holder_alive(folder / LOCK)
+        error = _last_error(folder / "log.txt")
+        unfinished = [need for need in entry["needs"] if states[need].state != "done"]
+        if (folder / "stage.json").is_file():
+            record = json.loads((folder / "stage.json").read_text())
+            state = StageState(entry["name"], "done", f"{record['seconds']:.0f} s, finished {record['finished']}")
+        elif holder:
+            where = f"{holder['host']} pid {holder['pid']}" + (f", job {holder['job']}" if holder.get("job") else "")
+            state = StageState(entry["name"], "running", ", ".join(filter(None, [where, _progress(folder)])))
+        elif error:
+            state = StageState(entry["name"], "failed", error)
+        elif unfinished:
+            state = StageState(entry["name"], "waiting", "for " + ", ".join(unfinished))
+        else:
+            state = StageState(entry["name"], "to run", "interrupted: reruns from its files" if folder.is_dir()
+                               else "")
+        states[entry["name"]] = state
+    return list(states.values())
+
+
+def format_status(states: list[StageState]) -> str:
+    counts = {state: sum(s.state == state for s in states) for state in ("done", "running", "failed", "waiting")}
+    width = max(len(s.name) for s in states) if states else 10
+    lines = [f"{s.name:<{width}}  {s.state:<8}  {s.detail}" for s in states]
+    summary = ", ".join(f"{count} {state}" for state, count in counts.items() if count)
+    return "\n".join([*lines, f"{len(states)} stages: {summary or 'none started'}"])
