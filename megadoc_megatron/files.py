@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from pathlib import Path
@@ -43,3 +44,34 @@ def read_utf8(path) -> str:
     except UnicodeDecodeError as error:
         raise InputError(f"not UTF-8 text (byte {raw[error.start]:#04x} at offset {error.start})", path,
                          raw[:error.start].count(b"\n") + 1, fix="save the file as UTF-8") from None
+
+
+def cache_root() -> Path:
+    """Where megadoc keeps what it can rebuild (the default generator, file digests): MEGADOC_CACHE."""
+    return Path(os.environ.get("MEGADOC_CACHE", Path.home() / ".cache" / "megadoc-megatron"))
+
+
+def content_digest(path) -> str:
+    """SHA-256 of a file's whole content, read once per version of the file: the digest is kept in the
+    cache under the file's path, size, modification time and inode, so a large corpus is hashed again
+    only after it changes."""
+    path = Path(path).resolve()
+    before = path.stat()
+    version = f"{path}\0{before.st_size}\0{before.st_mtime_ns}\0{before.st_ino}"
+    entry = cache_root() / "digests" / hashlib.sha256(version.encode()).hexdigest()
+    try:
+        return entry.read_text().strip()
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 24), b""):
+            digest.update(block)
+    after = path.stat()
+    if (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns):  # not rewritten meanwhile
+        try:
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(entry, digest.hexdigest() + "\n")
+        except OSError:  # a read-only cache costs time, not correctness
+            pass
+    return digest.hexdigest()

@@ -295,3 +295,20 @@ def test_experiment_refuses_cost_flags_in_the_generator_section(experiment_confi
     experiment_config.write_text(yaml.safe_dump(values))
     with pytest.raises(InputError, match="generator/rephrase.plan is set by megadoc run"):
         build_graph(load_experiment(experiment_config))
+
+
+def test_a_resumed_synthesis_refuses_an_input_changed_anywhere(tmp_path, hf_tokenizer, monkeypatch):
+    """The manifest records each input's whole-content digest: an edit in the middle that keeps the size
+    is refused on resume, where names and sizes alone would have let stale generations pass."""
+    from transformers import AutoTokenizer
+
+    monkeypatch.setenv("MEGADOC_CACHE", str(tmp_path / "cache"))
+    corpus, output = write_corpus(tmp_path), tmp_path / "out"
+    args = synth_args(corpus, output, hf_tokenizer, generations=1)
+    tokenizer = AutoTokenizer.from_pretrained(hf_tokenizer)
+    run_recorded(args, Recorder(tokenizer))
+    text = corpus.read_text()
+    middle = next(i for i in range(len(text) // 2, len(text)) if text[i].isalpha())
+    corpus.write_text(text[:middle] + ("x" if text[middle] != "x" else "y") + text[middle + 1:])
+    with pytest.raises(InputError, match=r"other settings \(input_digests differ\)"):
+        run_recorded(args, Recorder(tokenizer))

@@ -153,3 +153,17 @@ def test_status_tells_done_running_failed_and_waiting_stages(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "4 stages: 1 done, 1 running, 1 failed, 1 waiting" in printed
     assert read_status(tmp_path)[1].state == "to run"  # the lock let go: interrupted, to run again
+
+
+def test_a_stage_key_covers_the_whole_content_of_a_large_input_hashed_once_per_version(tmp_path, monkeypatch):
+    from megadoc_megatron.experiment.stages import fingerprint
+
+    monkeypatch.setenv("MEGADOC_CACHE", str(tmp_path / "cache"))
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_bytes(b'{"text": "a line of the corpus"}\n' * (70 << 20 >> 5))  # 70 MiB
+    first = fingerprint(corpus)
+    assert fingerprint(corpus) == first and len(list((tmp_path / "cache/digests").iterdir())) == 1
+    with open(corpus, "r+b") as stream:  # one byte in the middle, the size unchanged
+        stream.seek(35 << 20)
+        stream.write(b"A" if stream.read(1) != b"A" else b"B")
+    assert fingerprint(corpus) != first and len(list((tmp_path / "cache/digests").iterdir())) == 2

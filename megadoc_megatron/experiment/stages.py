@@ -27,10 +27,9 @@ from pathlib import Path
 
 from megadoc_megatron.errors import InputError
 from megadoc_megatron.experiment.lock import held
-from megadoc_megatron.files import update_digest, write_text_atomic
+from megadoc_megatron.files import content_digest, write_text_atomic
 
 OUT = "{out}"  # the stage's own folder, in command lines and files
-WHOLE_FILE_LIMIT = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -40,13 +39,13 @@ class External:
 
 
 def fingerprint(path) -> str:
-    """SHA-256 of a file's content (size plus first and last MiB above 64 MiB), or of a folder's files."""
+    """SHA-256 of a file's whole content, or of a folder's files (each read once per version of it:
+    files.content_digest)."""
     path = Path(path)
     digest = hashlib.sha256()
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     for file in files:
-        digest.update(f"{file.relative_to(path) if path.is_dir() else ''}\0".encode())
-        update_digest(digest, file, WHOLE_FILE_LIMIT)
+        digest.update(f"{file.relative_to(path) if path.is_dir() else ''}\0{content_digest(file)}\0".encode())
     return digest.hexdigest()
 
 

