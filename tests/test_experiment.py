@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shlex
 import signal
 import subprocess
 import time
@@ -447,3 +448,99 @@ def test_a_stage_runs_in_process_or_under_a_launcher_and_a_failure_names_its_log
     with pytest.raises(InputError, match="stage inspect-missing failed") as error:
         run_stage(bad)
     assert str(bad.folder / "log.txt") in str(error.value) and not bad.done
+
+
+def dry_run_jobs(output: str) -> tuple[dict[str, str], list[list[str]]]:
+    """The scripts (path -> text) and sbatch command lines that `--execute slurm --dry-run` printed."""
+    scripts, submissions, current = {}, [], None
+    for line in output.splitlines():
+        if line.startswith("# ") and line.endswith(".sbatch"):
+            current = line[2:]
+            scripts[current] = ""
+        elif line.startswith("sbatch "):
+            submissions.append(shlex.split(line))
+            current = None
+        elif current is not None:
+            scripts[current] += line + "\n"
+    return scripts, submissions
+
+
+def test_the_papers_setup_submits_as_a_graph_of_slurm_jobs(config, tmp_path, capsys, golden):
+    """examples/repro_300m as a cluster user submits it: one job per stage with its kind's resources,
+    synthesis as 32-task GPU arrays, afterok edges exactly where a stage reads another's output (and the
+    report after every evaluation), and every job's command one our own CLI accepts."""
+    from megadoc_megatron.cli import build_parser
+    from megadoc_megatron.experiment.status import stage_needs
+
+    repro = REPO / "examples/repro_300m/experiment.yaml"
+    overrides = [f"work_dir={tmp_path / 'work'}", f"corpus.train={tmp_path / 'train.jsonl'}",
+                 f"corpus.heldout={tmp_path / 'heldout.jsonl'}", f"tokenizer.model={golden / 'hf_tokenizer'}"]
+    sets = [item for override in overrides for item in ("--set", override)]
+    assert main(["run", str(repro), "--execute", "slurm", "--dry-run", *sets]) == 0
+    scripts, submissions = dry_run_jobs(capsys.readouterr().out)
+    stages = build_graph(load_experiment(repro, overrides)).graph.stages
+    needs = stage_needs(stages)
+    assert not (tmp_path / "work/slurm").exists()  # a dry run writes nothing
+    by_job = {}
+    for command in submissions:
+        name = next(o.split("=", 1)[1] for o in command if o.startswith("--job-name="))[len("megadoc-"):]
+        by_job.setdefault(name, []).append(command)
+    assert set(by_job) == {s.name for s in stages}
+    for stage in stages:
+        *array, final = by_job[stage.name]
+        after = next((o.split(":", 1)[1] for o in final if o.startswith("--dependency=afterok:")), "")
+        if stage.name.startswith("synth-"):
+            [array] = array
+            assert "--array=0-31" in array and "--gpus-per-node" in array
+            assert after == f"<{stage.name} array>" and "--gpus-per-node" not in final
+        else:
+            assert not array and (after.split(":") if after else []) == [f"<{n}>" for n in needs[stage.name]]
+        script = scripts[final[-1]]
+        [command] = [line for line in script.splitlines() if "-m megadoc_megatron.cli" in line]
+        args = build_parser().parse_args(shlex.split(command.split(" -m megadoc_megatron.cli ", 1)[1]))
+        assert (args.stage, args.only_stage, args.config) == ("run", stage.name, str(repro))
+        assert load_experiment(repro, args.overrides).work_dir == str(tmp_path / "work")
+        if stage.name.startswith("train-"):
+            assert "--nodes" in final and "--exclusive" in final
+            assert "export CUDA_DEVICE_MAX_CONNECTIONS=1" in script
+    assert set(needs["report"]) >= {s.name for s in stages if s.name.startswith("eval-")}
+    assert needs["train-stitch_g8"] == ["preprocess-train", "preprocess-heldout", "synthetic-stitch-g8"]
+    assert needs["eval-stitch_g8"] == ["preprocess-heldout", "train-stitch_g8"] and needs["synth-rephrase"] == []
+
+
+def test_slurm_submission_skips_finished_and_queued_stages_and_resumes_after_failures(config, tmp_path, capsys,
+                                                                                      monkeypatch):
+    """sbatch and squeue stand-ins record what is submitted: a second submission while the jobs are queued
+    submits nothing; once they are gone, only the unfinished stages go again; a job runs its stage, and
+    refuses to run before the stages it reads."""
+    fake, path = tmp_path / "fake", config()
+    fake.mkdir()
+    (fake / "sbatch").write_text('#!/bin/bash\nn=$(( $(cat "$FAKE/count" 2>/dev/null || echo 100) + 1 ))\n'
+                                 'echo $n > "$FAKE/count"; echo "${@: -1}" >> "$FAKE/submitted"; echo "$n"\n')
+    (fake / "squeue").write_text('#!/bin/bash\ngrep -qx "$3" "$FAKE/running" 2>/dev/null && echo RUNNING\nexit 0\n')
+    for tool in ("sbatch", "squeue"):
+        (fake / tool).chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE", str(fake))
+    work = tmp_path / "work"
+
+    def submitted() -> list[str]:
+        return (fake / "submitted").read_text().splitlines() if (fake / "submitted").is_file() else []
+
+    assert main(["run", str(path), "--execute", "slurm"]) == 0
+    stages = build_graph(load_experiment(path)).graph.stages
+    first = submitted()
+    assert len(first) == len(stages) and all(Path(script).is_file() for script in first)
+    jobs = json.loads((work / "slurm/jobs.json").read_text())
+    (fake / "running").write_text("\n".join(jobs.values()) + "\n")
+    assert main(["run", str(path), "--execute", "slurm"]) == 0
+    assert submitted() == first and "still queued or running" in capsys.readouterr().out
+
+    (fake / "running").write_text("")  # the jobs failed or were preempted
+    assert main(["run", str(path), "--stage", "train-real"]) == 2
+    assert "stage train-real reads preprocess-train, preprocess-heldout: not done yet" in capsys.readouterr().err
+    assert main(["run", str(path), "--stage", "preprocess-heldout"]) == 0  # what that stage's job runs
+    assert main(["run", str(path), "--execute", "slurm"]) == 0
+    again = submitted()[len(first):]
+    assert len(again) == len(stages) - 1 and not any("preprocess-heldout" in script for script in again)
+    assert [s.state for s in read_status(work)].count("done") == 1

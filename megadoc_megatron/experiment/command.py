@@ -21,6 +21,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dry-run", action="store_true",
                         help="print each stage, whether it is done, and its commands, then what each synth and "
                              "train stage costs in GPU-hours")
+    parser.add_argument("--execute", choices=("local", "slurm"), default="local",
+                        help="run the stages here one after another, or submit each as a SLURM job chained by "
+                             "dependencies (resources: the config's launch.slurm); with --dry-run, print the jobs")
+    parser.add_argument("--stage", dest="only_stage", help=argparse.SUPPRESS)  # what each SLURM job runs
+    parser.add_argument("--array-task", action="store_true", help=argparse.SUPPRESS)
     cost = parser.add_argument_group("cost (with --dry-run)")
     cost.add_argument("--tokens-per-second", type=float, metavar="X",
                       help="generation: output tokens/s per GPU of the generator (none: token counts only)")
@@ -31,8 +36,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> dict:
     from megadoc_megatron.experiment.config import load_experiment
-    from megadoc_megatron.experiment.runner import run_experiment, select_recipes
+    from megadoc_megatron.experiment.runner import run_experiment, run_one_stage, select_recipes
 
     experiment = select_recipes(load_experiment(Path(args.config), args.overrides), args.recipes)
+    if args.only_stage:
+        return {args.only_stage: run_one_stage(experiment, args.only_stage, args.array_task)}
     cost = {"tokens_per_second": args.tokens_per_second, "mfu": args.mfu, "gpu_tflops": args.gpu_tflops}
-    return run_experiment(experiment, args.report, args.dry_run, cost)
+    slurm_argv = None
+    if args.execute == "slurm":  # each job repeats this run's config, overrides and recipes
+        slurm_argv = ["run", str(Path(args.config).resolve()), *[f"--set={o}" for o in args.overrides],
+                      *(["--recipes", *args.recipes] if args.recipes else []),
+                      *([] if args.report else ["--no-report"])]
+    return run_experiment(experiment, args.report, args.dry_run, cost, slurm_argv)

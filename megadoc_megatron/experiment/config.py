@@ -66,6 +66,10 @@ class LaunchConfig:
     train: str = ""                  # what starts Python for training, e.g. "torchrun --nproc-per-node 8";
                                      # "": this Python
     eval: str = ""                   # the same for evaluation
+    slurm: dict = field(default_factory=dict)  # --execute slurm: sbatch options per stage kind (default,
+                                     # preprocess, synth, synthetic, tune, train, eval, report)
+    synth_tasks: int = 0             # --execute slurm: each synth stage as an array of this many tasks
+    python: str = ""                 # --execute slurm: the jobs' Python ("": the one running megadoc run)
 
 
 @dataclass

@@ -222,7 +222,8 @@ def build_graph(experiment: Experiment) -> Plan:
              for recipe, train in trains.items()}
     report_flags = planner.commands.flags("report", experiment.report, "report", {"runs", "output", "eval_name"})
     report = planner.add(Stage("report", [["report", *[f"{t.folder}/ckpt" for t in trains.values()], "--output", OUT,
-                                           "--eval-name", eval_name, *report_flags]]))
+                                           "--eval-name", eval_name, *report_flags]],
+                               after=[e.name for e in evals.values()]))  # results land in the train folders
     return Plan(planner.graph, trains, evals, report, eval_name)
 
 

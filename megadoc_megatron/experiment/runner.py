@@ -17,11 +17,14 @@ def _duration(seconds: float) -> str:
     return f"{int(seconds // 60)}m{seconds % 60:04.1f}s" if seconds >= 60 else f"{seconds:.1f}s"
 
 
-def run_experiment(experiment, report: bool = True, dry_run: bool = False, cost: dict | None = None) -> dict:
+def run_experiment(experiment, report: bool = True, dry_run: bool = False, cost: dict | None = None,
+                   slurm_argv: list[str] | None = None) -> dict:
     """Run (or, dry, describe and cost: `cost` holds experiment_costs' options) the stages; returns
-    {stage name: 'cached' | 'ran' | 'to run' | 'done'}."""
+    {stage name: 'cached' | 'ran' | 'to run' | 'done'}. With `slurm_argv` (how a job repeats this run's
+    config and overrides), submit each unfinished stage as a SLURM job instead; returns {stage: job id}."""
     from megadoc_megatron.experiment.plan import build_graph
     from megadoc_megatron.experiment.stages import point_link, run_stage
+    from megadoc_megatron.experiment.status import write_plan
 
     plan = build_graph(experiment)
     check_corpus_split(experiment)
@@ -29,10 +32,14 @@ def run_experiment(experiment, report: bool = True, dry_run: bool = False, cost:
     work = plan.graph.work_dir
     pending = [s for s in stages if not s.done]
     if not dry_run:
-        from megadoc_megatron.experiment.status import write_plan
-
         work.mkdir(parents=True, exist_ok=True)
         write_plan(work, stages)
+    if slurm_argv is not None:
+        from megadoc_megatron.experiment.slurm import submit_stages
+
+        print(f"megadoc run: {len(stages)} stages, {len(stages) - len(pending)} done, {len(pending)} to submit "
+              f"(work dir {work})", flush=True)
+        return submit_stages(stages, work, experiment.launch, slurm_argv, dry_run)
     print(f"megadoc run: {len(stages)} stages, {len(stages) - len(pending)} done, {len(pending)} to run "
           f"(work dir {work})", flush=True)
     status = {}
@@ -140,3 +147,25 @@ def select_recipes(experiment, names: list[str] | None):
                              fix=f"choose from {', '.join(sorted(known))}")
         experiment.recipes = [r for r in experiment.recipes if r.name in names]
     return experiment
+
+
+def run_one_stage(experiment, name: str, array_task: bool = False) -> str:
+    """What each SLURM job of `--execute slurm` runs: one stage, once the stages it reads are done."""
+    import os
+
+    from megadoc_megatron.experiment.plan import build_graph
+    from megadoc_megatron.experiment.stages import run_array_task, run_stage
+    from megadoc_megatron.experiment.status import stage_needs
+
+    stages = {s.name: s for s in build_graph(experiment).graph.stages}
+    if name not in stages:
+        raise InputError(f"this experiment has no stage named {name!r}", experiment.source,
+                         fix="submit again with `megadoc run CONFIG --execute slurm` (the config changed since)")
+    missing = [need for need in stage_needs(list(stages.values()))[name] if not stages[need].done]
+    if missing:
+        raise InputError(f"stage {name} reads {', '.join(missing)}: not done yet", experiment.source,
+                         fix="`megadoc status WORK` shows why; resubmit with `megadoc run CONFIG --execute slurm`")
+    if array_task:
+        run_array_task(stages[name], os.environ.get("SLURM_ARRAY_TASK_ID", "0"))
+        return "ran"
+    return run_stage(stages[name])

@@ -56,6 +56,8 @@ class Stage:
     files: dict[str, str] = field(default_factory=dict)  # written into the folder before the commands
     launcher: str = ""                          # what starts Python, e.g. torchrun ("": run in this process);
                                                 # not part of the key
+    after: list[str] = field(default_factory=list)  # stages that must finish first although their folders
+                                                # are not in its commands (not part of the key)
     folder: Path | None = None                  # set by Graph.add
 
     def argv(self, command: list) -> list[str]:
@@ -181,6 +183,28 @@ def _run_in_process(argv: list[str], log) -> int:
         sys.stdout, sys.stderr, sys.excepthook = stdout, stderr, excepthook
 
 
+def _run_commands(stage: Stage, log_name: str) -> None:
+    with open(stage.folder / log_name, "a") as log:
+        log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} ===\n")
+        for command in stage.commands:
+            shown = stage.full_command(command) if stage.launcher else ["megadoc", *stage.argv(command)]
+            log.write(f"$ {shlex.join(shown)}\n")
+            log.flush()
+            code = (_run_launched(stage.full_command(command), log) if stage.launcher
+                    else _run_in_process(stage.argv(command), log))
+            if code != 0:
+                raise InputError(f"stage {stage.name} failed: `megadoc {command[0]}` exited with status {code}",
+                                 stage.folder / log_name,
+                                 fix="read the error above; after fixing it, rerun: finished stages are kept")
+
+
+def run_array_task(stage: Stage, task: str) -> None:
+    """One task of a stage that runs as a SLURM array (synthesis: each task takes its share of the shards);
+    no lock and no completion record: the stage's own job, after the array, marks it done."""
+    stage.folder.mkdir(parents=True, exist_ok=True)
+    _run_commands(stage, f"log.task-{task}.txt")
+
+
 def run_stage(stage: Stage) -> str:
     """Run a stage unless it is done; 'cached' or 'ran'. A failing command raises InputError."""
     with stage_lock(stage.folder):
@@ -191,18 +215,7 @@ def run_stage(stage: Stage) -> str:
             target = stage.folder / name
             target.parent.mkdir(parents=True, exist_ok=True)
             write_text_atomic(target, text.replace(OUT, str(stage.folder)))
-        with open(stage.folder / "log.txt", "a") as log:
-            log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} ===\n")
-            for command in stage.commands:
-                shown = stage.full_command(command) if stage.launcher else ["megadoc", *stage.argv(command)]
-                log.write(f"$ {shlex.join(shown)}\n")
-                log.flush()
-                code = (_run_launched(stage.full_command(command), log) if stage.launcher
-                        else _run_in_process(stage.argv(command), log))
-                if code != 0:
-                    raise InputError(f"stage {stage.name} failed: `megadoc {command[0]}` exited with status {code}",
-                                     stage.folder / "log.txt",
-                                     fix="read the error above; after fixing it, rerun: finished stages are kept")
+        _run_commands(stage, "log.txt")
         record = {"name": stage.name, "commands": [shlex.join(stage.argv(c)) for c in stage.commands],
                   "seconds": round(time.time() - start, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}
         write_text_atomic(stage.folder / "stage.json", json.dumps(record, indent=2) + "\n")

@@ -18,17 +18,24 @@ from megadoc_megatron.files import write_text_atomic
 PLAN = "plan.json"
 
 
-def write_plan(work: Path, stages: list) -> None:
-    """WORK/plan.json: the stages in the order they run, each with the stages whose output it reads."""
+def stage_needs(stages: list) -> dict[str, list[str]]:
+    """Each stage's name -> the stages whose output it reads (their folders appear in its commands, or in
+    the files it writes first, such as a training config that starts from another stage's checkpoint)."""
     folders = {stage.name: str(stage.folder) for stage in stages}
 
     def reads(stage, folder: str) -> bool:
         return any(arg == folder or arg.startswith(folder + "/") for command in stage.commands
-                   for arg in stage.argv(command))
+                   for arg in stage.argv(command)) or any(folder in text for text in stage.files.values())
 
-    entries = [{"name": stage.name, "folder": stage.folder.name,
-                "needs": [name for name, folder in folders.items() if name != stage.name and reads(stage, folder)]}
-               for stage in stages]
+    return {stage.name: [name for name, folder in folders.items()
+                         if name != stage.name and (reads(stage, folder) or name in stage.after)]
+            for stage in stages}
+
+
+def write_plan(work: Path, stages: list) -> None:
+    """WORK/plan.json: the stages in the order they run, each with the stages whose output it reads."""
+    needs = stage_needs(stages)
+    entries = [{"name": stage.name, "folder": stage.folder.name, "needs": needs[stage.name]} for stage in stages]
     write_text_atomic(work / PLAN, json.dumps({"planned": time.strftime("%Y-%m-%dT%H:%M:%S"), "stages": entries},
                                               indent=2) + "\n")
 
