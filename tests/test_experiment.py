@@ -283,6 +283,13 @@ def test_a_refresh_round_tunes_regenerates_continues_and_records_its_lineage(dem
         "preprocess-train", "synthetic-stitch-g2", "synthetic-stitch_refresh-r1"]
     again = run_example(work, "--set", f"recipes=[{json.dumps(REFRESH)}]", "--no-report", recipes=())
     assert started(again) == []  # every round is recorded as done: the run resumes, nothing reruns
+    # killed once the tuned generator was complete but before the stage was marked done: the rerun is done
+    tune = next(work.glob("stages/tune-stitch_refresh-r1.*"))
+    (tune / "stage.json").unlink()
+    tuned = (tune / "generator/tune.json").read_text()
+    again = run_example(work, "--set", f"recipes=[{json.dumps(REFRESH)}]", "--no-report", recipes=())
+    assert started(again) == ["tune-stitch_refresh-r1"] and (tune / "generator/tune.json").read_text() == tuned
+    assert "already holds a generator tuned with these settings" in again
 
 
 @pytest.mark.e2e

@@ -25,6 +25,21 @@ def test_tune_refuses_an_existing_output_before_loading_anything(tmp_path, capsy
     assert "the output folder exists" in capsys.readouterr().err and not any((tmp_path / "tuned").iterdir())
 
 
+def test_tune_into_a_finished_output_of_the_same_settings_is_done(tmp_path):
+    """A rerun after a kill that came once the generator was complete (before `megadoc run` marked the
+    stage done) returns what was recorded; other settings are still refused."""
+    from dataclasses import replace
+
+    from megadoc_megatron.tune.grpo import TuneConfig, _settings, run_tune
+
+    config = TuneConfig(input=[str(tmp_path / "docs.jsonl")], output=str(tmp_path / "tuned"), steps=3)
+    (tmp_path / "tuned").mkdir()
+    (tmp_path / "tuned/tune.json").write_text(json.dumps({"steps": 3, "settings": _settings(config)}))
+    assert run_tune(config)["steps"] == 3
+    with pytest.raises(InputError, match="holds something else than a generator tuned with these settings"):
+        run_tune(replace(config, steps=4))
+
+
 def test_rewards_score_what_they_say():
     length, reformat, rephrase = LengthReward(5, 1.25), FormatReward(5, "reformat"), FormatReward(5, "rephrase")
     source = "x" * 100

@@ -14,7 +14,7 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from megadoc_megatron.errors import InputError
@@ -114,7 +114,32 @@ def prompt_dataset(config: TuneConfig, tokenizer):
     return Dataset.from_list(rows), catalogue[style]
 
 
+def _settings(config: TuneConfig) -> dict:
+    """What decides the tuned generator (everything but where it goes), as tune.json records it."""
+    return json.loads(json.dumps({k: v for k, v in asdict(config).items() if k != "output"}))
+
+
+def _finished(config: TuneConfig, output: Path) -> dict | None:
+    """tune.json of a generator already tuned into `output` with these settings (a rerun after a kill that
+    came once it was complete is done, not an error); another folder there is refused."""
+    if not output.exists():
+        return None
+    record = output / "tune.json"
+    if record.is_file() and json.loads(record.read_text()).get("settings") == _settings(config):
+        print(f"{output} already holds a generator tuned with these settings", flush=True)
+        return json.loads(record.read_text())
+    raise InputError("the output folder exists and holds something else than a generator tuned with these "
+                     "settings", output, fix="give a new --output (a tuned generator is never overwritten)")
+
+
 def run_tune(config: TuneConfig) -> dict:
+    weights = parse_weights(config.weights)
+    if not weights:
+        raise InputError("every reward weight is 0", fix="give at least one NAME=WEIGHT above 0")
+    output = Path(config.output)
+    finished = _finished(config, output)
+    if finished:
+        return finished
     import torch
     from trl import GRPOConfig, GRPOTrainer
 
@@ -122,13 +147,6 @@ def run_tune(config: TuneConfig) -> dict:
     from megadoc_megatron.synth.backends import load_chat_tokenizer
     from megadoc_megatron.synth.default_model import DEFAULT_MODEL, default_model_dir
 
-    weights = parse_weights(config.weights)
-    if not weights:
-        raise InputError("every reward weight is 0", fix="give at least one NAME=WEIGHT above 0")
-    output = Path(config.output)
-    if output.exists():
-        raise InputError("the output folder exists", output,
-                         fix="give a new --output (a tuned generator is never overwritten)")
     # Everything is written here and renamed at the end: `--model OUTPUT` never finds half a generator.
     staging = output.with_name(f".{output.name}.partial")
     shutil.rmtree(staging, ignore_errors=True)
@@ -167,7 +185,8 @@ def run_tune(config: TuneConfig) -> dict:
               "reference": config.reference, "steps": config.steps, "num_generations": config.num_generations,
               "max_new_tokens": config.max_new_tokens, "learning_rate": config.learning_rate, "beta": config.beta,
               "floor_chars": config.floor_chars, "seconds": round(time.time() - start, 1),
-              "final_rewards": {k: v for k, v in history[-1].items() if k.startswith("rewards/")} if history else {}}
+              "final_rewards": {k: v for k, v in history[-1].items() if k.startswith("rewards/")} if history else {},
+              "settings": _settings(config)}
     write_text_atomic(staging / "tune.json", json.dumps(record, indent=2) + "\n")
     os.replace(staging, output)
     return record
