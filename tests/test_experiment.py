@@ -495,8 +495,9 @@ def dry_run_jobs(output: str) -> tuple[dict[str, str], list[list[str]]]:
 
 def test_the_papers_setup_submits_as_a_graph_of_slurm_jobs(config, tmp_path, capsys, golden):
     """examples/repro_300m as a cluster user submits it: one job per stage with its kind's resources,
-    synthesis as 32-task GPU arrays, afterok edges exactly where a stage reads another's output (and the
-    report after every evaluation), and every job's command one our own CLI accepts."""
+    synthesis as 32-task GPU arrays, conversions as 8-task CPU arrays, afterok edges exactly where a stage
+    reads another's output (and the report after every evaluation), and every job's command one our own CLI
+    accepts."""
     from megadoc_megatron.cli import build_parser
     from megadoc_megatron.experiment.status import stage_needs
 
@@ -521,6 +522,9 @@ def test_the_papers_setup_submits_as_a_graph_of_slurm_jobs(config, tmp_path, cap
             [array] = array
             assert "--array=0-31" in array and "--gpus-per-node" in array
             assert after == f"<{stage.name} array>" and "--gpus-per-node" not in final
+        elif stage.name.startswith("preprocess-"):  # CPU tasks, then the merge
+            [array] = array
+            assert "--array=0-7" in array and "--cpus-per-task" in array and after == f"<{stage.name} array>"
         else:
             assert not array and (after.split(":") if after else []) == [f"<{n}>" for n in needs[stage.name]]
         script = scripts[final[-1]]
@@ -572,3 +576,26 @@ def test_slurm_submission_skips_finished_and_queued_stages_and_resumes_after_fai
     again = submitted()[len(first):]
     assert len(again) == len(stages) - 1 and not any("preprocess-heldout" in script for script in again)
     assert [s.state for s in read_status(work)].count("done") == 1
+
+
+def test_a_conversion_run_as_an_array_then_merged_is_the_conversion_itself(config, tmp_path, monkeypatch, capsys):
+    """launch.preprocess_tasks: the jobs of --execute slurm, run here by hand: each task converts its share
+    (SLURM_ARRAY_TASK_ID), the stage's own job merges them into the bytes one conversion writes."""
+    path = config(lambda c: c.update(launch={"preprocess_tasks": 2, "slurm": {"preprocess": "--cpus-per-task 2"}}))
+    assert main(["run", str(path), "--execute", "slurm", "--dry-run"]) == 0
+    scripts, submissions = dry_run_jobs(capsys.readouterr().out)
+    array = next(c for c in submissions if "--job-name=megadoc-preprocess-train" in c and "--array=0-1" in c)
+    assert "--cpus-per-task" in array and "--array-size=2 --array-task" in scripts[array[-1]]
+    for task in ("0", "1"):
+        monkeypatch.setenv("SLURM_ARRAY_TASK_ID", task)
+        assert main(["run", str(path), "--stage", "preprocess-train", "--array-size=2", "--array-task"]) == 0
+    monkeypatch.delenv("SLURM_ARRAY_TASK_ID")
+    assert main(["run", str(path), "--stage", "preprocess-train", "--array-size=2"]) == 0
+    merged = next((tmp_path / "work/stages").glob("preprocess-train.*"))
+    assert (merged / "stage.json").is_file() and len(list(merged.glob("real_shard0000*of00002_text_document.bin"))) == 2
+    whole = config(lambda c: c.update(work_dir=str(tmp_path / "whole")), "whole.yaml")
+    assert main(["run", str(whole), "--stage", "preprocess-train"]) == 0
+    [single] = (tmp_path / "whole/stages").glob("preprocess-train.*")
+    for suffix in (".bin", ".idx"):
+        assert (merged / f"real_text_document{suffix}").read_bytes() == \
+            (single / f"real_text_document{suffix}").read_bytes()

@@ -26,6 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "dependencies (resources: the config's launch.slurm); with --dry-run, print the jobs")
     parser.add_argument("--stage", dest="only_stage", help=argparse.SUPPRESS)  # what each SLURM job runs
     parser.add_argument("--array-task", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--array-size", type=int, default=0, help=argparse.SUPPRESS)
     cost = parser.add_argument_group("cost (with --dry-run)")
     cost.add_argument("--tokens-per-second", type=float, metavar="X",
                       help="generation: output tokens/s per GPU of the generator (none: token counts only)")
@@ -40,7 +41,7 @@ def run(args: argparse.Namespace) -> dict:
 
     experiment = select_recipes(load_experiment(Path(args.config), args.overrides), args.recipes)
     if args.only_stage:
-        return {args.only_stage: run_one_stage(experiment, args.only_stage, args.array_task)}
+        return {args.only_stage: run_one_stage(experiment, args.only_stage, args.array_task, args.array_size)}
     cost = {"tokens_per_second": args.tokens_per_second, "mfu": args.mfu, "gpu_tflops": args.gpu_tflops}
     slurm_argv = None
     if args.execute == "slurm":  # each job repeats this run's config, overrides and recipes

@@ -149,9 +149,11 @@ def select_recipes(experiment, names: list[str] | None):
     return experiment
 
 
-def run_one_stage(experiment, name: str, array_task: bool = False) -> str:
-    """What each SLURM job of `--execute slurm` runs: one stage, once the stages it reads are done."""
+def run_one_stage(experiment, name: str, array_task: bool = False, array_size: int = 0) -> str:
+    """What each SLURM job of `--execute slurm` runs: one stage, once the stages it reads are done; of a
+    stage that ran as an array of `array_size` tasks, one task, or what finishes it (see slurm.py)."""
     import os
+    from dataclasses import replace
 
     from megadoc_megatron.experiment.plan import build_graph
     from megadoc_megatron.experiment.stages import run_array_task, run_stage
@@ -165,7 +167,27 @@ def run_one_stage(experiment, name: str, array_task: bool = False) -> str:
     if missing:
         raise InputError(f"stage {name} reads {', '.join(missing)}: not done yet", experiment.source,
                          fix="`megadoc status WORK` shows why; resubmit with `megadoc run CONFIG --execute slurm`")
+    stage = stages[name]
+    converts = stage.commands[0][0] == "preprocess"
     if array_task:
-        run_array_task(stages[name], os.environ.get("SLURM_ARRAY_TASK_ID", "0"))
+        task = os.environ.get("SLURM_ARRAY_TASK_ID", "0")
+        if converts:  # each task converts its share
+            stage = replace(stage, commands=[[*c, "--shard", f"{task}/{array_size}"] for c in stage.commands])
+        run_array_task(stage, task)
         return "ran"
-    return run_stage(stages[name])
+    if converts and array_size > 1:
+        stage = replace(stage, commands=[merge for c in stage.commands for merge in shard_merges(c, array_size)])
+    return run_stage(stage)
+
+
+def shard_merges(preprocess: list, count: int) -> list[list]:
+    """`megadoc merge` commands that join the `count` shards of a `megadoc preprocess` command into the
+    datasets it writes itself (one per JSON key; byte for byte the same)."""
+    from megadoc_megatron.data.dataset_info import dataset_prefix
+    from megadoc_megatron.data.preprocess import shard_prefix
+
+    prefix = preprocess[preprocess.index("--output-prefix") + 1]
+    keys = preprocess[preprocess.index("--json-keys") + 1:]
+    keys = keys[:next((i for i, item in enumerate(keys) if str(item).startswith("--")), len(keys))] or ["text"]
+    return [["merge", "--input", *[dataset_prefix(shard_prefix(prefix, i, count), key) for i in range(count)],
+             "--output-prefix", dataset_prefix(prefix, key)] for key in keys]

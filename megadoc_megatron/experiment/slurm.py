@@ -6,8 +6,9 @@ not submitted, a stage whose job is still queued or running is not submitted twi
 kept in WORK/slurm/jobs.json and asked of `squeue`), and resubmitting after a failure or a preemption
 continues from what the stages wrote. Synthesis stages can run as an array of GPU tasks (each takes its
 share of the shards: `megadoc synth` reads SLURM_ARRAY_TASK_ID), followed by a short job that checks the
-shards and marks the stage done. Resources come from the config's `launch.slurm` (sbatch options per
-stage kind: the stage name up to its first "-").
+shards and marks the stage done; conversions as an array of CPU tasks (`megadoc preprocess --shard`),
+followed by `megadoc merge`, which writes exactly the bytes of one conversion. Resources come from the
+config's `launch.slurm` (sbatch options per stage kind: the stage name up to its first "-").
 """
 
 from __future__ import annotations
@@ -36,14 +37,14 @@ def check_launch(slurm: dict, where) -> None:
                          fix=f"use default or one of {', '.join(KINDS)}")
 
 
-def job_script(stage, argv: list[str], python: str, array: bool = False) -> str:
-    """The batch script of one stage (or of its array tasks)."""
+def job_script(stage, argv: list[str], python: str, array_size: int = 0, task: bool = False) -> str:
+    """The batch script of one stage (or, with `task`, of the tasks of its array)."""
     environment = ["export PYTHONUNBUFFERED=1"]
     if kind_of(stage) == "train":  # tensor parallelism needs ordered kernel launches (Megatron-LM's rule)
         environment.append("export CUDA_DEVICE_MAX_CONNECTIONS=1")
     command = shlex.join([python, "-m", "megadoc_megatron.cli", *argv, "--stage", stage.name,
-                          *(["--array-task"] if array else [])])
-    return "\n".join(["#!/bin/bash", f"# megadoc stage {stage.name}{' (array task)' if array else ''}: "
+                          *([f"--array-size={array_size}"] if array_size else []), *(["--array-task"] if task else [])])
+    return "\n".join(["#!/bin/bash", f"# megadoc stage {stage.name}{' (array task)' if task else ''}: "
                       f"{stage.folder}", "set -euo pipefail", f"cd {shlex.quote(str(Path.cwd()))}",
                       *environment, command, ""])
 
@@ -95,14 +96,16 @@ def submit_stages(stages: list, work: Path, launch, argv: list[str], dry_run: bo
         after = [jobs[name] for name in needs[stage.name] if name in jobs]
         sbatch = ["sbatch", "--parsable", f"--job-name=megadoc-{stage.name}", f"--output={folder}/%x-%j.out"]
         kind = kind_of(stage)
-        if kind == "synth" and launch.synth_tasks > 1:
+        tasks = {"synth": launch.synth_tasks, "preprocess": launch.preprocess_tasks}.get(kind, 0)
+        tasks = tasks if tasks > 1 else 0
+        if tasks:
             script = folder / f"{stage.folder.name}.array.sbatch"
-            _write(script, job_script(stage, argv, python, array=True), dry_run)
-            array = _submit([*sbatch, *_options(launch, kind), f"--array=0-{launch.synth_tasks - 1}",
-                             *_dependency(after), str(script)], dry_run, f"<{stage.name} array>")
-            after, kind = [array], "default"  # the stage's own job only checks the shards: no GPU
+            _write(script, job_script(stage, argv, python, tasks, task=True), dry_run)
+            array = _submit([*sbatch, *_options(launch, kind), f"--array=0-{tasks - 1}", *_dependency(after),
+                             str(script)], dry_run, f"<{stage.name} array>")
+            after, kind = [array], "default"  # the stage's own job checks or merges the shards: no GPU
         script = folder / f"{stage.folder.name}.sbatch"
-        _write(script, job_script(stage, argv, python), dry_run)
+        _write(script, job_script(stage, argv, python, tasks), dry_run)
         jobs[stage.name] = _submit([*sbatch, *_options(launch, kind), *_dependency(after), str(script)], dry_run,
                                    f"<{stage.name}>")
         recorded[stage.folder.name] = jobs[stage.name]
