@@ -158,7 +158,10 @@ def parity(check: Check, blend_json: str) -> dict:
                                                                     masked["portable"]["loss"]),
               "tolerances": {"engines": PARITY_RTOL, "micro_batches": MICRO_BATCH_RTOL},
               "losses": {"megatron": [megatron["loss"][i] for i in sorted(megatron["loss"])],
-                         "portable": [portable["loss"][i] for i in sorted(portable["loss"])]}}
+                         "portable": [portable["loss"][i] for i in sorted(portable["loss"])]},
+              "masked": {engine: {"loss": [run["loss"][i] for i in sorted(run["loss"])],
+                                  "grad_norm": [run["grad_norm"][i] for i in sorted(run["grad_norm"])]}
+                         for engine, run in masked.items()}}
     result["ok"] = (abs(first - uniform) / uniform < 0.05 and result["engines_worst_rtol"] <= PARITY_RTOL
                     and result["document_masking_engines_worst_rtol"] <= PARITY_RTOL
                     and result["micro_batches_1_vs_8_worst_rtol"] <= MICRO_BATCH_RTOL)

@@ -24,15 +24,15 @@ def stdlib_blend(work: Path, seq_length: int, global_batch: int, iterations: int
     from megadoc_megatron.data.preprocess import PreprocessConfig, preprocess
 
     work = Path(work)
-    if not (work / "corpus.json").is_file():
-        subprocess.run([sys.executable, str(REPO / "examples/tiny_cpu/make_corpus.py"), "--output-dir", str(work)],
-                       check=True,
-                       env={**os.environ,
-                            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
+    subprocess.run([sys.executable, str(REPO / "examples/tiny_cpu/make_corpus.py"), "--output-dir", str(work)],
+                   check=True,  # returns at once when the corpus there was made with the same settings
+                   env={**os.environ,
+                        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))})
     prefixes = {}
     for split in ("train", "heldout"):
         prefix = work / "data" / split
-        if not Path(f"{prefix}_text_document.idx").is_file():
+        index = Path(f"{prefix}_text_document.idx")
+        if not index.is_file() or index.stat().st_mtime < (work / f"{split}.jsonl").stat().st_mtime:
             preprocess(PreprocessConfig([str(work / f"{split}.jsonl")], str(prefix), "SentencePieceTokenizer",
                        str(work / "tokenizer.model"), append_eod=True, workers=2))
         prefixes[split] = f"{prefix}_text_document"

@@ -46,7 +46,8 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, default=4096)
     args = parser.parse_args()
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    settings = {**{k: v for k, v in vars(args).items() if k != "output_dir"}, "python": sys.version}
+    settings = {**{k: v for k, v in vars(args).items() if k != "output_dir"}, "python": sys.version,
+                "apart_from_held_out": THRESHOLD / 2}  # corpora written before that rule are written again
     done = args.output_dir / "corpus.json"
     outputs = [args.output_dir / name for name in ("train.jsonl", "heldout.jsonl", "tokenizer.model")]
     if done.is_file() and all(p.is_file() for p in outputs) and json.loads(done.read_text()) == settings:
