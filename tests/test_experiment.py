@@ -606,3 +606,22 @@ def test_a_conversion_run_as_an_array_then_merged_is_the_conversion_itself(confi
     for suffix in (".bin", ".idx"):
         assert (merged / f"real_text_document{suffix}").read_bytes() == \
             (single / f"real_text_document{suffix}").read_bytes()
+
+
+def test_a_corpus_split_that_passed_is_not_read_again_until_it_changes(config, tmp_path, monkeypatch):
+    from megadoc_megatron.experiment.runner import check_corpus_split
+
+    monkeypatch.setenv("MEGADOC_CACHE", str(tmp_path / "cache"))
+    experiment = load_experiment(config())
+    check_corpus_split(experiment)
+
+    def unread(*args, **kwargs):
+        raise AssertionError("the corpora were read again")
+    with monkeypatch.context() as patch:
+        patch.setattr("megadoc_megatron.data.overlap.NgramIndex", unread)
+        check_corpus_split(experiment)
+    train = (tmp_path / "train.jsonl").read_text().splitlines()
+    with open(tmp_path / "heldout.jsonl", "a") as out:
+        out.write(json.dumps({**json.loads(train[1]), "id": "held-copy"}) + "\n")
+    with pytest.raises(InputError, match="overlap held-out documents"):
+        check_corpus_split(experiment)

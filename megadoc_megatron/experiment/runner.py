@@ -79,11 +79,20 @@ def run_experiment(experiment, report: bool = True, dry_run: bool = False, cost:
 def check_corpus_split(experiment) -> None:
     """The held-out corpus must share no document id with the training corpus (which synth rephrases), and
     no document may (nearly) repeat a training one (word n-grams, the decontaminate section's settings):
-    refused before any stage runs, where `megadoc blend` would refuse only after synthesis."""
+    refused before any stage runs, where `megadoc blend` would refuse only after synthesis. A split that
+    passed is not read again until a corpus or a setting changes (a mark in the cache, keyed by both)."""
+    import hashlib
+
     from megadoc_megatron.data.overlap import NgramIndex, text_units
+    from megadoc_megatron.files import cache_root, content_digest
     from megadoc_megatron.jsonl import expand_inputs, read_documents
 
     corpus, settings = experiment.corpus, experiment.decontaminate
+    key = json.dumps([content_digest(corpus.train), content_digest(corpus.heldout), corpus.id_key, corpus.text_key,
+                      settings.overlap_ngram, settings.overlap_threshold])
+    passed = cache_root() / "checks" / f"corpus-split-{hashlib.sha256(key.encode()).hexdigest()[:32]}"
+    if passed.is_file():
+        return
     held_out = list(read_documents(expand_inputs([corpus.heldout]), corpus.id_key, corpus.text_key))
     train_ids = []
 
@@ -105,6 +114,11 @@ def check_corpus_split(experiment) -> None:
                          f"of {settings.overlap_ngram}-grams shared, limit {settings.overlap_threshold:.0%})",
                          corpus.heldout, fix="hold out documents the training corpus does not contain (deduplicate the "
                                              "split), or raise decontaminate.overlap_threshold")
+    try:
+        passed.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(passed, key + "\n")
+    except OSError:  # a read-only cache costs time, not correctness
+        pass
 
 
 def lineage(train_folder: Path) -> list[dict]:
