@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -167,7 +168,8 @@ def test_evaluation_refuses_data_of_another_tokenizer_and_missing_checkpoints(ru
     assert f"{other}: tokenized with HuggingFaceTokenizer" in capsys.readouterr().err
     Path(f"{other}.json").unlink()  # as if made by Megatron-LM: no sidecar, the token ids still tell
     assert main(["eval", "loss", str(runs[0]), "--data", other]) == 2
-    assert "beyond the checkpoint's vocabulary of" in capsys.readouterr().err
+    assert re.search(r"holds token id \d+, beyond the vocabulary of 8000 of the checkpoint's tokenizer",
+                     capsys.readouterr().err)
     assert main(["eval", "loss", str(tmp_path / "nothing"), "--data", other]) == 2
     assert "no checkpoint here" in capsys.readouterr().err
     assert not list(runs[0].glob("eval/loss.hf_text_document*"))

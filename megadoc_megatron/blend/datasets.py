@@ -52,33 +52,37 @@ def run_tokenizer(blend: Blend, tokenizer_type: str = "", tokenizer_model: str =
                              "preprocess`), so the vocabulary is unknown", prefixes[0],
                              fix="name the tokenizer it was made with in the train config: data.tokenizer_type and "
                                  "data.tokenizer_model")
-    check_tokenized_alike(prefixes, tokenizer, eod_expected)
+    check_tokenized_alike(prefixes, tokenizer.describe(), eod_expected)
     return tokenizer
 
 
-def check_tokenized_alike(prefixes: list[str], tokenizer, eod_expected: bool = False) -> None:
-    """Every dataset tokenized with `tokenizer`: by its sidecar, or for one made without it (by Megatron-LM)
-    by what its tokens can show: a dtype that holds the vocabulary, every id inside it, and (where documents
-    must end with the end-of-document token: document masking, eod_mask_loss) that token at their ends."""
+def check_tokenized_alike(prefixes: list[str], tokenizer: dict, eod_expected: bool = False,
+                          whose: str = "the run's tokenizer") -> None:
+    """Every dataset tokenized with `tokenizer` (as `Tokenizer.describe()` and checkpoints record it): by its
+    sidecar, or for one made without it (by Megatron-LM) by what its tokens can show: a dtype that holds the
+    vocabulary, every id inside it, and (where documents must end with the end-of-document token: document
+    masking, eod_mask_loss) that token at their ends."""
     fix = "convert every dataset of the run, held-out data included, with one tokenizer (`megadoc preprocess`)"
+    named = f"{tokenizer['type']} {tokenizer['model']}"
     for prefix in prefixes:
         info = DatasetInfo.load(prefix)
         if info is not None:
-            if info.tokenizer.get("fingerprint") != tokenizer.fingerprint():
-                raise InputError(f"tokenized with {info.tokenizer.get('model')}, the run's tokenizer is "
-                                 f"{tokenizer.describe()['model']}", prefix, fix=fix)
+            if info.tokenizer.get("fingerprint") != tokenizer["fingerprint"]:
+                raise InputError(f"tokenized with {info.tokenizer.get('type')} {info.tokenizer.get('model')}, "
+                                 f"{whose} is {named}", prefix, fix=fix)
             continue
-        index, vocabulary = read_index(prefix), f"the vocabulary of {tokenizer.vocab_size} of " \
-                                                f"{tokenizer.describe()['model']} (the dataset has no sidecar)"
-        if np.iinfo(index.dtype).max < tokenizer.vocab_size - 1:
+        index = read_index(prefix)
+        vocabulary = f"the vocabulary of {tokenizer['vocab_size']} of {whose} ({named}; the dataset has no sidecar)"
+        if np.iinfo(index.dtype).max < tokenizer["vocab_size"] - 1:
             raise InputError(f"stores tokens as {np.dtype(index.dtype).name}, too small for {vocabulary}", prefix,
                              fix=fix)
         largest = index.largest_token()
-        if largest >= tokenizer.vocab_size:
+        if largest >= tokenizer["vocab_size"]:
             raise InputError(f"holds token id {largest}, beyond {vocabulary}", prefix, fix=fix)
-        if eod_expected and tokenizer.eod is not None and not _ends_with(index, tokenizer.eod):
-            raise InputError(f"no document ends with the end-of-document token {tokenizer.eod} of "
-                             f"{tokenizer.describe()['model']}, which document masking and eod_mask_loss need", prefix,
+        eod = tokenizer.get("eod")
+        if eod_expected and eod is not None and not _ends_with(index, eod):
+            raise InputError(f"no document ends with the end-of-document token {eod} of {named}, which document "
+                             "masking and eod_mask_loss need", prefix,
                              fix="convert it with --append-eod, or turn off data.reset_attention_mask and "
                                  "data.eod_mask_loss")
 

@@ -76,21 +76,11 @@ def evaluation_process_group():
 
 
 def check_dataset(dataset: IndexedDatasetView, loaded: LoadedModel) -> None:
-    """The held-out data must be tokenized like the training data."""
-    from megadoc_megatron.blend.datasets import dataset_tokenizer
+    """The held-out data must be tokenized like the training data (blend.datasets.check_tokenized_alike)."""
+    from megadoc_megatron.blend.datasets import check_tokenized_alike
 
-    identifiers = dataset_tokenizer(dataset.prefix).unique_identifiers
-    trained = {"class": loaded.tokenizer.get("type"), "fingerprint": loaded.tokenizer.get("fingerprint")}
-    if identifiers.get("class") == "unknown":  # made without megadoc's sidecar: check what the tokens tell
-        largest = dataset.largest_token()
-        if largest >= loaded.vocab_size:
-            raise InputError(f"holds token id {largest}, beyond the checkpoint's vocabulary of {loaded.vocab_size} "
-                             "(the dataset has no sidecar naming its tokenizer)", dataset.prefix,
-                             fix="convert the held-out documents with the training tokenizer (`megadoc preprocess`)")
-    elif identifiers != trained:
-        raise InputError(f"tokenized with {identifiers['class']} {identifiers.get('fingerprint', '')}, "
-                         f"the checkpoint was trained on {trained['class']} {trained['fingerprint']}",
-                         dataset.prefix, fix="convert the held-out documents with the training tokenizer")
+    check_tokenized_alike([dataset.prefix], {**loaded.tokenizer, "vocab_size": loaded.vocab_size},
+                          loaded.eod is not None, whose="the checkpoint's tokenizer")
 
 
 def token_losses(model, tokens: torch.Tensor, grad: bool = False, eod: int | None = None) -> torch.Tensor:
