@@ -127,21 +127,26 @@ def decontaminate(config: DecontaminateConfig) -> DecontaminationSummary:
     output = Path(config.output) if config.output else None
     temporary = output.with_name(f"{output.name}.{os.getpid()}.tmp") if output else None
     kept_chars, kept_originals = [], 0
-    with open(temporary, "wb") if temporary else open(os.devnull, "wb") as kept:
-        for number, (path, line, raw, record) in enumerate(_records(files, config.text_key)):
-            overlap = found.get(number)
-            if overlap is None:
-                kept.write(raw if raw.endswith(b"\n") else raw + b"\n")
-                kept_chars.append(len(record[config.text_key]))
-                kept_originals += record.get("original_chars") or 0  # megadocs records say how much is real
-                continue
-            reference = names[overlap.reference]
-            summary.by_reference[reference] = summary.by_reference.get(reference, 0) + 1
-            if len(summary.examples) < EXAMPLES:
-                summary.examples.append({
-                    "record": _name(record, config.id_key, path, line), "file": str(path), "line": line,
-                    "reference": reference, "overlap": round(overlap.fraction, 4), "shared_ngrams": overlap.shared,
-                    "quote": _quote(record[config.text_key], texts[overlap.reference], config.overlap_ngram)})
+    try:
+        with open(temporary, "wb") if temporary else open(os.devnull, "wb") as kept:
+            for number, (path, line, raw, record) in enumerate(_records(files, config.text_key)):
+                overlap = found.get(number)
+                if overlap is None:
+                    kept.write(raw if raw.endswith(b"\n") else raw + b"\n")
+                    kept_chars.append(len(record[config.text_key]))
+                    kept_originals += record.get("original_chars") or 0  # megadocs records say how much is real
+                    continue
+                reference = names[overlap.reference]
+                summary.by_reference[reference] = summary.by_reference.get(reference, 0) + 1
+                if len(summary.examples) < EXAMPLES:
+                    summary.examples.append({
+                        "record": _name(record, config.id_key, path, line), "file": str(path), "line": line,
+                        "reference": reference, "overlap": round(overlap.fraction, 4), "shared_ngrams": overlap.shared,
+                        "quote": _quote(record[config.text_key], texts[overlap.reference], config.overlap_ngram)})
+    except BaseException:  # nothing half-written is left beside the output
+        if temporary:
+            temporary.unlink(missing_ok=True)
+        raise
     if temporary:
         _keep_megadocs_summary(files, output, kept_chars, kept_originals, summary.contaminated, config.report)
         os.replace(temporary, output)
