@@ -14,7 +14,8 @@ from megadoc_megatron.errors import InputError
 STAGES = {
     "synth": ("megadoc_megatron.synth.command", "generate rephrases or rationales of a real corpus (hf, openai, vllm)"),
     "preprocess": ("megadoc_megatron.data.command", "tokenize JSONL into Megatron indexed datasets (.bin/.idx)"),
-    "merge": ("megadoc_megatron.data.merge", "join indexed datasets in order (the shards of a preprocess array)"),
+    "merge": ("megadoc_megatron.data.merge", "join indexed datasets in order (the shards of a preprocess array), "
+                                             "or keep a seeded share of their documents"),
     "inspect": ("megadoc_megatron.data.inspect", "summarize an indexed dataset and decode a document"),
     "megadocs": ("megadoc_megatron.megadocs.command", "assemble the synthetic stream: "
                                                       "simple, stitch or stretch megadocs"),

@@ -4,6 +4,7 @@ corpus is an error, a file named twice is read once."""
 
 import os
 
+import numpy as np
 import pytest
 
 from megadoc_megatron.cli import main
@@ -132,6 +133,36 @@ def test_merge_joins_datasets_in_order_and_refuses_mixed_token_types(golden, tmp
                  "--output-prefix", str(tmp_path / "mixed")])
     assert code == 2 and "different token types (int32, uint16)" in capsys.readouterr().err
     assert not list(tmp_path.glob("mixed*"))
+
+
+def test_merge_samples_nested_shares_of_the_documents_that_megatron_core_reads(golden, tmp_path, spm_model, capsys):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megadoc_megatron.data.indexed import sampled_documents
+
+    convert_golden(golden, tmp_path / "all", spm_model)  # with a sidecar, and an empty document among its 66
+    source = read_index(tmp_path / "all_text_document")
+    kept = {}
+    for share in (0.25, 0.5, 1.0):
+        prefix = tmp_path / f"share{share}"
+        assert main(["merge", "--input", str(tmp_path / "all_text_document"), "--output-prefix", str(prefix),
+                     "--sample-fraction", str(share), "--sample-seed", "7"]) == 0
+        view, chosen = read_index(prefix), sampled_documents(source.num_documents, share, 7)
+        kept[share] = set(chosen.tolist())
+        assert view.num_documents == len(chosen) == round(share * 66)
+        assert all(list(view.document_tokens(i)) == list(source.document_tokens(int(d))) for i, d in enumerate(chosen))
+        reader = IndexedDataset(str(prefix))
+        assert len(reader) == int(np.count_nonzero(view.document_lengths()))
+        assert np.array_equal(reader[len(reader) - 1], view.document_tokens(int(np.flatnonzero(
+            view.document_lengths())[-1])))
+        assert DatasetInfo.load(prefix).sampled == {"fraction": share, "seed": 7}
+    assert kept[0.25] < kept[0.5] < kept[1.0]  # nested at one seed
+    for suffix in (".bin", ".idx"):  # all of it: the same bytes
+        assert (tmp_path / f"share1.0{suffix}").read_bytes() == (tmp_path / f"all_text_document{suffix}").read_bytes()
+    assert set(sampled_documents(66, 0.25, 8).tolist()) != kept[0.25]
+    assert main(["merge", "--input", str(tmp_path / "all_text_document"), "--output-prefix", str(tmp_path / "none"),
+                 "--sample-fraction", "0"]) == 2
+    assert "--sample-fraction must lie in (0, 1]" in capsys.readouterr().err and not list(tmp_path.glob("none*"))
 
 
 def test_array_tasks_beyond_the_parts_write_empty_shards_that_merge(golden, tmp_path, spm_model):

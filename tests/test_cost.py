@@ -223,7 +223,7 @@ def experiment_config(tmp_path, hf_tokenizer, spm_model):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     values = yaml.safe_load((REPO / "examples/tiny_cpu/experiment.yaml").read_text())
     values.update(work_dir=str(tmp_path / "work"), corpus={"train": "train.jsonl", "heldout": "heldout.jsonl"},
-                  tokenizer={"type": "SentencePieceTokenizer", "model": str(spm_model)})
+                  tokenizer={"type": "SentencePieceTokenizer", "model": str(spm_model)}, seeds=1, baseline={})
     values["generator"].update(model=str(hf_tokenizer), window=2048)  # a tokenizer is all a plan needs
     values["train"]["model"]["overrides"] = OVERRIDES
     values["blend"] = {"seq_length": 32, "global_batch_size": 4}

@@ -37,7 +37,8 @@ def config(tmp_path):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     base = yaml.safe_load(EXAMPLE.read_text())
     base.update(work_dir=str(tmp_path / "work"), corpus={"train": "train.jsonl", "heldout": "heldout.jsonl"},
-                tokenizer={"type": "SentencePieceTokenizer", "model": str(REPO.parent / "shared/golden/spm8k.model")})
+                tokenizer={"type": "SentencePieceTokenizer", "model": str(REPO.parent / "shared/golden/spm8k.model")},
+                seeds=1, baseline={})  # one training per recipe (the seeds test sets both)
 
     def write(change=lambda c: None, name="experiment.yaml"):
         values = json.loads(json.dumps(base))
@@ -75,11 +76,60 @@ def stage_folders(path) -> dict[str, str]:
     (lambda c: c["train"]["optimizer"].update(lr="fast"), "optimizer.lr must be a number"),
     (lambda c: c["recipes"][0].update(train={"checkpoint": {"dir": "x"}}), "checkpoint.dir is set by megadoc run"),
     (lambda c: c["eval"]["long_context"].update(threshold="long"), "invalid command: megadoc eval long-context"),
+    (lambda c: c.update(seeds=0), "seeds must be a whole number of at least 1"),
+    (lambda c: c.update(baseline={"fractions": [0.5, 1]}), "baseline.fractions must be distinct shares in (0, 1)"),
+    (lambda c: c.update(baseline={"fractions": [0.5], "recipe": "stitch_g2"}),
+     "baseline.recipe 'stitch_g2' is not a real recipe with epochs"),
+    (lambda c: c.update(baseline={"fractions": [0.5]}, recipes=c["recipes"][1:]),
+     "the baseline takes the epochs of a real recipe, and there is none"),
+    (lambda c: c.update(baseline={"fractions": [0.5]},
+                        recipes=c["recipes"] + [dict(c["recipes"][0], name="real_f0.5")]),
+     "recipe 'real_f0.5' has the name of a baseline run"),
+    (lambda c: c["corpus"].update(long_heldout="missing.jsonl"), "corpus.long_heldout file not found"),
 ])
 def test_config_errors_name_the_field(config, change, message):
     with pytest.raises(InputError, match=re.escape(message)) as error:
         build_graph(load_experiment(config(change)))
     assert "experiment.yaml" in str(error.value)
+
+
+def test_seeds_baseline_shares_and_long_held_out_documents_become_stages(config, tmp_path):
+    """seeds: 2 trains every recipe twice (blend and initialization seeds + 1); the baseline samples shares
+    of the real dataset and trains the real recipe on each with its compute; long-context loss reads the
+    long held-out documents; `--recipes` without the real recipe leaves the baseline out."""
+    from megadoc_megatron.experiment.runner import select_recipes
+
+    (tmp_path / "long.jsonl").write_text(json.dumps({"id": "long0", "text": "A long held-out text. " * 50}) + "\n")
+
+    def change(c):
+        c.update(seeds=2, baseline={"fractions": [0.25, 0.5]})
+        c["corpus"]["long_heldout"] = "long.jsonl"
+    experiment = load_experiment(config(change))
+    plan = build_graph(experiment)
+    stages = {s.name: s for s in plan.graph.stages}
+    assert plan.runs_of["real"] == ["real", "real-seed2"] and plan.runs_of["real_f0.25"] == ["real_f0.25",
+                                                                                             "real_f0.25-seed2"]
+    assert len(plan.trains) == 2 * (len(experiment.recipes) + 2) and set(plan.evals) == set(plan.trains)
+
+    def argv(stage, number=0):
+        return stage.argv(stage.commands[number])
+
+    first, second = argv(stages["train-stitch_g2"]), argv(stages["train-stitch_g2-seed2"])
+    assert first[first.index("--seed") + 1] == "1234" and second[second.index("--seed") + 1] == "1235"
+    assert "seed" not in json.loads(stages["train-stitch_g2"].files["train.yaml"])
+    assert json.loads(stages["train-stitch_g2-seed2"].files["train.yaml"])["seed"] == 1235
+    assert json.loads(stages["train-stitch_g2-seed2"].files["ckpt/recipe.json"])["seed"] == 2
+    sample = argv(stages["sample-train-f0.25"])
+    assert sample[:2] == ["merge", "--input"] and sample[sample.index("--sample-fraction") + 1] == "0.25"
+    assert sample[2] == str(stages["preprocess-train"].folder / "real_text_document")
+    baseline = argv(stages["train-real_f0.25-seed2"])
+    assert baseline[baseline.index("--real") + 1].startswith(str(stages["sample-train-f0.25"].folder))
+    assert baseline[baseline.index("-E") + 1] == "64"  # 16 epochs / 0.25: the full run's compute
+    long_context = argv(stages["eval-stitch_g2-seed2"], 1)
+    assert long_context[long_context.index("--data") + 1].startswith(str(stages["preprocess-long-heldout"].folder))
+    decontaminate = argv(stages["synthetic-stitch-g2"], 1)
+    assert str(tmp_path / "long.jsonl") in decontaminate
+    assert not [n for n in build_graph(select_recipes(experiment, ["stitch_g2"])).runs_of if n.startswith("real")]
 
 
 def test_a_held_out_document_or_id_that_is_also_trained_on_is_refused_before_any_stage(config, tmp_path, capsys):
@@ -124,7 +174,8 @@ def test_a_changed_setting_changes_only_the_keys_of_the_stages_that_depend_on_it
 
 
 SMALLER = ("--set", "rephrase.max_new_tokens=24", "--set", "rationale.max_new_tokens=16", "--set",
-           "generator.min_length_ratio=0")
+           "generator.min_length_ratio=0", "--set", "seeds=1", "--set", "baseline.fractions=[]")  # too few documents
+# for a baseline; seeds and baseline: test_seeds_baseline_shares_and_long_held_out_documents_become_stages
 
 
 def run_example(work: Path, *extra, wait=True, recipes=("real", "stitch_g2", "stretch_g2")):
@@ -156,7 +207,7 @@ def demo(tmp_path_factory):
 def test_the_example_runs_every_stage_and_reports(demo):
     work, output = demo
     assert started(output)[:3] == ["preprocess-train", "preprocess-heldout", "synth-rephrase"]
-    assert len(started(output)) == 13
+    assert len(started(output)) == 14
     report = json.loads((work / "report/report.json").read_text())
     losses = {run["name"]: run["iid_loss"] for run in report["runs"]}
     assert set(losses) == {"real", "stitch_g2", "stretch_g2"} and all(2 < v < 12 for v in losses.values())
@@ -165,13 +216,13 @@ def test_the_example_runs_every_stage_and_reports(demo):
         assert (work / "report" / plot).stat().st_size > 10_000
     assert "| real |" in output and "report:" in output
     states = read_status(work)
-    assert len(states) == 13 and {s.state for s in states} == {"done"}  # megadoc status: the run's plan, all done
+    assert len(states) == 14 and {s.state for s in states} == {"done"}  # megadoc status: the run's plan, all done
     blend = Blend.load(work / "runs/stitch_g2/blend/blend.json")
     assert [d.stream for d in blend.datasets] == ["real", "synthetic"] and blend.epochs == 16
     megadocs = [json.loads(line) for line in next(work.glob("stages/synthetic-stitch-g2.*/megadocs.jsonl")).open()]
     assert len(megadocs) == 6 and all(len(m["generation_ids"]) <= 2 for m in megadocs)
     decontamination = json.loads(next(work.glob("stages/synthetic-stitch-g2.*/decontamination.json")).read_text())
-    held_out = (work / "corpus/heldout.jsonl").read_text().splitlines()
+    held_out = [line for name in ("heldout", "heldout_long") for line in (work / f"corpus/{name}.jsonl").open()]
     assert decontamination["records"] == 6 and decontamination["references"] == len(held_out)
     converted = next(work.glob("stages/synthetic-stitch-g2.*/synthetic_text_document.idx"))
     assert read_index(str(converted)[:-len(".idx")]).num_documents == 6 - decontamination["contaminated"]
@@ -192,7 +243,7 @@ def test_rerun_skips_finished_stages_and_a_change_reruns_only_its_dependents_eve
 
     work, _ = demo
     again = run_example(work)
-    assert started(again) == [] and "13 stages, 13 done, 0 to run" in again
+    assert started(again) == [] and "14 stages, 14 done, 0 to run" in again
 
     changed = ("--set", "blend.seed=7")  # every training stage and what follows; no data stage
     kills, seed = int(os.environ.get("MEGADOC_FAULT_KILLS", "2")), random.randrange(1 << 30)

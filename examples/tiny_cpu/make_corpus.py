@@ -3,8 +3,9 @@
 
 Outputs in --output-dir: train.jsonl and heldout.jsonl (documents of --min-chars to --max-chars
 characters, split by a hash of their id; at most --max-train-documents for training: a small
-real corpus, as in the data-limited regime) and tokenizer.model (SentencePiece BPE, trained on
-every standard-library document that is not held out).
+real corpus, as in the data-limited regime), with --long-min-chars heldout_long.jsonl (the held-out
+documents of at least that many characters, for the long-context loss), and tokenizer.model
+(SentencePiece BPE, trained on every standard-library document that is not held out).
 """
 
 import argparse
@@ -43,13 +44,16 @@ def main() -> None:
     parser.add_argument("--min-chars", type=int, default=200)
     parser.add_argument("--max-chars", type=int, help="longest document kept (default: no limit)")
     parser.add_argument("--max-train-documents", type=int, help="default: all")
+    parser.add_argument("--long-min-chars", type=int, help="also write heldout_long.jsonl: held-out documents this "
+                                                           "long or longer")
     parser.add_argument("--vocab-size", type=int, default=4096)
     args = parser.parse_args()
     args.output_dir.mkdir(parents=True, exist_ok=True)
     settings = {**{k: v for k, v in vars(args).items() if k != "output_dir"}, "python": sys.version,
                 "apart_from_held_out": THRESHOLD / 2}  # corpora written before that rule are written again
     done = args.output_dir / "corpus.json"
-    outputs = [args.output_dir / name for name in ("train.jsonl", "heldout.jsonl", "tokenizer.model")]
+    long = ["heldout_long.jsonl"] if args.long_min_chars else []
+    outputs = [args.output_dir / name for name in ["train.jsonl", "heldout.jsonl", "tokenizer.model", *long]]
     if done.is_file() and all(p.is_file() for p in outputs) and json.loads(done.read_text()) == settings:
         # training the tokenizer takes ~15 s
         print(f"corpus and tokenizer already in {args.output_dir} (same settings)")
@@ -68,7 +72,10 @@ def main() -> None:
     print(f"tokenizer: {args.output_dir / 'tokenizer.model'} (SentencePiece BPE, vocab {args.vocab_size})")
     tokenizer = sentencepiece.SentencePieceProcessor(model_file=str(args.output_dir / "tokenizer.model"))
     splits = {"train": [d for d in kept if d["id"] not in heldout], "heldout": [d for d in kept if d["id"] in heldout]}
-    splits["train"] = apart_from(splits["train"], splits["heldout"], tokenizer)[:args.max_train_documents]
+    if args.long_min_chars:
+        splits["heldout_long"] = [d for d in documents if d["id"] in heldout and len(d["text"]) >= args.long_min_chars]
+    every_held_out = [d for name, rows in splits.items() if name != "train" for d in rows]
+    splits["train"] = apart_from(splits["train"], every_held_out, tokenizer)[:args.max_train_documents]
     for name, rows in splits.items():
         write_text_atomic(args.output_dir / f"{name}.jsonl",
                           "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))

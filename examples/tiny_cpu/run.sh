@@ -12,8 +12,9 @@ work=$(mkdir -p "${WORK:-$here/work}" && cd "${WORK:-$here/work}" && pwd)
 command -v megadoc >/dev/null || megadoc() { python -m megadoc_megatron.cli "$@"; }
 
 python "$here/make_corpus.py" --output-dir "$work/corpus" --max-chars 1500 --heldout-fraction 0.3 \
-  --max-train-documents "${TRAIN_DOCUMENTS:-24}"
+  --max-train-documents "${TRAIN_DOCUMENTS:-24}" --long-min-chars 2000
 command=run
 if [[ "${1:-}" == sweep ]]; then command=sweep; shift; fi
 megadoc "$command" "$here/experiment.yaml" --set work_dir="$work" --set corpus.train="$work/corpus/train.jsonl" \
-  --set corpus.heldout="$work/corpus/heldout.jsonl" --set tokenizer.model="$work/corpus/tokenizer.model" "$@"
+  --set corpus.heldout="$work/corpus/heldout.jsonl" --set corpus.long_heldout="$work/corpus/heldout_long.jsonl" \
+  --set tokenizer.model="$work/corpus/tokenizer.model" "$@"

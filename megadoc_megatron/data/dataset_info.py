@@ -29,6 +29,7 @@ class DatasetInfo:
     tokenizer: dict            # type, model, fingerprint, vocab_size, eod (data/tokenizer.py's describe())
     created_by: str
     merged_from: list[str] = field(default_factory=list)  # `megadoc merge`: the datasets joined, in order
+    sampled: dict | None = None  # `megadoc merge --sample-fraction`: {"fraction", "seed"} of the documents kept
 
     @staticmethod
     def path_of(prefix) -> Path:
@@ -48,8 +49,9 @@ class DatasetInfo:
 
     def save(self) -> None:
         values = asdict(self)
-        if not self.merged_from:
-            del values["merged_from"]
+        for name in ("merged_from", "sampled"):
+            if not values[name]:
+                del values[name]
         write_text_atomic(self.path_of(self.prefix), json.dumps(values, indent=2) + "\n")
 
     def load_tokenizer(self):

@@ -190,6 +190,39 @@ def merge_datasets(prefixes: list, output_prefix) -> IndexedDatasetView:
     return read_index(output_prefix)
 
 
+def sampled_documents(document_count: int, fraction: float, seed: int) -> np.ndarray:
+    """The sorted indices of round(fraction x count) documents (at least one), drawn by `seed`: the first
+    ones of one seeded permutation, so that at one seed a smaller fraction is a subset of a larger one."""
+    count = min(document_count, max(1, round(fraction * document_count)))
+    return np.sort(np.random.default_rng(seed).permutation(document_count)[:count])
+
+
+def write_documents(view: "IndexedDatasetView", documents: np.ndarray, output_prefix) -> "IndexedDatasetView":
+    """A dataset holding the given documents of `view` (sorted indices), in their order."""
+    starts, ends = view.document_indices[documents], view.document_indices[documents + 1]
+    sequences = np.concatenate([np.arange(a, b) for a, b in zip(starts, ends)] or [np.zeros(0, np.int64)])
+    lengths = np.asarray(view.sequence_lengths[sequences], dtype=np.int32)
+    itemsize = np.dtype(view.dtype).itemsize
+
+    def write_bin(bin_tmp: Path) -> None:
+        tokens = np.memmap(dataset_paths(view.prefix)[0], dtype=view.dtype, mode="r") if len(lengths) else None
+        with open(bin_tmp, "wb") as out:
+            for sequence, length in zip(sequences, lengths):
+                start = int(view.sequence_pointers[sequence]) // itemsize
+                tokens[start:start + int(length)].tofile(out)
+
+    def write_idx(idx_tmp: Path) -> None:
+        with open(idx_tmp, "wb") as out:
+            out.write(_header(view.dtype, len(lengths), len(documents) + 1))
+            lengths.tofile(out)
+            sizes = lengths.astype(np.int64) * itemsize
+            (np.cumsum(sizes) - sizes).tofile(out)
+            np.concatenate([[0], np.cumsum(ends - starts)]).astype(np.int64).tofile(out)
+
+    _commit(output_prefix, write_bin, write_idx)
+    return read_index(output_prefix)
+
+
 def _copy_shifted(array: np.ndarray, shift: int, out, slice_size: int = 1 << 24) -> None:
     for start in range(0, len(array), slice_size):
         (np.asarray(array[start:start + slice_size]) + np.array(shift, dtype=array.dtype)).tofile(out)

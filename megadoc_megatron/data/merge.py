@@ -1,6 +1,9 @@
 """`megadoc merge`: join indexed datasets in order into one (the shards of a `preprocess --shard`
 array, or any datasets of one tokenizer), as Megatron-LM's `tools/merge_datasets.py` does, with
-memory flat in their size. The shards of an array merge into the bytes one run writes."""
+memory flat in their size. The shards of an array merge into the bytes one run writes.
+
+With `--sample-fraction F` it keeps a seeded share F of the documents instead (the real-only
+baselines of a data-efficiency fit: at one seed, each share holds every smaller one)."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ from pathlib import Path
 
 from megadoc_megatron import __version__
 from megadoc_megatron.data.dataset_info import DatasetInfo
-from megadoc_megatron.data.indexed import merge_datasets, read_index
+from megadoc_megatron.data.indexed import dataset_paths, merge_datasets, read_index, sampled_documents, write_documents
 from megadoc_megatron.errors import InputError
 
 
@@ -44,21 +47,37 @@ def sidecars_of(prefixes: list[str]) -> list[DatasetInfo] | None:
     return infos
 
 
-def merge(inputs: list[str], output_prefix: str) -> dict:
+def merge(inputs: list[str], output_prefix: str, sample_fraction: float | None = None, sample_seed: int = 1234) -> dict:
     """Checked before anything is written: the inputs hold documents and one tokenizer."""
     prefixes = dataset_prefixes(inputs)
     if not sum(read_index(prefix).num_documents for prefix in prefixes):
         raise InputError("the datasets hold no documents", ", ".join(prefixes),
                          fix="check that the conversion found the input")
+    if sample_fraction is not None and not 0 < sample_fraction <= 1:
+        raise InputError(f"--sample-fraction must lie in (0, 1], not {sample_fraction}", fix="e.g. 0.25")
     records = sidecars_of(prefixes)
     Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
-    view = merge_datasets(prefixes, output_prefix)
+    if sample_fraction is None:
+        view = merge_datasets(prefixes, output_prefix)
+    else:
+        view = _sample(prefixes, output_prefix, sample_fraction, sample_seed)
     if records is not None:
         replace(records[0], prefix=str(output_prefix), documents=view.num_documents, tokens=view.num_tokens,
                 inputs=sorted({i for r in records for i in r.inputs}), merged_from=[str(p) for p in prefixes],
+                sampled=None if sample_fraction is None else {"fraction": sample_fraction, "seed": sample_seed},
                 created_by=f"megadoc-megatron {__version__}").save()
     return {"prefix": str(output_prefix), "inputs": len(prefixes), "documents": view.num_documents,
             "tokens": view.num_tokens}
+
+
+def _sample(prefixes: list[str], output_prefix: str, fraction: float, seed: int):
+    joined = merge_datasets(prefixes, f"{output_prefix}.joined") if len(prefixes) > 1 else read_index(prefixes[0])
+    try:
+        return write_documents(joined, sampled_documents(joined.num_documents, fraction, seed), output_prefix)
+    finally:
+        if len(prefixes) > 1:
+            for path in dataset_paths(joined.prefix):
+                path.unlink(missing_ok=True)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -66,10 +85,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="dataset prefixes in order, or a glob of .idx files (sorted), "
                              "e.g. 'out/c_shard*_text_document.idx'")
     parser.add_argument("--output-prefix", required=True, help="the merged dataset, e.g. out/c_text_document")
+    parser.add_argument("--sample-fraction", type=float,
+                        help="keep only this share of the documents (at least one), drawn by --sample-seed; at one "
+                             "seed a smaller share is a subset of a larger one")
+    parser.add_argument("--sample-seed", type=int, default=1234)
 
 
 def run(args: argparse.Namespace) -> dict:
-    summary = merge(args.input, args.output_prefix)
+    summary = merge(args.input, args.output_prefix, args.sample_fraction, args.sample_seed)
     print(f"{summary['prefix']}.bin/.idx: {summary['documents']:,} documents, {summary['tokens']:,} tokens "
           f"from {summary['inputs']} datasets")
     return summary

@@ -91,6 +91,35 @@ def _bootstrap(x: np.ndarray, y: np.ndarray, rounds: int, seed: int) -> dict | N
                    "p95": float(np.percentile(values[:, i], 95))} for i, name in enumerate("ABC")}
 
 
+def efficiency_range(baseline: dict, losses: list[float], real_tokens: float, rounds: int = 400,
+                     seed: int = 0) -> tuple[float, float] | None:
+    """The 5th and 95th percentiles of a recipe's data efficiency over a bootstrap: each round resamples
+    the baseline's runs (its seeds within each amount of data, or its points when each amount has one run)
+    and the recipe's seeds, refits the baseline and inverts it at the resampled mean loss.
+    `baseline`: unique real tokens -> the losses of the real-only runs there."""
+    xs = np.array(sorted(baseline), dtype=float)
+    groups = [np.asarray(baseline[x], dtype=float) for x in sorted(baseline)]
+    rng, found = np.random.default_rng(seed), []
+    for _ in range(rounds):
+        if all(len(g) == 1 for g in groups):
+            pick = rng.integers(0, len(xs), len(xs))
+            x, y = xs[pick], np.array([groups[i][0] for i in pick])
+            if len(np.unique(x)) < 3:
+                continue
+        else:
+            x = np.concatenate([[xs[i]] * len(g) for i, g in enumerate(groups)])
+            y = np.concatenate([rng.choice(g, len(g)) for g in groups])
+        try:
+            A, B, C = _least_squares(x / xs[0], y)
+        except RuntimeError:  # no convergence on this resample
+            continue
+        loss = float(np.mean(rng.choice(losses, len(losses))))
+        found.append(math.inf if loss <= C or B == 0 else xs[0] * (A / (loss - C)) ** (1.0 / B) / real_tokens)
+    if len(found) < 10:
+        return None
+    return float(np.percentile(found, 5, method="lower")), float(np.percentile(found, 95, method="higher"))
+
+
 def data_efficiency(baseline: PowerLaw, loss: float, real_tokens: float | None = None,
                     reference_loss: float | None = None) -> dict:
     """How many unique real tokens the baseline would need to reach `loss`, relative to the real

@@ -5,7 +5,9 @@ Its settings come from the checkpoint (lr, weight decay), its blend.json (E, w, 
 RUN/recipe.json when present ({"name": "stitch_g8", "recipe": "stitch", "generations": 8}; `megadoc run`
 writes it).
 Data efficiency needs a baseline: real-only runs at four or more amounts of real data, fitted
-with L(D) = A / D^B + C and inverted at each run's loss.
+with L(D) = A / D^B + C and inverted at each run's loss. Runs of one name are the seeds of one recipe:
+the table shows their mean and standard deviation, and marks differences within two standard errors
+(evaluate/summary.py, which also writes the paragraph on the papers' claims).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 
 from megadoc_megatron.errors import InputError
 from megadoc_megatron.evaluate.results import latest_result
+from megadoc_megatron.evaluate.summary import Spread, claims, summarize
 from megadoc_megatron.files import write_text_atomic
 
 RECIPES = ("real", "simple", "stitch", "stretch")
@@ -31,12 +34,10 @@ class RunLabel:
     recipe: str = "unknown"            # real | simple | stitch | stretch | textbook
     generations: int | None = None     # G
     round: int | None = None           # the refresh round, for refresh recipes
+    seed: int | None = None            # the training seed's number (2, 3, ...; none: the first)
 
     def to_json(self) -> str:
-        values = asdict(self)
-        if values["round"] is None:
-            del values["round"]
-        return json.dumps(values)
+        return json.dumps({k: v for k, v in asdict(self).items() if v is not None or k not in ("round", "seed")})
 
     @classmethod
     def load(cls, run_dir: Path) -> "RunLabel":
@@ -61,6 +62,7 @@ class Run:
     efficiency: float | None = None
     parameters: int | None = None        # of the model, from its preset and vocabulary
     ensemble: list[dict] | None = None   # [{"members": K, "loss"}] of this run's largest ensemble result
+    seed: int = 1                        # the training seed's number among the runs of its name
 
 
 def load_run(path: Path, eval_name: str | None = None) -> Run:
@@ -88,6 +90,7 @@ def load_run(path: Path, eval_name: str | None = None) -> Run:
     info = checkpoint.CheckpointInfo.of(common)
     run.parameters = _parameters(config["model"], info.vocab_size if info else None)
     run.ensemble = _largest_ensemble(path, eval_name)
+    run.seed = label.seed or 1
     return run
 
 
@@ -180,20 +183,49 @@ def _cell(value, spec: str = "g") -> str:
     return format(value, spec) if isinstance(value, (int, float)) else str(value)
 
 
-def table_rows(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
-    tasks = sorted({task for run in runs for task in run.downstream})
-    header = ["run", "recipe", "G", "E", "w", "lr", "wd", "i.i.d. loss", "long-context loss", "beyond offset",
-              *tasks, "data efficiency"]
+def _order(summary) -> tuple:
+    run = summary.first
+    return (RECIPES.index(run.recipe) if run.recipe in RECIPES else 9, run.generations or 0,
+            run.real_tokens or 0)
+
+
+def _efficiency_cell(summary) -> str:
+    if summary.efficiency is None:
+        return "—"
+    value = "∞" if math.isinf(summary.efficiency) else f"{summary.efficiency:.2f}x"
+    if summary.efficiency_range is None:
+        return value
+    low, high = (("∞" if math.isinf(v) else f"{v:.2f}x") for v in summary.efficiency_range)
+    return f"{value} ({low}–{high})"
+
+
+def _spread_cell(value) -> str:
+    """A Spread or a Difference as its cell; a dash when missing."""
+    return value.cell() if value is not None else "—"
+
+
+def table_rows(summaries: list) -> tuple[list[str], list[list[str]]]:
+    tasks = sorted({task for summary in summaries for run in summary.runs for task in run.downstream})
+    header = ["run", "recipe", "G", "E", "w", "lr", "wd", "seeds", "i.i.d. loss", "vs. real only",
+              "long-context loss", "beyond offset", *tasks, "data efficiency"]
     rows = []
-    for run in sorted(runs, key=lambda r: (RECIPES.index(r.recipe) if r.recipe in RECIPES else 9, r.generations or 0)):
-        long = run.long_context["long"] if run.long_context else {}
-        rows.append([run.name, run.recipe, _cell(run.generations), _cell(run.epochs), _cell(run.synthetic_weight),
-                     _cell(run.lr), _cell(run.weight_decay), _cell(run.iid_loss, ".4f"), _cell(long.get("loss"), ".4f"),
-                     _cell((long.get("beyond_offset") or {}).get("loss"), ".4f"),
-                     *[_cell(run.downstream.get(task), ".3f") for task in tasks],
-                     f"{run.efficiency:.2f}x" if run.efficiency and not math.isinf(run.efficiency)
-                     else _cell(run.efficiency)])
+    for summary in sorted(summaries, key=_order):
+        run = summary.first
+        accuracy = {task: Spread.of(r.downstream.get(task) for r in summary.runs) for task in tasks}
+        rows.append([summary.name, run.recipe, _cell(run.generations), _cell(run.epochs),
+                     _cell(run.synthetic_weight), _cell(run.lr), _cell(run.weight_decay), str(len(summary.runs)),
+                     _spread_cell(summary.iid), _spread_cell(summary.versus_real),
+                     _spread_cell(summary.long), _spread_cell(summary.beyond),
+                     *[_cell(f"{a.mean:.3f}" + ("" if a.std is None else f" ± {a.std:.3f}") if a else None)
+                       for a in accuracy.values()],
+                     _efficiency_cell(summary)])
     return header, rows
+
+
+TABLE_NOTE = ("Losses: mean ± standard deviation over the seeds. vs. real only: the difference from the real-only "
+              "runs on the same real data ± two standard errors; ≈ marks a difference within two standard errors, "
+              "which these seeds cannot tell from noise. Data efficiency: at the mean loss, with its 5th–95th "
+              "percentiles over a bootstrap of the seeds and the baseline's runs.")
 
 
 def asymptote_rows(found: list[Asymptote]) -> tuple[list[str], list[list[str]]]:
@@ -207,13 +239,13 @@ def asymptote_rows(found: list[Asymptote]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def plot_all(runs: list[Run], fit, folder: Path, found: list[Asymptote] = ()) -> list[tuple[str, str]]:
-    """PNG plots: (file name, caption)."""
+def plot_all(summaries: list, fit, folder: Path, found: list[Asymptote] = ()) -> list[tuple[str, str]]:
+    """PNG plots: (file name, caption). Error bars: the standard deviation over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
-    plots = [_plot_generations(runs, folder), _plot_positions(runs, folder), _plot_fit(runs, fit, folder),
-             _plot_asymptotes(found, folder)]
+    plots = [_plot_generations(summaries, folder), _plot_positions(summaries, folder),
+             _plot_fit(summaries, fit, folder), _plot_asymptotes(found, folder)]
     return [p for p in plots if p is not None]
 
 
@@ -246,83 +278,117 @@ def _plot_asymptotes(found: list[Asymptote], folder):
                                                     "dotted: the asymptote C")
 
 
-def _same_data_real_runs(runs: list[Run]) -> list[Run]:
-    """Real-only runs on the amount of real data the synthetic recipes used (their reference)."""
-    amounts = {r.real_tokens for r in runs if r.recipe != "real"}
-    return [r for r in runs if r.recipe == "real" and r.iid_loss is not None and r.real_tokens in amounts]
+def _std(spread) -> float:
+    return spread.std or 0.0
 
 
-def _plot_generations(runs, folder):
+def _plot_generations(summaries, folder):
     import matplotlib.pyplot as plt
     from matplotlib.ticker import NullFormatter, ScalarFormatter
 
+    from megadoc_megatron.evaluate.summary import same_data_real
+
     by_recipe: dict[str, list] = {}
-    for run in runs:
-        if run.generations and run.iid_loss is not None:
-            by_recipe.setdefault(run.recipe, []).append((run.generations, run.iid_loss))
+    for summary in summaries:
+        if summary.first.generations and summary.iid is not None:
+            by_recipe.setdefault(summary.first.recipe, []).append((summary.first.generations, summary.iid))
     if not by_recipe:
         return None
     figure, axes = plt.subplots(figsize=(6, 4))
     for recipe, points in sorted(by_recipe.items()):
-        points.sort()
-        axes.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=recipe)
-    for run in _same_data_real_runs(runs):
-        axes.axhline(run.iid_loss, color="grey", linestyle="--", linewidth=1, label=f"real only ({run.name})")
+        points.sort(key=lambda p: p[0])
+        axes.errorbar([p[0] for p in points], [p[1].mean for p in points], yerr=[_std(p[1]) for p in points],
+                      marker="o", capsize=3, label=recipe)
+    references = {id(r): r for s in summaries if s.first.recipe != "real"
+                  for r in [same_data_real(s, summaries)] if r is not None}
+    for reference in references.values():
+        axes.axhline(reference.iid.mean, color="grey", linestyle="--", linewidth=1,
+                     label=f"real only ({reference.name})")
+        if reference.iid.std:
+            axes.axhspan(reference.iid.mean - reference.iid.std, reference.iid.mean + reference.iid.std,
+                         color="grey", alpha=0.15)
     generations = sorted({g for points in by_recipe.values() for g, _ in points})
     axes.set(xscale="log", xlabel="generations per document (G)", ylabel="i.i.d. loss", title="Loss vs. generations")
     axes.set_xticks(generations)
     axes.xaxis.set_major_formatter(ScalarFormatter())
     axes.xaxis.set_minor_formatter(NullFormatter())
     axes.legend(fontsize="small")
-    return _save(figure, folder / "loss_vs_generations.png", "i.i.d. loss against G per recipe (dashed: real-only "
+    return _save(figure, folder / "loss_vs_generations.png", "i.i.d. loss against G per recipe, mean ± standard "
+                                                             "deviation over seeds (dashed and shaded: real-only "
                                                              "runs on the same real data)")
 
 
-def _plot_positions(runs, folder):
+def _position_curve(summary):
+    """(bucket middles, mean losses, standard deviations) over a recipe's seeds."""
+    import numpy as np
+
+    curves = [[b["loss"] for b in run.long_context["long"]["buckets"]] for run in summary.runs if run.long_context]
+    buckets = summary.runs[0].long_context["long"]["buckets"]
+    keep = [i for i, b in enumerate(buckets) if all(c[i] is not None for c in curves)]
+    values = np.array([[c[i] for i in keep] for c in curves])
+    middles = [(buckets[i]["start"] + buckets[i]["end"]) / 2 for i in keep]
+    return middles, values.mean(axis=0), values.std(axis=0, ddof=1) if len(values) > 1 else np.zeros(len(keep))
+
+
+def _plot_positions(summaries, folder):
     import matplotlib.pyplot as plt
 
-    with_positions = [r for r in runs if r.long_context]
+    smaller = _smaller_real_data(summaries)
+    with_positions = [s for s in summaries if s.long is not None and s.name not in smaller]
     if not with_positions:
         return None
     figure, axes = plt.subplots(figsize=(6, 4))
-    for run in with_positions:
-        buckets = [b for b in run.long_context["long"]["buckets"] if b["loss"] is not None]
-        axes.plot([(b["start"] + b["end"]) / 2 for b in buckets], [b["loss"] for b in buckets], marker="o",
-                  label=f"{run.name} ({run.recipe})")
+    for summary in with_positions:
+        middles, mean, std = _position_curve(summary)
+        axes.plot(middles, mean, marker="o", label=f"{summary.name} ({summary.first.recipe})")
+        axes.fill_between(middles, mean - std, mean + std, alpha=0.15)
     axes.set(xlabel="token position (bucket middle)", ylabel="loss", title="Long-document loss by position")
     axes.legend(fontsize="small")
-    return _save(figure, folder / "loss_vs_position.png", "loss by token position on long held-out documents")
+    return _save(figure, folder / "loss_vs_position.png", "loss by token position on long held-out documents, "
+                                                          "mean over seeds (shaded: ± standard deviation)")
 
 
-def _plot_fit(runs, fit, folder):
+def _smaller_real_data(summaries) -> set[str]:
+    """Real-only recipes on less real data than the most any run had (the baseline's shares), which the
+    position plot leaves out."""
+    largest = max((s.first.real_tokens or 0 for s in summaries), default=0)
+    return {s.name for s in summaries if s.first.recipe == "real" and (s.first.real_tokens or 0) < largest}
+
+
+def _plot_fit(summaries, fit, folder):
     import matplotlib.pyplot as plt
     import numpy as np
 
     if fit is None:
         return None
     figure, axes = plt.subplots(figsize=(7, 4.5))
-    base = sorted((r.real_tokens, r.iid_loss) for r in runs if r.recipe == "real" and r.iid_loss and r.real_tokens)
-    recipes = [r for r in runs if r.recipe != "real" and r.iid_loss is not None and r.efficiency
-               and not math.isinf(r.efficiency)]
-    right = max([base[-1][0]] + [r.efficiency * r.real_tokens for r in recipes]) * 2
+    base = sorted((s.first.real_tokens, s.iid) for s in summaries
+                  if s.first.recipe == "real" and s.iid is not None and s.first.real_tokens)
+    recipes = [s for s in summaries if s.first.recipe != "real" and s.iid is not None and s.efficiency
+               and not math.isinf(s.efficiency)]
+    right = max([base[-1][0]] + [s.efficiency * s.first.real_tokens for s in recipes]) * 2
     xs = np.geomspace(base[0][0] / 2, right, 200)
     axes.plot(xs, fit.loss(xs), color="black",
               label=f"real only: {fit.A:.3g} / (D / {fit.x_unit:.3g})^{fit.B:.3g} + {fit.C:.3f}")
-    axes.scatter([p[0] for p in base], [p[1] for p in base], color="black", zorder=3)
+    axes.errorbar([p[0] for p in base], [p[1].mean for p in base], yerr=[_std(p[1]) for p in base], color="black",
+                  fmt="o", capsize=3, zorder=3)
     axes.axhline(fit.C, color="black", linestyle=":", linewidth=1, label=f"asymptote {fit.C:.3f}")
-    colors: dict[str, str] = {}
-    for run in recipes:  # a recipe's loss, read off the baseline: the real data it is worth
-        first = run.recipe not in colors
-        color = colors.setdefault(run.recipe, f"C{len(colors)}")
-        worth = run.efficiency * run.real_tokens
-        axes.plot([run.real_tokens, worth], [run.iid_loss] * 2, color=color, linewidth=1, alpha=0.6)
-        axes.scatter([worth], [run.iid_loss], color=color, zorder=3, label=run.recipe if first else None)
+    for number, summary in enumerate(recipes):  # a recipe's loss, read off the baseline: the real data it is worth
+        color, used = f"C{number}", summary.first.real_tokens
+        worth = summary.efficiency * used
+        axes.plot([used, worth], [summary.iid.mean] * 2, color=color, linewidth=1, alpha=0.6)
+        low, high = (min(v, right) * used for v in summary.efficiency_range) if summary.efficiency_range \
+            else (worth, worth)
+        axes.errorbar([worth], [summary.iid.mean], xerr=[[worth - low], [high - worth]], yerr=[_std(summary.iid)],
+                      color=color, fmt="o", capsize=3, zorder=3, label=summary.name)
     axes.set(xscale="log", xlabel="unique real tokens D", ylabel="i.i.d. loss",
              title="Baseline scaling fit; recipes at the real data they are worth")
     axes.legend(fontsize="small")
-    return _save(figure, folder / "scaling_fit.png", "the real-only scaling law and its asymptote; each recipe's loss "
-                                                     "is drawn from the real tokens it used to the real tokens the "
-                                                     "baseline needs for that loss (the ratio is its data efficiency)")
+    return _save(figure, folder / "scaling_fit.png", "the real-only scaling law and its asymptote; each recipe's mean "
+                                                     "loss is drawn from the real tokens it used to the real tokens "
+                                                     "the baseline needs for that loss (the ratio is its data "
+                                                     "efficiency; horizontal bars: its 5th–95th percentiles; "
+                                                     "vertical: ± standard deviation over seeds)")
 
 
 def _save(figure, path: Path, caption: str) -> tuple[str, str]:
@@ -338,8 +404,15 @@ def _markdown_table(header, rows) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *["| " + " | ".join(r) + " |" for r in rows]]
 
 
-def markdown(header, rows, plots, fit, fit_note, asymptote_table=None) -> str:
-    lines = ["# megadoc report", "", *_markdown_table(header, rows), "", _fit_sentence(fit, fit_note), ""]
+CLAIMS_TITLE = "What this run says about the papers' claims"
+
+
+def markdown(header, rows, plots, notes: list[str], paragraph: str, asymptote_table=None) -> str:
+    lines = ["# megadoc report", "", *_markdown_table(header, rows), ""]
+    for note in notes:
+        lines += [note, ""]
+    if paragraph:
+        lines += [f"## {CLAIMS_TITLE}", "", paragraph, ""]
     if asymptote_table and asymptote_table[1]:
         lines += ["## Asymptotes", "", *_markdown_table(*asymptote_table), ""]
     for name, caption in plots:
@@ -355,14 +428,35 @@ def _fit_sentence(fit, note) -> str:
             "data efficiency = D(recipe loss) / real tokens used.")
 
 
+def claims_paragraph(found: list[dict], summaries: list) -> str:
+    """The claims' sentences as one paragraph, after the scale they were measured at."""
+    if not found:
+        return ""
+    largest = max(summaries, key=lambda s: s.first.real_tokens or 0).first
+    scale = (f"These runs train {_count(largest.parameters)}-parameter models on up to "
+             f"{_count(largest.real_tokens)} unique real tokens; the" if largest.parameters and largest.real_tokens
+             else "The")
+    return (f"{scale} papers' figures come from 300M-parameter models on 204M real tokens, so they are given for "
+            "reference, not as a target. " + " ".join(claim["text"] for claim in found))
+
+
+def _count(value: int) -> str:
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if value >= scale:
+            return f"{value / scale:.3g}{suffix}"
+    return str(value)
+
+
 def _html_table(header, rows) -> str:
     cells = lambda tag, values: "".join(f"<{tag}>{html.escape(v)}</{tag}>" for v in values)  # noqa: E731
     return "".join([f"<table><tr>{cells('th', header)}</tr>", *[f"<tr>{cells('td', row)}</tr>" for row in rows],
                     "</table>"])
 
 
-def html_page(header, rows, plots, fit, fit_note, asymptote_table=None) -> str:
-    body = [_html_table(header, rows), f"<p>{html.escape(_fit_sentence(fit, fit_note))}</p>"]
+def html_page(header, rows, plots, notes: list[str], paragraph: str, asymptote_table=None) -> str:
+    body = [_html_table(header, rows), *[f"<p>{html.escape(note)}</p>" for note in notes]]
+    if paragraph:
+        body += [f"<h2>{html.escape(CLAIMS_TITLE)}</h2>", f"<p>{html.escape(paragraph)}</p>"]
     if asymptote_table and asymptote_table[1]:
         body += ["<h2>Asymptotes</h2>", _html_table(*asymptote_table)]
     body += [f'<figure><img src="{name}"><figcaption>{html.escape(caption)}</figcaption></figure>'
@@ -376,24 +470,65 @@ def build_report(run_dirs: list[str], output, eval_name: str | None = None) -> d
     return write_report([load_run(Path(d), eval_name) for d in run_dirs], output)
 
 
+def add_efficiency(summaries: list, fit) -> None:
+    """Each recipe's data efficiency at its mean loss, and its bootstrap range (evaluate/fits.py)."""
+    from megadoc_megatron.evaluate.fits import efficiency_range
+
+    baseline: dict[int, list[float]] = {}
+    for summary in summaries:
+        for run in summary.runs:
+            if run.recipe == "real" and run.iid_loss and run.real_tokens:
+                baseline.setdefault(run.real_tokens, []).append(run.iid_loss)
+    for summary in summaries:
+        used = summary.first.real_tokens
+        if summary.iid is None or not used:
+            continue
+        summary.efficiency = fit.inverse(summary.iid.mean) / used
+        losses = [r.iid_loss for r in summary.runs if r.iid_loss is not None]
+        summary.efficiency_range = efficiency_range(baseline, losses, used)
+
+
+def _summary_json(summary) -> dict:
+    def spread(value):
+        return None if value is None else {"mean": value.mean, "std": value.std, "seeds": value.count}
+
+    difference = summary.versus_real
+    return {"name": summary.name, "recipe": summary.first.recipe, "generations": summary.first.generations,
+            "real_tokens": summary.first.real_tokens, "seeds": [r.seed for r in summary.runs],
+            "iid_loss": spread(summary.iid), "long_context_loss": spread(summary.long),
+            "beyond_offset_loss": spread(summary.beyond),
+            "versus_real": None if difference is None else {"difference": difference.value,
+                                                            "two_standard_errors": difference.two_errors,
+                                                            "resolved": difference.resolved},
+            "efficiency": summary.efficiency, "efficiency_p05_p95": summary.efficiency_range}
+
+
 def write_report(runs: list[Run], output) -> dict:
     """The report of loaded runs: each one's data efficiency against the real-only baseline fit (where
-    there are enough real-only runs), tables, plots and report.json."""
+    there are enough real-only runs), a row per recipe over its seeds, the claims paragraph, tables,
+    plots and report.json."""
     fit, note = baseline_fit(runs)
     if fit is not None:
         for run in runs:
             if run.iid_loss is not None and run.real_tokens:
                 run.efficiency = fit.inverse(run.iid_loss) / run.real_tokens
+    summaries = summarize(runs)
+    if fit is not None:
+        add_efficiency(summaries, fit)
+    found_claims = claims(summaries)
+    paragraph = claims_paragraph(found_claims, summaries)
     folder = Path(output)
     folder.mkdir(parents=True, exist_ok=True)
-    header, rows = table_rows(runs)
+    header, rows = table_rows(summaries)
     found = asymptotes(runs)
-    plots = plot_all(runs, fit, folder, found)
+    plots = plot_all(summaries, fit, folder, found)
     asymptote_table = asymptote_rows(found)
-    text = markdown(header, rows, plots, fit, note, asymptote_table)
+    notes = [TABLE_NOTE, _fit_sentence(fit, note)]
+    text = markdown(header, rows, plots, notes, paragraph, asymptote_table)
     write_text_atomic(folder / "report.md", text + "\n")
-    write_text_atomic(folder / "report.html", html_page(header, rows, plots, fit, note, asymptote_table))
+    write_text_atomic(folder / "report.html", html_page(header, rows, plots, notes, paragraph, asymptote_table))
     summary = {"runs": [{k: v for k, v in vars(r).items() if k != "path"} for r in runs],
+               "recipes": [_summary_json(s) for s in summaries], "claims": found_claims,
                "baseline_fit": fit.as_dict() if fit else None, "baseline_note": note, "plots": [p[0] for p in plots],
                "asymptotes": [{"over": a.over, "subject": a.subject, "points": a.points,
                                "fit": a.fit.as_dict() if a.fit else None, "note": a.note} for a in found]}

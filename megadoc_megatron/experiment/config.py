@@ -26,6 +26,8 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=+-]*$")
 class CorpusConfig:
     train: str = ""                  # real training documents (JSONL with id and text): rephrased and trained on
     heldout: str = ""                # i.i.d. held-out documents: never trained on or rephrased
+    long_heldout: str = ""           # held-out documents for the long-context loss ("": the heldout ones);
+                                     # as long as the context or longer, to show the loss fall with position
     id_key: str = "id"
     text_key: str = "text"
 
@@ -93,6 +95,18 @@ class Recipe:
     styles: list | None = None       # simple/stitch: rephrase styles (default: the rephrase section's, else wikipedia)
     train: dict = field(default_factory=dict)  # overrides of the train section, e.g. {optimizer: {lr: 1e-3}}
     refresh: RefreshConfig = field(default_factory=RefreshConfig)
+    share: float = field(default=1.0, metadata={"internal": True})  # of the real documents (baseline)
+
+
+@dataclass
+class BaselineSection:
+    """Real-only runs on seeded shares of the real training documents: with the real recipes (all the
+    documents) they are the points of the fit L(D) = A / D^B + C that gives every recipe its data efficiency."""
+    fractions: list = field(default_factory=list)  # shares of the documents, each in (0, 1), e.g. [0.125, 0.25, 0.5]
+    recipe: str = ""                 # the real recipe whose settings (epochs, train) they use ("": the first)
+    same_compute: bool = True        # E / fraction epochs: the recipe's compute on less unique data, as in the
+                                     # data-limited regime (false: its E, so smaller shares train fewer steps)
+    seed: int = 1234                 # draws the documents; at one seed each share holds the smaller ones
 
 
 @dataclass
@@ -112,13 +126,17 @@ class Experiment:
     report: dict = field(default_factory=dict)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
     recipes: list = field(default_factory=list)        # of Recipe once loaded
+    seeds: int = 1                                     # trainings per recipe; seed i adds i to blend.seed (the
+                                                       # sample shuffle) and to train.seed (initialization)
+    baseline: BaselineSection = field(default_factory=BaselineSection)
     sweep: dict | None = None                          # see `megadoc sweep`
     mixture: dict | None = None                        # see `megadoc sweep --preset mixture` (experiment/mixture.py)
     source: Path = field(default=Path("."), metadata={"internal": True})  # the config file
 
 
 # fields holding paths, resolved against the config file's folder
-PATH_FIELDS = [("corpus", "train"), ("corpus", "heldout"), ("tokenizer", "model"), ("generator", "model"),
+PATH_FIELDS = [("corpus", "train"), ("corpus", "heldout"), ("corpus", "long_heldout"), ("tokenizer", "model"),
+               ("generator", "model"),
                ("generator", "tokenizer"), ("generator", "prompts"), ("rephrase", "prompts"), ("rationale", "prompts"),
                ("decontaminate", "include_path")]
 
@@ -210,8 +228,9 @@ def load_experiment(path, overrides: list[str] = ()) -> Experiment:
     for section, name in [("corpus", "train"), ("corpus", "heldout"), ("tokenizer", "type"), ("tokenizer", "model")]:
         if not getattr(getattr(experiment, section), name):
             raise InputError(f"{section}.{name} is not set", path, fix=f"add `{section}: {{{name}: ...}}`")
-    for name in ("train", "heldout"):
-        if not Path(getattr(experiment.corpus, name)).is_file():
+    for name in ("train", "heldout", "long_heldout"):
+        if (name != "long_heldout" or experiment.corpus.long_heldout) \
+                and not Path(getattr(experiment.corpus, name)).is_file():
             raise InputError(f"corpus.{name} file not found: {getattr(experiment.corpus, name)}", path,
                              fix="give a JSONL file, relative to the config's folder or absolute")
     check_settings(experiment.decontaminate.overlap_ngram, experiment.decontaminate.overlap_threshold, path)
@@ -233,4 +252,44 @@ def load_experiment(path, overrides: list[str] = ()) -> Experiment:
     if len(set(names)) != len(names):
         duplicate = next(n for n in names if names.count(n) > 1)
         raise InputError(f"two recipes are named {duplicate!r}", path, fix="give every recipe its own name")
+    if not isinstance(experiment.seeds, int) or experiment.seeds < 1:
+        raise InputError(f"seeds must be a whole number of at least 1, not {experiment.seeds!r}", path,
+                         fix="e.g. `seeds: 3` (each recipe trained three times)")
+    check_baseline(experiment, path)
     return experiment
+
+
+def check_baseline(experiment: Experiment, path) -> None:
+    baseline = experiment.baseline
+    if not baseline.fractions:
+        return
+    if not all(isinstance(f, (int, float)) and 0 < f < 1 for f in baseline.fractions) \
+            or len(set(baseline.fractions)) != len(baseline.fractions):
+        raise InputError(f"baseline.fractions must be distinct shares in (0, 1), not {baseline.fractions}", path,
+                         fix="e.g. `baseline: {fractions: [0.125, 0.25, 0.5]}` (the real recipe trains on all)")
+    real = [r for r in experiment.recipes if r.kind == "real" and r.epochs is not None]
+    chosen = [r for r in real if r.name == baseline.recipe] if baseline.recipe else real[:1]
+    if not chosen:
+        raise InputError(f"baseline.recipe {baseline.recipe!r} is not a real recipe with epochs" if baseline.recipe
+                         else "the baseline takes the epochs of a real recipe, and there is none", path,
+                         fix="add e.g. `{name: real, kind: real, epochs: 16}` to recipes, or name it in "
+                             "baseline.recipe")
+    baseline.recipe = chosen[0].name
+    taken = {r.name for r in experiment.recipes} & {r.name for r in baseline_recipes(experiment)}
+    if taken:
+        raise InputError(f"recipe {sorted(taken)[0]!r} has the name of a baseline run", path,
+                         fix="rename it: the baseline's runs are named RECIPE_fFRACTION")
+
+
+def baseline_recipes(experiment: Experiment) -> list[Recipe]:
+    """The baseline's runs, as real recipes named RECIPE_fFRACTION (smallest share first); none when its
+    recipe is not among those to run (`megadoc run --recipes`, a sweep's points)."""
+    from dataclasses import replace
+
+    recipe = next((r for r in experiment.recipes if r.name == experiment.baseline.recipe), None)
+    if recipe is None or not experiment.baseline.fractions:
+        return []
+    same_compute = experiment.baseline.same_compute
+    return [replace(recipe, name=f"{recipe.name}_f{fraction:g}", share=fraction,
+                    epochs=max(1, round(recipe.epochs / fraction)) if same_compute else recipe.epochs)
+            for fraction in sorted(experiment.baseline.fractions)]

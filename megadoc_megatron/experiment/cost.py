@@ -84,6 +84,8 @@ def train_iterations(experiment, recipe, stage, config, real_tokens) -> tuple[in
     if recipe.train_tokens is not None:
         return math.ceil(recipe.train_tokens / (sequence * batch)), "the token budget", False
     tokens, source = real_tokens()
+    if recipe.share < 1:
+        tokens, source = round(tokens * recipe.share), f"{recipe.share:g} of {source}"
     samples = samples_for_epochs(tokens, recipe.epochs, sequence)
     return iterations_for_real_samples(samples, recipe.synthetic_weight, batch), f"E and w over {source}", True
 
@@ -156,7 +158,11 @@ def experiment_costs(experiment, plan, tokens_per_second: float | None = None, m
     if not 0 < mfu <= 1 or gpu_tflops <= 0 or (tokens_per_second is not None and tokens_per_second <= 0):
         raise InputError("--mfu must lie in (0, 1], --gpu-tflops and --tokens-per-second must be positive",
                          fix="e.g. --mfu 0.4 --gpu-tflops 989 --tokens-per-second 7000")
-    recipes = {f"train-{r.name}{f'-r{n}' if n else ''}": r for r in experiment.recipes
+    from megadoc_megatron.experiment.config import baseline_recipes
+    from megadoc_megatron.experiment.plan import run_name
+
+    recipes = {f"train-{run_name(r.name, seed)}{f'-r{n}' if n else ''}": r
+               for r in baseline_recipes(experiment) + experiment.recipes for seed in range(experiment.seeds)
                for n in range(r.refresh.rounds + 1)}
     parser, tokenizers, cache = build_parser(), {}, {}
 

@@ -18,9 +18,9 @@ from megadoc_megatron.config import merge_dicts
 from megadoc_megatron.data.dataset_info import dataset_prefix
 from megadoc_megatron.errors import InputError
 from megadoc_megatron.evaluate.report import RunLabel
-from megadoc_megatron.experiment.config import REPHRASED_KINDS, Experiment, Recipe
+from megadoc_megatron.experiment.config import REPHRASED_KINDS, Experiment, Recipe, baseline_recipes
 from megadoc_megatron.experiment.stages import OUT, External, Graph, Stage
-from megadoc_megatron.train.config import config_from_dict
+from megadoc_megatron.train.config import TrainConfig, config_from_dict
 from megadoc_megatron.train.layout import launcher_world_size, plan_layout
 
 
@@ -93,10 +93,16 @@ def _input(path: str):
 @dataclass
 class Plan:
     graph: Graph
-    trains: dict[str, Stage]     # recipe name -> its (last) train stage
-    evals: dict[str, Stage]      # recipe name -> its eval stage
+    trains: dict[str, Stage]     # run name (run_name) -> its (last) train stage
+    evals: dict[str, Stage]      # run name -> its eval stage
     report: Stage
     eval_name: str               # the name of the evaluation results (`megadoc eval --name`)
+    runs_of: dict[str, list[str]]  # recipe name -> its runs, one per seed
+
+
+def run_name(recipe: str, seed: int) -> str:
+    """The first seed's run bears the recipe's name; the others RECIPE-seedN (N from 2)."""
+    return f"{recipe}-seed{seed + 1}" if seed else recipe
 
 
 GENERATOR_RESERVED = {"input", "output", "generations", "id_key", "text_key", "task_index", "task_count",
@@ -162,7 +168,8 @@ class Planner:
         """The synthetic records against the held-out corpus (and lm-eval tasks): a report beside them, and
         with `drop` the records that quote none (data/overlap.py)."""
         settings, corpus = self.experiment.decontaminate, self.corpus
-        return ["decontaminate", source, "--held-out", External(corpus.heldout), "--held-out-text-key",
+        held_out = [External(corpus.heldout), *([External(corpus.long_heldout)] if corpus.long_heldout else [])]
+        return ["decontaminate", source, "--held-out", *held_out, "--held-out-text-key",
                 corpus.text_key, "--id-key", corpus.id_key, "--report", f"{OUT}/decontamination.json",
                 *self.overlap_flags, *(["--output", output] if settings.drop else []),
                 *(["--tasks", *settings.tasks] if settings.tasks else []),
@@ -211,29 +218,47 @@ def build_graph(experiment: Experiment) -> Plan:
             f"synthetic-{recipe.kind}{_style_suffix(recipe.styles)}-g{recipe.generations}",
             recipe.kind, source, None if recipe.kind == "stretch" else recipe.generations)
 
-    trains = {}
-    for recipe in experiment.recipes:
+    real_of = {recipe.name: prefixes["real"] for recipe in experiment.recipes}
+    for recipe in baseline_recipes(experiment):  # real-only runs on shares of the real documents
+        sample = planner.add(Stage(f"sample-train-f{recipe.share:g}", [
+            ["merge", "--input", prefixes["real"], "--output-prefix", dataset_prefix(f"{OUT}/real", text_key),
+             "--sample-fraction", recipe.share, "--sample-seed", experiment.baseline.seed]]))
+        real_of[recipe.name] = dataset_prefix(f"{sample.folder}/real", text_key)
+    recipes = baseline_recipes(experiment) + experiment.recipes
+    trains, runs_of = {}, {}
+    for recipe in recipes:
         data = synthetic.get((recipe.kind, recipe.generations, tuple(recipe.styles or ())))
-        trains[recipe.name] = refresh_rounds(planner, recipe, prefixes, data) if recipe.refresh.rounds else \
-            planner.add(train_stage(experiment, recipe, prefixes, [data] if data else []))
+        runs_of[recipe.name] = []
+        for seed in range(experiment.seeds):
+            inputs = {**prefixes, "real": real_of[recipe.name]}
+            run = run_name(recipe.name, seed)
+            trains[run] = refresh_rounds(planner, recipe, inputs, data, seed) if recipe.refresh.rounds else \
+                planner.add(train_stage(experiment, recipe, inputs, [data] if data else [], seed=seed))
+            runs_of[recipe.name].append(run)
     eval_name = "run-" + hashlib.sha256(json.dumps(experiment.eval.__dict__, sort_keys=True).encode()).hexdigest()[:8]
-    evals = {recipe: planner.add(eval_stage(experiment, planner.commands, recipe, train, prefixes["heldout"],
-                                            eval_name))
-             for recipe, train in trains.items()}
+    long_heldout = prefixes["heldout"]
+    if corpus.long_heldout:
+        stage = planner.add(Stage("preprocess-long-heldout",
+                                  [planner.preprocess(External(corpus.long_heldout), "long_heldout", text_key)]))
+        long_heldout = dataset_prefix(f"{stage.folder}/long_heldout", text_key)
+    evals = {run: planner.add(eval_stage(experiment, planner.commands, run, train, prefixes["heldout"], long_heldout,
+                                         eval_name))
+             for run, train in trains.items()}
     report_flags = planner.commands.flags("report", experiment.report, "report", {"runs", "output", "eval_name"})
     report = planner.add(Stage("report", [["report", *[f"{t.folder}/ckpt" for t in trains.values()], "--output", OUT,
                                            "--eval-name", eval_name, *report_flags]],
                                after=[e.name for e in evals.values()]))  # results land in the train folders
-    return Plan(planner.graph, trains, evals, report, eval_name)
+    return Plan(planner.graph, trains, evals, report, eval_name, runs_of)
 
 
-def refresh_rounds(planner: Planner, recipe: Recipe, prefixes: dict, first: Stage) -> Stage:
+def refresh_rounds(planner: Planner, recipe: Recipe, prefixes: dict, first: Stage, seed: int = 0) -> Stage:
     """train-R (to a plateau), then per round N: tune-R-rN (GRPO against the last checkpoint, from the
     last generator) -> synth-rephrase-R-rN (G rephrases by the tuned generator, in its style) ->
     synthetic-R-rN -> train-R-rN (from the last checkpoint, every synthetic set so far). Each train
-    stage's lineage.json lists the rounds up to it."""
+    stage's lineage.json lists the rounds up to it. Each seed has rounds of its own (R is its run name)."""
     from megadoc_megatron.tune.grpo import STYLE_OF_OPERATION
 
+    run = run_name(recipe.name, seed)
     experiment, refresh = planner.experiment, recipe.refresh
     if experiment.generator.get("backend") == "openai":
         raise InputError(f"recipe {recipe.name}: refresh tunes a local generator, "
@@ -246,22 +271,22 @@ def refresh_rounds(planner: Planner, recipe: Recipe, prefixes: dict, first: Stag
     generator = experiment.generator.get("model")
     model = ["--model", _input(generator)] if generator else []  # then the tuned one of the round before
     data, train = [first], planner.add(train_stage(experiment, recipe, prefixes, [first], round_number=0,
-                                                   lineage=[_round(0, generator, None, first, None)]))
+                                                   lineage=[_round(0, generator, None, first, None)], seed=seed))
     rounds = [_round(0, generator, None, first, train)]
     for number in range(1, refresh.rounds + 1):
         checkpoint = f"{train.folder}/ckpt"
-        tune = planner.add(Stage(f"tune-{recipe.name}-r{number}", [
+        tune = planner.add(Stage(f"tune-{run}-r{number}", [
             ["synth", "tune", "--input", External(planner.corpus.train), "--output", f"{OUT}/generator",
              "--checkpoint", checkpoint, *reference, "--id-key", planner.corpus.id_key,
              "--text-key", planner.corpus.text_key, *model, *tune_flags]]))
         generator = f"{tune.folder}/generator"
         model = ["--model", generator]
-        source = planner.synth(f"synth-rephrase-{recipe.name}-r{number}", "rephrase", recipe.generations,
+        source = planner.synth(f"synth-rephrase-{run}-r{number}", "rephrase", recipe.generations,
                                {"model": generator, "styles": [style]})
-        data.append(planner.synthetic(f"synthetic-{recipe.name}-r{number}", recipe.kind, source, None))
+        data.append(planner.synthetic(f"synthetic-{run}-r{number}", recipe.kind, source, None))
         pending = _round(number, generator, checkpoint, data[-1], None)
         train = planner.add(train_stage(experiment, recipe, prefixes, data, round_number=number,
-                                        init_from=checkpoint, lineage=rounds + [pending]))
+                                        init_from=checkpoint, lineage=rounds + [pending], seed=seed))
         rounds.append({**pending, "checkpoint": f"{train.folder}/ckpt"})
     return train
 
@@ -274,12 +299,16 @@ def _round(number: int, generator, tuned_against, data: Stage, train: Stage | No
 
 
 def train_stage(experiment: Experiment, recipe: Recipe, prefixes: dict, synthetic: list[Stage],
-                round_number: int | None = None, init_from: str = "", lineage: list | None = None) -> Stage:
+                round_number: int | None = None, init_from: str = "", lineage: list | None = None,
+                seed: int = 0) -> Stage:
+    """Seed i adds i to the blend's shuffle seed and to the trainer's initialization seed."""
     blend = experiment.blend
     mix = ["--synthetic", *[dataset_prefix(f"{s.folder}/synthetic", "text") for s in synthetic]] if synthetic else []
     length = ["-E", recipe.epochs] if recipe.epochs is not None else ["--train-tokens", recipe.train_tokens]
     config = merge_dicts(experiment.train, recipe.train)
     config = merge_dicts(config, {"data": {"blend": f"{OUT}/blend/blend.json"}, "checkpoint": {"dir": f"{OUT}/ckpt"}})
+    if seed:
+        config = merge_dicts(config, {"seed": config.get("seed", TrainConfig.seed) + seed})
     if round_number is not None:
         config = merge_dicts(config, {"patience": recipe.refresh.patience,
                                       "checkpoint": {"init_from": init_from} if init_from else {}})
@@ -299,18 +328,19 @@ def train_stage(experiment: Experiment, recipe: Recipe, prefixes: dict, syntheti
     files = {"train.yaml": json.dumps(config, indent=2) + "\n"}
     if round_number is not None:
         files["lineage.json"] = json.dumps({"recipe": recipe.name, "rounds": lineage}, indent=2) + "\n"
-    files["ckpt/recipe.json"] = RunLabel(recipe.name, recipe.kind, recipe.generations, round_number).to_json() + "\n"
+    label = RunLabel(recipe.name, recipe.kind, recipe.generations, round_number, seed + 1 if seed else None)
+    files["ckpt/recipe.json"] = label.to_json() + "\n"
     suffix = f"-r{round_number}" if round_number else ""
-    return Stage(f"train-{recipe.name}{suffix}", [
+    return Stage(f"train-{run_name(recipe.name, seed)}{suffix}", [
         ["blend", "--real", prefixes["real"], *mix, "-w", recipe.synthetic_weight, *length,
-         "--seq-length", blend.seq_length, "--global-batch-size", blend.global_batch_size, "--seed", blend.seed,
+         "--seq-length", blend.seq_length, "--global-batch-size", blend.global_batch_size, "--seed", blend.seed + seed,
          "--valid-data", prefixes["heldout"], "--held-out-checked", "--output-dir", f"{OUT}/blend"],
         ["train", f"{OUT}/train.yaml"]],
         files=files, launcher=experiment.launch.train)
 
 
-def eval_stage(experiment: Experiment, commands: Commands, recipe: str, train: Stage, heldout_prefix: str,
-               name: str) -> Stage:
+def eval_stage(experiment: Experiment, commands: Commands, run: str, train: Stage, heldout_prefix: str,
+               long_heldout_prefix: str, name: str) -> Stage:
     """Results go beside the checkpoint (train-RECIPE/ckpt/eval), named after the eval settings."""
     checkpoint = f"{train.folder}/ckpt"
     lines = []
@@ -318,8 +348,8 @@ def eval_stage(experiment: Experiment, commands: Commands, recipe: str, train: S
                               ("downstream", experiment.eval.downstream)):
         if values is None:
             continue
-        data = [] if evaluator == "downstream" else ["--data", heldout_prefix]
+        data = {"loss": ["--data", heldout_prefix], "long-context": ["--data", long_heldout_prefix]}.get(evaluator, [])
         flags = commands.flags(f"eval {evaluator}", values, f"eval.{evaluator.replace('-', '_')}",
                                {"checkpoint", "data", "name", "iteration"})
         lines.append(["eval", evaluator, checkpoint, *data, "--name", name, *flags])
-    return Stage(f"eval-{recipe}", lines, launcher=experiment.launch.eval)
+    return Stage(f"eval-{run}", lines, launcher=experiment.launch.eval)

@@ -77,23 +77,37 @@ def run_experiment(experiment, report: bool = True, dry_run: bool = False, cost:
 
 
 def check_corpus_split(experiment) -> None:
-    """The held-out corpus must share no document id with the training corpus (which synth rephrases), and
-    no document may (nearly) repeat a training one (word n-grams, the decontaminate section's settings):
-    refused before any stage runs, where `megadoc blend` would refuse only after synthesis. A split that
-    passed is not read again until a corpus or a setting changes (a mark in the cache, keyed by both)."""
+    """The held-out corpora (i.i.d. and long) must share no document id with the training corpus (which
+    synth rephrases), and no held-out document may (nearly) repeat a training one (word n-grams, the
+    decontaminate section's settings): refused before any stage runs, where `megadoc blend` would refuse
+    only after synthesis. A split that passed is not read again until a corpus or a setting changes (a
+    mark in the cache, keyed by all of them)."""
     import hashlib
 
-    from megadoc_megatron.data.overlap import NgramIndex, text_units
     from megadoc_megatron.files import cache_root, content_digest
-    from megadoc_megatron.jsonl import expand_inputs, read_documents
 
     corpus, settings = experiment.corpus, experiment.decontaminate
-    key = json.dumps([content_digest(corpus.train), content_digest(corpus.heldout), corpus.id_key, corpus.text_key,
-                      settings.overlap_ngram, settings.overlap_threshold])
+    held_out_files = [corpus.heldout, *([corpus.long_heldout] if corpus.long_heldout else [])]
+    key = json.dumps([content_digest(corpus.train), *[content_digest(f) for f in held_out_files], corpus.id_key,
+                      corpus.text_key, settings.overlap_ngram, settings.overlap_threshold])
     passed = cache_root() / "checks" / f"corpus-split-{hashlib.sha256(key.encode()).hexdigest()[:32]}"
     if passed.is_file():
         return
-    held_out = list(read_documents(expand_inputs([corpus.heldout]), corpus.id_key, corpus.text_key))
+    for held_out_file in held_out_files:
+        _check_held_out(experiment, held_out_file)
+    try:
+        passed.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(passed, key + "\n")
+    except OSError:  # a read-only cache costs time, not correctness
+        pass
+
+
+def _check_held_out(experiment, held_out_file: str) -> None:
+    from megadoc_megatron.data.overlap import NgramIndex, text_units
+    from megadoc_megatron.jsonl import expand_inputs, read_documents
+
+    corpus, settings = experiment.corpus, experiment.decontaminate
+    held_out = list(read_documents(expand_inputs([held_out_file]), corpus.id_key, corpus.text_key))
     train_ids = []
 
     def train_units():
@@ -105,20 +119,15 @@ def check_corpus_split(experiment) -> None:
     found = [o for o in index.overlaps(train_units()) if o.fraction >= settings.overlap_threshold]
     same_ids = sorted({document_id for document_id, _ in held_out} & set(train_ids))
     if same_ids:  # synth rephrases the training corpus: it must never be given a held-out id
-        raise InputError(f"{len(same_ids)} document id(s) are in both corpora (e.g. {same_ids[0]!r})", corpus.heldout,
+        raise InputError(f"{len(same_ids)} document id(s) are in both corpora (e.g. {same_ids[0]!r})", held_out_file,
                          fix="give held-out documents ids of their own (the training corpus is what synth rephrases)")
     if found:
         worst = max(found, key=lambda o: o.fraction)
         pair = f"training {train_ids[worst.query]!r} and held-out {held_out[worst.reference][0]!r}"
         raise InputError(f"{len(found)} training document(s) overlap held-out documents ({pair}: {worst.fraction:.0%} "
                          f"of {settings.overlap_ngram}-grams shared, limit {settings.overlap_threshold:.0%})",
-                         corpus.heldout, fix="hold out documents the training corpus does not contain (deduplicate the "
-                                             "split), or raise decontaminate.overlap_threshold")
-    try:
-        passed.parent.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(passed, key + "\n")
-    except OSError:  # a read-only cache costs time, not correctness
-        pass
+                         held_out_file, fix="hold out documents the training corpus does not contain (deduplicate the "
+                                            "split), or raise decontaminate.overlap_threshold")
 
 
 def lineage(train_folder: Path) -> list[dict]:

@@ -144,17 +144,18 @@ class Study:
         return replace(self.experiment, recipes=[self.recipes[p] for p in points])
 
     def losses(self) -> dict:
-        """The i.i.d. loss of every point whose evaluation has finished."""
+        """The i.i.d. loss of every point whose evaluations have finished (the mean over its seeds)."""
         from megadoc_megatron.evaluate.results import latest_result
         from megadoc_megatron.experiment.plan import build_graph
 
         plan = build_graph(self.with_recipes(self.points))
         found = {}
         for point in self.points:
-            name = self.recipes[point].name
-            if plan.evals[name].done:
-                result = latest_result(plan.trains[name].folder / "ckpt", "loss", plan.eval_name)
-                found[point] = result.metrics["loss"]
+            runs = plan.runs_of[self.recipes[point].name]
+            if all(plan.evals[run].done for run in runs):
+                losses = [latest_result(plan.trains[run].folder / "ckpt", "loss", plan.eval_name).metrics["loss"]
+                          for run in runs]
+                found[point] = sum(losses) / len(losses)
         return found
 
     def run_point(self, point) -> None:

@@ -1,0 +1,226 @@
+"""The seeds of each recipe as one row (mean, standard deviation, standard error), differences between
+recipes judged against two standard errors, and the paragraph in which a report says which of the
+papers' claims its numbers support, contradict or cannot resolve (published figures: METHOD.md)."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Spread:
+    """A metric over a recipe's seeds."""
+    mean: float
+    std: float | None        # None with one seed
+    count: int
+
+    @classmethod
+    def of(cls, values) -> "Spread | None":
+        values = [v for v in values if v is not None]
+        if not values:
+            return None
+        return cls(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None, len(values))
+
+    @property
+    def error(self) -> float | None:
+        """The standard error of the mean."""
+        return None if self.std is None else self.std / math.sqrt(self.count)
+
+    def cell(self) -> str:
+        return f"{self.mean:.4f}" + ("" if self.std is None else f" ± {self.std:.4f}")
+
+
+@dataclass(frozen=True)
+class Difference:
+    """mean(a) - mean(b), and two standard errors of it (None when either side has one seed)."""
+    value: float
+    two_errors: float | None
+
+    @classmethod
+    def of(cls, a: Spread | None, b: Spread | None) -> "Difference | None":
+        if a is None or b is None:
+            return None
+        errors = None if a.error is None or b.error is None else 2 * math.hypot(a.error, b.error)
+        return cls(a.mean - b.mean, errors)
+
+    @property
+    def resolved(self) -> bool:
+        """Larger than two standard errors: these seeds tell the two apart."""
+        return self.two_errors is not None and abs(self.value) > self.two_errors
+
+    def cell(self) -> str:
+        if self.two_errors is None:
+            return f"{self.value:+.4f}"
+        return ("" if self.resolved else "≈ ") + f"{self.value:+.4f} ± {self.two_errors:.4f}"
+
+    def words(self, lower: str, higher: str) -> str:
+        """'lower by 0.0123 (± 0.0040)', or why it is not resolved."""
+        size = f"{abs(self.value):.4f}" + ("" if self.two_errors is None else f" (± {self.two_errors:.4f})")
+        if self.two_errors is None:
+            return f"{lower if self.value < 0 else higher} by {size}, one seed: noise unknown"
+        if not self.resolved:
+            return f"within two standard errors ({self.value:+.4f} ± {self.two_errors:.4f})"
+        return f"{lower if self.value < 0 else higher} by {size}"
+
+
+@dataclass
+class RecipeSummary:
+    name: str
+    runs: list                          # report.Run, one per seed
+    iid: Spread | None
+    long: Spread | None                 # long-context loss (the long set)
+    beyond: Spread | None               # its loss at positions beyond the offset
+    long_minus_iid: Spread | None       # beyond - iid per run: lower means larger long-context gains
+    efficiency: float | None = None     # at the mean i.i.d. loss
+    efficiency_range: tuple | None = None  # its 5th-95th percentiles over a bootstrap of seeds and baseline
+    versus_real: Difference | None = None  # i.i.d. loss minus that of the real-only runs on the same real data
+
+    @property
+    def first(self):
+        return self.runs[0]
+
+
+def _long(run, key: str | None):
+    long = run.long_context["long"] if run.long_context else {}
+    return long.get("loss") if key is None else (long.get(key) or {}).get("loss")
+
+
+def summarize(runs: list) -> list[RecipeSummary]:
+    """One summary per run name (the seeds of a recipe share it), in the order the runs come."""
+    groups: dict[str, list] = {}
+    for run in runs:
+        groups.setdefault(run.name, []).append(run)
+    summaries = []
+    for name, members in groups.items():
+        beyond_gap = [None if r.iid_loss is None or _long(r, "beyond_offset") is None
+                      else _long(r, "beyond_offset") - r.iid_loss for r in members]
+        summaries.append(RecipeSummary(name, members, Spread.of(r.iid_loss for r in members),
+                                       Spread.of(_long(r, None) for r in members),
+                                       Spread.of(_long(r, "beyond_offset") for r in members), Spread.of(beyond_gap)))
+    for summary in summaries:
+        reference = same_data_real(summary, summaries)
+        if reference is not None and reference is not summary:
+            summary.versus_real = Difference.of(summary.iid, reference.iid)
+    return summaries
+
+
+def same_data_real(summary: RecipeSummary, summaries: list[RecipeSummary]) -> RecipeSummary | None:
+    """The real-only recipe trained on the real data `summary` used (the first, if several)."""
+    return next((s for s in summaries if s.first.recipe == "real" and s.iid is not None
+                 and s.first.real_tokens == summary.first.real_tokens), None)
+
+
+# The papers' figures the claims are read against (METHOD.md; 300M models, i.i.d. loss).
+PUBLISHED = {
+    "synthetic": "300M: real-only 3.554; simple G=2 3.462, stitched G=2 3.456; data efficiency at G=32 1.48x "
+                 "(simple) and 1.80x (megadocs)",
+    "stitch_vs_simple": "stitched below simple by 0.006 at G=2, 0.010 at G=4, 0.012 at G=8, 0.019 at G=16 "
+                        "and 0.026 at G=32",
+    "long_context": "the gain of megadocs over simple rephrasing is largest on long-context loss",
+}
+
+
+def _verdict(supported: int, contradicted: int, unresolved: int) -> str:
+    if supported and not contradicted and not unresolved:
+        return "supports"
+    if contradicted and not supported and not unresolved:
+        return "contradicts"
+    if supported or contradicted:
+        return "partly supports" if supported >= contradicted else "partly contradicts"
+    return "cannot resolve at this scale"
+
+
+def _count_verdict(differences: list[Difference]) -> str:
+    """supports when every difference is resolved and negative (the claim's direction)."""
+    return _verdict(sum(d.resolved and d.value < 0 for d in differences),
+                    sum(d.resolved and d.value > 0 for d in differences),
+                    sum(not d.resolved for d in differences))
+
+
+def _efficiency_words(summary: RecipeSummary) -> str:
+    if summary.efficiency is None:
+        return ""
+    value = "beyond the baseline's asymptote" if math.isinf(summary.efficiency) else f"{summary.efficiency:.2f}x"
+    low_high = summary.efficiency_range
+    spread = f" (p05–p95 {_times(low_high[0])}–{_times(low_high[1])})" if low_high else ""
+    return f", data efficiency {value}{spread}"
+
+
+def _times(value: float) -> str:
+    return "∞" if math.isinf(value) else f"{value:.2f}x"
+
+
+def claims(summaries: list[RecipeSummary]) -> list[dict]:
+    """The three claims of the megadocs paper, each with a verdict and the sentence that gives it."""
+    found = []
+    synthetic = [s for s in summaries if s.first.recipe != "real" and s.versus_real is not None]
+    if synthetic:
+        verdict = _count_verdict([s.versus_real for s in synthetic])
+        details = "; ".join(f"{s.name} {s.versus_real.words('lower', 'higher')}{_efficiency_words(s)}"
+                            for s in synthetic)
+        found.append({"claim": "synthetic data beats real-only training on the same real data", "verdict": verdict,
+                      "text": f"Synthetic data vs. real-only (i.i.d. loss): this run {verdict} the claim: {details}. "
+                              f"Published: {PUBLISHED['synthetic']}."})
+    pairs = _stitch_simple_pairs(summaries)
+    if pairs:
+        gaps = {g: Difference.of(stitch.iid, simple.iid) for g, (stitch, simple) in pairs.items()}
+        verdict = _count_verdict(list(gaps.values()))
+        text = "; ".join(f"G={g}: stitched {d.words('lower', 'higher')}" for g, d in gaps.items())
+        trend = _trend(gaps)
+        parts = [verdict, trend[0] if trend else "cannot resolve at this scale"]
+        verdict = _verdict(parts.count("supports"), parts.count("contradicts"),
+                           sum(p not in ("supports", "contradicts") for p in parts))
+        found.append({"claim": "stitched megadocs beat simple rephrases, more so as G grows", "verdict": verdict,
+                      "text": f"Stitched vs. simple rephrases at the same G (i.i.d. loss): this run {verdict} the "
+                              f"claim: {text}. "
+                              + (trend[1] if trend else f"Only G={next(iter(gaps))} has both, so this run cannot "
+                                 "say whether the gap grows with G. ")
+                              + f"Published: {PUBLISHED['stitch_vs_simple']}."})
+    long_pairs = _megadoc_simple_pairs(summaries)
+    differences = {f"{m.name} vs. {s.name}": Difference.of(m.long_minus_iid, s.long_minus_iid) for m, s in long_pairs}
+    differences = {k: d for k, d in differences.items() if d is not None}
+    if differences:
+        verdict = _count_verdict(list(differences.values()))
+        text = "; ".join(f"{k}: its gain on long-context loss is {d.words('larger', 'smaller')} than on i.i.d. loss"
+                         for k, d in differences.items())
+        found.append({"claim": "megadocs' gains over simple rephrases are largest on long-context loss",
+                      "verdict": verdict,
+                      "text": f"Megadocs' gains on long documents (the loss beyond the offset on long held-out "
+                              f"documents minus the i.i.d. loss, per run): this run {verdict} the claim: {text}. "
+                              f"Published: {PUBLISHED['long_context']}."})
+    return found
+
+
+def _stitch_simple_pairs(summaries) -> dict:
+    """G -> (stitched, simple) recipes trained at that G on the same real data (first of each)."""
+    pairs = {}
+    for stitch in (s for s in summaries if s.first.recipe == "stitch" and s.iid is not None):
+        simple = next((s for s in summaries if s.first.recipe == "simple" and s.iid is not None
+                       and s.first.generations == stitch.first.generations
+                       and s.first.real_tokens == stitch.first.real_tokens), None)
+        if simple is not None:
+            pairs.setdefault(stitch.first.generations, (stitch, simple))
+    return dict(sorted(pairs.items()))
+
+
+def _megadoc_simple_pairs(summaries) -> list[tuple]:
+    """(megadoc recipe, simple recipe) pairs at the same G on the same real data."""
+    return [(m, s) for m in summaries if m.first.recipe in ("stitch", "stretch")
+            for s in summaries if s.first.recipe == "simple" and s.first.generations == m.first.generations
+            and s.first.real_tokens == m.first.real_tokens]
+
+
+def _trend(gaps: dict) -> tuple[str, str] | None:
+    """Whether stitching's lead at the largest G exceeds the lead at the smallest, beyond two standard errors."""
+    if len(gaps) < 2:
+        return None
+    (small, first), (large, last) = list(gaps.items())[0], list(gaps.items())[-1]
+    growth = Difference(last.value - first.value, None if first.two_errors is None or last.two_errors is None
+                        else math.hypot(first.two_errors, last.two_errors))
+    verdict = _count_verdict([growth])
+    return verdict, (f"From G={small} to G={large} the difference changes by {growth.value:+.4f}"
+                     + ("" if growth.two_errors is None else f" (± {growth.two_errors:.4f})") + ": "
+                     + {"supports": "the lead grows. ", "contradicts": "the lead shrinks. "}.get(
+                         verdict, "not resolved by these seeds. "))
