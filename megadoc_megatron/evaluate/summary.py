@@ -55,13 +55,13 @@ class Difference:
             return f"{self.value:+.4f}"
         return ("" if self.resolved else "≈ ") + f"{self.value:+.4f} ± {self.two_errors:.4f}"
 
-    def words(self, lower: str, higher: str) -> str:
-        """'lower by 0.0123 (± 0.0040)', or why it is not resolved."""
+    def words(self, lower: str, higher: str, same: str) -> str:
+        """'LOWER by 0.0123 (± 0.0040)', or 'SAME within two standard errors (...)' when not resolved."""
         size = f"{abs(self.value):.4f}" + ("" if self.two_errors is None else f" (± {self.two_errors:.4f})")
         if self.two_errors is None:
             return f"{lower if self.value < 0 else higher} by {size}, one seed: noise unknown"
         if not self.resolved:
-            return f"within two standard errors ({self.value:+.4f} ± {self.two_errors:.4f})"
+            return f"{same} within two standard errors ({self.value:+.4f} ± {self.two_errors:.4f})"
         return f"{lower if self.value < 0 else higher} by {size}"
 
 
@@ -132,6 +132,10 @@ def _verdict(supported: int, contradicted: int, unresolved: int) -> str:
     return "cannot resolve at this scale"
 
 
+def _says(verdict: str) -> str:
+    return "cannot resolve the claim at this scale" if verdict.startswith("cannot") else f"{verdict} the claim"
+
+
 def _count_verdict(differences: list[Difference]) -> str:
     """supports when every difference is resolved and negative (the claim's direction)."""
     return _verdict(sum(d.resolved and d.value < 0 for d in differences),
@@ -158,23 +162,24 @@ def claims(summaries: list[RecipeSummary]) -> list[dict]:
     synthetic = [s for s in summaries if s.first.recipe != "real" and s.versus_real is not None]
     if synthetic:
         verdict = _count_verdict([s.versus_real for s in synthetic])
-        details = "; ".join(f"{s.name} {s.versus_real.words('lower', 'higher')}{_efficiency_words(s)}"
-                            for s in synthetic)
+        details = "; ".join(s.versus_real.words(f"{s.name} lower", f"{s.name} higher", f"{s.name} and real-only agree")
+                            + _efficiency_words(s) for s in synthetic)
         found.append({"claim": "synthetic data beats real-only training on the same real data", "verdict": verdict,
-                      "text": f"Synthetic data vs. real-only (i.i.d. loss): this run {verdict} the claim: {details}. "
+                      "text": f"Synthetic data vs. real-only (i.i.d. loss): this run {_says(verdict)}: {details}. "
                               f"Published: {PUBLISHED['synthetic']}."})
     pairs = _stitch_simple_pairs(summaries)
     if pairs:
         gaps = {g: Difference.of(stitch.iid, simple.iid) for g, (stitch, simple) in pairs.items()}
         verdict = _count_verdict(list(gaps.values()))
-        text = "; ".join(f"G={g}: stitched {d.words('lower', 'higher')}" for g, d in gaps.items())
+        text = "; ".join(f"G={g}: {d.words('stitched lower', 'stitched higher', 'stitched and simple agree')}"
+                         for g, d in gaps.items())
         trend = _trend(gaps)
         parts = [verdict, trend[0] if trend else "cannot resolve at this scale"]
         verdict = _verdict(parts.count("supports"), parts.count("contradicts"),
                            sum(p not in ("supports", "contradicts") for p in parts))
         found.append({"claim": "stitched megadocs beat simple rephrases, more so as G grows", "verdict": verdict,
-                      "text": f"Stitched vs. simple rephrases at the same G (i.i.d. loss): this run {verdict} the "
-                              f"claim: {text}. "
+                      "text": f"Stitched vs. simple rephrases at the same G (i.i.d. loss): this run "
+                              f"{_says(verdict)}: {text}. "
                               + (trend[1] if trend else f"Only G={next(iter(gaps))} has both, so this run cannot "
                                  "say whether the gap grows with G. ")
                               + f"Published: {PUBLISHED['stitch_vs_simple']}."})
@@ -183,12 +188,14 @@ def claims(summaries: list[RecipeSummary]) -> list[dict]:
     differences = {k: d for k, d in differences.items() if d is not None}
     if differences:
         verdict = _count_verdict(list(differences.values()))
-        text = "; ".join(f"{k}: its gain on long-context loss is {d.words('larger', 'smaller')} than on i.i.d. loss"
+        text = "; ".join(f"{k}: " + d.words("the gain on long-context loss is larger than on i.i.d. loss",
+                                             "the gain on long-context loss is smaller than on i.i.d. loss",
+                                             "the gains on long-context and on i.i.d. loss agree")
                          for k, d in differences.items())
         found.append({"claim": "megadocs' gains over simple rephrases are largest on long-context loss",
                       "verdict": verdict,
                       "text": f"Megadocs' gains on long documents (the loss beyond the offset on long held-out "
-                              f"documents minus the i.i.d. loss, per run): this run {verdict} the claim: {text}. "
+                              f"documents minus the i.i.d. loss, per run): this run {_says(verdict)}: {text}. "
                               f"Published: {PUBLISHED['long_context']}."})
     return found
 
