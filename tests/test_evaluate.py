@@ -340,6 +340,7 @@ def test_report_summarizes_seeds_and_says_what_the_numbers_support(tmp_path):
     assert verdicts == {"synthetic": "partly supports", "stitched": "cannot resolve at this scale",
                         "megadocs'": "supports"}
     assert "Only G=2 has both" in report["markdown"] and "Published: 300M: real-only 3.554" in report["markdown"]
+    assert "At the same E these recipes train 2x the steps of real-only" in report["markdown"]  # w = 0.5
     assert (tmp_path / "report/scaling_fit.png").stat().st_size > 10_000
 
 

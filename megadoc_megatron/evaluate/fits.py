@@ -91,12 +91,10 @@ def _bootstrap(x: np.ndarray, y: np.ndarray, rounds: int, seed: int) -> dict | N
                    "p95": float(np.percentile(values[:, i], 95))} for i, name in enumerate("ABC")}
 
 
-def efficiency_range(baseline: dict, losses: list[float], real_tokens: float, rounds: int = 400,
-                     seed: int = 0) -> tuple[float, float] | None:
-    """The 5th and 95th percentiles of a recipe's data efficiency over a bootstrap: each round resamples
-    the baseline's runs (its seeds within each amount of data, or its points when each amount has one run)
-    and the recipe's seeds, refits the baseline and inverts it at the resampled mean loss.
-    `baseline`: unique real tokens -> the losses of the real-only runs there."""
+def baseline_bootstrap(baseline: dict, rounds: int = 300, seed: int = 0) -> tuple[float, np.ndarray] | None:
+    """(x unit, [rounds, 3] refits of A, B, C) over resamples of the baseline's runs: its seeds within
+    each amount of data, or its points when each amount has one run. `baseline`: unique real tokens ->
+    the losses of the real-only runs there. None when too few refits converge."""
     xs = np.array(sorted(baseline), dtype=float)
     groups = [np.asarray(baseline[x], dtype=float) for x in sorted(baseline)]
     rng, found = np.random.default_rng(seed), []
@@ -110,13 +108,22 @@ def efficiency_range(baseline: dict, losses: list[float], real_tokens: float, ro
             x = np.concatenate([[xs[i]] * len(g) for i, g in enumerate(groups)])
             y = np.concatenate([rng.choice(g, len(g)) for g in groups])
         try:
-            A, B, C = _least_squares(x / xs[0], y)
+            found.append(_least_squares(x / xs[0], y))
         except RuntimeError:  # no convergence on this resample
             continue
+    return (float(xs[0]), np.array(found)) if len(found) >= 10 else None
+
+
+def efficiency_range(bootstrap: tuple[float, np.ndarray], losses: list[float], real_tokens: float,
+                     seed: int = 0) -> tuple[float, float]:
+    """The 5th and 95th percentiles of a recipe's data efficiency: each baseline refit inverted at a
+    resampled mean of the recipe's seeds' losses."""
+    unit, fits = bootstrap
+    rng = np.random.default_rng(seed)
+    found = []
+    for A, B, C in fits:
         loss = float(np.mean(rng.choice(losses, len(losses))))
-        found.append(math.inf if loss <= C or B == 0 else xs[0] * (A / (loss - C)) ** (1.0 / B) / real_tokens)
-    if len(found) < 10:
-        return None
+        found.append(math.inf if loss <= C or B == 0 else unit * (A / (loss - C)) ** (1.0 / B) / real_tokens)
     return float(np.percentile(found, 5, method="lower")), float(np.percentile(found, 95, method="higher"))
 
 

@@ -472,20 +472,21 @@ def build_report(run_dirs: list[str], output, eval_name: str | None = None) -> d
 
 def add_efficiency(summaries: list, fit) -> None:
     """Each recipe's data efficiency at its mean loss, and its bootstrap range (evaluate/fits.py)."""
-    from megadoc_megatron.evaluate.fits import efficiency_range
+    from megadoc_megatron.evaluate.fits import baseline_bootstrap, efficiency_range
 
     baseline: dict[int, list[float]] = {}
     for summary in summaries:
         for run in summary.runs:
             if run.recipe == "real" and run.iid_loss and run.real_tokens:
                 baseline.setdefault(run.real_tokens, []).append(run.iid_loss)
+    refits = baseline_bootstrap(baseline)
     for summary in summaries:
         used = summary.first.real_tokens
         if summary.iid is None or not used:
             continue
         summary.efficiency = fit.inverse(summary.iid.mean) / used
         losses = [r.iid_loss for r in summary.runs if r.iid_loss is not None]
-        summary.efficiency_range = efficiency_range(baseline, losses, used)
+        summary.efficiency_range = efficiency_range(refits, losses, used) if refits else None
 
 
 def _summary_json(summary) -> dict:

@@ -69,7 +69,7 @@ class LaunchConfig:
                                      # "": this Python
     eval: str = ""                   # the same for evaluation
     slurm: dict = field(default_factory=dict)  # --execute slurm: sbatch options per stage kind (default,
-                                     # preprocess, synth, synthetic, tune, train, eval, report)
+                                     # preprocess, sample, synth, synthetic, tune, train, eval, report)
     synth_tasks: int = 0             # --execute slurm: each synth stage as an array of this many GPU tasks
     preprocess_tasks: int = 0        # --execute slurm: each conversion as an array of CPU tasks, then a merge
     python: str = ""                 # --execute slurm: the jobs' Python ("": the one running megadoc run)

@@ -3,7 +3,10 @@
 preprocess-train, preprocess-heldout -> synth-rephrase[-STYLES] (largest G of the simple/stitch
 recipes with those styles), synth-textbook, synth-rationale-gG (one per stretch G) ->
 synthetic-KIND[-STYLES]-gG (megadocs, then preprocess) -> train-RECIPE (blend, then train; with
-refresh rounds, see `refresh_rounds`) -> eval-RECIPE -> report.
+refresh rounds, see `refresh_rounds`) -> eval-RECIPE -> report. With `seeds: S` every recipe trains
+S times (train-RECIPE, train-RECIPE-seed2, ...); a baseline adds sample-train-fF (a share F of the
+real dataset) and train-REAL_fF; `corpus.long_heldout` adds preprocess-long-heldout for the
+long-context loss.
 """
 
 from __future__ import annotations
@@ -218,22 +221,21 @@ def build_graph(experiment: Experiment) -> Plan:
             f"synthetic-{recipe.kind}{_style_suffix(recipe.styles)}-g{recipe.generations}",
             recipe.kind, source, None if recipe.kind == "stretch" else recipe.generations)
 
-    real_of = {recipe.name: prefixes["real"] for recipe in experiment.recipes}
-    for recipe in baseline_recipes(experiment):  # real-only runs on shares of the real documents
+    baseline = baseline_recipes(experiment)  # real-only runs on shares of the real documents
+    inputs = {recipe.name: prefixes for recipe in experiment.recipes}
+    for recipe in baseline:
         sample = planner.add(Stage(f"sample-train-f{recipe.share:g}", [
             ["merge", "--input", prefixes["real"], "--output-prefix", dataset_prefix(f"{OUT}/real", text_key),
              "--sample-fraction", recipe.share, "--sample-seed", experiment.baseline.seed]]))
-        real_of[recipe.name] = dataset_prefix(f"{sample.folder}/real", text_key)
-    recipes = baseline_recipes(experiment) + experiment.recipes
+        inputs[recipe.name] = {**prefixes, "real": dataset_prefix(f"{sample.folder}/real", text_key)}
     trains, runs_of = {}, {}
-    for recipe in recipes:
+    for recipe in baseline + experiment.recipes:
         data = synthetic.get((recipe.kind, recipe.generations, tuple(recipe.styles or ())))
         runs_of[recipe.name] = []
         for seed in range(experiment.seeds):
-            inputs = {**prefixes, "real": real_of[recipe.name]}
-            run = run_name(recipe.name, seed)
-            trains[run] = refresh_rounds(planner, recipe, inputs, data, seed) if recipe.refresh.rounds else \
-                planner.add(train_stage(experiment, recipe, inputs, [data] if data else [], seed=seed))
+            run, real = run_name(recipe.name, seed), inputs[recipe.name]
+            trains[run] = refresh_rounds(planner, recipe, real, data, seed) if recipe.refresh.rounds else \
+                planner.add(train_stage(experiment, recipe, real, [data] if data else [], seed=seed))
             runs_of[recipe.name].append(run)
     eval_name = "run-" + hashlib.sha256(json.dumps(experiment.eval.__dict__, sort_keys=True).encode()).hexdigest()[:8]
     long_heldout = prefixes["heldout"]

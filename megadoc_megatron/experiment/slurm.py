@@ -22,7 +22,7 @@ from pathlib import Path
 from megadoc_megatron.errors import InputError
 from megadoc_megatron.files import write_text_atomic
 
-KINDS = ("preprocess", "synth", "synthetic", "tune", "train", "eval", "report")
+KINDS = ("preprocess", "sample", "synth", "synthetic", "tune", "train", "eval", "report")
 ACTIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING"}
 
 
