@@ -381,6 +381,13 @@ def _plot_fit(summaries, fit, folder):
             else (worth, worth)
         axes.errorbar([worth], [summary.iid.mean], xerr=[[worth - low], [high - worth]], yerr=[_std(summary.iid)],
                       color=color, fmt="o", capsize=3, zorder=3, label=summary.name)
+    beyond = [s for s in summaries if s.first.recipe != "real" and s.efficiency and math.isinf(s.efficiency)]
+    for number, summary in enumerate(beyond, start=len(recipes)):  # no amount of real data reaches these
+        axes.axhline(summary.iid.mean, linestyle="--", linewidth=1, color=f"C{number % 10}",
+                     label=f"{summary.name} (below the asymptote: ∞)")
+    if beyond:
+        bottom, top = axes.get_ylim()
+        axes.set_ylim(min(bottom, min(s.iid.mean for s in beyond) - 0.05 * (top - bottom)), top)
     axes.set(xscale="log", xlabel="unique real tokens D", ylabel="i.i.d. loss",
              title="Baseline scaling fit; recipes at the real data they are worth")
     axes.legend(fontsize="small")
