@@ -206,7 +206,8 @@ def demo(tmp_path_factory):
 @pytest.mark.e2e
 def test_the_example_runs_every_stage_and_reports(demo):
     work, output = demo
-    assert started(output)[:3] == ["preprocess-train", "preprocess-heldout", "synth-rephrase"]
+    assert started(output)[:5] == ["preprocess-train", "preprocess-heldout", "preprocess-long-heldout", "train-real",
+                                   "synth-rephrase"]  # real-only training needs no generation: it comes first
     assert len(started(output)) == 14
     report = json.loads((work / "report/report.json").read_text())
     losses = {run["name"]: run["iid_loss"] for run in report["runs"]}
@@ -492,7 +493,7 @@ def test_paper_experiment_config_builds_its_stages(tmp_path, hf_tokenizer):
         f"tokenizer.model={hf_tokenizer}"])
     plan = build_graph(experiment)
     names = [s.name for s in plan.graph.stages]
-    assert names[:3] == ["preprocess-train", "preprocess-heldout", "synth-rephrase"]
+    assert names[:4] == ["preprocess-train", "preprocess-heldout", "train-real", "synth-rephrase"]  # real-only first
     assert "synth-rationale-g16" in names and "synthetic-stitch-g32" in names
     rephrase = next(s for s in plan.graph.stages if s.name == "synth-rephrase").commands[0]
     assert rephrase[rephrase.index("-G") + 1] == 32 and "vllm" in rephrase

@@ -1,13 +1,12 @@
 """The stages of an experiment, as `megadoc` command lines built from its config.
 
-preprocess-train, preprocess-heldout -> synth-rephrase[-STYLES] (largest G of the simple/stitch
-recipes with those styles), synth-textbook, synth-rationale-gG (one per stretch G) ->
-synthetic-KIND[-STYLES]-gG (megadocs, then preprocess) -> train-RECIPE (blend, then train; with
-refresh rounds, see `refresh_rounds`) -> eval-RECIPE -> report. With `seeds: S` every recipe trains
-S times (train-RECIPE, train-RECIPE-seed2, ...); a baseline adds sample-train-fF (a share F of the
-real dataset) and train-REAL_fF; `corpus.long_heldout` adds preprocess-long-heldout for the
-long-context loss.
-"""
+preprocess-train, preprocess-heldout[, preprocess-long-heldout] -> [sample-train-fF (a baseline's
+share F of the real dataset) ->] train-REAL (the real-only recipes and the baseline come first: they
+need no generation) -> synth-rephrase[-STYLES] (largest G of the simple/stitch recipes with those
+styles), synth-textbook, synth-rationale-gG (one per stretch G) -> synthetic-KIND[-STYLES]-gG
+(megadocs, then preprocess) -> train-RECIPE (blend, then train; with refresh rounds, see
+`refresh_rounds`) -> eval-RECIPE -> report. With `seeds: S` every recipe trains S times
+(train-RECIPE, train-RECIPE-seed2, ...)."""
 
 from __future__ import annotations
 
@@ -198,6 +197,33 @@ def build_graph(experiment: Experiment) -> Plan:
                                 [planner.preprocess(External(corpus.heldout), "heldout", text_key)]))
     prefixes = {"real": dataset_prefix(f"{real.folder}/real", text_key),
                 "heldout": dataset_prefix(f"{heldout.folder}/heldout", text_key)}
+    long_heldout = prefixes["heldout"]
+    if corpus.long_heldout:
+        stage = planner.add(Stage("preprocess-long-heldout",
+                                  [planner.preprocess(External(corpus.long_heldout), "long_heldout", text_key)]))
+        long_heldout = dataset_prefix(f"{stage.folder}/long_heldout", text_key)
+
+    baseline = baseline_recipes(experiment)  # real-only runs on shares of the real documents
+    inputs = {recipe.name: prefixes for recipe in experiment.recipes}
+    for recipe in baseline:
+        sample = planner.add(Stage(f"sample-train-f{recipe.share:g}", [
+            ["merge", "--input", prefixes["real"], "--output-prefix", dataset_prefix(f"{OUT}/real", text_key),
+             "--sample-fraction", recipe.share, "--sample-seed", experiment.baseline.seed]]))
+        inputs[recipe.name] = {**prefixes, "real": dataset_prefix(f"{sample.folder}/real", text_key)}
+    trains, runs_of = {}, {}
+
+    def add_trains(recipes: list[Recipe], synthetic: dict) -> None:
+        for recipe in recipes:
+            data = synthetic.get((recipe.kind, recipe.generations, tuple(recipe.styles or ())))
+            runs_of[recipe.name] = []
+            for seed in range(experiment.seeds):
+                run, real = run_name(recipe.name, seed), inputs[recipe.name]
+                trains[run] = refresh_rounds(planner, recipe, real, data, seed) if recipe.refresh.rounds else \
+                    planner.add(train_stage(experiment, recipe, real, [data] if data else [], seed=seed))
+                runs_of[recipe.name].append(run)
+
+    # Real-only runs first: they need no generation, and a share too small to blend fails within minutes.
+    add_trains(baseline + [r for r in experiment.recipes if r.kind == "real"], {})
 
     # One synth stage per rephrase style set and one for textbooks, at the largest G asked of it;
     # smaller G take its first generations. Rationales depend on G (where they are inserted).
@@ -220,29 +246,8 @@ def build_graph(experiment: Experiment) -> Plan:
         synthetic[key] = planner.synthetic(
             f"synthetic-{recipe.kind}{_style_suffix(recipe.styles)}-g{recipe.generations}",
             recipe.kind, source, None if recipe.kind == "stretch" else recipe.generations)
-
-    baseline = baseline_recipes(experiment)  # real-only runs on shares of the real documents
-    inputs = {recipe.name: prefixes for recipe in experiment.recipes}
-    for recipe in baseline:
-        sample = planner.add(Stage(f"sample-train-f{recipe.share:g}", [
-            ["merge", "--input", prefixes["real"], "--output-prefix", dataset_prefix(f"{OUT}/real", text_key),
-             "--sample-fraction", recipe.share, "--sample-seed", experiment.baseline.seed]]))
-        inputs[recipe.name] = {**prefixes, "real": dataset_prefix(f"{sample.folder}/real", text_key)}
-    trains, runs_of = {}, {}
-    for recipe in baseline + experiment.recipes:
-        data = synthetic.get((recipe.kind, recipe.generations, tuple(recipe.styles or ())))
-        runs_of[recipe.name] = []
-        for seed in range(experiment.seeds):
-            run, real = run_name(recipe.name, seed), inputs[recipe.name]
-            trains[run] = refresh_rounds(planner, recipe, real, data, seed) if recipe.refresh.rounds else \
-                planner.add(train_stage(experiment, recipe, real, [data] if data else [], seed=seed))
-            runs_of[recipe.name].append(run)
+    add_trains([r for r in experiment.recipes if r.kind != "real"], synthetic)
     eval_name = "run-" + hashlib.sha256(json.dumps(experiment.eval.__dict__, sort_keys=True).encode()).hexdigest()[:8]
-    long_heldout = prefixes["heldout"]
-    if corpus.long_heldout:
-        stage = planner.add(Stage("preprocess-long-heldout",
-                                  [planner.preprocess(External(corpus.long_heldout), "long_heldout", text_key)]))
-        long_heldout = dataset_prefix(f"{stage.folder}/long_heldout", text_key)
     evals = {run: planner.add(eval_stage(experiment, planner.commands, run, train, prefixes["heldout"], long_heldout,
                                          eval_name))
              for run, train in trains.items()}
