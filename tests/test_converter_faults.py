@@ -157,6 +157,9 @@ def test_merge_samples_nested_shares_of_the_documents_that_megatron_core_reads(g
             view.document_lengths())[-1])))
         assert DatasetInfo.load(prefix).sampled == {"fraction": share, "seed": 7}
     assert kept[0.25] < kept[0.5] < kept[1.0]  # nested at one seed
+    indexed.write_documents(source, sampled_documents(66, 0.5, 7), tmp_path / "sliced", slice_size=3)
+    for suffix in (".bin", ".idx"):  # read in slices of 3 sequences: the same bytes
+        assert (tmp_path / f"sliced{suffix}").read_bytes() == (tmp_path / f"share0.5{suffix}").read_bytes()
     for suffix in (".bin", ".idx"):  # all of it: the same bytes
         assert (tmp_path / f"share1.0{suffix}").read_bytes() == (tmp_path / f"all_text_document{suffix}").read_bytes()
     assert set(sampled_documents(66, 0.25, 8).tolist()) != kept[0.25]

@@ -131,6 +131,16 @@ def test_seeds_baseline_shares_and_long_held_out_documents_become_stages(config,
     assert str(tmp_path / "long.jsonl") in decontaminate
     assert not [n for n in build_graph(select_recipes(experiment, ["stitch_g2"])).runs_of if n.startswith("real")]
 
+    def own_epochs_and_refresh(c):
+        change(c)
+        c["baseline"]["same_compute"] = False
+        c["recipes"][3].update(refresh={"rounds": 1}, train={"logging": {"eval_interval": 2}})
+    other = load_experiment(config(own_epochs_and_refresh, "other.yaml"))
+    stages = {s.name: s for s in build_graph(other).graph.stages}
+    baseline = argv(stages["train-real_f0.25"])
+    assert baseline[baseline.index("-E") + 1] == "16"  # same_compute: false keeps the recipe's E
+    assert {"tune-stitch_g2-r1", "tune-stitch_g2-seed2-r1", "train-stitch_g2-seed2-r1"} <= set(stages)  # per seed
+
 
 def test_a_held_out_document_or_id_that_is_also_trained_on_is_refused_before_any_stage(config, tmp_path, capsys):
     path = config()
@@ -149,6 +159,11 @@ def test_a_held_out_document_or_id_that_is_also_trained_on_is_refused_before_any
     (tmp_path / "heldout.jsonl").write_text(json.dumps({"id": "doc1", "text": "Another text."}) + "\n")
     assert main(["run", str(path), "--dry-run"]) == 2
     assert "1 document id(s) are in both corpora (e.g. 'doc1')" in capsys.readouterr().err
+    (tmp_path / "heldout.jsonl").write_text(held_out)  # the long held-out documents are checked too
+    (tmp_path / "long.jsonl").write_text(json.dumps(leaked) + "\n")
+    assert main(["run", str(path), "--dry-run", "--set", f"corpus.long_heldout={tmp_path / 'long.jsonl'}"]) == 2
+    error = capsys.readouterr().err
+    assert "long.jsonl" in error and "(training 'doc1' and held-out 'held-copy': 100% of 13-grams" in error
 
 
 def test_a_changed_setting_changes_only_the_keys_of_the_stages_that_depend_on_it(config, tmp_path):

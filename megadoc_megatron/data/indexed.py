@@ -197,19 +197,25 @@ def sampled_documents(document_count: int, fraction: float, seed: int) -> np.nda
     return np.sort(np.random.default_rng(seed).permutation(document_count)[:count])
 
 
-def write_documents(view: "IndexedDatasetView", documents: np.ndarray, output_prefix) -> "IndexedDatasetView":
-    """A dataset holding the given documents of `view` (sorted indices), in their order."""
-    starts, ends = view.document_indices[documents], view.document_indices[documents + 1]
-    sequences = np.concatenate([np.arange(a, b) for a, b in zip(starts, ends)] or [np.zeros(0, np.int64)])
-    lengths = np.asarray(view.sequence_lengths[sequences], dtype=np.int32)
+def write_documents(view: "IndexedDatasetView", documents: np.ndarray, output_prefix,
+                    slice_size: int = 1 << 22) -> "IndexedDatasetView":
+    """A dataset holding the given documents of `view` (sorted indices), in their order. The token file is
+    read in slices of sequences and filtered with numpy: no Python loop over documents, memory flat."""
+    per_document = np.diff(view.document_indices)
+    chosen = np.zeros(view.num_documents, dtype=bool)
+    chosen[documents] = True
+    keep = np.repeat(chosen, per_document)  # per sequence
+    lengths = np.asarray(view.sequence_lengths[keep], dtype=np.int32)
     itemsize = np.dtype(view.dtype).itemsize
 
     def write_bin(bin_tmp: Path) -> None:
-        tokens = np.memmap(dataset_paths(view.prefix)[0], dtype=view.dtype, mode="r") if len(lengths) else None
+        tokens = np.memmap(dataset_paths(view.prefix)[0], dtype=view.dtype, mode="r") if len(keep) else None
         with open(bin_tmp, "wb") as out:
-            for sequence, length in zip(sequences, lengths):
-                start = int(view.sequence_pointers[sequence]) // itemsize
-                tokens[start:start + int(length)].tofile(out)
+            for first in range(0, len(keep), slice_size):
+                last = min(first + slice_size, len(keep))
+                start = int(view.sequence_pointers[first]) // itemsize
+                end = int(view.sequence_pointers[last - 1]) // itemsize + int(view.sequence_lengths[last - 1])
+                tokens[start:end][np.repeat(keep[first:last], view.sequence_lengths[first:last])].tofile(out)
 
     def write_idx(idx_tmp: Path) -> None:
         with open(idx_tmp, "wb") as out:
@@ -217,7 +223,7 @@ def write_documents(view: "IndexedDatasetView", documents: np.ndarray, output_pr
             lengths.tofile(out)
             sizes = lengths.astype(np.int64) * itemsize
             (np.cumsum(sizes) - sizes).tofile(out)
-            np.concatenate([[0], np.cumsum(ends - starts)]).astype(np.int64).tofile(out)
+            np.concatenate([[0], np.cumsum(per_document[documents])]).astype(np.int64).tofile(out)
 
     _commit(output_prefix, write_bin, write_idx)
     return read_index(output_prefix)

@@ -73,45 +73,43 @@ def fit_power_law(x, y, what: str = "points", bootstrap: int = 1000, seed: int =
     return PowerLaw(float(A), float(B), float(C), float(unit), len(x), rmse, spread)
 
 
-def _bootstrap(x: np.ndarray, y: np.ndarray, rounds: int, seed: int) -> dict | None:
+def _refits(x: np.ndarray, y: np.ndarray, rounds: int, seed: int, within_x: bool = False) -> np.ndarray | None:
+    """[n, 3] fits of A, B, C to resamples of the points: of all of them (a resample needs 3 distinct x),
+    or, `within_x`, of the points at each x (the seeds of each amount). None when fewer than 10 converge."""
     rng = np.random.default_rng(seed)
-    samples = []
+    strata = [np.flatnonzero(x == value) for value in np.unique(x)]
+    found = []
     for _ in range(rounds):
-        pick = rng.integers(0, len(x), len(x))
-        if len(np.unique(x[pick])) < 3:
-            continue
+        if within_x:
+            pick = np.concatenate([rng.choice(points, len(points)) for points in strata])
+        else:
+            pick = rng.integers(0, len(x), len(x))
+            if len(np.unique(x[pick])) < 3:
+                continue
         try:
-            samples.append(_least_squares(x[pick], y[pick]))
+            found.append(_least_squares(x[pick], y[pick]))
         except RuntimeError:  # no convergence on this resample
             continue
-    if len(samples) < 10:
+    return np.array(found) if len(found) >= 10 else None
+
+
+def _bootstrap(x: np.ndarray, y: np.ndarray, rounds: int, seed: int) -> dict | None:
+    values = _refits(x, y, rounds, seed)
+    if values is None:
         return None
-    values = np.array(samples)
     return {name: {"std": float(values[:, i].std()), "p05": float(np.percentile(values[:, i], 5)),
                    "p95": float(np.percentile(values[:, i], 95))} for i, name in enumerate("ABC")}
 
 
 def baseline_bootstrap(baseline: dict, rounds: int = 300, seed: int = 0) -> tuple[float, np.ndarray] | None:
-    """(x unit, [rounds, 3] refits of A, B, C) over resamples of the baseline's runs: its seeds within
-    each amount of data, or its points when each amount has one run. `baseline`: unique real tokens ->
-    the losses of the real-only runs there. None when too few refits converge."""
-    xs = np.array(sorted(baseline), dtype=float)
-    groups = [np.asarray(baseline[x], dtype=float) for x in sorted(baseline)]
-    rng, found = np.random.default_rng(seed), []
-    for _ in range(rounds):
-        if all(len(g) == 1 for g in groups):
-            pick = rng.integers(0, len(xs), len(xs))
-            x, y = xs[pick], np.array([groups[i][0] for i in pick])
-            if len(np.unique(x)) < 3:
-                continue
-        else:
-            x = np.concatenate([[xs[i]] * len(g) for i, g in enumerate(groups)])
-            y = np.concatenate([rng.choice(g, len(g)) for g in groups])
-        try:
-            found.append(_least_squares(x / xs[0], y))
-        except RuntimeError:  # no convergence on this resample
-            continue
-    return (float(xs[0]), np.array(found)) if len(found) >= 10 else None
+    """(x unit, [n, 3] refits of A, B, C) over resamples of the baseline's runs: its seeds within each
+    amount of data, or its points when each amount has one run. `baseline`: unique real tokens -> the
+    losses of the real-only runs there. None when too few refits converge."""
+    amounts = sorted(baseline)
+    x = np.array([amount for amount in amounts for _ in baseline[amount]], dtype=float)
+    y = np.array([loss for amount in amounts for loss in baseline[amount]], dtype=float)
+    refits = _refits(x / x[0], y, rounds, seed, within_x=any(len(baseline[a]) > 1 for a in amounts))
+    return None if refits is None else (float(x[0]), refits)
 
 
 def efficiency_range(bootstrap: tuple[float, np.ndarray], losses: list[float], real_tokens: float,

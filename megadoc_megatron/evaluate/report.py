@@ -137,11 +137,14 @@ def fit_or_reason(points: list[tuple[float, float]], what: str):
         return None, error.message
 
 
+def baseline_points(runs: list[Run]) -> list[tuple[int, float]]:
+    """(unique real tokens, i.i.d. loss) of every real-only run: the baseline's points."""
+    return [(r.real_tokens, r.iid_loss) for r in runs if r.recipe == "real" and r.iid_loss and r.real_tokens]
+
+
 def baseline_fit(runs: list[Run]):
     """The fit of real-only runs over real tokens, or (None, why not)."""
-    return fit_or_reason([(r.real_tokens, r.iid_loss) for r in runs
-                          if r.recipe == "real" and r.iid_loss and r.real_tokens],
-                "real-only data amounts")
+    return fit_or_reason(baseline_points(runs), "real-only data amounts")
 
 
 @dataclass
@@ -216,8 +219,7 @@ def table_rows(summaries: list) -> tuple[list[str], list[list[str]]]:
                      _cell(run.synthetic_weight), _cell(run.lr), _cell(run.weight_decay), str(len(summary.runs)),
                      _spread_cell(summary.iid), _spread_cell(summary.versus_real),
                      _spread_cell(summary.long), _spread_cell(summary.beyond),
-                     *[_cell(f"{a.mean:.3f}" + ("" if a.std is None else f" ± {a.std:.3f}") if a else None)
-                       for a in accuracy.values()],
+                     *[_cell(a.cell(3) if a else None) for a in accuracy.values()],
                      _efficiency_cell(summary)])
     return header, rows
 
@@ -322,8 +324,9 @@ def _position_curve(summary):
     """(bucket middles, mean losses, standard deviations) over a recipe's seeds."""
     import numpy as np
 
-    curves = [[b["loss"] for b in run.long_context["long"]["buckets"]] for run in summary.runs if run.long_context]
-    buckets = summary.runs[0].long_context["long"]["buckets"]
+    measured = [run for run in summary.runs if run.long_context]
+    curves = [[b["loss"] for b in run.long_context["long"]["buckets"]] for run in measured]
+    buckets = measured[0].long_context["long"]["buckets"]
     keep = [i for i, b in enumerate(buckets) if all(c[i] is not None for c in curves)]
     values = np.array([[c[i] for i in keep] for c in curves])
     middles = [(buckets[i]["start"] + buckets[i]["end"]) / 2 for i in keep]
@@ -377,7 +380,7 @@ def _plot_fit(summaries, fit, folder):
         color, used = f"C{number}", summary.first.real_tokens
         worth = summary.efficiency * used
         axes.plot([used, worth], [summary.iid.mean] * 2, color=color, linewidth=1, alpha=0.6)
-        low, high = (min(v, right) * used for v in summary.efficiency_range) if summary.efficiency_range \
+        low, high = (min(v * used, right) for v in summary.efficiency_range) if summary.efficiency_range \
             else (worth, worth)
         axes.errorbar([worth], [summary.iid.mean], xerr=[[worth - low], [high - worth]], yerr=[_std(summary.iid)],
                       color=color, fmt="o", capsize=3, zorder=3, label=summary.name)
@@ -477,15 +480,13 @@ def build_report(run_dirs: list[str], output, eval_name: str | None = None) -> d
     return write_report([load_run(Path(d), eval_name) for d in run_dirs], output)
 
 
-def add_efficiency(summaries: list, fit) -> None:
+def add_efficiency(summaries: list, runs: list[Run], fit) -> None:
     """Each recipe's data efficiency at its mean loss, and its bootstrap range (evaluate/fits.py)."""
     from megadoc_megatron.evaluate.fits import baseline_bootstrap, efficiency_range
 
     baseline: dict[int, list[float]] = {}
-    for summary in summaries:
-        for run in summary.runs:
-            if run.recipe == "real" and run.iid_loss and run.real_tokens:
-                baseline.setdefault(run.real_tokens, []).append(run.iid_loss)
+    for tokens, loss in baseline_points(runs):
+        baseline.setdefault(tokens, []).append(loss)
     refits = baseline_bootstrap(baseline)
     for summary in summaries:
         used = summary.first.real_tokens
@@ -522,7 +523,7 @@ def write_report(runs: list[Run], output) -> dict:
                 run.efficiency = fit.inverse(run.iid_loss) / run.real_tokens
     summaries = summarize(runs)
     if fit is not None:
-        add_efficiency(summaries, fit)
+        add_efficiency(summaries, runs, fit)
     found_claims = claims(summaries)
     paragraph = claims_paragraph(found_claims, summaries)
     folder = Path(output)

@@ -28,8 +28,8 @@ class Spread:
         """The standard error of the mean."""
         return None if self.std is None else self.std / math.sqrt(self.count)
 
-    def cell(self) -> str:
-        return f"{self.mean:.4f}" + ("" if self.std is None else f" ± {self.std:.4f}")
+    def cell(self, digits: int = 4) -> str:
+        return f"{self.mean:.{digits}f}" + ("" if self.std is None else f" ± {self.std:.{digits}f}")
 
 
 @dataclass(frozen=True)

@@ -136,9 +136,8 @@ class Experiment:
 
 # fields holding paths, resolved against the config file's folder
 PATH_FIELDS = [("corpus", "train"), ("corpus", "heldout"), ("corpus", "long_heldout"), ("tokenizer", "model"),
-               ("generator", "model"),
-               ("generator", "tokenizer"), ("generator", "prompts"), ("rephrase", "prompts"), ("rationale", "prompts"),
-               ("decontaminate", "include_path")]
+               ("generator", "model"), ("generator", "tokenizer"), ("generator", "prompts"), ("rephrase", "prompts"),
+               ("rationale", "prompts"), ("decontaminate", "include_path")]
 
 
 TUNE_PATHS = ("reference", "faithfulness_model", "quality_model", "prompts")

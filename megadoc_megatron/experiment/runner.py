@@ -93,8 +93,7 @@ def check_corpus_split(experiment) -> None:
     passed = cache_root() / "checks" / f"corpus-split-{hashlib.sha256(key.encode()).hexdigest()[:32]}"
     if passed.is_file():
         return
-    for held_out_file in held_out_files:
-        _check_held_out(experiment, held_out_file)
+    _check_held_out(experiment, held_out_files)
     try:
         passed.parent.mkdir(parents=True, exist_ok=True)
         write_text_atomic(passed, key + "\n")
@@ -102,12 +101,14 @@ def check_corpus_split(experiment) -> None:
         pass
 
 
-def _check_held_out(experiment, held_out_file: str) -> None:
+def _check_held_out(experiment, held_out_files: list[str]) -> None:
+    """One pass over the training corpus against every held-out document (of all the held-out files)."""
     from megadoc_megatron.data.overlap import NgramIndex, text_units
     from megadoc_megatron.jsonl import expand_inputs, read_documents
 
     corpus, settings = experiment.corpus, experiment.decontaminate
-    held_out = list(read_documents(expand_inputs([held_out_file]), corpus.id_key, corpus.text_key))
+    held_out = [(file, document_id, text) for file in held_out_files
+                for document_id, text in read_documents(expand_inputs([file]), corpus.id_key, corpus.text_key)]
     train_ids = []
 
     def train_units():
@@ -115,19 +116,22 @@ def _check_held_out(experiment, held_out_file: str) -> None:
             train_ids.append(document_id)
             yield text_units(text)
 
-    index = NgramIndex((text_units(text) for _, text in held_out), settings.overlap_ngram)
+    index = NgramIndex((text_units(text) for _, _, text in held_out), settings.overlap_ngram)
     found = [o for o in index.overlaps(train_units()) if o.fraction >= settings.overlap_threshold]
-    same_ids = sorted({document_id for document_id, _ in held_out} & set(train_ids))
+    train_set = set(train_ids)
+    same_ids = {document_id: file for file, document_id, _ in reversed(held_out) if document_id in train_set}
     if same_ids:  # synth rephrases the training corpus: it must never be given a held-out id
-        raise InputError(f"{len(same_ids)} document id(s) are in both corpora (e.g. {same_ids[0]!r})", held_out_file,
+        first = min(same_ids)
+        raise InputError(f"{len(same_ids)} document id(s) are in both corpora (e.g. {first!r})", same_ids[first],
                          fix="give held-out documents ids of their own (the training corpus is what synth rephrases)")
     if found:
         worst = max(found, key=lambda o: o.fraction)
-        pair = f"training {train_ids[worst.query]!r} and held-out {held_out[worst.reference][0]!r}"
+        file, held_id, _ = held_out[worst.reference]
+        pair = f"training {train_ids[worst.query]!r} and held-out {held_id!r}"
         raise InputError(f"{len(found)} training document(s) overlap held-out documents ({pair}: {worst.fraction:.0%} "
                          f"of {settings.overlap_ngram}-grams shared, limit {settings.overlap_threshold:.0%})",
-                         held_out_file, fix="hold out documents the training corpus does not contain (deduplicate the "
-                                            "split), or raise decontaminate.overlap_threshold")
+                         file, fix="hold out documents the training corpus does not contain (deduplicate the "
+                                   "split), or raise decontaminate.overlap_threshold")
 
 
 def lineage(train_folder: Path) -> list[dict]:
