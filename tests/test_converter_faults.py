@@ -86,16 +86,15 @@ def test_part_files_and_outputs_are_synced_before_they_are_trusted(golden, tmp_p
     assert names[:2] == ["one_text_document.bin.tmp", "one_text_document.idx.tmp"]
     assert str(tmp_path) in synced  # the folder, after the renames
 
-    from megadoc_megatron.data import preprocess as converter
+    from megadoc_megatron.data.preprocess.parts import REFERENCE, Encoding, Options, Part
+    from megadoc_megatron.data.preprocess.worker import convert_part, init_worker
 
     synced.clear()
     parts = tmp_path / "parts"
     parts.mkdir()
-    options = converter.Options("SentencePieceTokenizer", str(spm_model), ("text",), True, False, str(parts),
-                                converter.REFERENCE)
-    converter._init_worker(options)
-    part = converter.Part(0, 0, str(golden / "golden_input.jsonl"), 0, None)
-    converter._convert_part((part, "stem", converter.Encoding(2, 8000, "uint16")))
+    init_worker(Options("SentencePieceTokenizer", str(spm_model), ("text",), True, False, str(parts), REFERENCE))
+    part = Part(0, 0, str(golden / "golden_input.jsonl"), 0, None)
+    convert_part((part, "stem", Encoding(2, 8000, "uint16")))
     marker = next(i for i, path in enumerate(synced) if ".done.json" in path)
     assert {os.path.basename(p) for p in synced[:marker]} >= {"stem.text.tokens", "stem.text.lengths"}
 

@@ -107,16 +107,17 @@ def test_gigatoken_that_parts_ways_with_tokenizers_is_caught(golden, tmp_path, c
 
 def test_a_document_gigatoken_encodes_differently_is_named(golden):
     """The check of each part's first documents, on a fabricated disagreement."""
-    from megadoc_megatron.data.preprocess import GigatokenUnusable, Part, PartResult, _check_sample
+    from megadoc_megatron.data.preprocess.parts import Part, PartResult
+    from megadoc_megatron.data.preprocess.reference import GigatokenUnusable, check_sample
     from megadoc_megatron.data.tokenizer import load_tokenizer
 
     reference = load_tokenizer("HuggingFaceTokenizer", golden / "qwen_tokenizer")
     text = "Penguins swim."
     ids = reference.encode_batch([text])[0]
     part = Part(3, 0, "corpus.jsonl", 4096, None)
-    _check_sample(PartResult(3, "stem", sample=[("line 2", text, list(ids))]), part, reference)
+    check_sample(PartResult(3, "stem", sample=[("line 2", text, list(ids))]), part, reference)
     with pytest.raises(GigatokenUnusable, match=r"corpus.jsonl, line 2 of the part starting at byte 4096"):
-        _check_sample(PartResult(3, "stem", sample=[("line 2", text, [*ids[:-1], ids[-1] + 1])]), part, reference)
+        check_sample(PartResult(3, "stem", sample=[("line 2", text, [*ids[:-1], ids[-1] + 1])]), part, reference)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import os
 
-from megadoc_megatron.data.preprocess import GIGATOKEN, PreprocessConfig, PreprocessSummary, preprocess
+from megadoc_megatron.data.preprocess import PreprocessConfig, PreprocessSummary, preprocess
+from megadoc_megatron.data.preprocess.parts import GIGATOKEN
 from megadoc_megatron.data.tokenizer import TOKENIZER_TYPES
 
 
