@@ -88,13 +88,13 @@ class Recorder:
         return [self.answer(r) for r in requests]
 
 
-def run_recorded(args, recorder, task=(0, 1)):
+def run_recorded(args, recorder, task=(0, 1), progress=False):
     from megadoc_megatron.synth.command import build_config, resolve_model
     from megadoc_megatron.synth.pipeline import run_synthesis
 
     _, name, folder = resolve_model(args)
     return run_synthesis(build_config(args, name, folder), lambda: recorder, recorder.tokenizer, args.input,
-                         args.output, task_index=task[0], task_count=task[1], progress=False)
+                         args.output, task_index=task[0], task_count=task[1], progress=progress)
 
 
 def test_chunked_plan_is_what_a_run_submits_and_done_pairs_are_not_costed(tmp_path, hf_tokenizer, capsys):

@@ -16,7 +16,7 @@ PACKAGE = REPO / "megadoc_megatron"
 # any library layer; the experiment runs whole stage command lines, so it sits above them.
 LAYERS = ["base", "data", "model", "synth", "megadocs", "decontaminate", "blend", "train", "evaluate", "tune",
           "commands", "experiment"]
-BASE = {"__init__", "errors", "files", "jsonl", "config", "distributed"}
+BASE = {"__init__", "errors", "files", "jsonl", "config", "distributed", "progress"}
 
 
 def module_name(path: Path) -> str:

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from megadoc_megatron.errors import InputError
+from megadoc_megatron.progress import Progress
 
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
@@ -159,9 +160,10 @@ class DatasetAssembler:
         self._bin_tmp.unlink(missing_ok=True)
 
 
-def merge_datasets(prefixes: list, output_prefix) -> IndexedDatasetView:
+def merge_datasets(prefixes: list, output_prefix, progress: Progress | None = None) -> IndexedDatasetView:
     """One dataset holding the documents of `prefixes` in order, as Megatron-LM's
-    `tools/merge_datasets.py` makes it; the index is copied in slices, so memory stays flat."""
+    `tools/merge_datasets.py` makes it; the index is copied in slices, so memory stays flat.
+    `progress` counts the tokens copied."""
     views = [read_index(prefix) for prefix in prefixes]
     dtypes = {np.dtype(view.dtype).name for view in views}
     if len(dtypes) > 1:
@@ -185,8 +187,14 @@ def merge_datasets(prefixes: list, output_prefix) -> IndexedDatasetView:
                 _copy_shifted(view.document_indices[1:], sequence_offset, out)
                 sequence_offset += len(view.sequence_lengths)
 
-    _commit(output_prefix, lambda bin_tmp: concatenate_files([dataset_paths(v.prefix)[0] for v in views], bin_tmp),
-            write_idx)
+    def write_bin(bin_tmp: Path) -> None:
+        concatenate_files([], bin_tmp)  # the file, also when there is nothing to join
+        for view in views:
+            concatenate_files([dataset_paths(view.prefix)[0]], bin_tmp, append=True)
+            if progress:
+                progress.update(view.num_tokens)
+
+    _commit(output_prefix, write_bin, write_idx)
     return read_index(output_prefix)
 
 
@@ -198,9 +206,10 @@ def sampled_documents(document_count: int, fraction: float, seed: int) -> np.nda
 
 
 def write_documents(view: "IndexedDatasetView", documents: np.ndarray, output_prefix,
-                    slice_size: int = 1 << 22) -> "IndexedDatasetView":
+                    slice_size: int = 1 << 22, progress: Progress | None = None) -> "IndexedDatasetView":
     """A dataset holding the given documents of `view` (sorted indices), in their order. The token file is
-    read in slices of sequences and filtered with numpy: no Python loop over documents, memory flat."""
+    read in slices of sequences and filtered with numpy: no Python loop over documents, memory flat.
+    `progress` counts the tokens read."""
     per_document = np.diff(view.document_indices)
     chosen = np.zeros(view.num_documents, dtype=bool)
     chosen[documents] = True
@@ -216,6 +225,8 @@ def write_documents(view: "IndexedDatasetView", documents: np.ndarray, output_pr
                 start = int(view.sequence_pointers[first]) // itemsize
                 end = int(view.sequence_pointers[last - 1]) // itemsize + int(view.sequence_lengths[last - 1])
                 tokens[start:end][np.repeat(keep[first:last], view.sequence_lengths[first:last])].tofile(out)
+                if progress:
+                    progress.update(end - start)
 
     def write_idx(idx_tmp: Path) -> None:
         with open(idx_tmp, "wb") as out:

@@ -16,6 +16,7 @@ from megadoc_megatron import __version__
 from megadoc_megatron.data.dataset_info import DatasetInfo
 from megadoc_megatron.data.indexed import dataset_paths, merge_datasets, read_index, sampled_documents, write_documents
 from megadoc_megatron.errors import InputError
+from megadoc_megatron.progress import Progress
 
 
 def dataset_prefixes(inputs: list[str]) -> list[str]:
@@ -50,17 +51,19 @@ def sidecars_of(prefixes: list[str]) -> list[DatasetInfo] | None:
 def merge(inputs: list[str], output_prefix: str, sample_fraction: float | None = None, sample_seed: int = 1234) -> dict:
     """Checked before anything is written: the inputs hold documents and one tokenizer."""
     prefixes = dataset_prefixes(inputs)
-    if not sum(read_index(prefix).num_documents for prefix in prefixes):
+    views = [read_index(prefix) for prefix in prefixes]
+    if not sum(view.num_documents for view in views):
         raise InputError("the datasets hold no documents", ", ".join(prefixes),
                          fix="check that the conversion found the input")
     if sample_fraction is not None and not 0 < sample_fraction <= 1:
         raise InputError(f"--sample-fraction must lie in (0, 1], not {sample_fraction}", fix="e.g. 0.25")
     records = sidecars_of(prefixes)
     Path(output_prefix).parent.mkdir(parents=True, exist_ok=True)
+    tokens = sum(view.num_tokens for view in views)
     if sample_fraction is None:
-        view = merge_datasets(prefixes, output_prefix)
+        view = _merged(prefixes, output_prefix, tokens)
     else:
-        view = _sample(prefixes, output_prefix, sample_fraction, sample_seed)
+        view = _sample(prefixes, output_prefix, sample_fraction, sample_seed, tokens)
     if records is not None:
         replace(records[0], prefix=str(output_prefix), documents=view.num_documents, tokens=view.num_tokens,
                 inputs=sorted({i for r in records for i in r.inputs}), merged_from=[str(p) for p in prefixes],
@@ -70,10 +73,17 @@ def merge(inputs: list[str], output_prefix: str, sample_fraction: float | None =
             "tokens": view.num_tokens}
 
 
-def _sample(prefixes: list[str], output_prefix: str, fraction: float, seed: int):
-    joined = merge_datasets(prefixes, f"{output_prefix}.joined") if len(prefixes) > 1 else read_index(prefixes[0])
+def _merged(prefixes: list[str], output_prefix: str, tokens: int):
+    with Progress("merge", tokens, "tokens", scale=True) as progress:
+        return merge_datasets(prefixes, output_prefix, progress)
+
+
+def _sample(prefixes: list[str], output_prefix: str, fraction: float, seed: int, tokens: int):
+    joined = _merged(prefixes, f"{output_prefix}.joined", tokens) if len(prefixes) > 1 else read_index(prefixes[0])
     try:
-        return write_documents(joined, sampled_documents(joined.num_documents, fraction, seed), output_prefix)
+        with Progress("merge (sample)", tokens, "tokens", scale=True) as progress:
+            return write_documents(joined, sampled_documents(joined.num_documents, fraction, seed), output_prefix,
+                                   progress=progress)
     finally:
         if len(prefixes) > 1:
             for path in dataset_paths(joined.prefix):

@@ -20,6 +20,7 @@ from megadoc_megatron.errors import InputError
 from megadoc_megatron.files import write_text_atomic
 from megadoc_megatron.jsonl import expand_inputs, iter_lines, parse_record, require_fields
 from megadoc_megatron.megadocs.assemble import MegadocsSummary, length_stats
+from megadoc_megatron.progress import Progress
 
 EXAMPLES = 10
 
@@ -61,6 +62,11 @@ def _records(files: list[Path], text_key: str) -> Iterator[tuple[Path, int, byte
                 record = parse_record(raw, path, number)
                 require_fields(record, {text_key: str}, path, number, "record")
                 yield path, number, raw, record
+
+
+def _record_count(files: list[Path]) -> int:
+    """Non-blank lines, counted before the scan so that its progress has a total."""
+    return sum(1 for path in files for raw in iter_lines(path) if raw.strip())
 
 
 def _name(record: dict, id_key: str, path: Path, line: int) -> str:
@@ -113,23 +119,25 @@ def decontaminate(config: DecontaminateConfig) -> DecontaminationSummary:
     files = expand_inputs(config.inputs)
     names, texts = _references(config)
     index = NgramIndex((text_units(t) for t in texts), config.overlap_ngram)
-    records = 0
+    records = _record_count(files)
 
-    def units():
-        nonlocal records
+    def units(progress: Progress):
         for _, _, _, record in _records(files, config.text_key):
-            records += 1
+            progress.update()
             yield text_units(record[config.text_key])
 
-    found = {o.query: o for o in index.overlaps(units()) if o.fraction >= config.overlap_threshold}
+    with Progress("decontaminate (scan)", records, "records") as progress:
+        found = {o.query: o for o in index.overlaps(units(progress)) if o.fraction >= config.overlap_threshold}
     summary = DecontaminationSummary(records, len(found), len(names), config.overlap_ngram, config.overlap_threshold,
                                      [str(f) for f in files], config.output)
     output = Path(config.output) if config.output else None
     temporary = output.with_name(f"{output.name}.{os.getpid()}.tmp") if output else None
     kept_chars, kept_originals = [], 0
     try:
-        with open(temporary, "wb") if temporary else open(os.devnull, "wb") as kept:
+        with (open(temporary, "wb") if temporary else open(os.devnull, "wb") as kept,
+              Progress("decontaminate (report)", records, "records") as progress):
             for number, (path, line, raw, record) in enumerate(_records(files, config.text_key)):
+                progress.update()
                 overlap = found.get(number)
                 if overlap is None:
                     kept.write(raw if raw.endswith(b"\n") else raw + b"\n")

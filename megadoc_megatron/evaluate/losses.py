@@ -22,6 +22,7 @@ import torch
 
 from megadoc_megatron.data.indexed import IndexedDatasetView
 from megadoc_megatron.errors import InputError
+from megadoc_megatron.progress import Progress
 
 
 @dataclass
@@ -127,9 +128,11 @@ def pack(stream: np.ndarray, seq_length: int, max_sequences: int | None, source,
 def sequence_losses(loaded: LoadedModel, sequences: np.ndarray, device, micro_batch: int) -> np.ndarray:
     """Per-token losses [n, seq_length] of equal-length sequences, masked as in training."""
     out = []
-    for start in range(0, len(sequences), micro_batch):
-        batch = torch.as_tensor(sequences[start:start + micro_batch], device=device)
-        out.append(token_losses(loaded.model, batch, eod=loaded.eod).cpu().numpy())
+    with Progress("eval", sequences[:, 1:].size, "tokens", scale=True) as progress:
+        for start in range(0, len(sequences), micro_batch):
+            batch = torch.as_tensor(sequences[start:start + micro_batch], device=device)
+            out.append(token_losses(loaded.model, batch, eod=loaded.eod).cpu().numpy())
+            progress.update(out[-1].size)
     return np.concatenate(out)
 
 
@@ -150,16 +153,18 @@ def position_losses(model, documents: list[np.ndarray], seq_length: int, device,
     Sequences are right-padded: causal attention keeps padding from touching earlier positions."""
     sums, counts = np.zeros(seq_length), np.zeros(seq_length, dtype=np.int64)
     documents = sorted((d[:seq_length + 1].astype(np.int64) for d in documents if len(d) >= 2), key=len)
-    for start in range(0, len(documents), micro_batch):
-        group = documents[start:start + micro_batch]
-        width = len(group[-1])
-        batch = np.zeros((len(group), width), dtype=np.int64)
-        for row, document in enumerate(group):
-            batch[row, :len(document)] = document
-        losses = token_losses(model, torch.as_tensor(batch, device=device)).cpu().numpy()
-        for row, document in enumerate(group):
-            sums[:len(document) - 1] += losses[row, :len(document) - 1]
-            counts[:len(document) - 1] += 1
+    with Progress("eval", len(documents), "documents") as progress:
+        for start in range(0, len(documents), micro_batch):
+            group = documents[start:start + micro_batch]
+            width = len(group[-1])
+            batch = np.zeros((len(group), width), dtype=np.int64)
+            for row, document in enumerate(group):
+                batch[row, :len(document)] = document
+            losses = token_losses(model, torch.as_tensor(batch, device=device)).cpu().numpy()
+            for row, document in enumerate(group):
+                sums[:len(document) - 1] += losses[row, :len(document) - 1]
+                counts[:len(document) - 1] += 1
+            progress.update(len(group))
     return sums, counts
 
 

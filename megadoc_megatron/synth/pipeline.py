@@ -18,7 +18,6 @@ import itertools
 import json
 import math
 import os
-import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
@@ -28,6 +27,7 @@ from typing import Iterator
 from megadoc_megatron.errors import InputError
 from megadoc_megatron.files import content_digest, write_text_atomic
 from megadoc_megatron.jsonl import expand_inputs, read_documents
+from megadoc_megatron.progress import Progress
 from megadoc_megatron.synth.backends import Completion, Request, Sampling, chat_token_ids
 from megadoc_megatron.synth.chunks import head, split_points, tail, token_starts
 from megadoc_megatron.synth.gates import Gates
@@ -270,7 +270,7 @@ class Synthesizer:
                              fix="pass --task-index < --task-count")
         self.config, self.make_backend, self.backend, self.output = config, make_backend, None, Path(output)
         self.pair_maker = PairMaker(config, tokenizer)
-        self.task_index, self.task_count, self.progress = task_index, task_count, progress
+        self.task_index, self.task_count, self.show_progress = task_index, task_count, progress
         self.sync_seconds, self.held_out = sync_seconds, held_out
         self.throughput = Throughput()
         self._unwritten: list[ShardWork] = []
@@ -288,8 +288,9 @@ class Synthesizer:
                 if self.owns(n) and not Shard(self.output, n).complete()}
         if todo and self.backend is None:
             self.backend = self.make_backend()
-        self.bar = self._progress_bar(sum(min(per_shard, documents - n * per_shard)
-                                          for n in todo) * self.config.generations)
+        generations = sum(min(per_shard, documents - n * per_shard) for n in todo) * self.config.generations
+        self.progress = Progress(f"synth {self.config.operation}", generations, "generations",
+                                 enabled=self.show_progress)
         try:
             for (work, part), completion in self.backend.stream(self._requests(inputs, todo), self.config.sampling) \
                     if todo else ():
@@ -298,7 +299,7 @@ class Synthesizer:
                     self._pair_done(work)
         finally:
             self._flush()  # a failing backend keeps what finished before it failed
-        self.bar.close()
+        self.progress.close()
         summary = self.summary(documents)
         name = "summary.json" if self.task_count == 1 else f"summary.task-{self.task_index:05d}.json"
         write_text_atomic(self.output / name, json.dumps(summary, indent=2) + "\n")
@@ -332,12 +333,6 @@ class Synthesizer:
         self.output.mkdir(parents=True, exist_ok=True)
         return manifest
 
-    def _progress_bar(self, total: int):
-        from tqdm import tqdm
-
-        return tqdm(total=total, unit="gen", desc=f"synth {self.config.operation}", disable=not self.progress,
-                    dynamic_ncols=True, mininterval=1 if sys.stderr.isatty() else 60)  # batch logs: a line a minute
-
     def _requests(self, inputs: list[Path], todo: set[int]) -> Iterator[tuple[tuple[PairWork, int], Request]]:
         """The requests of every pair still to do, shard after shard (one shard's documents in memory at
         a time); the backend pulls them as it has room."""
@@ -348,7 +343,7 @@ class Synthesizer:
             documents = [document for _, document in group]
             shard = ShardWork(Shard(self.output, number), {d: i for i, (d, _) in enumerate(documents)})
             done = shard.shard.done_pairs()
-            self.bar.update(len(done))
+            self.progress.update(len(done))
             for document_id, text in documents:
                 for pair in self.pair_maker.pairs(document_id, text):
                     if (pair.source_id, pair.index) in done:
@@ -377,11 +372,10 @@ class Synthesizer:
         self._finish_if_done(shard)
         if time.monotonic() - self._flushed >= self.sync_seconds:
             self._flush()
-        self.bar.update(1)
         rates = self.throughput.as_dict()
-        self.bar.set_postfix(docs_s=f"{rates['documents_per_second']:.2f}",
-                             tok_s=f"{rates['generated_tokens_per_second']:.0f}",
-                             rejected=self.throughput.rejected, refresh=False)
+        self.progress.update(1, note=f"{rates['documents_per_second']:.2f} documents/s, "
+                                     f"{rates['generated_tokens_per_second']:.0f} tokens/s, "
+                                     f"{self.throughput.rejected} rejected")
 
     def _flush(self) -> None:
         """Append (and sync) the records of the pairs done since the last flush."""

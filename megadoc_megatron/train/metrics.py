@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import torch
 
 from megadoc_megatron.errors import InputError
 from megadoc_megatron.files import write_text_atomic
+from megadoc_megatron.progress import duration
 
 # Dense peak TFLOP/s per device (NVIDIA datasheets, without sparsity): (BF16, FP8), matched against
 # torch.cuda.get_device_name() in this order (the first part whose words all appear wins).
@@ -86,11 +86,14 @@ def resumed_metrics_file(checkpoint_dir: str, resumed_at: int) -> Path | None:
 
 
 class StepLogger:
-    """Prints a progress line with ETA; appends every logged step to `metrics.jsonl`; mirrors to
-    TensorBoard and W&B when configured. Only the process that calls it logs (rank 0)."""
+    """Prints a progress line with the rate, elapsed time and ETA; appends every logged step to
+    `metrics.jsonl`; mirrors to TensorBoard and W&B when configured. Only the process that calls it
+    logs (rank 0)."""
 
-    def __init__(self, settings, metrics_path: Path | None, total_iters: int, start_iter: int, config: dict):
-        self.total, self.start_iter, self.start_time = total_iters, start_iter, time.monotonic()
+    def __init__(self, settings, metrics_path: Path | None, total_iters: int, start_iter: int, config: dict,
+                 clock=time.monotonic):
+        self.total, self.start_iter, self.clock = total_iters, start_iter, clock
+        self.start_time = clock()
         self.metrics_path = metrics_path
         self.tensorboard = self.wandb = None
         if settings.tensorboard_dir:
@@ -119,8 +122,8 @@ class StepLogger:
         if "valid_loss" in row:
             return f"iteration {step:>6}/{self.total} | validation loss {row['valid_loss']:.4f}"
         done = step - self.start_iter
-        elapsed = time.monotonic() - self.start_time
-        eta = timedelta(seconds=round(elapsed / done * (self.total - step))) if done else "?"
+        elapsed = self.clock() - self.start_time
+        eta = duration(elapsed / done * (self.total - step)) if done else "?"
         parts = [f"iteration {step:>6}/{self.total}", f"loss {row['loss']:.4f}", f"lr {row['lr']:.3e}",
                  f"grad norm {row['grad_norm']:.3f}", f"{row['tokens_per_s']:,.0f} tok/s",
                  f"{row['tflops_per_device']:.2f} TFLOP/s/device"]
@@ -130,7 +133,7 @@ class StepLogger:
             parts.append("first iteration (warm-up)")
         if row.get("skipped"):
             parts.append(f"{row['skipped']} update(s) skipped (non-finite gradients), {row['skipped_total']} in all")
-        parts.append(f"ETA {eta}")
+        parts.append(f"elapsed {duration(elapsed)}, ETA {eta}")
         return " | ".join(parts)
 
     def close(self) -> None:

@@ -28,6 +28,7 @@ from megadoc_megatron.data.preprocess.worker import START_METHOD, convert_part, 
 from megadoc_megatron.data.tokenizer import probe_texts
 from megadoc_megatron.errors import InputError
 from megadoc_megatron.jsonl import count_lines_before
+from megadoc_megatron.progress import Progress
 
 
 def convert_parts(parts, groups, options: Options, workers: int):
@@ -120,13 +121,10 @@ def _run_parts(parts, stems, encoding: Encoding, options: Options, pool, referen
         if replace(Encoding.of(reference), probe=encoding.probe) != encoding:
             raise GigatokenUnusable(f"its vocabulary size or EOD id ({encoding.vocab_size}, {encoding.eod}) "
                                     f"differ from {reference.type_name}'s ({reference.vocab_size}, {reference.eod})")
-    from tqdm import tqdm
-
-    tqdm.monitor_interval = 0  # no monitor thread: a later worker pool forks a single-threaded process
     by_index = {part.index: part for part in parts}
     assemble(results, list(results))
-    with tqdm(total=sum(map(input_bytes, todo)), unit="B", unit_scale=True, desc="preprocess", disable=None,
-              file=sys.stderr) as bar:
+    documents = 0
+    with Progress("preprocess", sum(map(input_bytes, todo)), "bytes", scale=True) as progress:
         for future in as_completed(futures):
             result = future.result()
             part = by_index[result.index]
@@ -138,5 +136,6 @@ def _run_parts(parts, stems, encoding: Encoding, options: Options, pool, referen
                 raise InputError(error.message, error.path, line, error.fix)
             results[result.index] = result
             assemble(results, [result.index])
-            bar.update(input_bytes(part))
+            documents += result.documents
+            progress.update(input_bytes(part), note=f"{documents:,} documents")
     return results
