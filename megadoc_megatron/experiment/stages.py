@@ -161,7 +161,7 @@ class _Tee(io.TextIOBase):
             stream.flush()
         return len(text)
 
-    def isatty(self) -> bool:  # progress bars: one line a minute, as in a batch job
+    def isatty(self) -> bool:  # progress: plain lines every MEGADOC_PROGRESS_SECONDS, as in a batch job
         return False
 
 
