@@ -378,15 +378,15 @@ def make_blend(config: BlendConfig) -> Blend:
     """Weigh the datasets and write `data_args.txt`, `blend.json` (and `per_split_data_args.json`)."""
     synthetic = config.synthetic or []
     if not config.real:
-        raise InputError("give at least one real dataset", fix="pass --real PREFIX")
+        raise InputError("give at least one real dataset", fix="pass --real-data-path PREFIX")
     datasets = [describe_dataset(p, "real", config.split) for p in config.real] + \
         [describe_dataset(p, "synthetic", config.split) for p in synthetic]
     blend = weigh(datasets[:len(config.real)], datasets[len(config.real):], config.synthetic_weight, config.epochs,
                   config.seq_length, config.global_batch_size, config.train_tokens)
     if config.valid_data:  # checked before anything is written
         if split_fractions(config.split)[0] != 1.0:
-            raise InputError("--valid-data needs --split 100,0,0 (the held-out data replaces the split)",
-                             fix="drop --valid-data or use --split 100,0,0")
+            raise InputError("--valid-data-path needs --split 100,0,0 (the held-out data replaces the split)",
+                             fix="drop --valid-data-path or use --split 100,0,0")
         if not config.held_out_checked:
             check_held_out(config.real, config.valid_data, config.overlap_ngram, config.overlap_threshold)
     output_dir = Path(config.output_dir)

@@ -21,10 +21,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-key", default="text")
     parser.add_argument("--held-out-text-key", default="text")
     parser.add_argument("--id-key", default="id", help="names records and documents in the report")
-    parser.add_argument("--overlap-ngram", type=int, default=NGRAM, help="n-gram length in words (default %(default)s)")
+    parser.add_argument("--overlap-ngram", type=int, default=NGRAM, help="n-gram length in words")
     parser.add_argument("--overlap-threshold", type=float, default=THRESHOLD,
                         help="a record is contaminated when it and a reference document share this fraction of the "
-                             "smaller one's n-grams (default %(default)s; 1.0: one holds the other whole)")
+                             "smaller one's n-grams (1.0: one holds the other whole)")
 
 
 def format_summary(summary: DecontaminationSummary) -> str:
