@@ -84,7 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-path", nargs="+", required=True,
                         help="dataset prefixes in order, or a glob of .idx files (sorted), "
                              "e.g. 'out/c_shard*_text_document.idx'")
-    parser.add_argument("--output-prefix", required=True, help="the merged dataset, e.g. out/c_text_document")
+    parser.add_argument("--output-prefix", required=True, help="prefix of the merged dataset, e.g. out/c_text_document")
     parser.add_argument("--sample-fraction", type=float,
                         help="keep only this share of the documents (at least one), drawn by --seed; at one "
                              "seed a smaller share is a subset of a larger one")

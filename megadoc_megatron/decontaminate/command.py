@@ -13,8 +13,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", help="synthetic JSONL (megadocs or generation records): files, globs "
                                                   "or folders")
     parser.add_argument("--held-out", nargs="+", required=True, help="the held-out JSONL")
-    parser.add_argument("--report", required=True, help="write the report (JSON) here")
-    parser.add_argument("--output", help="write the records that are not contaminated here (unchanged)")
+    parser.add_argument("--report", required=True, help="JSON file for the report")
+    parser.add_argument("--output", help="JSONL file for the records that are not contaminated (unchanged)")
     parser.add_argument("--tasks", nargs="+", help="lm-eval tasks whose documents count as held out too (read from "
                                                    "the local datasets cache or --include-path)")
     parser.add_argument("--include-path", help="a folder of lm-eval task YAMLs (they can run code: trusted files only)")

@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="real documents: JSONL files, globs or folders")
     parser.add_argument("--generation-records", dest="generations", nargs="+", required=True,
                         help="what `megadoc synth` wrote: its --output-dir, or shard files")
-    parser.add_argument("--output", required=True, help="output JSONL (a .summary.json is written beside it)")
+    parser.add_argument("--output", required=True, help="output JSONL file (a .summary.json is written beside it)")
     parser.add_argument("--original", choices=("back", "front", "none"), default="back",
                         help="stitch: where the original goes; simple: 'none' leaves it out, "
                              "else it is its own document")
