@@ -228,7 +228,7 @@ def _check(datasets: list[BlendDataset], synthetic_weight: float, epochs: int | 
     if (synthetic_weight > 0) != any(d.stream == "synthetic" for d in datasets):
         raise InputError("a synthetic weight above 0 needs synthetic datasets, "
                          "and synthetic datasets need a weight above 0",
-                         fix="pass --synthetic PREFIX with -w > 0, or neither for a real-only run (-w 0)")
+                         fix="pass --synthetic-data-path PREFIX with -w > 0, or neither for a real-only run (-w 0)")
     if epochs is not None and epochs < 1:
         raise InputError(f"--epochs must be at least 1, not {epochs}", fix="count whole passes over the real data")
     if train_tokens is not None and train_tokens < sequence_length * global_batch_size:
