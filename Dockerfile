@@ -1,7 +1,7 @@
 # Two images, one per kind of stage, because vLLM pins its own torch build:
 #
 #   generate: vLLM's image plus megadoc-megatron, for `megadoc synth --backend vllm` (synth.sbatch),
-#             and the CPU stages around it (preprocess, megadocs, blend, merge, --plan).
+#             and the CPU stages around it (preprocess, megadocs, blend, merge, synth --dry-run).
 #     docker build --target generate -t megadoc-megatron:generate .
 #   train (the default target): NVIDIA's PyTorch container, which carries CUDA, torch, Transformer
 #             Engine, flash-attn and apex (pip finds them satisfied and keeps them), for preprocess,

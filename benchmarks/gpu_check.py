@@ -211,7 +211,7 @@ def evaluation(check: Check, blend_json: str) -> dict:
     finally:
         shutdown()
     held_prefix = blend.validation_prefixes()[0]
-    megadoc(["eval", "loss", str(check.runs / "megatron"), "--data", held_prefix])
+    megadoc(["eval", "loss", str(check.runs / "megatron"), "--valid-data-path", held_prefix])
     (result_file,) = (check.runs / "megatron" / "eval").glob("loss.*.json")
     command_loss = json.loads(result_file.read_text())["metrics"]["loss"]
     rtol = abs(same_samples - logged) / logged

@@ -48,7 +48,7 @@ def test_realized_real_epochs_are_exact(streams, tmp_path, documents, seq_length
 @pytest.mark.parametrize("epochs", [1, 3])
 def test_real_only_blend_fills_the_last_batch_from_the_next_pass(streams, tmp_path, capsys, epochs):
     real, _ = streams["short"]
-    assert main(["blend", "--real", real, "-w", "0", "-E", str(epochs), "--seq-length", "128",
+    assert main(["blend", "--real-data-path", real, "-w", "0", "-E", str(epochs), "--seq-length", "128",
                  "--global-batch-size", "16", "--output-dir", str(tmp_path)]) == 0
     blend = Blend.load(tmp_path / "blend.json")
     [row] = verify_blend(blend)
@@ -62,9 +62,9 @@ def test_real_only_blend_fills_the_last_batch_from_the_next_pass(streams, tmp_pa
 @pytest.mark.parametrize("weight", [0.0, 1 / 3, 1.0])
 def test_a_token_budget_is_split_w_to_synthetic_as_megatron_core_draws_it(streams, tmp_path, capsys, weight):
     real, synthetic = streams["long"]
-    mix = ["--synthetic", synthetic] if weight else []
-    assert main(["blend", "--real", real, *mix, "-w", str(weight), "--train-tokens", "20000", "--seq-length", "64",
-                 "--global-batch-size", "8", "--output-dir", str(tmp_path)]) == 0
+    mix = ["--synthetic-data-path", synthetic] if weight else []
+    assert main(["blend", "--real-data-path", real, *mix, "-w", str(weight), "--train-tokens", "20000",
+                 "--seq-length", "64", "--global-batch-size", "8", "--output-dir", str(tmp_path)]) == 0
     blend = Blend.load(tmp_path / "blend.json")
     assert blend.train_iters == 40 and blend.epochs is None  # ceil(20000 / (64 * 8))
     rows = verify_blend(blend)
@@ -86,8 +86,9 @@ def test_output_files_are_what_megatron_reads(streams, tmp_path, capsys):
     from megatron.core.datasets.utils import get_blend_from_list
 
     (real, synthetic), held_out = streams["long"], streams["held_out"]
-    assert main(["blend", "--real", real, "--synthetic", synthetic, "-w", "0.75", "-E", "2", "--seq-length", "64",
-                 "--global-batch-size", "8", "--valid-data", held_out, "--output-dir", str(tmp_path)]) == 0
+    assert main(["blend", "--real-data-path", real, "--synthetic-data-path", synthetic, "-w", "0.75", "-E", "2",
+                 "--seq-length", "64", "--global-batch-size", "8", "--valid-data-path", held_out,
+                 "--output-dir", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     assert "--data-args-path" in printed and "exactly 2 passes" in printed
     prefixes, weights = get_blend_from_list((tmp_path / "data_args.txt").read_text().split())
@@ -141,7 +142,7 @@ def test_tokenizer_mismatch(streams, tmp_path, hf_tokenizer, golden_lines):
 
 def test_valid_data_needs_the_whole_train_split(streams, tmp_path):
     real, synthetic = streams["long"]
-    with pytest.raises(InputError, match="--valid-data needs --split 100,0,0"):
+    with pytest.raises(InputError, match="--valid-data-path needs --split 100,0,0"):
         make_blend(BlendConfig([real], [synthetic], 0.5, 2, 64, 8, tmp_path, split="98,2,0", valid_data=[real]))
 
 

@@ -120,15 +120,16 @@ def test_merge_joins_datasets_in_order_and_refuses_mixed_token_types(golden, tmp
     made_by_megatron = str(golden / "megatron_out/hf_eod_text_document")  # no sidecar: none is written
     for suffix in (".bin", ".idx"):
         shutil.copy(made_by_megatron + suffix, tmp_path / f"copy{suffix}")
-    assert main(["merge", "--input", made_by_megatron, made_by_megatron, "--output-prefix", str(tmp_path / "x")]) == 2
+    assert main(["merge", "--data-path", made_by_megatron, made_by_megatron,
+                 "--output-prefix", str(tmp_path / "x")]) == 2
     assert "a dataset is named more than once" in capsys.readouterr().err
-    assert main(["merge", "--input", made_by_megatron, str(tmp_path / "copy"), "--output-prefix",
+    assert main(["merge", "--data-path", made_by_megatron, str(tmp_path / "copy"), "--output-prefix",
                  str(tmp_path / "twice")]) == 0
     once, twice = read_index(made_by_megatron), read_index(tmp_path / "twice")
     assert twice.num_documents == 2 * once.num_documents and twice.num_tokens == 2 * once.num_tokens
     assert list(twice.document_tokens(once.num_documents + 5)) == list(once.document_tokens(5))
     assert not (tmp_path / "twice.json").exists()
-    code = main(["merge", "--input", made_by_megatron, str(golden / "megatron_out/qwen_eod_text_document"),
+    code = main(["merge", "--data-path", made_by_megatron, str(golden / "megatron_out/qwen_eod_text_document"),
                  "--output-prefix", str(tmp_path / "mixed")])
     assert code == 2 and "different token types (int32, uint16)" in capsys.readouterr().err
     assert not list(tmp_path.glob("mixed*"))
@@ -144,8 +145,8 @@ def test_merge_samples_nested_shares_of_the_documents_that_megatron_core_reads(g
     kept = {}
     for share in (0.25, 0.5, 1.0):
         prefix = tmp_path / f"share{share}"
-        assert main(["merge", "--input", str(tmp_path / "all_text_document"), "--output-prefix", str(prefix),
-                     "--sample-fraction", str(share), "--sample-seed", "7"]) == 0
+        assert main(["merge", "--data-path", str(tmp_path / "all_text_document"), "--output-prefix", str(prefix),
+                     "--sample-fraction", str(share), "--seed", "7"]) == 0
         view, chosen = read_index(prefix), sampled_documents(source.num_documents, share, 7)
         kept[share] = set(chosen.tolist())
         assert view.num_documents == len(chosen) == round(share * 66)
@@ -162,7 +163,7 @@ def test_merge_samples_nested_shares_of_the_documents_that_megatron_core_reads(g
     for suffix in (".bin", ".idx"):  # all of it: the same bytes
         assert (tmp_path / f"share1.0{suffix}").read_bytes() == (tmp_path / f"all_text_document{suffix}").read_bytes()
     assert set(sampled_documents(66, 0.25, 8).tolist()) != kept[0.25]
-    assert main(["merge", "--input", str(tmp_path / "all_text_document"), "--output-prefix", str(tmp_path / "none"),
+    assert main(["merge", "--data-path", str(tmp_path / "all_text_document"), "--output-prefix", str(tmp_path / "none"),
                  "--sample-fraction", "0"]) == 2
     assert "--sample-fraction must lie in (0, 1]" in capsys.readouterr().err and not list(tmp_path.glob("none*"))
 

@@ -1,4 +1,4 @@
-"""Cost before compute: `megadoc synth ... --plan` counts what a run submits (checked against
+"""Cost before compute: `megadoc synth ... --dry-run` counts what a run submits (checked against
 independent token counts and against the requests a real run sends), prices it at a throughput,
 and `megadoc run --dry-run` costs training as 6 N D with N as megatron-core builds the model and
 D as `megadoc blend` computes it."""
@@ -39,7 +39,7 @@ def write_corpus(tmp_path):
 
 def synth_args(corpus, output, tokenizer, *extra, generations=3, window=2048):
     return build_parser().parse_args([
-        "synth", "rephrase", "--input", str(corpus), "--output", str(output), "-G", str(generations),
+        "synth", "rephrase", "--input", str(corpus), "--output-dir", str(output), "-G", str(generations),
         "--styles", *STYLES, "--backend", "vllm", "--model", str(tokenizer), "--window", str(window),
         "--max-new-tokens", str(MAX_NEW), "--docs-per-shard", "2", *extra])
 
@@ -47,7 +47,7 @@ def synth_args(corpus, output, tokenizer, *extra, generations=3, window=2048):
 def test_plan_counts_equal_an_independent_count_and_price_at_the_given_rate(tmp_path, hf_tokenizer, capsys):
     from transformers import AutoTokenizer
 
-    plan = synth_run(synth_args(write_corpus(tmp_path), tmp_path / "out", hf_tokenizer, "--plan",
+    plan = synth_run(synth_args(write_corpus(tmp_path), tmp_path / "out", hf_tokenizer, "--dry-run",
                                 "--tokens-per-second", str(RATE)))
     assert json.loads(capsys.readouterr().out) == plan  # the JSON printed is the dict returned
     tokenizer = AutoTokenizer.from_pretrained(hf_tokenizer)
@@ -101,7 +101,7 @@ def test_chunked_plan_is_what_a_run_submits_and_done_pairs_are_not_costed(tmp_pa
     from megadoc_megatron.synth.backends import load_chat_tokenizer
 
     corpus, output = write_corpus(tmp_path), tmp_path / "out"
-    args = synth_args(corpus, output, hf_tokenizer, "--long-documents", "chunk", "--plan", generations=2, window=400)
+    args = synth_args(corpus, output, hf_tokenizer, "--long-documents", "chunk", "--dry-run", generations=2, window=400)
     plan = synth_run(args)
     submitted = Recorder(load_chat_tokenizer(hf_tokenizer))
     run_recorded(synth_args(corpus, tmp_path / "whole", hf_tokenizer, "--long-documents", "chunk", generations=2,
@@ -124,7 +124,7 @@ def test_chunked_plan_is_what_a_run_submits_and_done_pairs_are_not_costed(tmp_pa
         stream.write('{"source_id": "press", "ind')  # a torn last line is not a done pair
     before = partial.read_bytes()
     capsys.readouterr()
-    again = synth_run(synth_args(corpus, output, hf_tokenizer, "--long-documents", "chunk", "--plan",
+    again = synth_run(synth_args(corpus, output, hf_tokenizer, "--long-documents", "chunk", "--dry-run",
                                  "--tokens-per-second", str(RATE), "--task-index", "1", "--task-count", "2",
                                  generations=2, window=400))
     assert partial.read_bytes() == before  # read, never cut or rewritten
@@ -133,17 +133,17 @@ def test_chunked_plan_is_what_a_run_submits_and_done_pairs_are_not_costed(tmp_pa
     assert again["gpu_hours"]["upper_bound"] == again["remaining"]["output_tokens"]["upper_bound"] / RATE / 3600
     assert (again["pairs"], again["requests"], again["prompt_tokens"]) == (plan["pairs"], plan["requests"],
                                                                             plan["prompt_tokens"])
-    changed = synth_args(corpus, output, hf_tokenizer, "--plan", generations=2, window=400)
+    changed = synth_args(corpus, output, hf_tokenizer, "--dry-run", generations=2, window=400)
     with pytest.raises(InputError, match="other settings"):  # as a run would refuse it
         synth_run(changed)
 
 
 def test_cost_flags_need_plan_and_one_throughput(tmp_path, hf_tokenizer):
     corpus = write_corpus(tmp_path)
-    with pytest.raises(InputError, match="add --plan"):
+    with pytest.raises(InputError, match="add --dry-run"):
         synth_run(synth_args(corpus, tmp_path / "out", hf_tokenizer, "--tokens-per-second", "10"))
     with pytest.raises(InputError, match="pass one of them"):
-        synth_run(synth_args(corpus, tmp_path / "out", hf_tokenizer, "--plan", "--tokens-per-second", "10",
+        synth_run(synth_args(corpus, tmp_path / "out", hf_tokenizer, "--dry-run", "--tokens-per-second", "10",
                              "--calibrate", "1"))
     assert not (tmp_path / "out").exists()
 
@@ -155,8 +155,9 @@ def test_rationale_prompt_tokens_are_within_a_few_per_request_of_the_chat_templa
     from megadoc_megatron.synth.pipeline import PairMaker
 
     corpus = write_corpus(tmp_path)
-    args = build_parser().parse_args(["synth", "rationale", "--input", str(corpus), "--output", str(tmp_path / "out"),
-                                      "-G", "3", "--model", str(hf_tokenizer), "--window", "2048", "--plan"])
+    args = build_parser().parse_args(["synth", "rationale", "--input", str(corpus), "--output-dir",
+                                      str(tmp_path / "out"), "-G", "3", "--model", str(hf_tokenizer),
+                                      "--window", "2048", "--dry-run"])
     plan = synth_run(args)
     _, name, folder = resolve_model(args)
     tokenizer = load_chat_tokenizer(folder)
@@ -177,8 +178,9 @@ def test_rationale_plan_prices_the_upper_bound_and_calibration_measures_a_real_g
     except InputError as error:
         pytest.skip(str(error))
     corpus = write_corpus(tmp_path)
-    args = build_parser().parse_args(["synth", "rationale", "--input", str(corpus), "--output", str(tmp_path / "out"),
-                                      "-G", "1", "--max-new-tokens", "4", "--plan", "--calibrate", "1"])
+    args = build_parser().parse_args(["synth", "rationale", "--input", str(corpus), "--output-dir",
+                                      str(tmp_path / "out"), "-G", "1", "--max-new-tokens", "4", "--dry-run",
+                                      "--calibrate", "1"])
     plan = synth_run(args)
     calibration = plan["calibration"]
     assert plan["output_tokens"]["estimate"] is None and plan["output_tokens"]["upper_bound"] == 4 * plan["requests"]
@@ -286,14 +288,15 @@ def test_training_cost_is_6nd_with_d_as_the_blend_computes_it(experiment_config,
     assert math.isfinite(costs["totals"]["train"]["gpu_hours"])
 
 
-def test_experiment_refuses_cost_flags_in_the_generator_section(experiment_config):
+@pytest.mark.parametrize("key", ["dry_run", "plan"])  # plan: the flag's old spelling
+def test_experiment_refuses_cost_flags_in_the_generator_section(experiment_config, key):
     from megadoc_megatron.experiment.config import load_experiment
     from megadoc_megatron.experiment.plan import build_graph
 
     values = yaml.safe_load(experiment_config.read_text())
-    values["generator"]["plan"] = True
+    values["generator"][key] = True
     experiment_config.write_text(yaml.safe_dump(values))
-    with pytest.raises(InputError, match="generator/rephrase.plan is set by megadoc run"):
+    with pytest.raises(InputError, match=f"generator/rephrase.{key} is set by megadoc run"):
         build_graph(load_experiment(experiment_config))
 
 

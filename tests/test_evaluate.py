@@ -106,7 +106,7 @@ def manual_losses(checkpoint_dir: Path, documents_or_stream, seq_length=64):
 def test_iid_loss_is_the_token_mean_of_packed_held_out_sequences(runs, held_out):
     from megadoc_megatron.data.indexed import read_index
 
-    evaluate("loss", str(runs[0]), "--data", held_out)
+    evaluate("loss", str(runs[0]), "--valid-data-path", held_out)
     report = read_result(runs[0], "loss.held_text_document.iter_0000008.json")
     assert report["schema"] == "megadoc-eval/1" and report["evaluator"] == "loss"
     assert report["checkpoints"] == [{"path": str(runs[0] / f"iter_{ITERS:07d}"), "iteration": ITERS}]
@@ -119,8 +119,8 @@ def test_iid_loss_is_the_token_mean_of_packed_held_out_sequences(runs, held_out)
     sequences = [stream[i * 64:(i + 1) * 64 + 1] for i in range(count)]
     per_sequence = manual_losses(runs[0], sequences)
     assert metrics["loss"] == pytest.approx(float(np.concatenate(per_sequence).mean()), rel=1e-4)
-    evaluate("ensemble", str(runs[0]), str(runs[1]), "--data", held_out)
-    evaluate("loss", str(runs[0]), "--data", held_out, "--max-tokens", "128", "--name", "capped")
+    evaluate("ensemble", str(runs[0]), str(runs[1]), "--valid-data-path", held_out)
+    evaluate("loss", str(runs[0]), "--valid-data-path", held_out, "--max-tokens", "128", "--eval-name", "capped")
     capped = read_result(runs[0], "loss.capped.*.json")["metrics"]
     assert (capped["sequences"], capped["tokens"]) == (2, 128)
     assert capped["loss"] == pytest.approx(float(np.concatenate(per_sequence[:2]).mean()), rel=1e-4)
@@ -130,8 +130,8 @@ def test_iid_loss_is_the_token_mean_of_packed_held_out_sequences(runs, held_out)
 def test_long_context_loss_by_position_one_document_per_sequence(runs, held_out):
     from megadoc_megatron.data.indexed import read_index
 
-    evaluate("long-context", str(runs[0]), "--data", held_out, "--threshold", "40", "--buckets", "0", "16", "32", "64",
-             "--offset", "32")
+    evaluate("long-context", str(runs[0]), "--valid-data-path", held_out, "--threshold", "40",
+             "--buckets", "0", "16", "32", "64", "--offset", "32")
     metrics = read_result(runs[0], "long-context.*.json")["metrics"]
     lengths = read_index(held_out).document_lengths()
     assert metrics["long"]["documents"] == int((lengths > 40).sum())
@@ -150,9 +150,9 @@ def test_long_context_loss_by_position_one_document_per_sequence(runs, held_out)
 
 
 def test_ensemble_of_two_runs_beats_its_members(runs, held_out):
-    evaluate("ensemble", str(runs[0]), str(runs[1]), "--data", held_out)
+    evaluate("ensemble", str(runs[0]), str(runs[1]), "--valid-data-path", held_out)
     metrics = read_result(runs[0], "ensemble-2.*.json")["metrics"]
-    evaluate("loss", str(runs[1]), "--data", held_out)
+    evaluate("loss", str(runs[1]), "--valid-data-path", held_out)
     first = read_result(runs[0], "loss.held_text_document.*.json")["metrics"]["loss"]
     second = read_result(runs[1], "loss.held_text_document.*.json")["metrics"]["loss"]
     one, two = metrics["ensembles"]
@@ -164,18 +164,18 @@ def test_evaluation_refuses_data_of_another_tokenizer_and_missing_checkpoints(ru
                                                                               hf_tokenizer, spm_model, capsys):
     other = make_dataset(tmp_path, "hf", [json.loads(line)["text"] for line in golden_lines[:5]],
                          "HuggingFaceTokenizer", hf_tokenizer)
-    assert main(["eval", "loss", str(runs[0]), "--data", other]) == 2
+    assert main(["eval", "loss", str(runs[0]), "--valid-data-path", other]) == 2
     assert f"{other}: tokenized with HuggingFaceTokenizer" in capsys.readouterr().err
     Path(f"{other}.json").unlink()  # as if made by Megatron-LM: no sidecar, the token ids still tell
-    assert main(["eval", "loss", str(runs[0]), "--data", other]) == 2
+    assert main(["eval", "loss", str(runs[0]), "--valid-data-path", other]) == 2
     assert re.search(r"holds token id \d+, beyond the vocabulary of 8000 of the checkpoint's tokenizer",
                      capsys.readouterr().err)
-    assert main(["eval", "loss", str(tmp_path / "nothing"), "--data", other]) == 2
+    assert main(["eval", "loss", str(tmp_path / "nothing"), "--valid-data-path", other]) == 2
     assert "no checkpoint here" in capsys.readouterr().err
     assert not list(runs[0].glob("eval/loss.hf_text_document*"))
     blank = make_dataset(tmp_path, "blank", ["", ""], "SentencePieceTokenizer", spm_model)  # documents, no tokens
     for evaluator in ("loss", "long-context"):
-        assert main(["eval", evaluator, str(runs[0]), "--data", blank]) == 2
+        assert main(["eval", evaluator, str(runs[0]), "--valid-data-path", blank]) == 2
         assert f"{blank}: the held-out dataset holds no tokens" in capsys.readouterr().err
 
 
@@ -218,10 +218,11 @@ def test_report_tables_and_plots_the_runs(runs, held_out, tmp_path):
 
     for run, recipe in zip(runs, ({"recipe": "real"}, {"recipe": "stitch", "generations": 2})):
         (run / "recipe.json").write_text(json.dumps(recipe))
-        evaluate("loss", str(run), "--data", held_out)
-        evaluate("long-context", str(run), "--data", held_out, "--threshold", "40", "--buckets", "0", "16", "32", "64")
-    evaluate("ensemble", str(runs[0]), str(runs[1]), "--data", held_out)
-    evaluate("loss", str(runs[0]), "--data", held_out, "--max-tokens", "128", "--name", "capped")
+        evaluate("loss", str(run), "--valid-data-path", held_out)
+        evaluate("long-context", str(run), "--valid-data-path", held_out, "--threshold", "40",
+                 "--buckets", "0", "16", "32", "64")
+    evaluate("ensemble", str(runs[0]), str(runs[1]), "--valid-data-path", held_out)
+    evaluate("loss", str(runs[0]), "--valid-data-path", held_out, "--max-tokens", "128", "--eval-name", "capped")
     with pytest.raises(InputError, match="several held-out sets"):
         build_report([str(r) for r in runs], tmp_path / "report")
     report = build_report([str(r) for r in runs], tmp_path / "report", eval_name="held_text_document")

@@ -120,13 +120,14 @@ def test_seeds_baseline_shares_and_long_held_out_documents_become_stages(config,
     assert json.loads(stages["train-stitch_g2-seed2"].files["train.yaml"])["seed"] == 1235
     assert json.loads(stages["train-stitch_g2-seed2"].files["ckpt/recipe.json"])["seed"] == 2
     sample = argv(stages["sample-train-f0.25"])
-    assert sample[:2] == ["merge", "--input"] and sample[sample.index("--sample-fraction") + 1] == "0.25"
+    assert sample[:2] == ["merge", "--data-path"] and sample[sample.index("--sample-fraction") + 1] == "0.25"
     assert sample[2] == str(stages["preprocess-train"].folder / "real_text_document")
     baseline = argv(stages["train-real_f0.25-seed2"])
-    assert baseline[baseline.index("--real") + 1].startswith(str(stages["sample-train-f0.25"].folder))
+    assert baseline[baseline.index("--real-data-path") + 1].startswith(str(stages["sample-train-f0.25"].folder))
     assert baseline[baseline.index("-E") + 1] == "64"  # 16 epochs / 0.25: the full run's compute
     long_context = argv(stages["eval-stitch_g2-seed2"], 1)
-    assert long_context[long_context.index("--data") + 1].startswith(str(stages["preprocess-long-heldout"].folder))
+    held_out = long_context[long_context.index("--valid-data-path") + 1]
+    assert held_out.startswith(str(stages["preprocess-long-heldout"].folder))
     decontaminate = argv(stages["synthetic-stitch-g2"], 1)
     assert str(tmp_path / "long.jsonl") in decontaminate
     assert not [n for n in build_graph(select_recipes(experiment, ["stitch_g2"])).runs_of if n.startswith("real")]
@@ -329,7 +330,8 @@ def test_each_refresh_round_tunes_the_last_generator_against_the_last_checkpoint
     final = json.loads(stages["train-stitch_refresh-r2"].files["train.yaml"])
     assert final["checkpoint"]["init_from"] == f"{second.folder}/ckpt"
     blend = stages["train-stitch_refresh-r2"].commands[0]
-    assert [s.split("/")[-2].split(".")[0] for s in blend[blend.index("--synthetic") + 1:blend.index("-w")]] == [
+    synthetic = blend[blend.index("--synthetic-data-path") + 1:blend.index("-w")]
+    assert [s.split("/")[-2].split(".")[0] for s in synthetic] == [
         "synthetic-stitch-g2", "synthetic-stitch_refresh-r1", "synthetic-stitch_refresh-r2"]
 
 
@@ -435,7 +437,7 @@ def test_mixture_summary_fits_each_share_and_finds_the_best_one(tmp_path):
                            "SLURM_ARRAY_TASK_ID": "2"}, [("preprocess", "shard", (2, 4))]),
     ("preprocess.sbatch", {"INPUT": "real/*.jsonl", "PREFIX": "data/real", "TOKENIZER_MODEL": "/m", "SHARDS": "4",
                            "MERGE": "1", "JSON_KEYS": "text title"},
-     [("merge", "input", ["data/real_shard*of00004_text_document.idx"]),
+     [("merge", "data_path", ["data/real_shard*of00004_text_document.idx"]),
       ("merge", "output_prefix", "data/real_title_document")]),
     ("eval.sbatch", {"CHECKPOINTS": "runs/a/ckpt runs/b/ckpt", "DATA": "data/held", "TASKS": "piqa sciq"},
      [("eval", "evaluator", "loss"), ("eval", "evaluator", "long-context"), ("eval", "tasks", ["piqa", "sciq"])]),

@@ -40,8 +40,8 @@ def write_jsonl(path, rows):
 
 
 def megadocs(tmp, kind, generations="rephrases.jsonl", *extra):
-    args = ["megadocs", "--kind", kind, "--real", str(tmp / "real.jsonl"), "--generations", str(tmp / generations),
-            "--output", str(tmp / f"{kind}.jsonl"), *extra]
+    args = ["megadocs", "--kind", kind, "--input", str(tmp / "real.jsonl"), "--generation-records",
+            str(tmp / generations), "--output", str(tmp / f"{kind}.jsonl"), *extra]
     assert main(args) == 0
     return [json.loads(line) for line in (tmp / f"{kind}.jsonl").read_text().splitlines()]
 
@@ -118,7 +118,7 @@ def test_compressed_inputs_and_token_statistics(corpus, spm_model, capsys):
     plain = megadocs(tmp, "stitch")
     for name in ("real.jsonl", "rephrases.jsonl"):
         (tmp / f"{name}.gz").write_bytes(gzip.compress((tmp / name).read_bytes()))
-    assert main(["megadocs", "--kind", "stitch", "--real", str(tmp / "real.jsonl.gz"), "--generations",
+    assert main(["megadocs", "--kind", "stitch", "--input", str(tmp / "real.jsonl.gz"), "--generation-records",
                  str(tmp / "rephrases.jsonl.gz"), "--output", str(tmp / "gz.jsonl"),
                  "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", str(spm_model)]) == 0
     assert "tokens/document: min" in capsys.readouterr().out

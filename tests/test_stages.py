@@ -130,7 +130,7 @@ def test_status_tells_done_running_failed_and_waiting_stages(tmp_path, capsys):
     graph = Graph(tmp_path)
     data = graph.add(Stage("data", [], files={"data.txt": "x"}))
     train = graph.add(Stage("train", [["train", f"{data.folder}/data.txt"]]))
-    graph.add(Stage("report", [["report", f"{train.folder}/ckpt", "--output", OUT]]))
+    graph.add(Stage("report", [["report", f"{train.folder}/ckpt", "--output-dir", OUT]]))
     broken = graph.add(Stage("broken", [["inspect", str(tmp_path / "missing")]]))
     write_plan(tmp_path, graph.stages)
     assert [s.state for s in read_status(tmp_path)] == ["to run", "waiting", "waiting", "to run"]

@@ -191,7 +191,7 @@ def test_rephrases_carry_their_provenance(generator, tmp_path):
     # the records are what `megadoc megadocs` reads
     from megadoc_megatron.cli import main
 
-    assert main(["megadocs", "--kind", "stitch", "--real", str(corpus), "--generations", str(tmp_path / "out"),
+    assert main(["megadocs", "--kind", "stitch", "--input", str(corpus), "--generation-records", str(tmp_path / "out"),
                  "--output", str(tmp_path / "stitched.jsonl")]) == 0
     stitched = [json.loads(line) for line in (tmp_path / "stitched.jsonl").read_text().splitlines()]
     assert stitched[0]["generation_ids"] == ["eiffel#rephrase0", "eiffel#rephrase1"]
@@ -231,10 +231,10 @@ def test_textbook_sections_skip_the_length_gate_and_make_a_simple_stream(generat
     records = all_records(tmp_path / "out")
     assert summary["accepted"] == 2 and {r["operation"] for r in records} == {"textbook"}
     assert {r["prompt_version"] for r in records} == {BUILTIN["textbook"].version}
-    assert main(["megadocs", "--kind", "simple", "--original", "none", "--real", str(corpus), "--generations",
+    assert main(["megadocs", "--kind", "simple", "--original", "none", "--input", str(corpus), "--generation-records",
                  str(tmp_path / "out"), "--output", str(tmp_path / "textbook.jsonl")]) == 0
     assert len((tmp_path / "textbook.jsonl").read_text().splitlines()) == 2
-    assert main(["megadocs", "--kind", "stitch", "--real", str(corpus), "--generations", str(tmp_path / "out"),
+    assert main(["megadocs", "--kind", "stitch", "--input", str(corpus), "--generation-records", str(tmp_path / "out"),
                  "--output", str(tmp_path / "bad.jsonl")]) == 2
     assert "stitch megadocs are built from rephrase records" in capsys.readouterr().err
 
@@ -257,8 +257,8 @@ def test_rationales_sit_at_split_points_and_stretch(generator, tmp_path):
 
     kept = tmp_path / "kept.jsonl"
     kept.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in DOCUMENTS[:2]))
-    assert main(["megadocs", "--kind", "stretch", "--real", str(kept),
-                 "--generations", str(tmp_path / "out" / "shard-00000.jsonl"),
+    assert main(["megadocs", "--kind", "stretch", "--input", str(kept),
+                 "--generation-records", str(tmp_path / "out" / "shard-00000.jsonl"),
                  "--output", str(tmp_path / "stretched.jsonl")]) == 0
     stretched = json.loads((tmp_path / "stretched.jsonl").read_text().splitlines()[0])["text"]
     assert stretched.count("<think>") == 2 and stretched.startswith(DOCUMENTS[0][1][:20])
@@ -287,7 +287,7 @@ def test_tasks_of_an_array_together_equal_one_task(generator, tmp_path):
 
 
 def synth_command(corpus: Path, output: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "megadoc_megatron.cli", "synth", "rephrase", "--input", str(corpus), "--output",
+    return [sys.executable, "-m", "megadoc_megatron.cli", "synth", "rephrase", "--input", str(corpus), "--output-dir",
             str(output), "-G", "2", "--max-new-tokens", "12", "--allow-truncated", "--min-tokens", "1",
             "--min-length-ratio", "0", "--docs-per-shard", "2", "--batch-size", "1", "--sync-every", "0",
             "--no-progress", *extra]

@@ -373,7 +373,7 @@ def test_a_launch_that_cannot_run_is_refused_before_it_starts(tmp_path, blend_js
     from megadoc_megatron.train.layout import launcher_world_size
 
     config = write_config(tmp_path, blend_json, tmp_path / "ckpt")  # global batch 8 x 64 tokens, micro-batch 2
-    assert main(["train", config, "--check", "--world-size", "4"]) == 0
+    assert main(["train", config, "--dry-run", "--world-size", "4"]) == 0
     with pytest.raises(InputError, match="8 processes cannot run this config: the global batch of 8 sequences does "
                                          "not split into micro-batches of 2 on 8 data-parallel.*Fix: set "
                                          "data.micro_batch_size to a divisor of 1"):

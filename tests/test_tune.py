@@ -21,7 +21,8 @@ DOCUMENTS = ["The Danube is the second-longest river in Europe. It flows east fr
 def test_tune_refuses_an_existing_output_before_loading_anything(tmp_path, capsys):
     (tmp_path / "docs.jsonl").write_text(json.dumps({"id": "a", "text": DOCUMENTS[0]}) + "\n")
     (tmp_path / "tuned").mkdir()
-    assert main(["synth", "tune", "--input", str(tmp_path / "docs.jsonl"), "--output", str(tmp_path / "tuned")]) == 2
+    assert main(["synth", "tune", "--input", str(tmp_path / "docs.jsonl"),
+                 "--output-dir", str(tmp_path / "tuned")]) == 2
     assert "the output folder exists" in capsys.readouterr().err and not any((tmp_path / "tuned").iterdir())
 
 

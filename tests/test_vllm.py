@@ -87,7 +87,7 @@ def test_rephrases_with_provenance_feed_megadocs(engine, tmp_path):
 
     from megadoc_megatron.cli import main
 
-    assert main(["megadocs", "--kind", "stitch", "--real", str(corpus), "--generations", str(tmp_path / "out"),
+    assert main(["megadocs", "--kind", "stitch", "--input", str(corpus), "--generation-records", str(tmp_path / "out"),
                  "--output", str(tmp_path / "stitched.jsonl"), "--allow-uneven"]) == 0
     assert (tmp_path / "stitched.jsonl").read_text().count("\n") == 4
 
@@ -120,7 +120,7 @@ def test_rationales_sit_at_split_points(engine, tmp_path):
 
 
 def synth_command(corpus, output) -> list[str]:
-    return [sys.executable, "-m", "megadoc_megatron.cli", "synth", "rephrase", "--input", str(corpus), "--output",
+    return [sys.executable, "-m", "megadoc_megatron.cli", "synth", "rephrase", "--input", str(corpus), "--output-dir",
             str(output), "-G", "2", "--max-new-tokens", "16", "--allow-truncated", "--min-tokens", "1",
             "--min-length-ratio", "0", "--docs-per-shard", "4", "--window", str(WINDOW), "--sync-every", "0",
             "--backend", "vllm", "--max-num-seqs", "1", *CPU_ENGINE, "--no-progress"]  # one pair at a time
@@ -170,7 +170,7 @@ def test_openai_backend_against_a_vllm_server(tmp_path):
     try:
         corpus = write_corpus(tmp_path / "docs.jsonl", DOCUMENTS[:2])
         command = [sys.executable, "-m", "megadoc_megatron.cli", "synth", "rephrase", "--input", str(corpus),
-                   "--output", str(tmp_path / "out"), "-G", "2", "--max-new-tokens", "16", "--allow-truncated",
+                   "--output-dir", str(tmp_path / "out"), "-G", "2", "--max-new-tokens", "16", "--allow-truncated",
                    "--min-tokens", "1", "--min-length-ratio", "0", "--window", str(WINDOW), "--no-progress",
                    "--backend", "openai", "--model", "smollm2", "--tokenizer", str(default_model_dir()),
                    "--base-url", f"http://127.0.0.1:{port}/v1", "--max-concurrency", "3", "--max-retries", "30"]

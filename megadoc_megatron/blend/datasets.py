@@ -93,7 +93,7 @@ def _ends_with(index, token: int, documents: int = 100) -> bool:
 
 
 def gpt_dataset_config(blend: Blend, eod_mask_loss: bool = False, tokenizer=None):
-    """Training data from the blend's weights over its --split, or with held-out data (--valid-data,
+    """Training data from the blend's weights over its --split, or with held-out data (--valid-data-path,
     which needs split 100,0,0) the whole datasets for training and the held-out ones for validation."""
     from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
 

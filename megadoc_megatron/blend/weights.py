@@ -228,7 +228,7 @@ def _check(datasets: list[BlendDataset], synthetic_weight: float, epochs: int | 
     if (synthetic_weight > 0) != any(d.stream == "synthetic" for d in datasets):
         raise InputError("a synthetic weight above 0 needs synthetic datasets, "
                          "and synthetic datasets need a weight above 0",
-                         fix="pass --synthetic PREFIX with -w > 0, or neither for a real-only run (-w 0)")
+                         fix="pass --synthetic-data-path PREFIX with -w > 0, or neither for a real-only run (-w 0)")
     if epochs is not None and epochs < 1:
         raise InputError(f"--epochs must be at least 1, not {epochs}", fix="count whole passes over the real data")
     if train_tokens is not None and train_tokens < sequence_length * global_batch_size:
@@ -378,15 +378,15 @@ def make_blend(config: BlendConfig) -> Blend:
     """Weigh the datasets and write `data_args.txt`, `blend.json` (and `per_split_data_args.json`)."""
     synthetic = config.synthetic or []
     if not config.real:
-        raise InputError("give at least one real dataset", fix="pass --real PREFIX")
+        raise InputError("give at least one real dataset", fix="pass --real-data-path PREFIX")
     datasets = [describe_dataset(p, "real", config.split) for p in config.real] + \
         [describe_dataset(p, "synthetic", config.split) for p in synthetic]
     blend = weigh(datasets[:len(config.real)], datasets[len(config.real):], config.synthetic_weight, config.epochs,
                   config.seq_length, config.global_batch_size, config.train_tokens)
     if config.valid_data:  # checked before anything is written
         if split_fractions(config.split)[0] != 1.0:
-            raise InputError("--valid-data needs --split 100,0,0 (the held-out data replaces the split)",
-                             fix="drop --valid-data or use --split 100,0,0")
+            raise InputError("--valid-data-path needs --split 100,0,0 (the held-out data replaces the split)",
+                             fix="drop --valid-data-path or use --split 100,0,0")
         if not config.held_out_checked:
             check_held_out(config.real, config.valid_data, config.overlap_ngram, config.overlap_threshold)
     output_dir = Path(config.output_dir)

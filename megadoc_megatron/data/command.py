@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      help="local HF tokenizer folder (with tokenizer.json) or SentencePiece .model file")
     proc = parser.add_argument_group("tokenization process")
     proc.add_argument("--append-eod", action="store_true", help="append the EOD token to every non-empty document")
-    proc.add_argument("--workers", type=int, default=os.cpu_count(), help="worker processes (default: all cores)")
+    proc.add_argument("--workers", type=int, help="worker processes (default: all cores)")
     proc.add_argument("--skip-bad-lines", action="store_true",
                       help="write bad lines with their reason to PREFIX_rejected.jsonl and go on")
     proc.add_argument("--max-part-mb", type=float, default=64,
@@ -66,7 +66,7 @@ def _shard_argument(value: str) -> tuple[int, int]:
 def run(args: argparse.Namespace) -> PreprocessSummary:
     summary = preprocess(PreprocessConfig(
         args.input, args.output_prefix, args.tokenizer_type, args.tokenizer_model, tuple(args.json_keys),
-        args.append_eod, args.workers, args.skip_bad_lines, args.merge, args.max_part_mb, args.fast_tokenizer,
-        args.shard))
+        args.append_eod, args.workers or os.cpu_count(), args.skip_bad_lines, args.merge, args.max_part_mb,
+        args.fast_tokenizer, args.shard))
     print(format_summary(summary))
     return summary

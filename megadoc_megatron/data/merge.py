@@ -91,18 +91,18 @@ def _sample(prefixes: list[str], output_prefix: str, fraction: float, seed: int,
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--input", nargs="+", required=True,
+    parser.add_argument("--data-path", nargs="+", required=True,
                         help="dataset prefixes in order, or a glob of .idx files (sorted), "
                              "e.g. 'out/c_shard*_text_document.idx'")
-    parser.add_argument("--output-prefix", required=True, help="the merged dataset, e.g. out/c_text_document")
+    parser.add_argument("--output-prefix", required=True, help="prefix of the merged dataset, e.g. out/c_text_document")
     parser.add_argument("--sample-fraction", type=float,
-                        help="keep only this share of the documents (at least one), drawn by --sample-seed; at one "
+                        help="keep only this share of the documents (at least one), drawn by --seed; at one "
                              "seed a smaller share is a subset of a larger one")
-    parser.add_argument("--sample-seed", type=int, default=1234)
+    parser.add_argument("--seed", type=int, default=1234)
 
 
 def run(args: argparse.Namespace) -> dict:
-    summary = merge(args.input, args.output_prefix, args.sample_fraction, args.sample_seed)
+    summary = merge(args.data_path, args.output_prefix, args.sample_fraction, args.seed)
     print(f"{summary['prefix']}.bin/.idx: {summary['documents']:,} documents, {summary['tokens']:,} tokens "
           f"from {summary['inputs']} datasets")
     return summary

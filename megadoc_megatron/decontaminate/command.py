@@ -13,18 +13,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", help="synthetic JSONL (megadocs or generation records): files, globs "
                                                   "or folders")
     parser.add_argument("--held-out", nargs="+", required=True, help="the held-out JSONL")
-    parser.add_argument("--report", required=True, help="write the report (JSON) here")
-    parser.add_argument("--output", help="write the records that are not contaminated here (unchanged)")
+    parser.add_argument("--report", required=True, help="JSON file for the report")
+    parser.add_argument("--output", help="JSONL file for the records that are not contaminated (unchanged)")
     parser.add_argument("--tasks", nargs="+", help="lm-eval tasks whose documents count as held out too (read from "
                                                    "the local datasets cache or --include-path)")
     parser.add_argument("--include-path", help="a folder of lm-eval task YAMLs (they can run code: trusted files only)")
     parser.add_argument("--text-key", default="text")
     parser.add_argument("--held-out-text-key", default="text")
     parser.add_argument("--id-key", default="id", help="names records and documents in the report")
-    parser.add_argument("--overlap-ngram", type=int, default=NGRAM, help="n-gram length in words (default %(default)s)")
+    parser.add_argument("--overlap-ngram", type=int, default=NGRAM, help="n-gram length in words")
     parser.add_argument("--overlap-threshold", type=float, default=THRESHOLD,
                         help="a record is contaminated when it and a reference document share this fraction of the "
-                             "smaller one's n-grams (default %(default)s; 1.0: one holds the other whole)")
+                             "smaller one's n-grams (1.0: one holds the other whole)")
 
 
 def format_summary(summary: DecontaminationSummary) -> str:

@@ -18,14 +18,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for sub in (loss, long, ensemble):
         sub.add_argument("checkpoint", nargs="+" if sub is ensemble else None,
                          help="checkpoint.dir of `megadoc train` (the latest iteration unless --iteration)")
-        sub.add_argument("--data", required=True, help="held-out dataset prefix (..._text_document)")
+        sub.add_argument("--valid-data-path", dest="data", required=True,
+                         help="held-out dataset prefix (..._text_document)")
         sub.add_argument("--iteration", type=int, help="evaluate this saved iteration")
-        sub.add_argument("--micro-batch", type=int, default=4)
-        sub.add_argument("--name", help="result name (default: the dataset's file name)")
+        sub.add_argument("--micro-batch-size", dest="micro_batch", type=int, default=4,
+                         help="sequences per forward pass")
+        sub.add_argument("--eval-name", dest="name", help="result name (default: the dataset's file name)")
     for sub in (loss, ensemble):
         sub.add_argument("--max-tokens", type=int, help="evaluate at most this many tokens")
     long.add_argument("--threshold", type=int, default=2048, help="documents longer than this many tokens are 'long'")
-    long.add_argument("--buckets", type=int, nargs="+", help="position bucket edges (default 0 512 1024 2048 ...)")
+    long.add_argument("--buckets", type=int, nargs="+", help="position bucket edges (default: 0 512 1024 2048 ...)")
     long.add_argument("--offset", type=int, help="also report the mean loss at positions >= offset "
                                                  "(default: threshold)")
     long.add_argument("--max-documents", type=int, default=500, help="per set (the papers use 500 short and 500 long)")
@@ -33,14 +35,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     downstream.add_argument("checkpoint", help="checkpoint.dir of `megadoc train`")
     downstream.add_argument("--tasks", nargs="+", default=["arc_easy", "arc_challenge", "hellaswag", "piqa", "sciq",
                                                             "winogrande"],
-                            help="lm-eval task names (default: the papers')")
+                            help="lm-eval task names (the papers')")
     downstream.add_argument("--include-path",
                             help="folder of extra lm-eval task YAMLs (e.g. on local data); task files can import "
                                  "and run Python code (!function): use only folders you trust")
     downstream.add_argument("--limit", type=int, help="at most this many examples per task")
     downstream.add_argument("--num-fewshot", type=int)
     downstream.add_argument("--iteration", type=int)
-    downstream.add_argument("--name", default="lm-eval", help="result name")
+    downstream.add_argument("--eval-name", dest="name", default="lm-eval", help="result name")
     fit = evaluators.add_parser("fit", help="fit L(x) = A / x^B + C; with --loss-of, the data efficiency")
     fit.add_argument("--x", type=float, nargs="+", required=True, help="unique real tokens, parameters or members")
     fit.add_argument("--loss", type=float, nargs="+", required=True)

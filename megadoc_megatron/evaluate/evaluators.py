@@ -56,7 +56,7 @@ def held_out(prefix: str):
     dataset = read_index(prefix)
     if dataset.num_tokens == 0:
         raise InputError("the held-out dataset holds no tokens", prefix,
-                         fix="convert a held-out set with documents (`megadoc preprocess`), or check --data")
+                         fix="convert a held-out set with documents (`megadoc preprocess`), or check --valid-data-path")
     return dataset
 
 

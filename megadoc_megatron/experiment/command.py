@@ -30,9 +30,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cost = parser.add_argument_group("cost (with --dry-run)")
     cost.add_argument("--tokens-per-second", type=float, metavar="X",
                       help="generation: output tokens/s per GPU of the generator (none: token counts only)")
-    cost.add_argument("--mfu", type=float, default=0.4, help="training: model FLOPs utilization (default 0.4)")
+    cost.add_argument("--mfu", type=float, default=0.4, help="training: model FLOPs utilization")
     cost.add_argument("--gpu-tflops", type=float, default=989.0,
-                      help="training: peak TFLOP/s per GPU (default 989, H100 SXM dense BF16)")
+                      help="training: peak TFLOP/s per GPU (989: H100 SXM dense BF16)")
 
 
 def run(args: argparse.Namespace) -> dict:

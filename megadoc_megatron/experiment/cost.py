@@ -1,6 +1,6 @@
 """Cost before compute for `megadoc run CONFIG --dry-run`: GPU-hours of every synth and train stage.
 
-Generation: the plan of `megadoc synth ... --plan` (synth/cost.py) for the stage's own command line,
+Generation: the plan of `megadoc synth ... --dry-run` (synth/cost.py) for the stage's own command line,
 with the generator's tokenizer, priced at --tokens-per-second (output tokens/s per GPU).
 
 Training: FLOPs = 6 N D, with N = all parameters of the model as it will be built (preset and
@@ -119,7 +119,7 @@ def _checkpoint_iteration(stage) -> int | None:
 
 
 def synth_cost(stage, parser, base_tokenizer: str, tokens_per_second: float | None, tokenizers: dict) -> dict:
-    """The stage's `megadoc synth` command line planned as `--plan` would (a tuned generator that is
+    """The stage's `megadoc synth` command line planned as `--dry-run` would (a tuned generator that is
     not made yet is planned with the tokenizer of the generator it is tuned from)."""
     from megadoc_megatron.synth.backends import load_chat_tokenizer
     from megadoc_megatron.synth.command import build_config, resolve_model

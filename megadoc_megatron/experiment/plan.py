@@ -10,12 +10,12 @@ styles), synth-textbook, synth-rationale-gG (one per stretch G) -> synthetic-KIN
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from megadoc_megatron.cli import Parser, build_parser
 from megadoc_megatron.config import merge_dicts
 from megadoc_megatron.data.dataset_info import dataset_prefix
 from megadoc_megatron.errors import InputError
@@ -30,7 +30,7 @@ class ArgumentCheckError(Exception):
     pass
 
 
-class CheckingParser(argparse.ArgumentParser):
+class CheckingParser(Parser):
     """A parser that raises instead of printing usage and exiting (`error` is argparse's documented hook)."""
 
     def error(self, message):
@@ -41,8 +41,6 @@ class Commands:
     """Turns config sections of flags into `megadoc` command lines, checked by the commands' own parsers."""
 
     def __init__(self, experiment: Experiment):
-        from megadoc_megatron.cli import build_parser
-
         self.parser = build_parser(parser_class=CheckingParser)
         self.source = experiment.source
         # (command, option) -> (config key, the tokens of its value): to name the key a parser refuses
@@ -98,7 +96,7 @@ class Plan:
     trains: dict[str, Stage]     # run name (run_name) -> its (last) train stage
     evals: dict[str, Stage]      # run name -> its eval stage
     report: Stage
-    eval_name: str               # the name of the evaluation results (`megadoc eval --name`)
+    eval_name: str               # the name of the evaluation results (`megadoc eval --eval-name`)
     runs_of: dict[str, list[str]]  # recipe name -> its runs, one per seed
 
 
@@ -107,8 +105,9 @@ def run_name(recipe: str, seed: int) -> str:
     return f"{recipe}-seed{seed + 1}" if seed else recipe
 
 
-GENERATOR_RESERVED = {"input", "output", "generations", "id_key", "text_key", "task_index", "task_count",
-                      "plan", "tokens_per_second", "calibrate"}  # cost flags: `megadoc run --dry-run` prices stages
+# the cost flags too: `megadoc run --dry-run` prices the stages
+GENERATOR_RESERVED = {"input", "output_dir", "output", "generations", "id_key", "text_key", "task_index",
+                      "task_count", "dry_run", "plan", "tokens_per_second", "calibrate"}
 
 
 class Planner:
@@ -129,8 +128,8 @@ class Planner:
                               "--overlap-threshold", decontaminate.overlap_threshold]
         self.megadocs_flags = self.commands.flags(
             "megadocs", experiment.megadocs, "megadocs",
-            {"kind", "real", "generations", "output", "max_generations", "allow_uneven", "id_key", "text_key",
-             "tokenizer_type", "tokenizer_model"})
+            {"kind", "input", "real", "generation_records", "generations", "output", "max_generations",
+             "allow_uneven", "id_key", "text_key", "tokenizer_type", "tokenizer_model"})
 
     def add(self, stage: Stage) -> Stage:
         self.commands.check(stage)
@@ -150,7 +149,7 @@ class Planner:
                                    GENERATOR_RESERVED)
 
     def synth(self, name: str, operation: str, generations: int, replace: dict) -> Stage:
-        return self.add(Stage(name, [["synth", operation, "--input", External(self.corpus.train), "--output", OUT,
+        return self.add(Stage(name, [["synth", operation, "--input", External(self.corpus.train), "--output-dir", OUT,
                                       "-G", generations, "--id-key", self.corpus.id_key, "--text-key",
                                       self.corpus.text_key, *self.generator_flags(operation, replace)]]))
 
@@ -158,7 +157,7 @@ class Planner:
         """Megadocs (or single synthetic documents) from a synth stage, converted to a Megatron dataset."""
         megadocs_kind = "simple" if kind == "textbook" else kind
         # Generators reject some outputs (quality gates): documents may have fewer than G generations.
-        build = ["megadocs", "--kind", megadocs_kind, "--real", External(self.corpus.train), "--generations",
+        build = ["megadocs", "--kind", megadocs_kind, "--input", External(self.corpus.train), "--generation-records",
                  generations.folder, "--output", f"{OUT}/megadocs.jsonl",
                  *(["--max-generations", subset] if subset else []), "--allow-uneven", "--id-key", self.corpus.id_key,
                  "--text-key", self.corpus.text_key, *self.megadocs_flags]
@@ -207,8 +206,8 @@ def build_graph(experiment: Experiment) -> Plan:
     inputs = {recipe.name: prefixes for recipe in experiment.recipes}
     for recipe in baseline:
         sample = planner.add(Stage(f"sample-train-f{recipe.share:g}", [
-            ["merge", "--input", prefixes["real"], "--output-prefix", dataset_prefix(f"{OUT}/real", text_key),
-             "--sample-fraction", recipe.share, "--sample-seed", experiment.baseline.seed]]))
+            ["merge", "--data-path", prefixes["real"], "--output-prefix", dataset_prefix(f"{OUT}/real", text_key),
+             "--sample-fraction", recipe.share, "--seed", experiment.baseline.seed]]))
         inputs[recipe.name] = {**prefixes, "real": dataset_prefix(f"{sample.folder}/real", text_key)}
     trains, runs_of = {}, {}
 
@@ -251,9 +250,11 @@ def build_graph(experiment: Experiment) -> Plan:
     evals = {run: planner.add(eval_stage(experiment, planner.commands, run, train, prefixes["heldout"], long_heldout,
                                          eval_name))
              for run, train in trains.items()}
-    report_flags = planner.commands.flags("report", experiment.report, "report", {"runs", "output", "eval_name"})
-    report = planner.add(Stage("report", [["report", *[f"{t.folder}/ckpt" for t in trains.values()], "--output", OUT,
-                                           "--eval-name", eval_name, *report_flags]],
+    report_flags = planner.commands.flags("report", experiment.report, "report",
+                                          {"runs", "output_dir", "output", "eval_name"})
+    checkpoints = [f"{t.folder}/ckpt" for t in trains.values()]
+    report = planner.add(Stage("report", [["report", *checkpoints, "--output-dir", OUT, "--eval-name", eval_name,
+                                           *report_flags]],
                                after=[e.name for e in evals.values()]))  # results land in the train folders
     return Plan(planner.graph, trains, evals, report, eval_name, runs_of)
 
@@ -272,7 +273,7 @@ def refresh_rounds(planner: Planner, recipe: Recipe, prefixes: dict, first: Stag
                          "which an openai server does not serve",
                          experiment.source, fix="use backend hf or vllm for refresh recipes")
     tune_flags = planner.commands.flags("synth tune", refresh.tune, f"{recipe.name}.refresh.tune",
-                                        {"input", "output", "model", "checkpoint", "id_key", "text_key"})
+                                        {"input", "output_dir", "output", "model", "checkpoint", "id_key", "text_key"})
     style = refresh.tune.get("style") or STYLE_OF_OPERATION[refresh.tune.get("operation", "rephrase")]
     reference = [] if "reference" in refresh.tune else ["--reference", External(planner.corpus.train)]
     generator = experiment.generator.get("model")
@@ -283,7 +284,7 @@ def refresh_rounds(planner: Planner, recipe: Recipe, prefixes: dict, first: Stag
     for number in range(1, refresh.rounds + 1):
         checkpoint = f"{train.folder}/ckpt"
         tune = planner.add(Stage(f"tune-{run}-r{number}", [
-            ["synth", "tune", "--input", External(planner.corpus.train), "--output", f"{OUT}/generator",
+            ["synth", "tune", "--input", External(planner.corpus.train), "--output-dir", f"{OUT}/generator",
              "--checkpoint", checkpoint, *reference, "--id-key", planner.corpus.id_key,
              "--text-key", planner.corpus.text_key, *model, *tune_flags]]))
         generator = f"{tune.folder}/generator"
@@ -310,7 +311,8 @@ def train_stage(experiment: Experiment, recipe: Recipe, prefixes: dict, syntheti
                 seed: int = 0) -> Stage:
     """Seed i adds i to the blend's shuffle seed and to the trainer's initialization seed."""
     blend = experiment.blend
-    mix = ["--synthetic", *[dataset_prefix(f"{s.folder}/synthetic", "text") for s in synthetic]] if synthetic else []
+    mix = ["--synthetic-data-path", *[dataset_prefix(f"{s.folder}/synthetic", "text") for s in synthetic]] \
+        if synthetic else []
     length = ["-E", recipe.epochs] if recipe.epochs is not None else ["--train-tokens", recipe.train_tokens]
     config = merge_dicts(experiment.train, recipe.train)
     config = merge_dicts(config, {"data": {"blend": f"{OUT}/blend/blend.json"}, "checkpoint": {"dir": f"{OUT}/ckpt"}})
@@ -339,9 +341,9 @@ def train_stage(experiment: Experiment, recipe: Recipe, prefixes: dict, syntheti
     files["ckpt/recipe.json"] = label.to_json() + "\n"
     suffix = f"-r{round_number}" if round_number else ""
     return Stage(f"train-{run_name(recipe.name, seed)}{suffix}", [
-        ["blend", "--real", prefixes["real"], *mix, "-w", recipe.synthetic_weight, *length,
+        ["blend", "--real-data-path", prefixes["real"], *mix, "-w", recipe.synthetic_weight, *length,
          "--seq-length", blend.seq_length, "--global-batch-size", blend.global_batch_size, "--seed", blend.seed + seed,
-         "--valid-data", prefixes["heldout"], "--held-out-checked", "--output-dir", f"{OUT}/blend"],
+         "--valid-data-path", prefixes["heldout"], "--held-out-checked", "--output-dir", f"{OUT}/blend"],
         ["train", f"{OUT}/train.yaml"]],
         files=files, launcher=experiment.launch.train)
 
@@ -355,8 +357,9 @@ def eval_stage(experiment: Experiment, commands: Commands, run: str, train: Stag
                               ("downstream", experiment.eval.downstream)):
         if values is None:
             continue
-        data = {"loss": ["--data", heldout_prefix], "long-context": ["--data", long_heldout_prefix]}.get(evaluator, [])
+        data = {"loss": ["--valid-data-path", heldout_prefix],
+                "long-context": ["--valid-data-path", long_heldout_prefix]}.get(evaluator, [])
         flags = commands.flags(f"eval {evaluator}", values, f"eval.{evaluator.replace('-', '_')}",
-                               {"checkpoint", "data", "name", "iteration"})
-        lines.append(["eval", evaluator, checkpoint, *data, "--name", name, *flags])
+                               {"checkpoint", "valid_data_path", "data", "eval_name", "name", "iteration"})
+        lines.append(["eval", evaluator, checkpoint, *data, "--eval-name", name, *flags])
     return Stage(f"eval-{run}", lines, launcher=experiment.launch.eval)

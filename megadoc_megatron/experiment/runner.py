@@ -216,5 +216,5 @@ def shard_merges(preprocess: list, count: int) -> list[list]:
     prefix = preprocess[preprocess.index("--output-prefix") + 1]
     keys = preprocess[preprocess.index("--json-keys") + 1:]
     keys = keys[:next((i for i, item in enumerate(keys) if str(item).startswith("--")), len(keys))] or ["text"]
-    return [["merge", "--input", *[dataset_prefix(shard_prefix(prefix, i, count), key) for i in range(count)],
+    return [["merge", "--data-path", *[dataset_prefix(shard_prefix(prefix, i, count), key) for i in range(count)],
              "--output-prefix", dataset_prefix(prefix, key)] for key in keys]

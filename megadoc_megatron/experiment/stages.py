@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from megadoc_megatron.cli import RENAMED
 from megadoc_megatron.errors import InputError
 from megadoc_megatron.experiment.lock import held
 from megadoc_megatron.files import content_digest, write_text_atomic
@@ -73,6 +74,14 @@ class Stage:
         return (self.folder / "stage.json").is_file()
 
 
+def spelled_as_keyed(command: list) -> list:
+    """The command with its flags spelled as before cli.RENAMED: keys stay those of work folders made
+    before the renames, whose finished stages are kept."""
+    renamed = RENAMED.get(" ".join(map(str, command[:2]))) or RENAMED.get(str(command[0]), {})
+    old_spelling = {new: old for old, new in renamed.items()}
+    return [old_spelling.get(item, item) if isinstance(item, str) else item for item in command]
+
+
 class Graph:
     """The stages of one experiment, in the order they run."""
 
@@ -89,7 +98,7 @@ class Graph:
         return str(item).replace(str(self.work_dir), "@work")
 
     def key(self, stage: Stage) -> str:
-        text = json.dumps({"commands": [[self._canonical(i) for i in c] for c in stage.commands],
+        text = json.dumps({"commands": [[self._canonical(i) for i in spelled_as_keyed(c)] for c in stage.commands],
                            "files": {k: self._canonical(v) for k, v in sorted(stage.files.items())}})
         return hashlib.sha256(text.encode()).hexdigest()
 

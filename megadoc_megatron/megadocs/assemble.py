@@ -276,7 +276,7 @@ def build_megadocs(config: MegadocsConfig) -> MegadocsSummary:
             real = _index_real(store, expand_inputs(config.real), config.id_key, config.text_key)
             if not real:
                 raise InputError("the real documents hold no documents", ", ".join(config.real),
-                                 fix="check the --real paths (blank lines are not documents)")
+                                 fix="check the --input paths (blank lines are not documents)")
             if config.max_generations is not None and (config.kind == "stretch" or config.max_generations < 1):
                 raise InputError(f"--max-generations {config.max_generations} is not possible for "
                                  f"{config.kind} megadocs",

@@ -24,9 +24,11 @@ def format_summary(summary: MegadocsSummary) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kind", choices=KINDS, required=True)
-    parser.add_argument("--real", nargs="+", required=True, help="real documents: JSONL files, globs or folders")
-    parser.add_argument("--generations", nargs="+", required=True, help="generation records of `megadoc synth`")
-    parser.add_argument("--output", required=True, help="output JSONL (a .summary.json is written beside it)")
+    parser.add_argument("--input", dest="real", nargs="+", required=True,
+                        help="real documents: JSONL files, globs or folders")
+    parser.add_argument("--generation-records", dest="generations", nargs="+", required=True,
+                        help="what `megadoc synth` wrote: its --output-dir, or shard files")
+    parser.add_argument("--output", required=True, help="output JSONL file (a .summary.json is written beside it)")
     parser.add_argument("--original", choices=("back", "front", "none"), default="back",
                         help="stitch: where the original goes; simple: 'none' leaves it out, "
                              "else it is its own document")

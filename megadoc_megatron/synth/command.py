@@ -34,7 +34,8 @@ def _tune_arguments(parser: argparse.ArgumentParser) -> None:
     from megadoc_megatron.tune.grpo import REWARDS, STYLE_OF_OPERATION
 
     parser.add_argument("--input", nargs="+", required=True, help="real documents (JSONL) to rephrase while tuning")
-    parser.add_argument("--output", required=True, help="folder for the tuned model (HF), tune.json, rewards.jsonl")
+    parser.add_argument("--output-dir", dest="output", required=True,
+                        help="folder for the tuned model (HF), tune.json, rewards.jsonl")
     parser.add_argument("--operation", dest="tuned_operation", choices=tuple(STYLE_OF_OPERATION), default="rephrase",
                         help="what the generator is tuned to do")
     parser.add_argument("--style", help="prompt style (default: faithful_rephrase / reformat_entries)")
@@ -67,7 +68,8 @@ def _tune_arguments(parser: argparse.ArgumentParser) -> None:
 def _generation_arguments(parser: argparse.ArgumentParser, operation: str) -> None:
     io = parser.add_argument_group("input and output")
     io.add_argument("--input", nargs="+", required=True, help="real documents: JSONL files, globs or folders")
-    io.add_argument("--output", required=True, help="folder for the shards, synth.json and summary.json")
+    io.add_argument("--output-dir", dest="output", required=True,
+                    help="folder for the shards, synth.json and summary.json")
     io.add_argument("--held-out", nargs="+", help="held-out documents (JSONL): an input document with one of "
                                                   "their ids or texts is refused before anything is generated")
     io.add_argument("--id-key", default="id")
@@ -95,13 +97,13 @@ def _generation_arguments(parser: argparse.ArgumentParser, operation: str) -> No
                          help="documents longer than the window: keep the head, or rephrase each chunk and join them")
 
     cost = parser.add_argument_group("cost (plan before generating: nothing is written)")
-    cost.add_argument("--plan", action="store_true",
+    cost.add_argument("--dry-run", action="store_true",
                       help="read and check the input, print documents, pairs, requests, prompt and output tokens "
                            "(and GPU-hours with one of the two flags below) for the whole corpus; no model loads")
     cost.add_argument("--tokens-per-second", type=float, metavar="X",
-                      help="with --plan: output tokens/s per GPU of your generator, for GPU-hours")
+                      help="with --dry-run: output tokens/s per GPU of your generator, for GPU-hours")
     cost.add_argument("--calibrate", type=int, metavar="N",
-                      help="with --plan: build the backend and time a real generation of the first N documents' "
+                      help="with --dry-run: build the backend and time a real generation of the first N documents' "
                            "requests to measure output tokens/s per GPU")
 
     gates = parser.add_argument_group("quality gates (rejected outputs go to shard-N.rejected.jsonl)")
@@ -245,9 +247,9 @@ def run(args: argparse.Namespace) -> dict | None:
     config = build_config(args, model_name, tokenizer_folder)
     make_backend = lambda: build_backend(args, model, config.window, tokenizer_folder)  # noqa: E731
     task_index, task_count = task_from_environment(args.task_index, args.task_count)
-    if args.plan or args.tokens_per_second is not None or args.calibrate is not None:
-        if not args.plan:
-            raise InputError("--tokens-per-second and --calibrate price a plan", fix="add --plan")
+    if args.dry_run or args.tokens_per_second is not None or args.calibrate is not None:
+        if not args.dry_run:
+            raise InputError("--tokens-per-second and --calibrate price a plan", fix="add --dry-run")
         from megadoc_megatron.synth.cost import plan_command
 
         return plan_command(args, config, load_chat_tokenizer(tokenizer_folder), make_backend,

@@ -1,4 +1,4 @@
-"""Cost before compute: what `megadoc synth OPERATION ... --plan` would submit, and its GPU-hours.
+"""Cost before compute: what `megadoc synth OPERATION ... --dry-run` would submit, and its GPU-hours.
 
 The plan walks the corpus with the pipeline's own `PairMaker`, so documents, pairs and requests
 (several per pair where a long document is chunked) are exactly those a run submits, and prompt
@@ -212,7 +212,7 @@ def notes(plan: dict) -> list[str]:
 
 
 def plan_command(args, config: SynthConfig, tokenizer, make_backend, task: tuple[int, int]) -> dict:
-    """`megadoc synth OPERATION ... --plan`: print the plan (readable on stderr, JSON on stdout)."""
+    """`megadoc synth OPERATION ... --dry-run`: print the plan (readable on stderr, JSON on stdout)."""
     if args.tokens_per_second is not None and args.calibrate is not None:
         raise InputError("--tokens-per-second and --calibrate both give the throughput", fix="pass one of them")
     plan = plan_synthesis(config, tokenizer, args.input, args.output, task)
@@ -235,7 +235,7 @@ def format_plan(plan: dict) -> str:
     left, limit = plan["remaining"], plan["max_new_tokens"]
     counted = "chat template" if plan["prompt_tokens_counted_as"] == "chat template" else \
         "prompt + prefix + suffix tokens, within a few per request"
-    lines = [f"{plan['plan']} --plan: {plan['scope']}",
+    lines = [f"{plan['plan']} --dry-run: {plan['scope']}",
              f"  documents          {plan['documents']:>14,}   in {plan['shards']:,} shards",
              f"  generations (G)    {plan['generations']:>14,}",
              f"  pairs              {plan['pairs']:>14,}   {plan['done']['pairs']:,} done, "

@@ -3,7 +3,7 @@
 Launch: `megadoc train cfg.yaml` (one process), `torchrun --nproc-per-node 8 -m megadoc_megatron.cli
 train cfg.yaml` (one node) or `srun megadoc train cfg.yaml` (SLURM; see examples/slurm/train.sbatch).
 World size = tensor x pipeline x data parallel; the data-parallel size is what is left over.
-`--check` tells, without starting anything, whether a launch of that size can run the config.
+`--dry-run` tells, without starting anything, whether a launch of that size can run the config.
 Kept apart from trainer.py so that building the CLI does not import torch (2-3 s).
 """
 
@@ -21,18 +21,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-changed-data", action="store_true",
                         help="resume although the blend or the sequence length differs from the checkpoint's "
                              "(what changed is printed); same as --set checkpoint.allow_changed_data=true")
-    parser.add_argument("--check", action="store_true",
+    parser.add_argument("--dry-run", action="store_true",
                         help="only check that --world-size processes can run this config (batch, tensor/pipeline/data "
                              "split, heads, layers, vocabulary) and print the layout; starts nothing")
-    parser.add_argument("--world-size", type=int, help="with --check: processes (default: as launched, else 1)")
-    parser.add_argument("--global-batch-size", type=int, help="with --check: instead of the blend's")
-    parser.add_argument("--seq-length", type=int, help="with --check: instead of the blend's")
+    parser.add_argument("--world-size", type=int, help="with --dry-run: processes (default: as launched, else 1)")
+    parser.add_argument("--global-batch-size", type=int, help="with --dry-run: instead of the blend's")
+    parser.add_argument("--seq-length", type=int, help="with --dry-run: instead of the blend's")
 
 
 def run(args: argparse.Namespace) -> dict:
     overrides = [*args.overrides, *(["checkpoint.allow_changed_data=true"] if args.allow_changed_data else [])]
     config = load_config(args.config, overrides)
-    if args.check:
+    if args.dry_run:
         return check(config, args)
     from megadoc_megatron.train.trainer import train
 

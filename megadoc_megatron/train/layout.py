@@ -4,7 +4,7 @@ and if not, the first reason, with the fix.
 
 Megatron-LM finds most of these one by one, after minutes of start-up on every rank; a SLURM job
 that asked for the wrong node count should fail in seconds with one message. `megadoc train
-CONFIG --check --world-size N` runs the same check without starting anything.
+CONFIG --dry-run --world-size N` runs the same check without starting anything.
 """
 
 from __future__ import annotations

@@ -129,7 +129,7 @@ def _finished(config: TuneConfig, output: Path) -> dict | None:
         print(f"{output} already holds a generator tuned with these settings", flush=True)
         return json.loads(record.read_text())
     raise InputError("the output folder exists and holds something else than a generator tuned with these "
-                     "settings", output, fix="give a new --output (a tuned generator is never overwritten)")
+                     "settings", output, fix="give a new --output-dir (a tuned generator is never overwritten)")
 
 
 def run_tune(config: TuneConfig) -> dict:
