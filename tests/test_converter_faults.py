@@ -3,6 +3,7 @@ refused by every reader before any training, files are synced before they are tr
 corpus is an error, a file named twice is read once."""
 
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -108,15 +109,16 @@ def test_an_input_without_documents_is_an_error(tmp_path, spm_model):
 
 
 def test_a_file_named_twice_is_read_once(golden, tmp_path, spm_model, monkeypatch):
-    monkeypatch.chdir(golden)
+    inputs = tmp_path / "inputs"  # a folder whose only .jsonl is the golden input, so the glob names it alone
+    inputs.mkdir()
+    shutil.copy(golden / "golden_input.jsonl", inputs)
+    monkeypatch.chdir(inputs)
     summary = convert_golden(golden, tmp_path / "out", spm_model,
-                             inputs=["golden_input.jsonl", str(golden / "golden_input.jsonl"), str(golden / "*.jsonl")])
+                             inputs=["golden_input.jsonl", str(inputs / "golden_input.jsonl"), str(inputs / "*.jsonl")])
     assert summary.files == 1 and same_as_golden(golden, tmp_path / "out")
 
 
 def test_merge_joins_datasets_in_order_and_refuses_mixed_token_types(golden, tmp_path, capsys):
-    import shutil
-
     made_by_megatron = str(golden / "megatron_out/hf_eod_text_document")  # no sidecar: none is written
     for suffix in (".bin", ".idx"):
         shutil.copy(made_by_megatron + suffix, tmp_path / f"copy{suffix}")
@@ -179,8 +181,6 @@ def test_array_tasks_beyond_the_parts_write_empty_shards_that_merge(golden, tmp_
 
 
 def test_merge_checks_before_it_writes(golden, tmp_path, spm_model):
-    import shutil
-
     from megadoc_megatron.data.merge import merge
 
     empty = tmp_path / "empty_shard00001of00003_text_document"

@@ -171,12 +171,6 @@ def test_rationale_prompt_tokens_are_within_a_few_per_request_of_the_chat_templa
 
 
 def test_rationale_plan_prices_the_upper_bound_and_calibration_measures_a_real_generation(tmp_path, capsys):
-    from megadoc_megatron.synth.default_model import default_model_dir
-
-    try:
-        default_model_dir()
-    except InputError as error:
-        pytest.skip(str(error))
     corpus = write_corpus(tmp_path)
     args = build_parser().parse_args(["synth", "rationale", "--input", str(corpus), "--output-dir",
                                       str(tmp_path / "out"), "-G", "1", "--max-new-tokens", "4", "--dry-run",

@@ -30,14 +30,14 @@ EXAMPLE = REPO / "examples/tiny_cpu/experiment.yaml"
 
 
 @pytest.fixture()
-def config(tmp_path):
+def config(tmp_path, spm_model):
     """The example config, pointed at a tiny corpus; returns a writer of variants."""
     corpus = [{"id": f"doc{i}", "text": f"Document {i}. " + "Some words about topic %d. " % i * 20} for i in range(6)]
     for name, rows in (("train", corpus[:4]), ("heldout", corpus[4:])):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     base = yaml.safe_load(EXAMPLE.read_text())
     base.update(work_dir=str(tmp_path / "work"), corpus={"train": "train.jsonl", "heldout": "heldout.jsonl"},
-                tokenizer={"type": "SentencePieceTokenizer", "model": str(REPO.parent / "shared/golden/spm8k.model")},
+                tokenizer={"type": "SentencePieceTokenizer", "model": str(spm_model)},
                 seeds=1, baseline={})  # one training per recipe (the seeds test sets both)
 
     def write(change=lambda c: None, name="experiment.yaml"):
@@ -564,7 +564,7 @@ def dry_run_jobs(output: str) -> tuple[dict[str, str], list[list[str]]]:
     return scripts, submissions
 
 
-def test_the_papers_setup_submits_as_a_graph_of_slurm_jobs(config, tmp_path, capsys, golden):
+def test_the_papers_setup_submits_as_a_graph_of_slurm_jobs(config, tmp_path, capsys, hf_tokenizer):
     """examples/repro_300m as a cluster user submits it: one job per stage with its kind's resources,
     synthesis as 32-task GPU arrays, conversions as 8-task CPU arrays, afterok edges exactly where a stage
     reads another's output (and the report after every evaluation), and every job's command one our own CLI
@@ -574,7 +574,7 @@ def test_the_papers_setup_submits_as_a_graph_of_slurm_jobs(config, tmp_path, cap
 
     repro = REPO / "examples/repro_300m/experiment.yaml"
     overrides = [f"work_dir={tmp_path / 'work'}", f"corpus.train={tmp_path / 'train.jsonl'}",
-                 f"corpus.heldout={tmp_path / 'heldout.jsonl'}", f"tokenizer.model={golden / 'hf_tokenizer'}"]
+                 f"corpus.heldout={tmp_path / 'heldout.jsonl'}", f"tokenizer.model={hf_tokenizer}"]
     sets = [item for override in overrides for item in ("--set", override)]
     assert main(["run", str(repro), "--execute", "slurm", "--dry-run", *sets]) == 0
     scripts, submissions = dry_run_jobs(capsys.readouterr().out)

@@ -399,34 +399,6 @@ def test_openai_server_without_usage_is_counted_with_the_generator_tokenizer():
     assert completion.prompt_tokens == len(chat_token_ids(tokenizer, request.messages))
 
 
-def test_openai_backend_against_a_real_server(tmp_path):
-    """Opt-in: needs llama-cpp-python's OpenAI-compatible server (`pip install "llama-cpp-python[server]"`,
-    a ~17 min build on 2 cores, too long for CI). It serves the same GGUF file on loopback."""
-    pytest.importorskip("llama_cpp.server")
-    pytest.importorskip("openai")
-    from megadoc_megatron.distributed import free_port
-    from megadoc_megatron.synth.default_model import gguf_path
-
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "llama_cpp.server", "--model", str(gguf_path()),
-                               "--host", "127.0.0.1",
-                               "--port", str(port), "--n_ctx", "2048", "--model_alias", "smollm2"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        corpus = write_corpus(tmp_path / "docs.jsonl", DOCUMENTS[:2])
-        extra = ["--backend", "openai", "--model", "smollm2", "--tokenizer", str(default_model_dir()), "--base-url",
-                 f"http://127.0.0.1:{port}/v1", "--max-concurrency", "2", "--max-retries", "8", "--window", "2048"]
-        result = subprocess.run(synth_command(corpus, tmp_path / "out", *extra), cwd=REPO, capture_output=True,
-                                text=True)
-        assert result.returncode == 0, result.stderr
-        records = all_records(tmp_path / "out")
-        assert len(records) == 4 and all(r["generator"]["backend"] == "openai" and r["text"] for r in records)
-        assert all(r["prompt_tokens"] > 0 and r["completion_tokens"] > 0 for r in records)
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=30)
-
-
 def test_synth_cli_lists_styles():
     result = subprocess.run([sys.executable, "-m", "megadoc_megatron.cli", "synth", "styles"], cwd=REPO,
                             capture_output=True, text=True, env={**os.environ})
