@@ -271,6 +271,8 @@ def _config_section(cls, path: str, lines: list[str], nested: list, title: str =
         if dataclasses.is_dataclass(value):
             nested.append((type(value), name))
             description = f"{description} See [`{name}`](#{_anchor(name)}).".strip()
+        elif cls.__name__ == "Experiment" and field.name == "recipes":
+            description = f"{description}: see [`recipes[]`](#{_anchor('recipes[]')}).".strip()
         lines.append(f"| `{name}` | {_code(_type(field))} | {default} | {_cell(description)} |")
     lines.append("")
 
