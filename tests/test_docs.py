@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import shlex
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,3 +65,60 @@ def test_ci_runs_the_readme_test_command_first():
     first = next(line for line in ci if line and not line.startswith(("#", "set ", "cd ")))
     assert first == test_command[0], ".ci/run's first command must be exactly the README's test command"
     assert "mkdocs build --strict" in "\n".join(ci), ".ci/run builds the docs with warnings as errors"
+
+
+def _documented_commands():
+    """(file, `megadoc ...` command) for every command in the README and docs/: code-block lines (with
+    their backslash continuations) and inline code spans."""
+    pages = [README, *sorted((ROOT / "docs").rglob("*.md"))]
+    for page in pages:
+        if "reference" in page.relative_to(ROOT).parts:
+            continue  # generated from the parsers themselves
+        text = page.read_text(encoding="utf-8")
+        for block in re.findall(r"```(?:bash)?\n(.*?)```", text, re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                found = re.search(r"(?:^|[\s;&|(])(megadoc \S.*)$", line)
+                if found:
+                    yield page.name, " ".join(found.group(1).split(" # ")[0].split())
+        for span in re.findall(r"`(megadoc [^`]+)`", re.sub(r"```.*?```", "", text, flags=re.S)):
+            yield page.name, " ".join(span.split())
+
+
+def test_documented_commands_use_visible_options():
+    """Every option a documented `megadoc` command uses is one its parser shows in --help: not a typo,
+    not a hidden (deprecated or internal) spelling."""
+    import argparse
+
+    from megadoc_megatron.cli import build_parser
+
+    def options(parser):
+        return {s for a in parser._actions if a.help is not argparse.SUPPRESS for s in a.option_strings}
+
+    def subcommands(parser):
+        return next((a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)), {})
+
+    def all_options(parser):
+        """A parser's options, or for a command group named without its subcommand (`megadoc synth
+        OPERATION ...`), those of any of its subcommands."""
+        found = options(parser)
+        for sub in subcommands(parser).values():
+            found |= all_options(sub)
+        return found
+
+    root = build_parser()
+    problems = []
+    for page, command in _documented_commands():
+        parser = root
+        try:
+            tokens = shlex.split(command)[1:]
+        except ValueError:  # an unbalanced quote in prose
+            tokens = command.split()[1:]
+        for token in tokens:
+            token = token.strip("[]'\"`,;()")
+            if token in subcommands(parser):
+                parser = subcommands(parser)[token]
+            elif token.startswith("--") and len(token) > 2 and " " not in token:  # not a quoted value
+                name = token.split("=")[0]
+                if name not in all_options(parser):
+                    problems.append(f"{page}: `{command}`: {name} is not an option of `{parser.prog}`")
+    assert not problems, "\n".join(problems)
