@@ -26,18 +26,12 @@ def build_model(config: TrainConfig, vocab_size: int, seq_length: int, device: t
     paths Megatron-LM would use for this engine (the config's engine value) and device."""
     from megatron.core import parallel_state
 
-    from megadoc_megatron.model.gpt import build_gpt, transformer_config
+    from megadoc_megatron.model.gpt import build_gpt
     from megadoc_megatron.model.presets import padded_vocab_size
 
     backend = resolve_backend(config.model.backend)
-    parallel, precision = config.parallel, config.precision
-    dtype = torch.bfloat16 if precision.bf16 else torch.float32
-    fast = {**fast_paths(engine, backend, device.type), **recompute_settings(config.model.recompute)}
-    model_config = transformer_config(
-        config.model.preset, backend, parallel.tensor, parallel.pipeline, parallel.sequence_parallel,
-        precision.bf16, precision.fp8, precision.fp8_recipe, precision.fp8_amax_history_len,
-        precision.fp8_amax_compute_algo, pipeline_dtype=dtype,
-        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline, **{**fast, **config.model.overrides})
+    parallel = config.parallel
+    model_config = model_transformer_config(config, backend, engine, device.type)
     padded = padded_vocab_size(vocab_size)  # splits over the tensor size (plan_layout checks it)
     chunks = []
     for stage in range(parallel.virtual_pipeline or 1):
@@ -46,6 +40,20 @@ def build_model(config: TrainConfig, vocab_size: int, seq_length: int, device: t
         last = parallel_state.is_pipeline_last_stage(ignore_virtual=vp_stage is None, vp_stage=vp_stage)
         chunks.append(placed(build_gpt(model_config, padded, seq_length, backend, first, last, vp_stage), device))
     return model_config, chunks, padded
+
+
+def model_transformer_config(config: TrainConfig, backend: str, engine: str, device_type: str):
+    """The TransformerConfig of a training config, with the fast paths of its engine and device."""
+    from megadoc_megatron.model.gpt import transformer_config
+
+    parallel, precision = config.parallel, config.precision
+    dtype = torch.bfloat16 if precision.bf16 else torch.float32
+    fast = {**fast_paths(engine, backend, device_type), **recompute_settings(config.model.recompute)}
+    return transformer_config(
+        config.model.preset, backend, parallel.tensor, parallel.pipeline, parallel.sequence_parallel,
+        precision.bf16, precision.fp8, precision.fp8_recipe, precision.fp8_amax_history_len,
+        precision.fp8_amax_compute_algo, pipeline_dtype=dtype,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pipeline, **{**fast, **config.model.overrides})
 
 
 def placed(model, device: torch.device):
