@@ -7,6 +7,8 @@ and save checkpoints that resume under other layouts."""
 import json
 import math
 import shutil
+import sys
+import types
 
 import pytest
 import torch
@@ -15,7 +17,7 @@ from conftest import ITERS, SAVE_AT, run_training, write_config
 from megadoc_megatron.distributed import LaunchEnvironment, free_port
 from megadoc_megatron.errors import InputError
 from megadoc_megatron.train import checkpoint
-from megadoc_megatron.train.config import ParallelConfig, TrainConfig
+from megadoc_megatron.train.config import ModelConfig, ParallelConfig, PrecisionConfig, TrainConfig
 from megadoc_megatron.train.faults import nan_loss_at
 
 
@@ -159,11 +161,12 @@ def test_a_new_run_starts_from_the_other_engines_weights(engines, runs, tmp_path
     assert first[1]["loss"] < expected[1]["loss"] - 0.3  # trained weights
 
 
-def test_megatron_lms_fast_paths_where_they_apply():
+def test_megatron_lms_fast_paths_where_they_apply(monkeypatch):
     from megadoc_megatron.distributed import one_cuda_connection
     from megadoc_megatron.model.build import fast_paths, recompute_settings
     from megadoc_megatron.train.metrics import device_peak_tflops
 
+    monkeypatch.setitem(sys.modules, "fused_weight_gradient_mlp_cuda", types.ModuleType("apex stand-in"))
     assert fast_paths("megatron", "te", "cuda") == {"gradient_accumulation_fusion": True,
                                                     "deallocate_pipeline_outputs": True,
                                                     "cross_entropy_loss_fusion": True}
@@ -183,3 +186,22 @@ def test_megatron_lms_fast_paths_where_they_apply():
         [989.0, 756.0, 835.0, 989.0, 989.0, 2250.0]
     assert device_peak_tflops("NVIDIA H100 80GB HBM3", "hybrid") == 1979.0
     assert device_peak_tflops("NVIDIA A100-SXM4-80GB", "hybrid") is None  # no FP8 on Ampere
+
+
+def built_transformer_config(engine: str, backend: str, device_type: str, bf16: bool):
+    from megadoc_megatron.model.build import model_transformer_config
+
+    # megatron-core checks the TE backend's fused RoPE against an installed TE: off, to build it without TE
+    overrides = {"apply_rope_fusion": False} if backend == "te" else {}
+    config = TrainConfig(model=ModelConfig(overrides=overrides), precision=PrecisionConfig(bf16=bf16))
+    return model_transformer_config(config, backend, engine, device_type)
+
+
+@pytest.mark.parametrize("apex", [False, True])
+def test_gradient_accumulation_fusion_only_where_apex_provides_its_kernel(monkeypatch, apex):
+    """megatron-core's own output layer (ColumnParallelLinear) raises under the flag when apex's
+    fused_weight_gradient_mlp_cuda does not import; the gpu extra installs TE without apex."""
+    kernel = types.ModuleType("fused_weight_gradient_mlp_cuda") if apex else None  # None: the import fails
+    monkeypatch.setitem(sys.modules, "fused_weight_gradient_mlp_cuda", kernel)
+    assert built_transformer_config("megatron", "te", "cuda", bf16=True).gradient_accumulation_fusion is apex
+

@@ -70,10 +70,21 @@ def fast_paths(engine: str, backend: str, device_type: str) -> dict:
     """The TransformerConfig fast paths Megatron-LM turns on where they apply."""
     return {
         # TE layers accumulate weight gradients straight into megatron-core DDP's FP32 buffers.
-        "gradient_accumulation_fusion": engine == "megatron" and backend == "te",
+        "gradient_accumulation_fusion": engine == "megatron" and backend == "te" and apex_weight_gradient_fusion(),
         "deallocate_pipeline_outputs": engine == "megatron",  # 1F1B frees activations it has sent on
         "cross_entropy_loss_fusion": device_type == "cuda",
     }
+
+
+def apex_weight_gradient_fusion() -> bool:
+    """Whether apex's fused_weight_gradient_mlp_cuda imports: megatron-core's own output layer
+    (ColumnParallelLinear) refuses gradient_accumulation_fusion without it, even under TE, and the
+    gpu extra installs TE without apex. The same import as megatron-core's check."""
+    try:
+        import fused_weight_gradient_mlp_cuda  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def recompute_settings(recompute: str) -> dict:
