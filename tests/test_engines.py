@@ -167,12 +167,13 @@ def test_megatron_lms_fast_paths_where_they_apply(monkeypatch):
     from megadoc_megatron.train.metrics import device_peak_tflops
 
     monkeypatch.setitem(sys.modules, "fused_weight_gradient_mlp_cuda", types.ModuleType("apex stand-in"))
-    assert fast_paths("megatron", "te", "cuda") == {"gradient_accumulation_fusion": True,
-                                                    "deallocate_pipeline_outputs": True,
-                                                    "cross_entropy_loss_fusion": True}
-    assert fast_paths("portable", "te", "cuda")["gradient_accumulation_fusion"] is False  # no FP32 buffers to fuse into
-    assert not any(fast_paths("megatron", "portable", "cpu")[k] for k in ("gradient_accumulation_fusion",
-                                                                         "cross_entropy_loss_fusion"))
+    assert fast_paths("megatron", "te", "cuda", True) == {"gradient_accumulation_fusion": True,
+                                                          "deallocate_pipeline_outputs": True,
+                                                          "cross_entropy_loss_fusion": True}
+    # the portable engine has no FP32 gradient buffers to fuse into
+    assert fast_paths("portable", "te", "cuda", True)["gradient_accumulation_fusion"] is False
+    assert not any(fast_paths("megatron", "portable", "cpu", True)[k] for k in ("gradient_accumulation_fusion",
+                                                                               "cross_entropy_loss_fusion"))
     assert recompute_settings("full") == {"recompute_granularity": "full", "recompute_method": "uniform",
                                           "recompute_num_layers": 1}
     env = {}
@@ -188,12 +189,12 @@ def test_megatron_lms_fast_paths_where_they_apply(monkeypatch):
     assert device_peak_tflops("NVIDIA A100-SXM4-80GB", "hybrid") is None  # no FP8 on Ampere
 
 
-def built_transformer_config(engine: str, backend: str, device_type: str, bf16: bool):
+def built_transformer_config(engine: str, backend: str, device_type: str, precision: PrecisionConfig):
     from megadoc_megatron.model.build import model_transformer_config
 
     # megatron-core checks the TE backend's fused RoPE against an installed TE: off, to build it without TE
     overrides = {"apply_rope_fusion": False} if backend == "te" else {}
-    config = TrainConfig(model=ModelConfig(overrides=overrides), precision=PrecisionConfig(bf16=bf16))
+    config = TrainConfig(model=ModelConfig(overrides=overrides), precision=precision)
     return model_transformer_config(config, backend, engine, device_type)
 
 
@@ -203,5 +204,14 @@ def test_gradient_accumulation_fusion_only_where_apex_provides_its_kernel(monkey
     fused_weight_gradient_mlp_cuda does not import; the gpu extra installs TE without apex."""
     kernel = types.ModuleType("fused_weight_gradient_mlp_cuda") if apex else None  # None: the import fails
     monkeypatch.setitem(sys.modules, "fused_weight_gradient_mlp_cuda", kernel)
-    assert built_transformer_config("megatron", "te", "cuda", bf16=True).gradient_accumulation_fusion is apex
+    config = built_transformer_config("megatron", "te", "cuda", PrecisionConfig(bf16=True))
+    assert config.gradient_accumulation_fusion is apex
 
+
+@pytest.mark.parametrize("backend,precision,fused", [("portable", PrecisionConfig(), False),
+                                                     ("portable", PrecisionConfig(bf16=True), True),
+                                                     ("te", PrecisionConfig(fp8="hybrid"), True)],
+                         ids=["fp32", "bf16", "fp8"])
+def test_fused_cross_entropy_only_where_its_bf16_gradient_is_the_runs_precision(backend, precision, fused):
+    """megatron-core's native fused cross entropy casts its gradient to BF16: wrong for an FP32 run."""
+    assert built_transformer_config("megatron", backend, "cuda", precision).cross_entropy_loss_fusion is fused

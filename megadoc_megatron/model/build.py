@@ -48,7 +48,8 @@ def model_transformer_config(config: TrainConfig, backend: str, engine: str, dev
 
     parallel, precision = config.parallel, config.precision
     dtype = torch.bfloat16 if precision.bf16 else torch.float32
-    fast = {**fast_paths(engine, backend, device_type), **recompute_settings(config.model.recompute)}
+    low_precision = precision.bf16 or bool(precision.fp8)
+    fast = {**fast_paths(engine, backend, device_type, low_precision), **recompute_settings(config.model.recompute)}
     return transformer_config(
         config.model.preset, backend, parallel.tensor, parallel.pipeline, parallel.sequence_parallel,
         precision.bf16, precision.fp8, precision.fp8_recipe, precision.fp8_amax_history_len,
@@ -66,13 +67,15 @@ def placed(model, device: torch.device):
     return model
 
 
-def fast_paths(engine: str, backend: str, device_type: str) -> dict:
-    """The TransformerConfig fast paths Megatron-LM turns on where they apply."""
+def fast_paths(engine: str, backend: str, device_type: str, low_precision: bool) -> dict:
+    """The TransformerConfig fast paths Megatron-LM turns on where they apply (`low_precision`: a
+    BF16 or FP8 run)."""
     return {
         # TE layers accumulate weight gradients straight into megatron-core DDP's FP32 buffers.
         "gradient_accumulation_fusion": engine == "megatron" and backend == "te" and apex_weight_gradient_fusion(),
         "deallocate_pipeline_outputs": engine == "megatron",  # 1F1B frees activations it has sent on
-        "cross_entropy_loss_fusion": device_type == "cuda",
+        # megatron-core's native fused cross entropy casts its gradient to BF16: wrong for an FP32 run
+        "cross_entropy_loss_fusion": device_type == "cuda" and low_precision,
     }
 
 
