@@ -414,3 +414,47 @@ def test_the_command_line_loads_without_torch():
             "print(sorted({'torch', 'megatron'} & set(sys.modules)))")
     printed = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     assert printed.strip() == "[]"
+
+
+def plan_300m(*overrides, world_size=8, seq_length=4096):
+    from megadoc_megatron.train.layout import plan_layout
+
+    config = load_config(REPO / "examples" / "repro_300m" / "train.yaml", ["logging.tensorboard_dir=", *overrides])
+    return plan_layout(config, world_size, 64, seq_length)
+
+
+@pytest.mark.parametrize("backend,te_installed,refused", [("portable", True, True), ("auto", False, True),
+                                                          ("auto", True, False), ("te", True, False)])
+def test_sequence_parallel_is_refused_where_the_portable_layers_would_run(monkeypatch, backend, te_installed,
+                                                                          refused):
+    """megatron-core's portable norm (WrappedTorchNorm) asserts `not sequence_parallel`, and `auto`
+    picks the portable layers wherever Transformer Engine does not import."""
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: (
+        (object() if te_installed else None) if name == "transformer_engine" else find_spec(name, *args)))
+    overrides = [f"model.backend={backend}", "parallel.tensor=2", "parallel.sequence_parallel=true"]
+    if not refused:
+        assert plan_300m(*overrides).tensor == 2
+        return
+    with pytest.raises(InputError, match=r"sequence parallelism needs the Transformer Engine layers.*Fix: install "
+                                         r"Transformer Engine.*or unset parallel.sequence_parallel"):
+        plan_300m(*overrides)
+
+
+def test_fp8_shapes_are_checked_before_launch():
+    """FP8 GEMMs need the tokens of a micro-batch (per tensor rank under sequence parallelism) a
+    multiple of 8 and the hidden and feed-forward sizes multiples of 16."""
+    fp8 = ["model.backend=te", "precision.fp8=hybrid"]
+    assert plan_300m(*fp8, "data.micro_batch_size=1", seq_length=4104).micro_batch_size == 1
+    with pytest.raises(InputError, match=r"FP8 needs the tokens of a micro-batch \(1 x 4099 = 4099\) to be a "
+                                         r"multiple of 8.*Fix:"):
+        plan_300m(*fp8, "data.micro_batch_size=1", seq_length=4099)
+    with pytest.raises(InputError, match=r"\(1 x 4104 / tensor 2 = 2052\) to be a multiple of 8"):
+        plan_300m(*fp8, "data.micro_batch_size=1", "parallel.tensor=2", "parallel.sequence_parallel=true",
+                  seq_length=4104)
+    with pytest.raises(InputError, match=r"FP8 needs the hidden size \(776\) and the feed-forward size per tensor "
+                                         r"rank \(2688 / 1\) to be multiples of 16.*Fix:"):
+        plan_300m(*fp8, "model.overrides={hidden_size: 776}")
+    with pytest.raises(InputError, match=r"feed-forward size per tensor rank \(2696 / 1\)"):
+        plan_300m(*fp8, "model.overrides={ffn_hidden_size: 2696}")
+    assert plan_300m("model.overrides={ffn_hidden_size: 2696}").data == 8  # BF16 has no such rule

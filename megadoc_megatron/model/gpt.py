@@ -11,7 +11,6 @@ frequencies (core 0.16's `RotaryEmbedding.get_emb` moves them to CUDA on first u
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +25,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megadoc_megatron.errors import InputError
+from megadoc_megatron.model import transformer_engine_available
 from megadoc_megatron.model.presets import PRESETS, ModelPreset
 
 BACKENDS = ("te", "portable")
@@ -135,10 +135,6 @@ class PortableRotaryEmbedding(RotaryEmbedding):
         else:
             emb = torch.cat((freqs, freqs), dim=-1)
         return emb[:, None, None, :]
-
-
-def transformer_engine_available() -> bool:
-    return importlib.util.find_spec("transformer_engine") is not None
 
 
 def layer_spec(backend: str) -> ModuleSpec:

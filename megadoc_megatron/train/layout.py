@@ -14,6 +14,7 @@ import shlex
 from dataclasses import dataclass
 
 from megadoc_megatron.errors import InputError
+from megadoc_megatron.model import transformer_engine_available
 from megadoc_megatron.model.presets import PRESETS
 from megadoc_megatron.train.config import TrainConfig
 
@@ -63,6 +64,7 @@ def plan_layout(config: TrainConfig, world_size: int, global_batch: int, seq_len
     if parallel.sequence_parallel and (tensor == 1 or seq_length % tensor):
         refuse(f"sequence parallelism needs tensor > 1 dividing the sequence length {seq_length}",
                "unset parallel.sequence_parallel or change parallel.tensor")
+    check_layers_and_precision(config, model, seq_length, refuse)
     stages = pipeline * (virtual or 1)
     if model.num_layers % stages:
         refuse(f"{model.num_layers} layers do not split into pipeline {pipeline} x virtual {virtual or 1} stages",
@@ -81,6 +83,36 @@ def plan_layout(config: TrainConfig, world_size: int, global_batch: int, seq_len
         refuse(f"the interleaved schedule needs the {microbatches} micro-batches per rank to be a multiple of "
                f"pipeline {pipeline}", "change data.micro_batch_size or the number of processes")
     return Layout(world_size, tensor, pipeline, data, micro, microbatches)
+
+
+def portable_layers(backend: str) -> bool:
+    """Whether a run builds the portable layer spec: asked for, or `auto` without Transformer Engine."""
+    return backend == "portable" or backend == "auto" and not transformer_engine_available()
+
+
+def check_layers_and_precision(config: TrainConfig, model, seq_length: int, refuse) -> None:
+    """What the layer spec and FP8 need of the layout (`refuse(message, fix)` raises)."""
+    parallel, micro, backend = config.parallel, config.data.micro_batch_size, config.model.backend
+    if parallel.sequence_parallel and portable_layers(backend):
+        why = "asked for" if backend == "portable" else "Transformer Engine is not installed"
+        refuse(f"sequence parallelism needs the Transformer Engine layers, and this run builds the portable ones "
+               f"(model.backend {backend}: {why}), whose norm megatron-core refuses under sequence parallelism",
+               "install Transformer Engine (the gpu extra) and set model.backend te or auto, "
+               "or unset parallel.sequence_parallel")
+    if not config.precision.fp8:
+        return
+    split = parallel.tensor if parallel.sequence_parallel else 1  # each tensor rank holds 1/TP of the tokens
+    tokens = micro * seq_length // split
+    if tokens % 8:
+        per_rank = f" / tensor {split}" if split > 1 else ""
+        refuse(f"FP8 needs the tokens of a micro-batch ({micro} x {seq_length}{per_rank} = {tokens}) to be a "
+               "multiple of 8", "pick data.micro_batch_size and the blend's --seq-length so that they are, "
+               "or unset precision.fp8")
+    hidden, ffn = model.hidden_size, model.ffn_hidden_size
+    if hidden % 16 or ffn % (16 * parallel.tensor):
+        refuse(f"FP8 needs the hidden size ({hidden}) and the feed-forward size per tensor rank ({ffn} / "
+               f"{parallel.tensor}) to be multiples of 16", "pick a preset or model.overrides hidden_size and "
+               "ffn_hidden_size that are, or unset precision.fp8")
 
 
 def launcher_world_size(launcher: str) -> int | None:
