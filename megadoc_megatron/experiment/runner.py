@@ -183,6 +183,7 @@ def run_one_stage(experiment, name: str, array_task: bool = False, array_size: i
     from dataclasses import replace
 
     from megadoc_megatron.experiment.plan import build_graph
+    from megadoc_megatron.experiment.slurm import kind_of, rank_launcher
     from megadoc_megatron.experiment.stages import run_array_task, run_stage
     from megadoc_megatron.experiment.status import stage_needs
 
@@ -195,6 +196,9 @@ def run_one_stage(experiment, name: str, array_task: bool = False, array_size: i
         raise InputError(f"stage {name} reads {', '.join(missing)}: not done yet", experiment.source,
                          fix="`megadoc status WORK` shows why; resubmit with `megadoc run CONFIG --execute slurm`")
     stage = stages[name]
+    launcher = rank_launcher(experiment.launch, kind_of(stage))
+    if launcher:  # this job has several tasks, maybe on several nodes: one rank per task
+        stage = replace(stage, launcher=launcher)
     converts = stage.commands[0][0] == "preprocess"
     if array_task:
         task = os.environ.get("SLURM_ARRAY_TASK_ID", "0")

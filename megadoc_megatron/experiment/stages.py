@@ -17,8 +17,10 @@ import io
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from contextlib import contextmanager
@@ -26,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from megadoc_megatron.cli import RENAMED
-from megadoc_megatron.errors import InputError
+from megadoc_megatron.errors import InputError, Interrupted
 from megadoc_megatron.experiment.lock import held
 from megadoc_megatron.files import content_digest, write_text_atomic
 
@@ -139,18 +141,41 @@ def tied_to_this_process(command: list[str]) -> list[str]:
     return [sys.executable, "-c", _TIED, str(os.getpid()), *command] if sys.platform == "linux" else command
 
 
-def _run_launched(command: list[str], log) -> int:
+@contextmanager
+def stop_signals_passed_on(process: subprocess.Popen, launcher: str):
+    """While a launched stage runs, the signals that tell a stage to save and stop (a SLURM job's time
+    limit: USR1; SIGTERM) reach it: srun passes USR1 on to every rank; torchrun stops its workers only on
+    SIGTERM, so anything but srun gets SIGTERM."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    srun = os.path.basename(shlex.split(launcher)[0]) == "srun"
+
+    def pass_on(number, frame):
+        if process.poll() is None:
+            process.send_signal(number if srun else signal.SIGTERM)
+
+    previous = {number: signal.signal(number, pass_on) for number in (signal.SIGUSR1, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def _run_launched(command: list[str], launcher: str, log) -> int:
     """Run a command under its launcher, its output going to the console and the stage's log; it does not
-    outlive this process (see tied_to_this_process)."""
+    outlive this process (see tied_to_this_process), and it gets the stop signals this process gets."""
     process = subprocess.Popen(tied_to_this_process(command), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
-        for line in iter(process.stdout.readline, b""):
-            sys.stdout.buffer.write(line)
-            sys.stdout.flush()
-            log.write(line.decode(errors="replace"))
-        log.flush()
-        return process.wait()
+        with stop_signals_passed_on(process, launcher):
+            for line in iter(process.stdout.readline, b""):
+                sys.stdout.buffer.write(line)
+                sys.stdout.flush()
+                log.write(line.decode(errors="replace"))
+            log.flush()
+            return process.wait()
     finally:  # interrupted (Ctrl-C, an error): the stage stops with us
         if process.poll() is None:
             process.terminate()
@@ -199,8 +224,11 @@ def _run_commands(stage: Stage, log_name: str) -> None:
             shown = stage.full_command(command) if stage.launcher else ["megadoc", *stage.argv(command)]
             log.write(f"$ {shlex.join(shown)}\n")
             log.flush()
-            code = (_run_launched(stage.full_command(command), log) if stage.launcher
+            code = (_run_launched(stage.full_command(command), stage.launcher, log) if stage.launcher
                     else _run_in_process(stage.argv(command), log))
+            if code == Interrupted.exit_status:
+                raise Interrupted(f"stage {stage.name} stopped to resume: `megadoc {command[0]}` saved what it had "
+                                  "done", stage.folder / log_name, fix="run again: the stage resumes from its files")
             if code != 0:
                 raise InputError(f"stage {stage.name} failed: `megadoc {command[0]}` exited with status {code}",
                                  stage.folder / log_name,

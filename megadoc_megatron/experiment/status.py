@@ -12,6 +12,7 @@ from pathlib import Path
 
 from megadoc_megatron.errors import InputError
 from megadoc_megatron.experiment.lock import HEARTBEAT, alive_here, read_holder
+from megadoc_megatron.experiment.slurm import last_error_line
 from megadoc_megatron.experiment.stages import LOCK
 from megadoc_megatron.files import write_text_atomic
 
@@ -74,41 +75,56 @@ def _progress(folder: Path) -> str:
     return ""
 
 
-def _last_error(log: Path) -> str | None:
-    if not log.is_file():
-        return None
-    lines = [line.strip() for line in log.read_text(errors="replace").splitlines()]
-    start = max((i for i, line in enumerate(lines) if line.startswith("=== ")), default=0)  # the last attempt
-    errors = [line for line in lines[start:] if "error" in line.lower()]
-    return errors[-1][:200] if errors else None
-
-
 def read_status(work: Path) -> list[StageState]:
+    from megadoc_megatron.experiment.slurm import job_states, recorded_jobs
+
     plan = Path(work) / PLAN
     if not plan.is_file():
         raise InputError("no plan in this work folder", work,
                          fix="start `megadoc run CONFIG` on it first (it writes plan.json), or pass its work_dir")
+    entries = json.loads(plan.read_text())["stages"]
+    jobs = recorded_jobs(work)
+    slurm = job_states([jobs[e["folder"]] for e in entries if e["folder"] in jobs
+                        and not (Path(work) / "stages" / e["folder"] / "stage.json").is_file()])
     states: dict[str, StageState] = {}
-    for entry in json.loads(plan.read_text())["stages"]:
-        folder = Path(work) / "stages" / entry["folder"]
-        holder = _holder_alive(folder / LOCK)
-        error = _last_error(folder / "log.txt")
-        unfinished = [need for need in entry["needs"] if states[need].state != "done"]
-        if (folder / "stage.json").is_file():
-            record = json.loads((folder / "stage.json").read_text())
-            state = StageState(entry["name"], "done", f"{record['seconds']:.0f} s, finished {record['finished']}")
-        elif holder:
-            where = f"{holder['host']} pid {holder['pid']}" + (f", job {holder['job']}" if holder.get("job") else "")
-            state = StageState(entry["name"], "running", ", ".join(filter(None, [where, _progress(folder)])))
-        elif error:
-            state = StageState(entry["name"], "failed", error)
-        elif unfinished:
-            state = StageState(entry["name"], "waiting", "for " + ", ".join(unfinished))
-        else:
-            state = StageState(entry["name"], "to run", "interrupted: reruns from its files" if folder.is_dir()
-                               else "")
+    for entry in entries:
+        state = _stage_state(Path(work), entry, states)
+        if entry["folder"] in jobs and state.state != "done":
+            state = _with_job(Path(work), state, jobs[entry["folder"]], slurm)
         states[entry["name"]] = state
     return list(states.values())
+
+
+def _stage_state(work: Path, entry: dict, states: dict) -> StageState:
+    """Where a stage stands, from the files it wrote."""
+    folder = work / "stages" / entry["folder"]
+    holder = _holder_alive(folder / LOCK)
+    error = last_error_line(folder / "log.txt")
+    unfinished = [need for need in entry["needs"] if states[need].state != "done"]
+    if (folder / "stage.json").is_file():
+        record = json.loads((folder / "stage.json").read_text())
+        return StageState(entry["name"], "done", f"{record['seconds']:.0f} s, finished {record['finished']}")
+    if holder:
+        where = f"{holder['host']} pid {holder['pid']}" + (f", job {holder['job']}" if holder.get("job") else "")
+        return StageState(entry["name"], "running", ", ".join(filter(None, [where, _progress(folder)])))
+    if error:
+        return StageState(entry["name"], "failed", error)
+    if unfinished:
+        return StageState(entry["name"], "waiting", "for " + ", ".join(unfinished))
+    return StageState(entry["name"], "to run", "interrupted: reruns from its files" if folder.is_dir() else "")
+
+
+def _with_job(work: Path, state: StageState, job: str, slurm: dict) -> StageState:
+    """A stage's state with its SLURM job beside it: pending and why, running, requeued, or failed with
+    the last error line of its log (when the stage's own log has none)."""
+    from megadoc_megatron.experiment.slurm import describe_job, job_log
+
+    log = job_log(work, state.name, job)
+    words, error = describe_job(job, slurm.get(job), log)
+    if error and state.state != "running":
+        return StageState(state.name, "failed", f"{state.detail if state.state == 'failed' else error} "
+                                                f"[{words}; log {log}]")
+    return StageState(state.name, state.state, f"{state.detail} [{words}]".strip())
 
 
 def format_status(states: list[StageState]) -> str:
