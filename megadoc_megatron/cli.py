@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None, stage: str | None = None) -> int:
         importlib.import_module(STAGES[args.stage][0]).run(args)
     except InputError as error:
         print(f"megadoc {args.stage}: error: {error}", file=sys.stderr)
-        return 2
+        return error.exit_status
     return 0
 
 
