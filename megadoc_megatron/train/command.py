@@ -4,6 +4,8 @@ Launch: `megadoc train cfg.yaml` (one process), `torchrun --nproc-per-node 8 -m 
 train cfg.yaml` (one node) or `srun megadoc train cfg.yaml` (SLURM; see examples/slurm/train.sbatch).
 World size = tensor x pipeline x data parallel; the data-parallel size is what is left over.
 `--dry-run` tells, without starting anything, whether a launch of that size can run the config.
+Stopped by a signal or its time budget (the config's `exit` section), it exits with status 75 once the
+checkpoint is saved: run the same command again to resume.
 Kept apart from trainer.py so that building the CLI does not import torch (2-3 s).
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 
+from megadoc_megatron.errors import InputError, Interrupted
 from megadoc_megatron.train.config import load_config
 
 
@@ -36,7 +39,23 @@ def run(args: argparse.Namespace) -> dict:
         return check(config, args)
     from megadoc_megatron.train.trainer import train
 
-    return train(config)
+    result = train(config)
+    if result["stopped"] in ("signal", "time budget"):
+        raise stopped_error(result, config, args.config)
+    return result
+
+
+def stopped_error(result: dict, config, config_path) -> InputError:
+    """Interrupted (exit status 75: run again) when the stop saved a checkpoint to resume from."""
+    from megadoc_megatron.train.stopping import Stop, stop_cause
+
+    where = f"stopped at iteration {result['iterations']} of {result['train_iters']} " \
+            f"{stop_cause(Stop(result['stopped'], result['signal']), config.exit.duration_minutes)}"
+    if not config.checkpoint.dir:
+        return InputError(f"training {where} with nothing saved (checkpoint.dir is empty)", config_path,
+                          fix="set checkpoint.dir, so that a stopped run can resume from its checkpoint")
+    return Interrupted(f"training {where} and saved a checkpoint in {config.checkpoint.dir}",
+                       fix="run the same command again: it resumes from that checkpoint")
 
 
 def check(config, args: argparse.Namespace) -> dict:

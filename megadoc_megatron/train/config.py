@@ -101,6 +101,15 @@ class LoggingConfig:
 
 
 @dataclass
+class ExitConfig:
+    signals: list = field(default_factory=lambda: ["SIGTERM", "SIGUSR1"])  # signals that stop training after the
+                                         # iteration in flight, with a checkpoint and exit status 75 (SLURM sends
+                                         # them before a time limit or on preemption); []: none
+    duration_minutes: float = 0          # stop the same way once this process has trained this long, counted from
+                                         # the trainer's start (Megatron-LM's --exit-duration-in-mins); 0: never
+
+
+@dataclass
 class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -109,6 +118,7 @@ class TrainConfig:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    exit: ExitConfig = field(default_factory=ExitConfig)
     engine: str = "auto"                 # megatron | portable | auto (megatron-core's on GPU, portable on CPU)
     seed: int = 1234
     train_iters: int | None = None       # None: the blend's iterations (exact epochs); fewer for a short run
@@ -156,4 +166,20 @@ def load_config(path, overrides: list[str] = ()) -> TrainConfig:
     if config.patience and not config.logging.eval_interval:
         raise InputError(f"patience {config.patience} needs validation during training", path,
                          fix="set logging.eval_interval (iterations between validations)")
+    _check_exit(config.exit, path)
     return config
+
+
+# What schedulers and people send to ask a job to stop (SIGXCPU: a CPU-time limit). Faults (SIGSEGV...)
+# and bookkeeping signals (SIGCHLD...) must keep their own handling.
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "SIGHUP", "SIGQUIT", "SIGXCPU")
+
+
+def _check_exit(settings: ExitConfig, path) -> None:
+    for name in settings.signals:
+        if name not in STOP_SIGNALS:
+            raise InputError(f"exit.signals names {name!r}, which is not a signal training can stop on", path,
+                             fix=f"use some of {', '.join(STOP_SIGNALS)} (upper case, with SIG), or [] for none")
+    if settings.duration_minutes < 0:
+        raise InputError(f"exit.duration_minutes is {settings.duration_minutes}", path,
+                         fix="give the minutes this process may train, or 0 for no limit")

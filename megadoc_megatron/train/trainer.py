@@ -31,6 +31,7 @@ from megadoc_megatron.train.metrics import (
     resumed_metrics_file,
     training_flops,
 )
+from megadoc_megatron.train.stopping import StopRequests, stop_cause
 from megadoc_megatron.train.validator import Validator
 
 
@@ -95,6 +96,7 @@ def reduce_loss(reports: list[dict], device: torch.device) -> float:
 class Trainer:
     def __init__(self, config: TrainConfig, device: torch.device):
         self.config, self.device = config, device
+        self.stops = StopRequests(config.exit, started=time.monotonic())
         self.engine_name = resolve_engine(config.engine, device)
         self.blend = load_checked(config.data.blend)
         self.seq_length, self.global_batch = self.blend.seq_length, self.blend.global_batch_size
@@ -166,6 +168,10 @@ class Trainer:
         return float(np.mean(losses))
 
     def train(self) -> dict:
+        with self.stops.listening():
+            return self._train()
+
+    def _train(self) -> dict:
         config, rank0 = self.config, dist.get_rank() == 0
         start, consumed, note = self.checkpointer.start()
         train, valid = self.datasets()
@@ -179,7 +185,7 @@ class Trainer:
         if validator.missed(start, start == self.train_iters):
             self._log_validation(logger, start, validator.validate(start))
         last_loss, timer, skips = None, StepTimer(self.device), SkipCounter(config.optimizer.max_skipped_in_a_row)
-        iteration, stopped = start, "plateau" if validator.plateaued() else "end"
+        iteration, stopped, stop = start, "plateau" if validator.plateaued() else "end", None
         while stopped == "end" and iteration < self.train_iters:
             iteration += 1
             last = iteration == self.train_iters
@@ -187,25 +193,42 @@ class Trainer:
             consumed += self.global_batch
             timer.tick()
             skips.count(updated, iteration, grad_norm)
-            if iteration % config.logging.log_interval == 0 or last or skips.exhausted:
+            stop = None if last else self.stops.agreed(self.device)  # a run that is done is not stopped
+            if iteration % config.logging.log_interval == 0 or last or skips.exhausted or stop:
                 self._log_training(logger, timer, skips, iteration, last_loss, lr, grad_norm)
             if skips.exhausted:
                 raise skips.error(config.checkpoint.dir)
-            saved = self.checkpointer.save(iteration, consumed, last)
+            saved = self._save(iteration, consumed, last, force=bool(stop))
+            if stop:  # a validation due now runs first on resume (Validator.missed)
+                stopped = stop.reason
+                break
             validated = validator.should_validate(iteration, last)
             if validated:
                 self._log_validation(logger, iteration, validator.validate(iteration))
                 if validator.plateaued():
                     stopped = "plateau"
-                    self.checkpointer.save(iteration, consumed, force=True)
+                    self._save(iteration, consumed, force=True)
             if saved or validated:
                 timer.restart()  # not training time
         if rank0:
             if stopped == "plateau":
                 print(validator.stop_note(iteration), flush=True)
+            if stop:
+                print(self._stop_note(stop, iteration), flush=True)
             logger.close()
-        return {"iterations": iteration, "final_loss": last_loss, "consumed_samples": consumed, "stopped": stopped,
+        return {"iterations": iteration, "train_iters": self.train_iters, "final_loss": last_loss,
+                "consumed_samples": consumed, "stopped": stopped, "signal": stop.signal if stop else None,
                 "skipped_iterations": skips.total}
+
+    def _save(self, iteration: int, consumed: int, last: bool = False, force: bool = False) -> bool:
+        with self.stops.held():
+            return self.checkpointer.save(iteration, consumed, last, force)
+
+    def _stop_note(self, stop, iteration: int) -> str:
+        saved = "checkpoint saved; run again to resume" if self.config.checkpoint.dir else \
+            "nothing saved (checkpoint.dir is empty)"
+        return f"stopped at iteration {iteration} of {self.train_iters} " \
+               f"{stop_cause(stop, self.config.exit.duration_minutes)}: {saved}"
 
     @staticmethod
     def _log_validation(logger, iteration: int, valid_loss: float) -> None:
