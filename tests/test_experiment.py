@@ -715,3 +715,22 @@ def test_a_corpus_split_that_passed_is_not_read_again_until_it_changes(config, t
         out.write(json.dumps({**json.loads(train[1]), "id": "held-copy"}) + "\n")
     with pytest.raises(InputError, match="overlap held-out documents"):
         check_corpus_split(experiment)
+
+
+def test_ranks_start_with_srun_in_jobs_of_several_tasks_or_whose_python_is_an_srun():
+    from megadoc_megatron.experiment.config import LaunchConfig
+    from megadoc_megatron.experiment.slurm import rank_launcher, stage_python
+
+    plain = LaunchConfig(train="torchrun --standalone --nproc-per-node 8", python="/venv/bin/python")
+    job = {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "16"}
+    assert rank_launcher(plain, "train", job) == "srun --kill-on-bad-exit=1 /venv/bin/python"
+    assert rank_launcher(plain, "train", {**job, "SLURM_NTASKS": "1"}) == ""  # one task: launch.train (torchrun)
+    assert rank_launcher(plain, "train", {"SLURM_NTASKS": "16"}) == ""  # not in a job: megadoc run, locally
+    assert rank_launcher(plain, "synth", job) == ""  # one process per stage
+    pyxis = LaunchConfig(environments={"default": "srun --container-image=/i/train.sqsh python",
+                                       "synth": "apptainer exec --nv /i/vllm.sif python"})
+    assert rank_launcher(pyxis, "eval", {**job, "SLURM_NTASKS": "1"}) == \
+        "srun --kill-on-bad-exit=1 --container-image=/i/train.sqsh python"
+    assert stage_python(pyxis, "train") == sys.executable  # the srun in the image starts the ranks
+    assert stage_python(pyxis, "report") == "srun --container-image=/i/train.sqsh python"
+    assert stage_python(pyxis, "synth") == "apptainer exec --nv /i/vllm.sif python"

@@ -50,7 +50,7 @@ def slurm():
 
 def experiment_config(folder: Path) -> Path:
     """The tiny CPU demo with two recipes, one seed, short generations, 2 ranks per training; the
-    real-only recipe trains 5x longer (the time-limit test needs a training longer than a job)."""
+    real-only recipe trains 4x longer (the time-limit test needs a training longer than a job)."""
     corpus = folder / "corpus"
     subprocess.run([sys.executable, str(EXAMPLE / "make_corpus.py"), "--output-dir", str(corpus), "--max-chars",
                     "1500", "--heldout-fraction", "0.3", "--max-train-documents", "6", "--long-min-chars", "2000"],
@@ -60,7 +60,7 @@ def experiment_config(folder: Path) -> Path:
                           "long_heldout": str(corpus / "heldout_long.jsonl")},
                   tokenizer={"type": "SentencePieceTokenizer", "model": str(corpus / "tokenizer.model")},
                   seeds=1, baseline={},
-                  recipes=[{"name": "real", "kind": "real", "epochs": 80},
+                  recipes=[{"name": "real", "kind": "real", "train_tokens": 40 * 8 * 256},  # 40 iterations
                            {"name": "stitch_g2", "kind": "stitch", "generations": 2, "epochs": 16,
                             "synthetic_weight": 0.5}],
                   launch={"train": f"{sys.executable} -m torch.distributed.run --standalone --nproc-per-node 2",
