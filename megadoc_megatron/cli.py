@@ -43,7 +43,7 @@ import warnings
 from collections.abc import Iterator
 
 from megadoc_megatron import __version__
-from megadoc_megatron.errors import InputError
+from megadoc_megatron.errors import InputError, Interrupted
 
 # subcommand -> (module with add_arguments/run, one-line help)
 STAGES = {
@@ -176,7 +176,8 @@ def main(argv: list[str] | None = None, stage: str | None = None) -> int:
     try:
         importlib.import_module(STAGES[args.stage][0]).run(args)
     except InputError as error:
-        print(f"megadoc {args.stage}: error: {error}", file=sys.stderr)
+        said = "stopped" if isinstance(error, Interrupted) else "error"  # stopped on purpose: not an error
+        print(f"megadoc {args.stage}: {said}: {error}", file=sys.stderr)
         return error.exit_status
     return 0
 

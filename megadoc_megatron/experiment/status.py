@@ -117,10 +117,13 @@ def _stage_state(work: Path, entry: dict, states: dict) -> StageState:
 def _with_job(work: Path, state: StageState, job: str, slurm: dict) -> StageState:
     """A stage's state with its SLURM job beside it: pending and why, running, requeued, or failed with
     the last error line of its log (when the stage's own log has none)."""
-    from megadoc_megatron.experiment.slurm import describe_job, job_log
+    from megadoc_megatron.experiment.slurm import ACTIVE, describe_job, job_log
 
     log = job_log(work, state.name, job)
     words, error = describe_job(job, slurm.get(job), log)
+    if state.state == "failed" and slurm.get(job, {}).get("JobState") in ACTIVE:  # stopped to resume, requeued
+        return StageState(state.name, "waiting" if "PENDING" in words.upper() else "running",
+                          f"stopped to resume [{words}]")
     if error and state.state != "running":
         return StageState(state.name, "failed", f"{state.detail if state.state == 'failed' else error} "
                                                 f"[{words}; log {log}]")
