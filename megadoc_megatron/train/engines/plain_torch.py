@@ -149,6 +149,14 @@ def _pipeline_peers():
     return previous, following
 
 
+def flag_first_microbatch(model) -> None:
+    """Have Transformer Engine quantize the FP8 weights afresh at the next forward: TE reuses a
+    layer's FP8 copy of its weights until a micro-batch is flagged first, and megatron-core's
+    schedules flag the first of every step (set_is_first_microbatch), as must any other loop."""
+    if hasattr(model, "set_is_first_microbatch"):
+        model.set_is_first_microbatch()
+
+
 def gpipe_forward_backward(*, forward_step_func, data_iterator, model, num_microbatches, seq_length,
                            micro_batch_size, forward_only=False, **unused):
     """GPipe: forward every micro-batch, then backward them in the same order.
@@ -165,6 +173,7 @@ def gpipe_forward_backward(*, forward_step_func, data_iterator, model, num_micro
     device = next(model.parameters()).device
     shape, dtype = (sequence, micro_batch_size, config.hidden_size), config.pipeline_dtype or config.params_dtype
     inputs, outputs, reports = [], [], []
+    flag_first_microbatch(model)
     with torch.set_grad_enabled(not forward_only):
         for _ in range(num_microbatches):
             received = None
