@@ -95,8 +95,8 @@ def test_non_finite_gradients_skip_the_update(engine, runs, tmp_path, blend_json
     assert rows[3]["skipped_total"] == 3 and max(rows) == 3
 
 
-def _rank(rank, port, config, overrides):
-    run_training(config, LaunchEnvironment(rank, 2, rank, "127.0.0.1", port, "test"), overrides)
+def _rank(rank, port, config, overrides, world_size=2):
+    run_training(config, LaunchEnvironment(rank, world_size, rank, "127.0.0.1", port, "test"), overrides)
 
 
 def resume_copy(source, tmp_path):
@@ -133,6 +133,81 @@ def test_megatron_core_engine_layouts_continue_the_single_process_run(request, r
         assert resumed[step]["loss"] == pytest.approx(expected[step]["loss"], rel=1e-5)
         assert resumed[step]["grad_norm"] == pytest.approx(expected[step]["grad_norm"], rel=1e-3)
     assert valid[ITERS] == pytest.approx(expected_valid[ITERS], rel=1e-5)
+
+
+FOUR_LAYERS = "model.overrides={num_layers: 4}"  # pipeline 2 x virtual 2 stages of one layer
+
+
+@pytest.fixture(scope="module")
+def four_layer_run(tmp_path_factory, blend_json):
+    """The megatron-core engine on one process with four layers, its optimizer state in model space."""
+    tmp = tmp_path_factory.mktemp("four_layers")
+    return train_run(tmp, blend_json, "run", "engine=megatron", FOUR_LAYERS, "checkpoint.reshardable_optimizer=true")
+
+
+@pytest.mark.e2e
+def test_interleaved_pipeline_of_two_stages_continues_the_single_process_run(four_layer_run, tmp_path, blend_json):
+    """Pipeline 2 x virtual 2 x data 2 (four gloo processes), 4 micro-batches of 1 per rank (the
+    steady state, where sends go both ways at once). With two stages a rank's previous and next
+    stage are the same peer: megatron-core's default batched sends hand over the wrong tensors,
+    where Megatron-LM's overlapped ones do not; the schedule starts each chunk's gradient reduction
+    and parameter gathers (grad_sync_func, param_sync_func)."""
+    source, expected, expected_valid = four_layer_run
+    target = resume_copy(source, tmp_path)
+    config = write_config(tmp_path, blend_json, target)
+    overrides = ["engine=megatron", FOUR_LAYERS, "parallel.pipeline=2", "parallel.virtual_pipeline=2",
+                 "data.micro_batch_size=1"]
+    torch.multiprocessing.spawn(_rank, args=(free_port(), config, overrides, 4), nprocs=4, join=True)
+    resumed, valid = metrics(target)
+    assert sorted(resumed) == list(range(SAVE_AT + 1, ITERS + 1))
+    for step in resumed:
+        assert resumed[step]["loss"] == pytest.approx(expected[step]["loss"], rel=1e-5)
+        assert resumed[step]["grad_norm"] == pytest.approx(expected[step]["grad_norm"], rel=1e-3)
+    assert valid[ITERS] == pytest.approx(expected_valid[ITERS], rel=1e-5)
+
+
+def _interleaved_engine_hooks(rank, port):
+    from megadoc_megatron.distributed import initialize, shutdown
+    from megadoc_megatron.model.build import build_model
+    from megadoc_megatron.train.engines import build_engine
+    from megadoc_megatron.train.engines.cuda_on_cpu import megatron_core_on_cpu
+
+    config = TrainConfig(model=ModelConfig(backend="portable", overrides={"num_layers": 4}),
+                         parallel=ParallelConfig(pipeline=2, virtual_pipeline=2), engine="megatron")
+    device = initialize(config.parallel, LaunchEnvironment(rank, 2, rank, "127.0.0.1", port, "test"))
+    try:
+        with megatron_core_on_cpu():
+            model_config, chunks, _ = build_model(config, 256, 32, device, "megatron")
+            model = build_engine("megatron", chunks, model_config, config, "portable").model
+        assert (model_config.overlap_p2p_comm, model_config.batch_p2p_comm) == (True, False)
+        assert model_config.no_sync_func == [chunk.no_sync for chunk in model]
+        assert model_config.grad_sync_func == [chunk.start_grad_sync for chunk in model]
+        assert model_config.param_sync_func == [chunk.start_param_sync for chunk in model]
+        assert all(chunk.ddp_config.align_param_gather for chunk in model)
+    finally:
+        shutdown()
+
+
+def test_megatron_lms_schedule_hooks_under_interleaving():
+    """As Megatron-LM's training.py: under interleaving the schedule starts each model chunk's
+    gradient reduction when its last backward is done, and its parameter all-gather."""
+    torch.multiprocessing.spawn(_interleaved_engine_hooks, args=(free_port(),), nprocs=2, join=True)
+
+
+@pytest.mark.parametrize("overrides,refused", [({}, False), ({"overlap_p2p_comm": False}, True)])
+def test_interleaved_pipeline_of_two_stages_needs_overlapped_sends(overrides, refused):
+    from megadoc_megatron.train.layout import plan_layout
+
+    config = TrainConfig(model=ModelConfig(overrides={"num_layers": 4, **overrides}),
+                         parallel=ParallelConfig(pipeline=2, virtual_pipeline=2))
+    if not refused:
+        assert plan_layout(config, 2, 8, 64).num_microbatches == 8
+        return
+    with pytest.raises(InputError, match=r"interleaved schedule with pipeline 2 needs overlapped point-to-point "
+                                         r".*Fix: .*overlap_p2p_comm"):
+        plan_layout(config, 2, 8, 64)
+    assert plan_layout(TrainConfig(model=config.model, parallel=ParallelConfig(pipeline=4, virtual_pipeline=1)),
+                       4, 8, 64).pipeline == 4  # more than two stages: distinct peers, batching is safe
 
 
 @pytest.mark.e2e
@@ -172,8 +247,10 @@ def test_megatron_lms_fast_paths_where_they_apply(monkeypatch):
                                                           "cross_entropy_loss_fusion": True}
     # the portable engine has no FP32 gradient buffers to fuse into
     assert fast_paths("portable", "te", "cuda", True)["gradient_accumulation_fusion"] is False
+    # on CPU gloo may still be sending the activations the schedule would free
     assert not any(fast_paths("megatron", "portable", "cpu", True)[k] for k in ("gradient_accumulation_fusion",
-                                                                               "cross_entropy_loss_fusion"))
+                                                                               "cross_entropy_loss_fusion",
+                                                                               "deallocate_pipeline_outputs"))
     assert recompute_settings("full") == {"recompute_granularity": "full", "recompute_method": "uniform",
                                           "recompute_num_layers": 1}
     env = {}
