@@ -292,3 +292,86 @@ def test_gradient_accumulation_fusion_only_where_apex_provides_its_kernel(monkey
 def test_fused_cross_entropy_only_where_its_bf16_gradient_is_the_runs_precision(backend, precision, fused):
     """megatron-core's native fused cross entropy casts its gradient to BF16: wrong for an FP32 run."""
     assert built_transformer_config("megatron", backend, "cuda", precision).cross_entropy_loss_fusion is fused
+
+
+BF16 = TrainConfig(precision=PrecisionConfig(bf16=True), model=ModelConfig(backend="portable"))
+VOCAB, SEQ = 256, 32
+
+
+def built_engine(name: str, config: TrainConfig = BF16):
+    from megadoc_megatron.model.build import build_model
+    from megadoc_megatron.train.engines import build_engine
+
+    model_config, chunks, _ = build_model(config, VOCAB, SEQ, torch.device("cpu"), name)
+    return build_engine(name, chunks, model_config, config, "portable")
+
+
+def random_batches(count: int, seed: int = 0) -> list[dict]:
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, VOCAB, (count, 2, SEQ + 1), generator=generator)
+    return [{"tokens": row[:, :-1], "labels": row[:, 1:], "loss_mask": torch.ones(2, SEQ),
+             "position_ids": torch.arange(SEQ).expand(2, -1)} for row in tokens]
+
+
+def run_step(engine, batches: list[dict]) -> None:
+    from functools import partial
+
+    from megadoc_megatron.train.trainer import forward_step
+
+    engine.forward_backward(forward_step_func=partial(forward_step, device=torch.device("cpu")),
+                            data_iterator=iter(batches), model=engine.model, num_microbatches=len(batches),
+                            seq_length=SEQ, micro_batch_size=2)
+
+
+def test_both_engines_train_the_same_bf16_model_with_fp32_main_gradients():
+    """megatron-core's engine casts every parameter to BF16 (Float16Module: the norms too) and
+    accumulates micro-batch gradients in FP32 (grad_reduce_in_fp32); so must the portable one."""
+    from megadoc_megatron.distributed import single_process
+    from megadoc_megatron.train.engines.cuda_on_cpu import megatron_core_on_cpu
+
+    batches = random_batches(4)
+    with single_process():
+        portable = built_engine("portable")
+        with megatron_core_on_cpu():
+            megatron = built_engine("megatron")
+            megatron.chunks[0].load_state_dict(portable.chunks[0].state_dict())
+            run_step(megatron, batches)
+        run_step(portable, batches)
+    portable_params = dict(portable.chunks[0].named_parameters())
+    megatron_params = dict(megatron.chunks[0].named_parameters())
+    assert {name: p.dtype for name, p in portable_params.items()} == \
+        {name: p.dtype for name, p in megatron_params.items()}
+    assert {p.dtype for p in portable_params.values()} == {torch.bfloat16}
+    for name, param in portable_params.items():
+        assert param.grad is None and param.master.grad.dtype == torch.float32, name
+        torch.testing.assert_close(param.master.grad, megatron_params[name].main_grad, rtol=0.02, atol=1e-5)
+
+
+def _data_parallel_bf16_gradients(rank, port):
+    from unittest import mock
+
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    from megadoc_megatron.distributed import initialize, shutdown
+
+    initialize(BF16.parallel, LaunchEnvironment(rank, 2, rank, "127.0.0.1", port, "test"))
+    try:
+        torch.manual_seed(0)
+        engine = built_engine("portable")
+        reduced, all_reduce, data_parallel = [], dist.all_reduce, parallel_state.get_data_parallel_group()
+        with mock.patch.object(dist, "all_reduce", lambda tensor, *args, group=None, **kwargs: (
+                reduced.append(tensor.dtype) if group is data_parallel else None,
+                all_reduce(tensor, *args, group=group, **kwargs))[1]):
+            run_step(engine, random_batches(2, seed=rank))
+        assert reduced == [torch.float32]
+        main_grads = torch.cat([p.master.grad.reshape(-1) for p in engine.chunks[0].parameters()])
+        both = [torch.empty_like(main_grads) for _ in range(2)]
+        dist.all_gather(both, main_grads)
+        assert torch.equal(*both)
+    finally:
+        shutdown()
+
+
+def test_the_portable_engine_reduces_data_parallel_gradients_in_fp32():
+    torch.multiprocessing.spawn(_data_parallel_bf16_gradients, args=(free_port(),), nprocs=2, join=True)
