@@ -223,17 +223,28 @@ def test_optimizer_state_that_cannot_be_taken_is_refused_on_resume(runs, tmp_pat
                                     nprocs=2, join=True)
 
 
+@pytest.fixture(scope="module")
+def bf16_runs(tmp_path_factory, blend_json):
+    """One run per engine in BF16 (with FP32 master weights)."""
+    tmp = tmp_path_factory.mktemp("bf16")
+    return {engine: train_run(tmp, blend_json, engine, f"engine={engine}", "precision.bf16=true")
+            for engine in ("megatron", "portable")}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("engines", [("megatron", "portable"), ("portable", "megatron")],
                          ids=["to-portable", "to-megatron"])
-def test_a_new_run_starts_from_the_other_engines_weights(engines, runs, tmp_path, blend_json, capsys):
+def test_a_new_run_starts_from_the_other_engines_weights(engines, precision, request, tmp_path, blend_json, capsys):
     saved_by, engine = engines
-    source, expected, _ = runs[saved_by]
+    source, expected, _ = request.getfixturevalue("runs" if precision == "fp32" else "bf16_runs")[saved_by]
+    overrides = [f"engine={engine}", f"checkpoint.init_from={source}", "train_iters=3"]
     result = run_training(write_config(tmp_path, blend_json, tmp_path / "next"),
-                          overrides=[f"engine={engine}", f"checkpoint.init_from={source}", "train_iters=3"])
+                          overrides=overrides + (["precision.bf16=true"] if precision == "bf16" else []))
     assert result["iterations"] == 3
     assert "(its optimizer state is not taken: its optimizer state was kept by" in capsys.readouterr().out
     first, _ = metrics(tmp_path / "next")
-    assert first[1]["loss"] < expected[1]["loss"] - 0.3  # trained weights
+    # the trained weights, after the first update too: a BF16 run's FP32 master weights start from them
+    assert all(first[step]["loss"] < expected[step]["loss"] - 0.3 for step in first)
 
 
 def test_megatron_lms_fast_paths_where_they_apply(monkeypatch):

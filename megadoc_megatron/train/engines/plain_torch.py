@@ -137,7 +137,17 @@ class TorchOptimizer:
         return state
 
     @torch.no_grad()
+    def reload_model_params(self) -> None:
+        """Masters from the parameters, after weights were loaded into them (megatron-core's name)."""
+        for param in self.model_params:
+            if param.master is not param:
+                param.master.copy_(param)
+
+    @torch.no_grad()
     def load_state_dict(self, state_dict) -> None:
+        """Called after the weights are loaded: a master the checkpoint lacks (a parameter saved in
+        FP32, such as the norms before they were cast to BF16) starts from the loaded weight."""
+        self.reload_model_params()
         ordered = self._in_optimizer_order()
         for group in state_dict["param_groups"]:
             step = group.pop("adam_step")
@@ -148,6 +158,16 @@ class TorchOptimizer:
             if master is not None and param.master is not param:
                 param.master.copy_(master)
         self.optimizer.load_state_dict(state_dict)
+
+
+def keep_saved_masters(optimizer_state: dict, saved_keys) -> None:
+    """Leave out of a load the FP32 masters that a checkpoint does not have (`saved_keys`: its
+    tensors): those of parameters that were FP32 when it was saved, the norms of a BF16 run before
+    they were cast to BF16 as megatron-core casts them. load_state_dict starts them from the weights."""
+    for state in optimizer_state["state"].values():
+        master = state.get("fp32_param")
+        if master is not None and master.key not in saved_keys:
+            del state["fp32_param"]
 
 
 def _pipeline_peers():
