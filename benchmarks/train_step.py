@@ -32,7 +32,7 @@ from stdlib_data import stdlib_blend
 def bare_step(trainer, microbatches: list[dict]) -> None:
     """Forward/backward of every micro-batch, the engine's gradient finalization, megatron-core's
     own optimizer step (the portable engine's on that engine)."""
-    from megadoc_megatron.train.engines.plain_torch import finalize_grads
+    from megadoc_megatron.train.engines.plain_torch import finalize_grads, flag_first_microbatch
 
     engine = trainer.engine
     (model,) = engine.model
@@ -41,6 +41,7 @@ def bare_step(trainer, microbatches: list[dict]) -> None:
     if megatron:
         model.zero_grad_buffer()
     engine.optimizer.zero_grad()
+    flag_first_microbatch(model)  # FP8 weights quantized afresh each step, as megatron-core's schedules do
     for batch in microbatches:
         loss = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"]).float().mean()
         (loss / len(microbatches)).backward()

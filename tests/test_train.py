@@ -18,6 +18,7 @@ from unittest import mock
 import pytest
 import torch
 from conftest import ITERS, REPO, SAVE_AT, make_dataset, run_training, write_config
+from megatron.core.transformer.module import MegatronModule
 
 from megadoc_megatron.distributed import LaunchEnvironment, first_slurm_host, free_port, launch_environment
 from megadoc_megatron.errors import InputError
@@ -458,3 +459,71 @@ def test_fp8_shapes_are_checked_before_launch():
     with pytest.raises(InputError, match=r"feed-forward size per tensor rank \(2696 / 1\)"):
         plan_300m(*fp8, "model.overrides={ffn_hidden_size: 2696}")
     assert plan_300m("model.overrides={ffn_hidden_size: 2696}").data == 8  # BF16 has no such rule
+
+
+class FirstMicrobatchFlag(torch.nn.Linear):
+    """Transformer Engine's side of the FP8 weight cache, without TE: each forward reads
+    `is_first_microbatch` (True: quantize the weights afresh) and clears it."""
+
+    def __init__(self):
+        super().__init__(4, 4)
+        self.is_first_microbatch, self.seen = True, []
+
+    def forward(self, tokens):
+        self.seen.append(self.is_first_microbatch)
+        self.is_first_microbatch = False
+        return super().forward(tokens)
+
+
+class Fp8Chunk(MegatronModule):
+    """A model chunk of an FP8 run (megatron-core's MegatronModule, whose set_is_first_microbatch
+    flags every module that has the attribute) with one stand-in TE layer."""
+
+    def __init__(self):
+        super().__init__(SimpleNamespace(fp8="hybrid", fp4=None, sequence_parallel=False, hidden_size=4,
+                                         pipeline_dtype=None, params_dtype=torch.float32))
+        self.layer = FirstMicrobatchFlag()
+
+    def set_input_tensor(self, tensor):
+        pass
+
+    def forward(self, tokens, position_ids=None, attention_mask=None, labels=None):
+        return self.layer(tokens)
+
+
+def mean_loss(output):
+    return output.mean(), {"lm loss": output.detach().mean()}
+
+
+def test_the_portable_engine_has_fp8_weights_requantized_at_every_step():
+    """TE reuses a layer's FP8 weights until a micro-batch is flagged first; megatron-core's schedules
+    flag the first of each step. Without it an FP8 run would train on the first step's weights."""
+    from megadoc_megatron.distributed import single_process
+    from megadoc_megatron.train.config import TrainConfig
+    from megadoc_megatron.train.engines.plain_torch import torch_engine
+
+    chunk = Fp8Chunk()
+    with single_process():
+        engine = torch_engine([chunk], TrainConfig(), "te")
+        for forward_only in (False, False, True):
+            engine.forward_backward(forward_step_func=lambda data, model: (model(next(data)), mean_loss),
+                                    data_iterator=iter(torch.randn(3, 2, 1, 4)), model=engine.model,
+                                    num_microbatches=3, seq_length=2, micro_batch_size=1, forward_only=forward_only)
+    assert chunk.layer.seen == [True, False, False] * 3
+
+
+def test_the_benchmarks_bare_step_has_fp8_weights_requantized_at_every_step(monkeypatch):
+    from megadoc_megatron.distributed import single_process
+    from megadoc_megatron.train.config import TrainConfig
+    from megadoc_megatron.train.engines.plain_torch import torch_engine
+
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    from train_step import bare_step
+
+    chunk = Fp8Chunk()
+    batches = [{"tokens": torch.randn(2, 1, 4), "position_ids": None, "labels": None} for _ in range(3)]
+    with single_process():
+        trainer = SimpleNamespace(engine=torch_engine([chunk], TrainConfig(), "te"))
+        bare_step(trainer, batches)
+        bare_step(trainer, batches)
+    assert chunk.layer.seen == [True, False, False] * 2

@@ -49,7 +49,8 @@ def model_transformer_config(config: TrainConfig, backend: str, engine: str, dev
     parallel, precision = config.parallel, config.precision
     dtype = torch.bfloat16 if precision.bf16 else torch.float32
     low_precision = precision.bf16 or bool(precision.fp8)
-    fast = {**fast_paths(engine, backend, device_type, low_precision), **recompute_settings(config.model.recompute)}
+    fast = {**fast_paths(engine, backend, device_type, low_precision), **recompute_settings(config.model.recompute),
+            **pipeline_communication(parallel.virtual_pipeline)}
     return transformer_config(
         config.model.preset, backend, parallel.tensor, parallel.pipeline, parallel.sequence_parallel,
         precision.bf16, precision.fp8, precision.fp8_recipe, precision.fp8_amax_history_len,
@@ -73,10 +74,22 @@ def fast_paths(engine: str, backend: str, device_type: str, low_precision: bool)
     return {
         # TE layers accumulate weight gradients straight into megatron-core DDP's FP32 buffers.
         "gradient_accumulation_fusion": engine == "megatron" and backend == "te" and apex_weight_gradient_fusion(),
-        "deallocate_pipeline_outputs": engine == "megatron",  # 1F1B frees activations it has sent on
+        # 1F1B frees the activations it has sent on. Not on CPU, where gloo may still be sending them
+        # (the interleaved schedule's overlapped sends): the freed memory goes out instead.
+        "deallocate_pipeline_outputs": engine == "megatron" and device_type == "cuda",
         # megatron-core's native fused cross entropy casts its gradient to BF16: wrong for an FP32 run
         "cross_entropy_loss_fusion": device_type == "cuda" and low_precision,
     }
+
+
+def pipeline_communication(virtual_pipeline: int | None) -> dict:
+    """Megatron-LM's point-to-point settings: the interleaved schedule overlaps its sends and
+    receives with compute (--overlap-p2p-communication, on by default) and then must not batch
+    them (batch_p2p_comm = not overlap_p2p_comm). megatron-core's own defaults batch them, which with
+    pipeline 2 puts the sends to and receives from the one peer (previous and next stage alike) in
+    one batch: they can hang or pair up the wrong tensors."""
+    overlap = virtual_pipeline is not None
+    return {"overlap_p2p_comm": overlap, "batch_p2p_comm": not overlap}
 
 
 def apex_weight_gradient_fusion() -> bool:

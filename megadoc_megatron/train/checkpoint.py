@@ -26,6 +26,7 @@ import torch.distributed as dist
 from megadoc_megatron.errors import InputError
 from megadoc_megatron.files import write_text_atomic
 from megadoc_megatron.train.engines.cuda_on_cpu import megatron_core_on_cpu
+from megadoc_megatron.train.engines.plain_torch import keep_saved_masters
 
 TRACKER = "latest_checkpointed_iteration.txt"
 
@@ -252,10 +253,14 @@ def load(root, engine, scheduler) -> tuple[int, int, str]:
                            metadata=common.get("sharding_metadata"), saved_backend=saved_backend(common))
     if not restore_rng:
         del state["rng_state"]
+    if engine.name == "portable" and not mismatch:
+        keep_saved_masters(state["optimizer"], dist_checkpointing.load_tensors_metadata(str(source)))
     loaded = dist_checkpointing.load(state, str(source))
     for key, chunk in zip(_model_keys(engine.chunks), engine.chunks):
         load_model_state(chunk, loaded[key])
-    if not mismatch:
+    if mismatch:  # the FP32 master weights of a BF16 run must start from the loaded weights too
+        engine.optimizer.reload_model_params()
+    else:
         engine.optimizer.load_state_dict(loaded["optimizer"])
     if scheduler is not None:
         scheduler.load_state_dict(loaded["scheduler"])

@@ -72,6 +72,11 @@ def plan_layout(config: TrainConfig, world_size: int, global_batch: int, seq_len
     if virtual and pipeline == 1:
         refuse("virtual pipeline stages need pipeline parallelism",
                "unset parallel.virtual_pipeline or set pipeline > 1")
+    if virtual and pipeline == 2 and not config.model.overrides.get("overlap_p2p_comm", True):
+        refuse("the interleaved schedule with pipeline 2 needs overlapped point-to-point communication: a rank's "
+               "previous and next stage are the same peer, and batched sends to it mix up the tensors "
+               "(Megatron-LM refuses the same)",
+               "remove overlap_p2p_comm from model.overrides (it is on under virtual_pipeline), or use pipeline > 2")
     if global_batch % (micro * data):
         per_rank = global_batch / data
         fix = (f"set data.micro_batch_size to a divisor of {int(per_rank)}" if per_rank == int(per_rank) else

@@ -110,9 +110,30 @@ def _adam_step_kept(parts: list):
             del part._set_main_param_and_optimizer_states
 
 
+def schedule_hooks(model: list, ddp_config) -> dict:
+    """The TransformerConfig hooks by which megatron-core's schedules drive DDP, as Megatron-LM's
+    training.py sets them: with overlapped gradient reduction, no synchronization until a model
+    chunk's last micro-batch (no_sync_func), then its reduction started at once (grad_sync_func)
+    so that it overlaps the other chunks' backward passes under interleaving; with aligned
+    parameter gathers (interleaving), each chunk's all-gather started by the schedule
+    (param_sync_func); the finalization after the last backward."""
+    from megatron.core.distributed import finalize_model_grads
+
+    def per_chunk(method: str):
+        hooks = [getattr(chunk, method) for chunk in model]
+        return hooks[0] if len(hooks) == 1 else hooks
+
+    hooks = {"finalize_model_grads_func": finalize_model_grads}
+    if ddp_config.overlap_grad_reduce:
+        hooks.update(no_sync_func=per_chunk("no_sync"), grad_sync_func=per_chunk("start_grad_sync"))
+    if ddp_config.overlap_param_gather and ddp_config.align_param_gather:
+        hooks["param_sync_func"] = per_chunk("start_param_sync")
+    return hooks
+
+
 def megatron_core_engine(chunks: list, transformer_config, config, backend: str) -> Engine:
     """megatron-core's DDP, optimizer and pipeline schedules."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.transformer.module import Float16Module
@@ -121,7 +142,8 @@ def megatron_core_engine(chunks: list, transformer_config, config, backend: str)
     overlap_param_gather = parallel.distributed_optimizer and parallel.overlap_param_gather
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=parallel.overlap_grad_reduce,
-        overlap_param_gather=overlap_param_gather, use_distributed_optimizer=parallel.distributed_optimizer)
+        overlap_param_gather=overlap_param_gather, use_distributed_optimizer=parallel.distributed_optimizer,
+        align_param_gather=overlap_param_gather and parallel.virtual_pipeline is not None)
     model = []
     for index, chunk in enumerate(chunks):
         module = Float16Module(transformer_config, chunk) if config.precision.bf16 else chunk
@@ -132,10 +154,8 @@ def megatron_core_engine(chunks: list, transformer_config, config, backend: str)
         adam_beta1=settings.adam_beta1, adam_beta2=settings.adam_beta2, adam_eps=settings.adam_eps,
         clip_grad=settings.clip_grad, bf16=config.precision.bf16, params_dtype=transformer_config.params_dtype,
         use_distributed_optimizer=parallel.distributed_optimizer), model)
-    transformer_config.finalize_model_grads_func = finalize_model_grads
-    if parallel.overlap_grad_reduce:
-        no_sync = [m.no_sync for m in model]
-        transformer_config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+    for name, hook in schedule_hooks(model, ddp_config).items():
+        setattr(transformer_config, name, hook)
     schedule = get_forward_backward_func()
 
     def forward_backward(**kwargs):

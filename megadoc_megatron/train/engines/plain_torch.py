@@ -4,8 +4,10 @@ in the same order) whose stages exchange activations and their gradients with
 `torch.distributed.send/recv`; an all-reduce of gradients over the data-parallel group (and of
 sequence-parallel norm weights over the tensor group); and `torch.optim.AdamW` over FP32 master
 weights with megatron-core's gradient-norm rule (tensor-parallel shards counted once, summed over
-the model-parallel group). It runs on any device and is the reference the GPU check compares
-megatron-core's engine with.
+the model-parallel group). In BF16 it is megatron-core's mixed precision: every parameter in BF16
+(norms included, as Float16Module casts them), micro-batch gradients summed into FP32 main
+gradients (the masters' .grad) and reduced over data-parallel ranks in FP32 (grad_reduce_in_fp32).
+It runs on any device and is the reference the GPU check compares megatron-core's engine with.
 """
 
 from __future__ import annotations
@@ -26,10 +28,22 @@ def no_weight_decay(name: str, param: torch.nn.Parameter) -> bool:
     return param.ndim == 1 or name.endswith(".bias")
 
 
+def accumulate_in_fp32(param: torch.nn.Parameter) -> None:
+    """Add a low-precision parameter's new gradient to its FP32 main gradient (the master's .grad)
+    and free it: summed in BF16, micro-batch gradients would lose their low bits."""
+    master = param.master
+    if master.grad is None:
+        master.grad = param.grad.float()
+    else:
+        master.grad += param.grad
+    param.grad = None
+
+
 class TorchOptimizer:
     """torch AdamW behind megatron-core's optimizer interface. Low-precision parameters get FP32
-    master copies (as megatron-core's mixed-precision optimizer): gradients are copied to them, the
-    update is made in FP32, and the parameters take the rounded result."""
+    master copies (as megatron-core's mixed-precision optimizer): their gradients accumulate in the
+    masters' FP32 .grad (the main gradients), the update is made in FP32, and the parameters take
+    the rounded result. For FP32 parameters the master is the parameter itself."""
 
     def __init__(self, chunks: list, settings):
         self.model_params, groups = [], ([], [])
@@ -49,6 +63,7 @@ class TorchOptimizer:
             param.master = param
         else:
             param.master = torch.nn.Parameter(param.detach().float().clone())
+            param.register_post_accumulate_grad_hook(accumulate_in_fp32)
         return param.master
 
     @property
@@ -67,8 +82,8 @@ class TorchOptimizer:
         device = self.model_params[0].device
         squares = torch.zeros((), dtype=torch.float64 if device.type == "cpu" else torch.float32, device=device)
         for param in self.model_params:
-            if param.grad is not None and param_is_not_tensor_parallel_duplicate(param):
-                squares += param.grad.float().pow(2).sum()
+            if param.master.grad is not None and param_is_not_tensor_parallel_duplicate(param):
+                squares += param.master.grad.pow(2).sum()
         dist.all_reduce(squares, group=parallel_state.get_model_parallel_group())
         return math.sqrt(squares.item())
 
@@ -79,12 +94,8 @@ class TorchOptimizer:
             return False, norm, None
         scale = self.clip_grad / (norm + 1.0e-6) if 0 < self.clip_grad < norm else 1.0
         for param in self.model_params:
-            if param.grad is None:
-                continue
-            if param.master is param:
-                param.grad.mul_(scale)
-            else:
-                param.master.grad = param.grad.float() * scale
+            if param.master.grad is not None:
+                param.master.grad.mul_(scale)
         self.optimizer.step()
         for param in self.model_params:
             if param.master is not param:
@@ -126,7 +137,17 @@ class TorchOptimizer:
         return state
 
     @torch.no_grad()
+    def reload_model_params(self) -> None:
+        """Masters from the parameters, after weights were loaded into them (megatron-core's name)."""
+        for param in self.model_params:
+            if param.master is not param:
+                param.master.copy_(param)
+
+    @torch.no_grad()
     def load_state_dict(self, state_dict) -> None:
+        """Called after the weights are loaded: a master the checkpoint lacks (a parameter saved in
+        FP32, such as the norms before they were cast to BF16) starts from the loaded weight."""
+        self.reload_model_params()
         ordered = self._in_optimizer_order()
         for group in state_dict["param_groups"]:
             step = group.pop("adam_step")
@@ -139,6 +160,16 @@ class TorchOptimizer:
         self.optimizer.load_state_dict(state_dict)
 
 
+def keep_saved_masters(optimizer_state: dict, saved_keys) -> None:
+    """Leave out of a load the FP32 masters that a checkpoint does not have (`saved_keys`: its
+    tensors): those of parameters that were FP32 when it was saved, the norms of a BF16 run before
+    they were cast to BF16 as megatron-core casts them. load_state_dict starts them from the weights."""
+    for state in optimizer_state["state"].values():
+        master = state.get("fp32_param")
+        if master is not None and master.key not in saved_keys:
+            del state["fp32_param"]
+
+
 def _pipeline_peers():
     from megatron.core import parallel_state
 
@@ -147,6 +178,14 @@ def _pipeline_peers():
     previous = None if first else parallel_state.get_pipeline_model_parallel_prev_rank()
     following = None if last else parallel_state.get_pipeline_model_parallel_next_rank()
     return previous, following
+
+
+def flag_first_microbatch(model) -> None:
+    """Have Transformer Engine quantize the FP8 weights afresh at the next forward: TE reuses a
+    layer's FP8 copy of its weights until a micro-batch is flagged first, and megatron-core's
+    schedules flag the first of every step (set_is_first_microbatch), as must any other loop."""
+    if hasattr(model, "set_is_first_microbatch"):
+        model.set_is_first_microbatch()
 
 
 def gpipe_forward_backward(*, forward_step_func, data_iterator, model, num_microbatches, seq_length,
@@ -165,6 +204,7 @@ def gpipe_forward_backward(*, forward_step_func, data_iterator, model, num_micro
     device = next(model.parameters()).device
     shape, dtype = (sequence, micro_batch_size, config.hidden_size), config.pipeline_dtype or config.params_dtype
     inputs, outputs, reports = [], [], []
+    flag_first_microbatch(model)
     with torch.set_grad_enabled(not forward_only):
         for _ in range(num_microbatches):
             received = None
@@ -197,7 +237,7 @@ def gpipe_forward_backward(*, forward_step_func, data_iterator, model, num_micro
 
 
 def _all_reduce_grads(params: list, group, average: bool) -> None:
-    grads = [p.grad for p in params if p.grad is not None]
+    grads = [p.master.grad for p in params if p.master.grad is not None]  # FP32 main gradients
     if not grads or dist.get_world_size(group) == 1:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
@@ -225,6 +265,9 @@ def torch_engine(chunks: list, config, backend: str) -> Engine:
     if len(chunks) > 1:
         raise InputError("virtual pipeline stages need megatron-core's interleaved schedule",
                          fix="use engine megatron (or auto on a GPU), or unset parallel.virtual_pipeline")
+    if config.precision.bf16:
+        for chunk in chunks:  # what megatron-core's Float16Module does: torch's RMSNorm ignores params_dtype
+            chunk.bfloat16()
     optimizer = TorchOptimizer(chunks, config.optimizer)
 
     def forward_backward(**kwargs):
