@@ -734,3 +734,18 @@ def test_ranks_start_with_srun_in_jobs_of_several_tasks_or_whose_python_is_an_sr
     assert stage_python(pyxis, "train") == sys.executable  # the srun in the image starts the ranks
     assert stage_python(pyxis, "report") == "srun --container-image=/i/train.sqsh python"
     assert stage_python(pyxis, "synth") == "apptainer exec --nv /i/vllm.sif python"
+
+
+def test_megadoc_status_says_what_slurm_says_of_a_stages_job(tmp_path):
+    from megadoc_megatron.experiment.slurm import describe_job
+
+    log = tmp_path / "job.out"
+    log.write_text("=== megadoc: job 12 attempt 1 ===\nRuntimeError: old\n=== megadoc: job 12 attempt 2 ===\n"
+                   "loading\nInputError: the disk is full\nexit\n")
+    assert describe_job("12", {"JobState": "PENDING", "Reason": "BeginTime", "Restarts": "2"}, log) == \
+        ("job 12 pending (BeginTime) requeued 2x", None)
+    assert describe_job("12", {"JobState": "RUNNING", "Reason": "None", "NodeList": "gpu7", "Restarts": "0"}, log) \
+        == ("job 12 running on gpu7", None)
+    assert describe_job("12", {"JobState": "FAILED", "Reason": "NonZeroExitCode", "ExitCode": "1:0"}, log) == \
+        ("job 12 failed (NonZeroExitCode) exit 1:0", "InputError: the disk is full")  # the last attempt's
+    assert describe_job("12", None, log) == ("job 12 ended", "InputError: the disk is full")  # SLURM forgot it
