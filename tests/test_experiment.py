@@ -611,7 +611,7 @@ def test_the_papers_setup_submits_as_a_graph_of_slurm_jobs(config, tmp_path, cap
             assert {"--requeue", "--open-mode=append", "--signal=B:USR1@300"} <= set(job)
         # each kind's environment: synthesis in the vLLM image; a training's stage process outside the NGC
         # image, whose srun starts its ranks (rank_launcher); the other kinds inside it
-        image = "megadoc-generate.sqsh" if stage.name.startswith("synth-") else "megadoc-train.sqsh"
+        image = "megadoc-megatron+generate.sqsh" if stage.name.startswith("synth-") else "megadoc-megatron.sqsh"
         python = command.split(" -m megadoc_megatron.cli ")[0]
         if stage.name.startswith(("train-", "eval-")):
             assert python == sys.executable
