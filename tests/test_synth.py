@@ -149,6 +149,16 @@ def test_each_gate(text, tokens, finish, input_tokens, reason):
     assert Gates().reason(text, tokens, finish, input_tokens) == reason
 
 
+def test_a_kept_truncation_is_not_judged_by_a_length_ratio_it_cannot_reach():
+    """--allow-truncated with a short --max-new-tokens on long documents: the output stops at the budget,
+    below min_length_ratio of the document; kept, as asked (the upper bound still applies)."""
+    kept = Gates(allow_truncated=True)
+    text = "Paris is the capital of France and its largest city, on the Seine, with many museums and old bridges."
+    assert kept.reason(text, 40, "length", 400) is None
+    assert kept.reason(text, 40, "stop", 400) == "length_ratio"  # the model itself stopped that short
+    assert kept.reason(text, 40, "length", 5) == "length_ratio"
+
+
 def test_repetition_measure():
     assert repeated_ngram_fraction("one two three four five six seven eight nine ten", 4) == 0.0
     assert repeated_ngram_fraction("la la la la la la la la la la la la", 4) > 0.8

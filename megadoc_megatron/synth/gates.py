@@ -25,7 +25,8 @@ class Gates:
             return "too_short"
         if input_tokens:
             ratio = completion_tokens / input_tokens
-            if not self.min_length_ratio <= ratio <= self.max_length_ratio:
+            cut_short = finish_reason == "length"  # a kept truncation: max_new_tokens, not the model, set its length
+            if ratio > self.max_length_ratio or ratio < self.min_length_ratio and not cut_short:
                 return "length_ratio"
         if repeated_ngram_fraction(text, self.ngram) > self.max_repeated_ngrams:
             return "repetition"
