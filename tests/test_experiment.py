@@ -737,7 +737,7 @@ def test_ranks_start_with_srun_in_jobs_of_several_tasks_or_whose_python_is_an_sr
 
 
 def test_megadoc_status_says_what_slurm_says_of_a_stages_job(tmp_path):
-    from megadoc_megatron.experiment.slurm import describe_job
+    from megadoc_megatron.experiment.status import describe_job
 
     log = tmp_path / "job.out"
     log.write_text("=== megadoc: job 12 attempt 1 ===\nRuntimeError: old\n=== megadoc: job 12 attempt 2 ===\n"

@@ -24,8 +24,7 @@ import yaml
 from conftest import REPO
 
 from megadoc_megatron.cli import main
-from megadoc_megatron.experiment.slurm import recorded_jobs
-from megadoc_megatron.experiment.status import format_status, read_status
+from megadoc_megatron.experiment.status import format_status, read_status, recorded_jobs
 from megadoc_megatron.train.metrics import metric_rows
 
 pytestmark = pytest.mark.e2e

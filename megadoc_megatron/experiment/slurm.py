@@ -32,12 +32,10 @@ import sys
 from pathlib import Path
 
 from megadoc_megatron.errors import InputError, Interrupted
+from megadoc_megatron.experiment.status import ACTIVE, JOBS, recorded_jobs, stage_needs
 from megadoc_megatron.files import write_text_atomic
 
 KINDS = ("preprocess", "sample", "synth", "synthetic", "tune", "train", "eval", "report")
-ACTIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_HOLD",
-          "REQUEUE_FED", "RESIZING", "STOPPED", "SIGNALING"}
-JOBS = "jobs.json"  # in WORK/slurm: stage folder name -> job id (its array's: "NAME.array")
 
 
 def kind_of(stage) -> str:
@@ -147,8 +145,6 @@ def _submit(command: list[str], stage, dry_run: bool, placeholder: str) -> str:
 
 def submit_stages(stages: list, work: Path, launch, argv: list[str], dry_run: bool) -> dict[str, str]:
     """Submit every unfinished stage (see the module docstring); returns {stage name: job id}."""
-    from megadoc_megatron.experiment.status import stage_needs
-
     check_launch(launch, "launch")
     folder = work / "slurm"
     if not dry_run:
@@ -193,11 +189,6 @@ def submit_stages(stages: list, work: Path, launch, argv: list[str], dry_run: bo
     return jobs
 
 
-def recorded_jobs(work: Path) -> dict[str, str]:
-    path = Path(work) / "slurm" / JOBS
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 def _options(launch, kind: str) -> list[str]:
     return shlex.split(launch.slurm.get(kind, launch.slurm.get("default", "")))
 
@@ -211,64 +202,3 @@ def _write(script: Path, text: str, dry_run: bool) -> None:
         print(f"# {script}\n{text}", flush=True)
     else:
         write_text_atomic(script, text)
-
-
-def job_states(jobs: list[str]) -> dict[str, dict]:
-    """What SLURM says of these jobs (job id -> `scontrol show job` fields: JobState, Reason, Restarts,
-    StdOut, ExitCode, NodeList, ...); jobs it no longer knows are left out. Array jobs are asked by the
-    array's id and come back per task (ArrayJobId). {} when SLURM cannot be asked."""
-    if not jobs:
-        return {}
-    try:
-        done = subprocess.run(["scontrol", "show", "job", "--oneliner"], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired):
-        return {}
-    wanted, states = set(jobs), {}
-    for line in done.stdout.splitlines():
-        fields = dict(item.split("=", 1) for item in line.split() if "=" in item)
-        job = fields.get("ArrayJobId") if fields.get("ArrayJobId") in wanted else fields.get("JobId")
-        if job in wanted:
-            states.setdefault(job, []).append(fields)
-    return {job: _merged(tasks) for job, tasks in states.items()}
-
-
-def _merged(tasks: list[dict]) -> dict:
-    """One view of an array's tasks: the worst state first (failed, running, pending), restarts summed."""
-    order = ["FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "CANCELLED", "RUNNING", "COMPLETING", "PENDING",
-             "COMPLETED"]
-    tasks = sorted(tasks, key=lambda t: order.index(t["JobState"]) if t["JobState"] in order else len(order))
-    return {**tasks[0], "Restarts": str(sum(int(t.get("Restarts", 0)) for t in tasks))}
-
-
-def describe_job(job: str, state: dict | None, log: Path) -> tuple[str, str | None]:
-    """(what SLURM says of a stage's job, in a few words; the last error line of its log if it failed)."""
-    if state is None:  # SLURM forgot it (MinJobAge): what its log says
-        return f"job {job} ended", last_error_line(log)
-    name, reason = state["JobState"], state.get("Reason", "None")
-    restarts = int(state.get("Restarts", 0))
-    words = [f"job {job} {name.lower()}"]
-    if name == "RUNNING":
-        words.append(f"on {state.get('NodeList', '?')}")
-    elif reason not in ("None", ""):
-        words.append(f"({reason})")
-    if restarts:
-        words.append(f"requeued {restarts}x")
-    failed = name in ("FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "CANCELLED")
-    if failed:
-        words.append(f"exit {state.get('ExitCode', '?')}")
-    return " ".join(words), last_error_line(log) if failed else None
-
-
-def last_error_line(log: Path) -> str | None:
-    """The last line naming an error in a job's or stage's log, of its last attempt (lines '=== ...')."""
-    if not log.is_file():
-        return None
-    lines = [line.strip() for line in log.read_text(errors="replace").splitlines()]
-    start = max((i for i, line in enumerate(lines) if line.startswith("=== ")), default=0)
-    errors = [line for line in lines[start:] if "error" in line.lower()]
-    return errors[-1][:200] if errors else None
-
-
-def job_log(work: Path, stage_name: str, job: str) -> Path:
-    """The output file of a stage's job (sbatch --output above)."""
-    return Path(work) / "slurm" / f"megadoc-{stage_name}-{job}.out"

@@ -1,22 +1,26 @@
 """`megadoc status WORK`: every stage of the last `megadoc run` planned on a work folder, and where it
 stands (done, running where and how far, failed with its error line, waiting on what), read from the
-files the stages write, so it can be run while a run is going, from any node."""
+files the stages write, so it can be run while a run is going, from any node; and, after `--execute
+slurm`, what SLURM says of each unfinished stage's job (pending and why, running, requeued, failed)."""
 
 from __future__ import annotations
 
 import json
 import socket
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from megadoc_megatron.errors import InputError
 from megadoc_megatron.experiment.lock import HEARTBEAT, alive_here, read_holder
-from megadoc_megatron.experiment.slurm import last_error_line
 from megadoc_megatron.experiment.stages import LOCK
 from megadoc_megatron.files import write_text_atomic
 
 PLAN = "plan.json"
+JOBS = "jobs.json"  # in WORK/slurm (`--execute slurm`): stage folder name -> job id (its array's: "NAME.array")
+ACTIVE = {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "SUSPENDED", "REQUEUED", "REQUEUE_HOLD",
+          "REQUEUE_FED", "RESIZING", "STOPPED", "SIGNALING"}  # SLURM's states of a job it still holds
 
 
 def stage_needs(stages: list) -> dict[str, list[str]]:
@@ -76,8 +80,6 @@ def _progress(folder: Path) -> str:
 
 
 def read_status(work: Path) -> list[StageState]:
-    from megadoc_megatron.experiment.slurm import job_states, recorded_jobs
-
     plan = Path(work) / PLAN
     if not plan.is_file():
         raise InputError("no plan in this work folder", work,
@@ -117,8 +119,6 @@ def _stage_state(work: Path, entry: dict, states: dict) -> StageState:
 def _with_job(work: Path, state: StageState, job: str, slurm: dict) -> StageState:
     """A stage's state with its SLURM job beside it: pending and why, running, requeued, or failed with
     the last error line of its log (when the stage's own log has none)."""
-    from megadoc_megatron.experiment.slurm import ACTIVE, describe_job, job_log
-
     log = job_log(work, state.name, job)
     words, error = describe_job(job, slurm.get(job), log)
     if state.state == "failed" and slurm.get(job, {}).get("JobState") in ACTIVE:  # stopped to resume, requeued
@@ -136,3 +136,69 @@ def format_status(states: list[StageState]) -> str:
     lines = [f"{s.name:<{width}}  {s.state:<8}  {s.detail}" for s in states]
     summary = ", ".join(f"{count} {state}" for state, count in counts.items() if count)
     return "\n".join([*lines, f"{len(states)} stages: {summary or 'none started'}"])
+
+
+def recorded_jobs(work: Path) -> dict[str, str]:
+    path = Path(work) / "slurm" / JOBS
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def job_states(jobs: list[str]) -> dict[str, dict]:
+    """What SLURM says of these jobs (job id -> `scontrol show job` fields: JobState, Reason, Restarts,
+    StdOut, ExitCode, NodeList, ...); jobs it no longer knows are left out. Array jobs are asked by the
+    array's id and come back per task (ArrayJobId). {} when SLURM cannot be asked."""
+    if not jobs:
+        return {}
+    try:
+        done = subprocess.run(["scontrol", "show", "job", "--oneliner"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    wanted, states = set(jobs), {}
+    for line in done.stdout.splitlines():
+        fields = dict(item.split("=", 1) for item in line.split() if "=" in item)
+        job = fields.get("ArrayJobId") if fields.get("ArrayJobId") in wanted else fields.get("JobId")
+        if job in wanted:
+            states.setdefault(job, []).append(fields)
+    return {job: _merged(tasks) for job, tasks in states.items()}
+
+
+def _merged(tasks: list[dict]) -> dict:
+    """One view of an array's tasks: the worst state first (failed, running, pending), restarts summed."""
+    order = ["FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "CANCELLED", "RUNNING", "COMPLETING", "PENDING",
+             "COMPLETED"]
+    tasks = sorted(tasks, key=lambda t: order.index(t["JobState"]) if t["JobState"] in order else len(order))
+    return {**tasks[0], "Restarts": str(sum(int(t.get("Restarts", 0)) for t in tasks))}
+
+
+def describe_job(job: str, state: dict | None, log: Path) -> tuple[str, str | None]:
+    """(what SLURM says of a stage's job, in a few words; the last error line of its log if it failed)."""
+    if state is None:  # SLURM forgot it (MinJobAge): what its log says
+        return f"job {job} ended", last_error_line(log)
+    name, reason = state["JobState"], state.get("Reason", "None")
+    restarts = int(state.get("Restarts", 0))
+    words = [f"job {job} {name.lower()}"]
+    if name == "RUNNING":
+        words.append(f"on {state.get('NodeList', '?')}")
+    elif reason not in ("None", ""):
+        words.append(f"({reason})")
+    if restarts:
+        words.append(f"requeued {restarts}x")
+    failed = name in ("FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "CANCELLED")
+    if failed:
+        words.append(f"exit {state.get('ExitCode', '?')}")
+    return " ".join(words), last_error_line(log) if failed else None
+
+
+def last_error_line(log: Path) -> str | None:
+    """The last line naming an error in a job's or stage's log, of its last attempt (lines '=== ...')."""
+    if not log.is_file():
+        return None
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines()]
+    start = max((i for i, line in enumerate(lines) if line.startswith("=== ")), default=0)
+    errors = [line for line in lines[start:] if "error" in line.lower()]
+    return errors[-1][:200] if errors else None
+
+
+def job_log(work: Path, stage_name: str, job: str) -> Path:
+    """The output file of a stage's job (sbatch --output above)."""
+    return Path(work) / "slurm" / f"megadoc-{stage_name}-{job}.out"
