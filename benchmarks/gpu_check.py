@@ -15,7 +15,8 @@ Prints one JSON summary and exits 1 if any check fails. Nothing is installed or 
    megatron-core's engine logs the same losses with 1 and with 8 micro-batches per iteration
    (within MICRO_BATCH_RTOL);
 4. throughput: the 150M and 300M presets at sequence 4096 (tiny at 256 on CPU): tokens/s, model
-   TFLOP/s, MFU and peak memory of `megadoc train`'s step, next to a bare megatron-core
+   TFLOP/s, MFU and peak memory of `megadoc train`'s step (with the printed estimate over that
+   peak, which issue 30 asks within 10%), next to a bare megatron-core
    forward/backward/step loop on the same model in the same run (our overhead as a ratio);
 5. resume: save at 10, resume to 20 (4 and 8): the resumed iterations match the uninterrupted run;
 6. evaluation: the checkpoint loaded by `megadoc eval` reproduces the logged validation loss on
@@ -291,7 +292,8 @@ def throughput(check: Check) -> dict:
         row = {"seq_length": trainer.seq_length, "global_batch": trainer.global_batch,
                "micro_batches": trainer.num_microbatches, "backend": trainer.info.backend,
                "peak_memory_gb": round(peak_memory, 2) if peak_memory else None,
-               "memory_estimate_gb": round(trainer.memory_gb, 2)}
+               "memory_estimate_gb": round(trainer.memory_gb, 2),
+               "memory_estimate_over_peak": round(trainer.memory_gb / peak_memory, 3) if peak_memory else None}
         for name, times in (("ours", ours), ("bare", bare)):
             median = statistics.median(times)
             tflops = trainer.flops_per_iteration / median / 1e12

@@ -60,7 +60,7 @@ def stopped_error(result: dict, config, config_path) -> InputError:
 
 def check(config, args: argparse.Namespace) -> dict:
     from megadoc_megatron.distributed import launch_environment
-    from megadoc_megatron.train.layout import memory_estimate_gb, plan_layout
+    from megadoc_megatron.train.layout import memory_estimate, plan_layout
 
     batch, length, vocab = args.global_batch_size, args.seq_length, None
     if batch is None or length is None:
@@ -71,6 +71,6 @@ def check(config, args: argparse.Namespace) -> dict:
         vocab = run_tokenizer(blend, config.data.tokenizer_type, config.data.tokenizer_model).vocab_size
     world_size = args.world_size or launch_environment().world_size
     layout = plan_layout(config, world_size, batch, length, args.config)
-    memory = f"; about {memory_estimate_gb(config, layout, length, vocab):.1f} GB per GPU (estimate)" if vocab else ""
+    memory = f"; about {memory_estimate(config, layout, length, vocab).describe()} per GPU (estimate)" if vocab else ""
     print(f"ok: {layout.describe()} (global batch {batch} x {length} tokens){memory}")
     return {"layout": layout.__dict__}

@@ -133,25 +133,163 @@ def launcher_world_size(launcher: str) -> int | None:
     return int(size["nnodes"]) * int(size["nproc_per_node"])
 
 
-def memory_estimate_gb(config: TrainConfig, layout: Layout, seq_length: int, vocab_size: int) -> float:
-    """Peak GPU memory of one rank, roughly (Megatron-LM's theoretical_memory_usage, BF16): weights,
-    FP32 gradient buffers and Adam state (sharded over data-parallel ranks by the distributed
-    optimizer), activations of the micro-batches a pipeline stage holds (per layer s*b*h*(18 +
-    4*ffn/h) bytes over the tensor size, only the layer inputs under full recomputation) and the
-    logits. An estimate for choosing model.recompute and micro-batch sizes, not a guarantee."""
-    from megadoc_megatron.model.presets import padded_vocab_size, parameter_count
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes one pipeline stage holds at its peak, by what holds them."""
+    weights: float
+    gradients: float      # FP32 main gradients (megatron-core's DDP buffers, the portable engine's masters)
+    optimizer: float      # Adam moments and FP32 master weights, sharded by the distributed optimizer
+    activations: float    # what autograd saves for backward in the transformer layers, all micro-batches in flight
+    loss: float           # saved by the embedding, final norm, output layer and cross entropy (FP32 softmax)
+    temporaries: float    # live at the peak, never saved: the logits' BF16 copy and gradient, or the
+                          # optimizer step's per-parameter temporaries, whichever is larger
 
-    model = _model_shape(config)
-    parameters = parameter_count(model, padded_vocab_size(vocab_size)) / (layout.tensor * layout.pipeline)
-    optimizer = 12 / layout.data if config.parallel.distributed_optimizer else 12
-    states = parameters * (2 + 4 + optimizer)
-    tokens = seq_length * layout.micro_batch_size
-    per_layer = tokens * model.hidden_size * (18 + 4 * model.ffn_hidden_size / model.hidden_size) / layout.tensor
-    layers = model.num_layers / layout.pipeline
-    in_flight = min(layout.pipeline, layout.num_microbatches)
-    if config.model.recompute == "full":
-        activations = in_flight * layers * 2 * tokens * model.hidden_size / layout.tensor + per_layer
-    else:
-        activations = in_flight * layers * per_layer
-    logits = tokens * padded_vocab_size(vocab_size) * (2 + 4) / layout.tensor  # BF16 logits, FP32 loss
-    return (states + activations + logits) / 2 ** 30
+    @property
+    def kept(self) -> float:
+        return self.weights + self.gradients + self.optimizer + self.activations + self.loss
+
+    @property
+    def total(self) -> float:
+        return self.kept + self.temporaries
+
+    def describe(self) -> str:
+        terms = ", ".join(f"{f.name} {getattr(self, f.name) / 2 ** 30:.2f}" for f in dataclasses.fields(self))
+        return f"{self.total / 2 ** 30:.1f} GB ({terms})"
+
+
+def memory_estimate_gb(config: TrainConfig, layout: Layout, seq_length: int, vocab_size: int,
+                       device_type: str = "cuda") -> float:
+    return memory_estimate(config, layout, seq_length, vocab_size, device_type).total / 2 ** 30
+
+
+def memory_estimate(config: TrainConfig, layout: Layout, seq_length: int, vocab_size: int,
+                    device_type: str = "cuda") -> MemoryEstimate:
+    """Peak memory of one rank: the larger of the first pipeline stage (embedding, the most
+    micro-batches in flight) and the last (output layer, cross entropy). Counted from what this
+    model's modules save for backward (Megatron-LM's theoretical_memory_usage assumes a non-gated
+    MLP and sequence parallelism); `device_type` matters because torch's RMSNorm saves FP32 copies
+    off CUDA and the `auto` engine is megatron-core's only on CUDA. Checked within 10% against the
+    bytes autograd saves on CPU (tests/test_train.py); an estimate for choosing model.recompute and
+    micro-batch sizes, not a guarantee."""
+    from megadoc_megatron.model.presets import padded_vocab_size
+
+    model, vocab = _model_shape(config), padded_vocab_size(vocab_size)
+    engine = config.engine if config.engine != "auto" else ("megatron" if device_type == "cuda" else "portable")
+    stages = [(True, layout.pipeline == 1)] + ([(False, True)] if layout.pipeline > 1 else [])
+    estimates = [_stage_memory(config, model, layout, seq_length, vocab, engine, device_type, first, last)
+                 for first, last in stages]
+    return max(estimates, key=lambda estimate: estimate.total)
+
+
+def _stage_memory(config, model, layout, seq_length, vocab, engine, device_type, first, last) -> MemoryEstimate:
+    tensor, low_precision = layout.tensor, config.precision.bf16 or bool(config.precision.fp8)
+    width = 2 if low_precision else 4  # bytes of a weight and of an activation
+    layers = model.num_layers // layout.pipeline
+    replicated, sharded = _stage_parameters(model, vocab, layers, first, last)
+    parameters = replicated + sharded / tensor
+    moments = 8 + (4 if low_precision else 0)  # Adam's two FP32 moments, the FP32 master of a BF16 weight
+    shards = layout.data if engine == "megatron" and config.parallel.distributed_optimizer else 1
+    in_flight = _micro_batches_in_flight(config, layout, engine, first, last)
+    backend = "te" if device_type == "cuda" and not portable_layers(config.model.backend) else "portable"
+    shape = _ActivationShape(model, tensor, config.parallel.sequence_parallel, seq_length,
+                             layout.micro_batch_size, width, device_type)
+    logits = shape.tokens * vocab / tensor
+    # Forward: the BF16 logits beside their FP32 copy; backward: the FP32 softmax becomes the
+    # gradient in place, next to its BF16 cast. The optimizer step comes after the activations are gone.
+    temporaries = max(width * logits if last else 0, 4 * parameters / shards)  # torch Adam's sqrt(second moment)
+    return MemoryEstimate(
+        weights=width * parameters, gradients=4 * parameters, optimizer=moments * parameters / shards,
+        activations=shape.layers(layers, in_flight, config.model.recompute, backend),
+        loss=in_flight * shape.loss(vocab, first, last), temporaries=temporaries)
+
+
+def _stage_parameters(model, vocab: int, layers: int, first: bool, last: bool) -> tuple[float, float]:
+    """(replicated over tensor ranks, split over them) parameters of a pipeline stage."""
+    from megadoc_megatron.model.presets import parameter_count
+
+    hidden = model.hidden_size
+    one_layer = parameter_count(dataclasses.replace(model, num_layers=1), 0) - hidden  # without the final norm
+    norms = 2 * hidden
+    embeddings = vocab * hidden * (first + last)
+    return norms * layers + hidden * last, (one_layer - norms) * layers + embeddings
+
+
+def _micro_batches_in_flight(config, layout, engine: str, first: bool, last: bool) -> float:
+    """Micro-batches whose activations a stage holds at once: the portable engine's GPipe runs every
+    forward before any backward; megatron-core's 1F1B keeps `pipeline` on the first stage, one on
+    the last, and interleaving adds Megatron-LM's penalty of (pipeline - 1) / (pipeline x virtual)."""
+    if engine != "megatron":
+        return layout.num_microbatches
+    if layout.pipeline == 1 or last and not first:
+        return 1
+    virtual = config.parallel.virtual_pipeline
+    penalty = 1 + (layout.pipeline - 1) / (layout.pipeline * virtual) if virtual else 1
+    return min(layout.pipeline, layout.num_microbatches) * penalty
+
+
+@dataclass(frozen=True)
+class _ActivationShape:
+    """Bytes saved for backward by one micro-batch, module by module (portable layer spec on CPU
+    measured; Transformer Engine's fused attention and RoPE keep the unrepeated key and value)."""
+    model: object
+    tensor: int
+    sequence_parallel: bool
+    seq_length: int
+    micro_batch: int
+    width: int          # bytes of an activation
+    device_type: str
+
+    @property
+    def tokens(self) -> int:
+        return self.seq_length * self.micro_batch
+
+    def full_width(self) -> float:
+        """Bytes of one [tokens, hidden] activation: split over tensor ranks only under sequence parallelism."""
+        return self.tokens * self.model.hidden_size * self.width / (self.tensor if self.sequence_parallel else 1)
+
+    def norm(self) -> float:
+        """RMSNorm's saved input and normalized output (the next linear layer's input). Off CUDA
+        torch computes it in FP32 pieces and saves two of them, then the output in the run's precision."""
+        if self.device_type == "cuda":
+            return 2 * self.full_width() + 4 * self.tokens
+        full_fp32 = self.full_width() * 4 / self.width
+        return 2 * full_fp32 + self.full_width() + 4 * self.tokens
+
+    def attention(self, backend: str, recompute: str) -> float:
+        model, per_rank = self.model, self.tokens * self.width / self.tensor
+        kv_channels = model.hidden_size // model.num_attention_heads
+        query = per_rank * model.num_attention_heads * kv_channels
+        key_value = per_rank * model.num_query_groups * kv_channels
+        if backend == "te":
+            saved = query + 2 * key_value  # fused RoPE and attention, no repeated heads
+        elif model.num_query_groups < model.num_attention_heads:
+            saved = 3 * query  # the portable attention repeats key and value to every head
+        else:
+            saved = 2 * query + 3 * key_value  # roped query and key; the value keeps the whole QKV output alive
+        heads = model.num_attention_heads / self.tensor
+        softmax_statistics = 0 if recompute == "selective" else 4 * self.tokens * heads
+        rope_tables = 0 if backend == "te" else 4 * self.seq_length * kv_channels * self.width
+        return saved + query + softmax_statistics + rope_tables  # + the output projection's input
+
+    def mlp(self) -> float:
+        """SwiGLU: the first linear's output (both halves), the gate's SiLU, the up half as the
+        product's operand and the product (the second linear's input)."""
+        return 5 * self.tokens * self.model.ffn_hidden_size * self.width / self.tensor
+
+    def layer(self, recompute: str, backend: str) -> float:
+        return 2 * self.norm() + self.attention(backend, recompute) + self.mlp()
+
+    def layers(self, count: int, in_flight: float, recompute: str, backend: str) -> float:
+        """`count` layers of `in_flight` micro-batches; under full recomputation each layer keeps its
+        input, and one layer at a time its activations again."""
+        if recompute == "full":
+            return in_flight * count * self.full_width() + self.layer("none", backend)
+        return in_flight * count * self.layer(recompute, backend)
+
+    def loss(self, vocab: int, first: bool, last: bool) -> float:
+        """The token indices on the first stage; the final norm, the output layer's input and the
+        cross entropy's FP32 softmax (fused or not) on the last."""
+        saved = 8 * self.tokens if first else 0
+        if last:
+            saved += self.norm() + 4 * self.tokens * vocab / self.tensor + 9 * self.tokens
+        return saved

@@ -113,7 +113,8 @@ class Trainer:
         self.info = checkpoint.CheckpointInfo(
             self.seq_length, tokenizer.vocab_size, tokenizer.describe(), resolve_backend(config.model.backend),
             blend={"path": str(Path(config.data.blend).resolve()), "fingerprint": self.blend.fingerprint()})
-        self.memory_gb = memory_estimate_gb(config, self.layout, self.seq_length, tokenizer.vocab_size)
+        self.memory_gb = memory_estimate_gb(config, self.layout, self.seq_length, tokenizer.vocab_size,
+                                            device.type)
         self.eod = tokenizer.eod if config.data.reset_attention_mask else None
         seed_everything(config.seed)
         self.model_config, chunks, self.padded_vocab = build_model(config, tokenizer.vocab_size, self.seq_length,
