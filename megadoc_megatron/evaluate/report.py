@@ -4,10 +4,13 @@ A run is the checkpoint.dir of `megadoc train`, with the results of `megadoc eva
 Its settings come from the checkpoint (lr, weight decay), its blend.json (E, w, real tokens), and
 RUN/recipe.json when present ({"name": "stitch_g8", "recipe": "stitch", "generations": 8}; `megadoc run`
 writes it).
-Data efficiency needs a baseline: real-only runs at four or more amounts of real data, fitted
-with L(D) = A / D^B + C and inverted at each run's loss. Runs of one name are the seeds of one recipe:
-the table shows their mean and standard deviation, and marks differences within two standard errors
-(evaluate/summary.py, which also writes the paragraph on the papers' claims).
+Data efficiency, the paper's definition: D(L) / D(L_real), where D(·) inverts the baseline's fit
+L(D) = A / D^B + C (real-only runs at four or more amounts of real data), L is a recipe's mean
+i.i.d. loss and L_real the mean loss of the real-only recipe on the same real data, so real-only is
+1.00x by construction. Without a real recipe on all the data there is none. Runs of one name are
+the seeds of one recipe: the table shows their mean and standard deviation, and marks differences
+within two standard errors (evaluate/summary.py, which also writes the paragraph on the papers'
+claims).
 """
 
 from __future__ import annotations
