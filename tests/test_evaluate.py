@@ -53,6 +53,22 @@ def test_fit_command_prints_the_fit_and_efficiency(capsys):
                  "--loss-of", "3.17", "--real-tokens", "209.7e6", "--bootstrap", "0"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["efficiency"][0]["efficiency"] == pytest.approx(5.25, abs=0.05)
+    assert out["efficiency"][0]["definition"] == "D(L) / real tokens used"
+
+
+def test_fit_command_gives_the_papers_definition_with_a_reference_loss(capsys):
+    """--reference-loss: D(L) / D(L_real), the paper's definition; real-only's own loss is 1.00x; a loss
+    below the asymptote is beyond the baseline's reach; the two denominators exclude each other."""
+    fit = ["eval", "fit", "--x", *map(str, BASELINE_TOKENS), "--loss", *map(str, BASELINE_LOSS), "--bootstrap", "0"]
+    assert main([*fit, "--loss-of", "3.41", "3.554", "1.0", "--reference-loss", "3.554"]) == 0
+    simple, real, below = json.loads(capsys.readouterr().out)["efficiency"]
+    assert simple["definition"] == "D(L) / D(L_real)" and simple["efficiency"] == pytest.approx(1.49, abs=0.01)
+    assert real["efficiency"] == pytest.approx(1.0, abs=1e-12)
+    assert math.isinf(below["efficiency"]) and below["note"].startswith("beyond the baseline's reach")
+    with pytest.raises(SystemExit):
+        main([*fit, "--loss-of", "3.41", "--reference-loss", "3.554", "--real-tokens", "2e8"])
+    with pytest.raises(InputError, match="at or below the baseline's asymptote"):
+        data_efficiency(fit_power_law(BASELINE_TOKENS, BASELINE_LOSS, bootstrap=0), 3.41, reference_loss=1.0)
 
 
 # --- loss evaluators on real checkpoints ---
@@ -248,16 +264,26 @@ def test_report_tables_and_plots_the_runs(runs, held_out, tmp_path):
 
 
 def test_report_fit_and_efficiency_from_the_published_points(tmp_path):
-    """The baseline plot and efficiencies from METHOD.md's numbers (no checkpoints needed)."""
+    """The baseline plot and efficiencies from METHOD.md's numbers (no checkpoints needed): a recipe on the
+    smallest baseline point's data is measured against that real-only run (D(L) / D(L_real)); one on real
+    data no real-only recipe trained on gets no efficiency, and the report says why."""
     from megadoc_megatron.evaluate.report import Run, write_report
 
     runs = [Run(f"real-{i}", tmp_path, "real", None, 16, None, 3e-3, 1.6, int(tokens), iid_loss=loss)
             for i, (tokens, loss) in enumerate(zip(BASELINE_TOKENS, BASELINE_LOSS))]
+    runs.append(Run("stitch-32", tmp_path, "stitch", 32, 32, 0.9, 1e-3, 0.4, int(209.7e6), iid_loss=3.17))
     runs.append(Run("simple-32", tmp_path, "simple", 32, 8, 0.75, 3e-3, 0.8, int(203.9e6), iid_loss=3.41))
     report = write_report(runs, tmp_path / "report")
-    assert report["baseline_note"] is None and report["runs"][0]["efficiency"] == pytest.approx(1.0, abs=0.02)
-    simple = report["runs"][-1]["efficiency"]
-    assert f"| {simple:.2f}x (" in report["markdown"]
+    recipes = {r["name"]: r for r in report["recipes"]}
+    law = fit_power_law(BASELINE_TOKENS, BASELINE_LOSS, bootstrap=0)
+    expected = data_efficiency(law, 3.17, reference_loss=BASELINE_LOSS[0])["efficiency"]
+    assert report["baseline_note"] is None and recipes["real-0"]["efficiency"] == 1.0
+    assert recipes["stitch-32"]["efficiency"] == pytest.approx(expected, rel=1e-6)
+    assert recipes["stitch-32"]["efficiency_reference"] == {"recipe": "real-0", "loss": BASELINE_LOSS[0]}
+    assert f"| {expected:.2f}x (" in report["markdown"] and recipes["simple-32"]["efficiency"] is None
+    assert "No data efficiency for simple-32: no real-only recipe was trained on the same real data" \
+        in report["markdown"]
+    assert report["reference"]["recipe"] == "real-3" and report["efficiency_definition"] == "D(L) / D(L_real)"
     assert report["plots"] == ["loss_vs_generations.png", "scaling_fit.png"]
 
 
@@ -281,7 +307,62 @@ def test_report_data_efficiency_on_a_known_baseline(tmp_path):
     assert all(efficiency[f"real-{d:g}"] == pytest.approx(1.0, rel=1e-3) for d in (1e6, 2e6, 4e6, 8e6, 16e6))
     # exact points: every bootstrap refit finds the same law
     assert "| 2.50x (2.50x–2.50x) |" in report["markdown"] and "No data efficiency" not in report["markdown"]
+    # below the asymptote: beyond the baseline's reach, with its gap to C; no ∞ anywhere in the text
+    beyond = next(r for r in report["recipes"] if r["name"] == "beyond")
+    assert beyond["below_asymptote_by"] == pytest.approx(0.01, abs=1e-3)
+    assert "| beyond the baseline's reach (0.0100 below C) |" in report["markdown"]
+    assert "beyond the baseline's reach (0.0100 below its asymptote C" in report["markdown"]
+    assert "∞" not in report["markdown"]
     assert (tmp_path / "report" / "scaling_fit.png").stat().st_size > 10_000
+
+
+def test_report_efficiency_is_measured_against_real_only_not_against_its_tokens(tmp_path):
+    """The paper's definition where the fit misses the real-only recipe's own point (the demo's case): the
+    real recipe on all the data is 1.00x exactly, and a recipe at a known loss gets D(L) / D(L_real) on the
+    report's fit, which `megadoc eval fit --reference-loss` reproduces and the tokens-based form does not."""
+    from megadoc_megatron.evaluate.fits import PowerLaw
+    from megadoc_megatron.evaluate.report import Run, write_report
+
+    def law(tokens):
+        return 2.0 / (tokens / 1e6) ** 0.3 + 3.0
+
+    runs = [Run(f"real_f{d / 8e6:g}", tmp_path, "real", None, 4, None, 3e-3, 0.1, int(d), iid_loss=law(d))
+            for d in (0.5e6, 1e6, 2e6, 4e6)]
+    runs += [Run("real", tmp_path, "real", None, 4, None, 3e-3, 0.1, int(8e6), iid_loss=law(8e6) + 0.05),
+             Run("stitch", tmp_path, "stitch", 2, 4, 0.5, 3e-3, 0.1, int(8e6), iid_loss=law(16e6))]
+    report = write_report(runs, tmp_path / "report")
+    recipes = {r["name"]: r for r in report["recipes"]}
+    fit = PowerLaw(**{**report["baseline_fit"], "bootstrap": None})
+    L, L_real = law(16e6), law(8e6) + 0.05
+    expected = ((L_real - fit.C) / (L - fit.C)) ** (1 / fit.B)
+    assert recipes["real"]["efficiency"] == 1.0 and recipes["real"]["efficiency_p05_p95"] == (1.0, 1.0)
+    assert recipes["stitch"]["efficiency"] == pytest.approx(expected, rel=1e-9)
+    assert expected == pytest.approx(data_efficiency(fit, L, reference_loss=L_real)["efficiency"], rel=1e-9)
+    # the fit misses real's own point, so the tokens-based form would put real-only off 1.00x, and the recipe
+    # at another number
+    assert abs(fit.inverse(L_real) / 8e6 - 1) > 0.03 and abs(fit.inverse(L) / 8e6 - expected) > 0.05
+    row = next(line for line in report["markdown"].splitlines() if line.startswith("| real |"))
+    assert row.endswith("| 1.00x (by definition) |")
+    assert f"L_real = {L_real:.4f} (one seed)" in report["markdown"] and "D(L_real) = " in report["markdown"]
+    assert "Data efficiency (the paper's definition) = D(L) / D(L_real)" in report["markdown"]
+    assert report["reference"]["tokens_on_fit"] == pytest.approx(fit.inverse(L_real))
+
+
+def test_report_without_a_real_recipe_on_all_the_data_prints_no_efficiency(tmp_path):
+    from megadoc_megatron.evaluate.report import Run, write_report
+
+    def law(tokens):
+        return 2.0 / (tokens / 1e6) ** 0.3 + 3.0
+
+    runs = [Run(f"real-{d:g}", tmp_path, "real", None, 4, None, 3e-3, 0.1, int(d), iid_loss=law(d))
+            for d in (1e6, 2e6, 4e6, 8e6)]
+    runs.append(Run("stitch", tmp_path, "stitch", 2, 4, 0.5, 3e-3, 0.1, int(32e6), iid_loss=law(64e6)))
+    report = write_report(runs, tmp_path / "report")
+    assert report["baseline_fit"] is not None and report["reference"] is None
+    assert all(r["efficiency"] is None for r in report["recipes"])
+    assert "No data efficiency: no real-only recipe was trained on all the real data (32M tokens)" \
+        in report["markdown"]
+    assert "x (" not in report["markdown"].split("| data efficiency |")[1].split("\n\n")[0]
 
 
 def _seeded_runs(law, noise: float, rng) -> list:
@@ -332,6 +413,8 @@ def test_report_summarizes_seeds_and_says_what_the_numbers_support(tmp_path):
     for name, worth in (("simple_g2", 2.0), ("stitch_g2", 2.0), ("stitch_g1", 1.0)):
         low, high = recipes[name]["efficiency_p05_p95"]
         assert low < worth * 1.03 and high > worth / 1.03 and high / low < 1.5, (name, low, high)
+        assert low <= recipes[name]["efficiency"] <= high  # the range brackets the value
+    assert recipes["real"]["efficiency"] == 1.0 and recipes["real"]["efficiency_reference"]["recipe"] == "real"
     assert recipes["simple_g2"]["versus_real"]["resolved"] and not recipes["stitch_g1"]["versus_real"]["resolved"]
     stitch_g1 = next(line for line in report["markdown"].splitlines() if line.startswith("| stitch_g1 |"))
     assert " | ≈ " in stitch_g1
@@ -343,6 +426,32 @@ def test_report_summarizes_seeds_and_says_what_the_numbers_support(tmp_path):
     assert "Only G=2 has both" in report["markdown"] and "Published: 300M: real-only 3.554" in report["markdown"]
     assert "At the same E these recipes train 2x the steps of real-only" in report["markdown"]  # w = 0.5
     assert (tmp_path / "report/scaling_fit.png").stat().st_size > 10_000
+
+
+def test_report_recipe_below_the_asymptote_is_beyond_reach_with_its_gap_and_bootstrap_bound(tmp_path):
+    """Seeds with noise: a recipe below the fitted asymptote C is 'beyond the baseline's reach' with its gap
+    in loss to C, and the bootstrap's finite 5th percentile is given as the lower bound it supports."""
+    from dataclasses import replace
+
+    from megadoc_megatron.evaluate.report import write_report
+
+    def law(tokens):
+        return 2.0 / (tokens / 1e6) ** 0.3 + 3.0
+
+    runs = _seeded_runs(law, 0.005, np.random.default_rng(0))
+    runs += [replace(run, name="stretch_g3", recipe="stretch", generations=3, iid_loss=2.93 + shift)
+             for run, shift in zip(runs[-3:], (-0.003, 0.0, 0.003))]
+    report = write_report(runs, tmp_path / "report")
+    C = report["baseline_fit"]["C"]
+    below = next(r for r in report["recipes"] if r["name"] == "stretch_g3")
+    assert C > 2.93 and math.isinf(below["efficiency"]) and below["below_asymptote_by"] == pytest.approx(C - 2.93)
+    low, high = below["efficiency_p05_p95"]
+    assert math.isfinite(low) and math.isinf(high)  # some refits put C below the recipe: a finite lower bound
+    row = next(line for line in report["markdown"].splitlines() if line.startswith("| stretch_g3 |"))
+    assert row.endswith(f"| beyond the baseline's reach ({C - 2.93:.4f} below C; ≥ {low:.3g}x) |")
+    assert "stretch_g3 lower by" in report["markdown"] and f"the bootstrap supports at least {low:.3g}x" \
+        in report["markdown"]
+    assert "∞" not in report["markdown"]
 
 
 def test_report_claims_follow_the_numbers(tmp_path):

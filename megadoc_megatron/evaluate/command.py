@@ -43,12 +43,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     downstream.add_argument("--num-fewshot", type=int)
     downstream.add_argument("--iteration", type=int)
     downstream.add_argument("--eval-name", dest="name", default="lm-eval", help="result name")
-    fit = evaluators.add_parser("fit", help="fit L(x) = A / x^B + C; with --loss-of, the data efficiency")
+    fit = evaluators.add_parser("fit", help="fit L(x) = A / x^B + C; with --loss-of, the data efficiency "
+                                             "D(L) / D(L_real) (the paper's definition)")
     fit.add_argument("--x", type=float, nargs="+", required=True, help="unique real tokens, parameters or members")
     fit.add_argument("--loss", type=float, nargs="+", required=True)
-    fit.add_argument("--loss-of", type=float, nargs="*", default=[], help="recipe losses to turn into data efficiency")
-    fit.add_argument("--real-tokens", type=float, help="real tokens the recipes used")
-    fit.add_argument("--reference-loss", type=float, help="or: the loss the baseline reaches on the same data")
+    fit.add_argument("--loss-of", type=float, nargs="*", default=[],
+                     help="recipe losses L to turn into data efficiency (with --reference-loss or --real-tokens)")
+    reference = fit.add_mutually_exclusive_group()
+    reference.add_argument("--reference-loss", type=float,
+                           help="L_real, the real-only recipe's loss on the same real data: data efficiency = "
+                                "D(L) / D(L_real), D inverting the fit (the paper's definition; real-only is 1.00x)")
+    reference.add_argument("--real-tokens", type=float,
+                           help="or, tokens-based: data efficiency = D(L) / these real tokens (the ones the "
+                                "recipes trained on); not the paper's definition")
     fit.add_argument("--bootstrap", type=int, default=1000)
 
 

@@ -112,31 +112,46 @@ def baseline_bootstrap(baseline: dict, rounds: int = 300, seed: int = 0) -> tupl
     return None if refits is None else (float(x[0]), refits)
 
 
-def efficiency_range(bootstrap: tuple[float, np.ndarray], losses: list[float], real_tokens: float,
-                     seed: int = 0) -> tuple[float, float]:
-    """The 5th and 95th percentiles of a recipe's data efficiency: each baseline refit inverted at a
-    resampled mean of the recipe's seeds' losses."""
+def efficiency_range(bootstrap: tuple[float, np.ndarray], losses: list[float], reference_losses: list[float],
+                     seed: int = 0, same: bool = False) -> tuple[float, float] | None:
+    """The 5th and 95th percentiles of a recipe's data efficiency D(L) / D(L_real) (the paper's definition):
+    each baseline refit inverted at a resampled mean of the recipe's seeds' losses (L) and at one of the
+    reference real-only recipe's seeds' losses (L_real; the same resample when `same`, the recipe being
+    its own reference). inf where L is at or below the refit's asymptote; a refit whose asymptote lies at
+    or above L_real measures nothing and is left out. None when fewer than 10 refits measure."""
     unit, fits = bootstrap
     rng = np.random.default_rng(seed)
     found = []
     for A, B, C in fits:
         loss = float(np.mean(rng.choice(losses, len(losses))))
-        found.append(math.inf if loss <= C or B == 0 else unit * (A / (loss - C)) ** (1.0 / B) / real_tokens)
+        reference = loss if same else float(np.mean(rng.choice(reference_losses, len(reference_losses))))
+        if B == 0 or reference <= C:
+            continue
+        found.append(math.inf if loss <= C else ((reference - C) / (loss - C)) ** (1.0 / B))
+    if len(found) < 10:
+        return None
     return float(np.percentile(found, 5, method="lower")), float(np.percentile(found, 95, method="higher"))
 
 
 def data_efficiency(baseline: PowerLaw, loss: float, real_tokens: float | None = None,
                     reference_loss: float | None = None) -> dict:
-    """How many unique real tokens the baseline would need to reach `loss`, relative to the real
-    tokens a recipe used (`real_tokens`), or to the tokens at which the baseline reaches
-    `reference_loss` (e.g. the real-only run on the same data)."""
+    """The data efficiency of a recipe at `loss`. With `reference_loss` (L_real, the real-only recipe's loss
+    on the same real data), the paper's definition: D(L) / D(L_real), D inverting the baseline, so real-only
+    is 1.00x. With `real_tokens`, the tokens-based form: D(L) / the real tokens the recipe used."""
     if (real_tokens is None) == (reference_loss is None):
-        raise InputError("data efficiency needs exactly one of real_tokens and reference_loss",
-                         fix="pass --real-tokens or --reference-loss")
+        raise InputError("data efficiency needs exactly one of reference_loss and real_tokens",
+                         fix="pass --reference-loss L_real (the paper's definition) or --real-tokens")
+    if reference_loss is not None and reference_loss <= baseline.C:
+        raise InputError(f"the reference loss {reference_loss} is at or below the baseline's asymptote "
+                         f"{baseline.C:.4f}: the fit never reaches it, so D(L_real) is undefined",
+                         fix="check the reference loss, or add baseline points that bring the fit below it")
     needed = baseline.inverse(loss)
     used = real_tokens if real_tokens is not None else baseline.inverse(reference_loss)
-    result = {"loss": loss, "tokens_needed": needed, "tokens_used": used, "efficiency": needed / used}
+    result = {"definition": "D(L) / D(L_real)" if reference_loss is not None else "D(L) / real tokens used",
+              "loss": loss, "tokens_needed": needed, "tokens_used": used, "efficiency": needed / used}
+    if reference_loss is not None:
+        result["reference_loss"] = reference_loss
     if math.isinf(needed):
-        result["note"] = (f"loss {loss} is at or below the baseline's asymptote {baseline.C:.4f}: "
-                          "no finite amount of real data reaches it")
+        result["note"] = (f"beyond the baseline's reach: loss {loss} is {baseline.C - loss:.4f} below (or at) the "
+                          f"baseline's asymptote C = {baseline.C:.4f}; no finite amount of real data reaches it")
     return result

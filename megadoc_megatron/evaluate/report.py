@@ -4,10 +4,13 @@ A run is the checkpoint.dir of `megadoc train`, with the results of `megadoc eva
 Its settings come from the checkpoint (lr, weight decay), its blend.json (E, w, real tokens), and
 RUN/recipe.json when present ({"name": "stitch_g8", "recipe": "stitch", "generations": 8}; `megadoc run`
 writes it).
-Data efficiency needs a baseline: real-only runs at four or more amounts of real data, fitted
-with L(D) = A / D^B + C and inverted at each run's loss. Runs of one name are the seeds of one recipe:
-the table shows their mean and standard deviation, and marks differences within two standard errors
-(evaluate/summary.py, which also writes the paragraph on the papers' claims).
+Data efficiency, the paper's definition: D(L) / D(L_real), where D(·) inverts the baseline's fit
+L(D) = A / D^B + C (real-only runs at four or more amounts of real data), L is a recipe's mean
+i.i.d. loss and L_real the mean loss of the real-only recipe on the same real data, so real-only is
+1.00x by construction. Without a real recipe on all the data there is none. Runs of one name are
+the seeds of one recipe: the table shows their mean and standard deviation, and marks differences
+within two standard errors (evaluate/summary.py, which also writes the paragraph on the papers'
+claims).
 """
 
 from __future__ import annotations
@@ -193,13 +196,20 @@ def _order(summary) -> tuple:
 
 
 def _efficiency_cell(summary) -> str:
+    """'1.23x (1.10x–1.40x)'; 'beyond the baseline's reach (0.0123 below C; ≥ 2.10x)' below the asymptote."""
+    from megadoc_megatron.evaluate.summary import _times
+
     if summary.efficiency is None:
         return "—"
-    value = "∞" if math.isinf(summary.efficiency) else f"{summary.efficiency:.2f}x"
-    if summary.efficiency_range is None:
-        return value
-    low, high = (("∞" if math.isinf(v) else f"{v:.2f}x") for v in summary.efficiency_range)
-    return f"{value} ({low}–{high})"
+    if summary.reference is summary:
+        return "1.00x (by definition)"
+    low_high = summary.efficiency_range
+    if math.isinf(summary.efficiency):
+        bound = f"; ≥ {_times(low_high[0])}" if low_high and not math.isinf(low_high[0]) else ""
+        return f"beyond the baseline's reach ({summary.asymptote_gap:.4f} below C{bound})"
+    if low_high is None:
+        return _times(summary.efficiency)
+    return f"{_times(summary.efficiency)} ({_times(low_high[0])}–{_times(low_high[1])})"
 
 
 def _spread_cell(value) -> str:
@@ -226,8 +236,12 @@ def table_rows(summaries: list) -> tuple[list[str], list[list[str]]]:
 
 TABLE_NOTE = ("Losses: mean ± standard deviation over the seeds. vs. real only: the difference from the real-only "
               "runs on the same real data ± two standard errors; ≈ marks a difference within two standard errors, "
-              "which these seeds cannot tell from noise. Data efficiency: at the mean loss, with its 5th–95th "
-              "percentiles over a bootstrap of the seeds and the baseline's runs.")
+              "which these seeds cannot tell from noise. Data efficiency: D(L) / D(L_real) at the mean loss (the "
+              "paper's definition, below), with its 5th–95th percentiles over a bootstrap that refits the baseline "
+              "and resamples the seeds of the recipe and of the real-only recipe; a real-only recipe is 1.00x by "
+              "definition. \"Beyond the baseline's reach\": the loss lies below the baseline's asymptote C by the "
+              "gap shown, so no amount of real data reaches it on this fit; ≥ gives the bootstrap's 5th percentile "
+              "where it is finite.")
 
 
 def asymptote_rows(found: list[Asymptote]) -> tuple[list[str], list[list[str]]]:
@@ -359,51 +373,69 @@ def _smaller_real_data(summaries) -> set[str]:
 
 
 def _plot_fit(summaries, fit, folder):
+    """The baseline's points and fit over the real data it spans; each recipe a horizontal line at its
+    mean loss, marked where it meets the fit (at D(L)) when that lies on the plot."""
     import matplotlib.pyplot as plt
     import numpy as np
 
     if fit is None:
         return None
-    figure, axes = plt.subplots(figsize=(7, 4.5))
     base = sorted((s.first.real_tokens, s.iid) for s in summaries
                   if s.first.recipe == "real" and s.iid is not None and s.first.real_tokens)
-    recipes = [s for s in summaries if s.first.recipe != "real" and s.iid is not None and s.efficiency
-               and not math.isinf(s.efficiency)]
-    right = max([base[-1][0]] + [s.efficiency * s.first.real_tokens for s in recipes]) * 2
-    xs = np.geomspace(base[0][0] / 2, right, 200)
-    axes.plot(xs, fit.loss(xs), color="black",
-              label=f"real only: {fit.A:.3g} / (D / {fit.x_unit:.3g})^{fit.B:.3g} + {fit.C:.3f}")
-    axes.errorbar([p[0] for p in base], [p[1].mean for p in base], yerr=[_std(p[1]) for p in base], color="black",
-                  fmt="o", capsize=3, zorder=3)
-    axes.axhline(fit.C, color="black", linestyle=":", linewidth=1, label=f"asymptote {fit.C:.3f}")
-    for number, summary in enumerate(recipes):  # a recipe's loss, read off the baseline: the real data it is worth
-        color, used = f"C{number}", summary.first.real_tokens
-        worth = summary.efficiency * used
-        axes.plot([used, worth], [summary.iid.mean] * 2, color=color, linewidth=1, alpha=0.6)
-        low, high = (min(v * used, right) for v in summary.efficiency_range) if summary.efficiency_range \
-            else (worth, worth)
-        axes.errorbar([worth], [summary.iid.mean], xerr=[[worth - low], [high - worth]], yerr=[_std(summary.iid)],
-                      color=color, fmt="o", capsize=3, zorder=3, label=summary.name)
-    beyond = [s for s in summaries if s.first.recipe != "real" and s.efficiency and math.isinf(s.efficiency)]
-    for number, summary in enumerate(beyond, start=len(recipes)):  # no amount of real data reaches these
-        axes.axhline(summary.iid.mean, linestyle="--", linewidth=1, color=f"C{number % 10}",
-                     label=f"{summary.name} (below the asymptote: ∞)")
-    if beyond:
-        bottom, top = axes.get_ylim()
-        axes.set_ylim(min(bottom, min(s.iid.mean for s in beyond) - 0.05 * (top - bottom)), top)
-    axes.set(xscale="log", xlabel="unique real tokens D", ylabel="i.i.d. loss",
-             title="Baseline scaling fit; recipes at the real data they are worth")
-    axes.legend(fontsize="small")
-    return _save(figure, folder / "scaling_fit.png", "the real-only scaling law and its asymptote; each recipe's mean "
-                                                     "loss is drawn from the real tokens it used to the real tokens "
-                                                     "the baseline needs for that loss (the ratio is its data "
-                                                     "efficiency; horizontal bars: its 5th–95th percentiles; "
-                                                     "vertical: ± standard deviation over seeds)")
+    reference = reference_recipe(summaries)
+    recipes = [s for s in summaries if s.iid is not None and s.first.recipe != "real"]
+    left, right = base[0][0] / 1.5, base[-1][0] * 4  # the baseline's span: no recipe stretches the axis
+    with plt.rc_context({"font.size": 12, "legend.fontsize": 10}):
+        figure, axes = plt.subplots(figsize=(9, 5))
+        xs = np.geomspace(left, right, 200)
+        axes.plot(xs, fit.loss(xs), color="black", linewidth=1.5,
+                  label=f"fit: {fit.A:.3g} / (D / {fit.x_unit:.3g})^{fit.B:.3g} + {fit.C:.3f}")
+        axes.errorbar([p[0] for p in base], [p[1].mean for p in base], yerr=[_std(p[1]) for p in base],
+                      color="black", fmt="o", capsize=3, zorder=4, label="real-only runs (mean ± std)")
+        axes.axhline(fit.C, color="black", linestyle=":", linewidth=1.2, label=f"asymptote C = {fit.C:.3f}")
+        if reference is not None:
+            axes.axhline(reference.iid.mean, color="grey", linestyle="--", linewidth=1.5,
+                         label=f"L_real: {reference.name} {reference.iid.mean:.4f} (1.00x)")
+            if reference.iid.mean > fit.C and left <= fit.inverse(reference.iid.mean) <= right:
+                axes.plot([fit.inverse(reference.iid.mean)], [reference.iid.mean], marker="s", color="grey", zorder=5)
+        for number, summary in enumerate(recipes):
+            color, loss = f"C{number % 10}", summary.iid.mean
+            axes.axhline(loss, color=color, linewidth=1.5, label=f"{summary.name} {loss:.4f}: "
+                                                                  f"{_plot_efficiency(summary)}")
+            if summary.iid.std:
+                axes.axhspan(loss - summary.iid.std, loss + summary.iid.std, color=color, alpha=0.12)
+            worth = fit.inverse(loss)
+            if left <= worth <= right:
+                axes.plot([worth], [loss], marker="o", color=color, zorder=5)
+        losses = [p[1].mean for p in base] + [s.iid.mean for s in recipes] + [fit.C]
+        margin = 0.06 * (max(losses) - min(losses) or 1.0)
+        axes.set_ylim(min(losses) - margin, max(losses) + margin)
+        axes.set_xlim(left, right)
+        axes.set(xscale="log", xlabel="unique real tokens D", ylabel="i.i.d. loss",
+                 title="Real-only baseline and the recipes' losses")
+        axes.grid(alpha=0.3)
+        axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
+        return _save(figure, folder / "scaling_fit.png",
+                     "the real-only baseline: its runs (mean ± standard deviation over seeds), the fit "
+                     "L(D) = A / D^B + C and its asymptote C (dotted); each recipe a horizontal line at its mean "
+                     "loss (shaded: ± standard deviation), marked where it meets the fit, at D(L); dashed: L_real, "
+                     "the real-only recipe on all the real data. Data efficiency = D(L) / D(L_real); a line "
+                     "below C is beyond the baseline's reach")
+
+
+def _plot_efficiency(summary) -> str:
+    if summary.efficiency is None:
+        return "no efficiency"
+    if math.isinf(summary.efficiency):
+        return f"beyond reach ({summary.asymptote_gap:.3f} below C)"
+    from megadoc_megatron.evaluate.summary import _times
+
+    return _times(summary.efficiency)
 
 
 def _save(figure, path: Path, caption: str) -> tuple[str, str]:
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
     import matplotlib.pyplot as plt
 
     plt.close(figure)
@@ -430,12 +462,37 @@ def markdown(header, rows, plots, notes: list[str], paragraph: str, asymptote_ta
     return "\n".join(lines)
 
 
-def _fit_sentence(fit, note) -> str:
+EFFICIENCY_DEFINITION = "D(L) / D(L_real)"
+
+
+def _fit_sentence(fit, note, summaries) -> str:
     if fit is None:
         return f"No data efficiency: {note}."
-    return (f"Baseline: L(D) = {fit.A:.4g} / (D / {fit.x_unit:.4g})^{fit.B:.4g} + {fit.C:.4f} "
-            f"over {fit.points} real-only runs (rmse {fit.rmse:.2g}); "
-            "data efficiency = D(recipe loss) / real tokens used.")
+    law = (f"Baseline: L(D) = {fit.A:.4g} / (D / {fit.x_unit:.4g})^{fit.B:.4g} + {fit.C:.4f} "
+           f"over {fit.points} real-only runs (rmse {fit.rmse:.2g}). ")
+    why_not = efficiency_status(summaries, fit)
+    if why_not is not None:
+        return law + f"No data efficiency: {why_not}."
+    reference = reference_recipe(summaries)
+    seeds = f"mean of {reference.iid.count} seeds" if reference.iid.count > 1 else "one seed"
+    return law + (f"Data efficiency (the paper's definition) = D(L) / D(L_real): D(·) inverts this fit, "
+                  f"D(L) = {fit.x_unit:.4g} · ({fit.A:.4g} / (L - {fit.C:.4f}))^(1/{fit.B:.4g}); L is a recipe's "
+                  f"mean i.i.d. loss and L_real the real-only recipe's on the same real data. Reference: "
+                  f"{reference.name}, real-only on all {_count(reference.first.real_tokens)} real tokens, "
+                  f"L_real = {reference.iid.mean:.4f} ({seeds}), which the fit reaches at "
+                  f"D(L_real) = {_count(fit.inverse(reference.iid.mean))} tokens; real-only is 1.00x by "
+                  f"construction. A recipe at 1.5x reaches the loss real-only training would reach on 1.5 times "
+                  f"the real data; one below the asymptote C is beyond the baseline's reach."
+                  + _without_reference(summaries))
+
+
+def _without_reference(summaries) -> str:
+    """' No data efficiency for X, Y: no real-only recipe on their real data.', or ''."""
+    from megadoc_megatron.evaluate.summary import same_data_real
+
+    missing = [s.name for s in summaries if s.iid is not None and same_data_real(s, summaries) is None]
+    return (f" No data efficiency for {', '.join(missing)}: no real-only recipe was trained on the same real "
+            "data, so there is no L_real for them." if missing else "")
 
 
 def claims_paragraph(found: list[dict], summaries: list) -> str:
@@ -454,7 +511,7 @@ def _count(value: int) -> str:
     for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
         if value >= scale:
             return f"{value / scale:.3g}{suffix}"
-    return str(value)
+    return f"{value:.4g}"
 
 
 def _html_table(header, rows) -> str:
@@ -480,21 +537,59 @@ def build_report(run_dirs: list[str], output, eval_name: str | None = None) -> d
     return write_report([load_run(Path(d), eval_name) for d in run_dirs], output)
 
 
-def add_efficiency(summaries: list, runs: list[Run], fit) -> None:
-    """Each recipe's data efficiency at its mean loss, and its bootstrap range (evaluate/fits.py)."""
-    from megadoc_megatron.evaluate.fits import baseline_bootstrap, efficiency_range
+def reference_recipe(summaries: list):
+    """The real-only recipe on all the real data (the most real tokens any run used), or None: its mean
+    i.i.d. loss is L_real, the denominator's loss of the paper's data efficiency."""
+    largest = max((s.first.real_tokens or 0 for s in summaries), default=0)
+    return next((s for s in summaries if s.first.recipe == "real" and s.iid is not None and largest
+                 and s.first.real_tokens == largest), None)
 
+
+def efficiency_status(summaries: list, fit) -> str | None:
+    """Why the report prints no data efficiency although the baseline fits, or None when it can."""
+    reference = reference_recipe(summaries)
+    if reference is None:
+        largest = max((s.first.real_tokens or 0 for s in summaries), default=0)
+        return (f"no real-only recipe was trained on all the real data ({_count(largest)} tokens), so there is no "
+                "L_real to measure D(L) / D(L_real) against; train the real recipe on all the documents")
+    if reference.iid.mean <= fit.C:
+        return (f"the real-only recipe {reference.name}'s loss L_real = {reference.iid.mean:.4f} is at or below the "
+                f"baseline fit's asymptote C = {fit.C:.4f}, so D(L_real) is undefined; the baseline needs more "
+                "(or less noisy) points")
+    return None
+
+
+def add_efficiency(summaries: list, runs: list[Run], fit) -> None:
+    """Each recipe's data efficiency, the paper's definition: D(L) / D(L_real) at its mean loss L, D
+    inverting the baseline fit and L_real the mean loss of the real-only recipe on the same real data
+    (so real-only is 1.00x), with a bootstrap range that refits the baseline and inverts both (fits.py)."""
+    from megadoc_megatron.evaluate.fits import baseline_bootstrap, efficiency_range
+    from megadoc_megatron.evaluate.summary import same_data_real
+
+    if efficiency_status(summaries, fit) is not None:
+        return
     baseline: dict[int, list[float]] = {}
     for tokens, loss in baseline_points(runs):
         baseline.setdefault(tokens, []).append(loss)
     refits = baseline_bootstrap(baseline)
     for summary in summaries:
-        used = summary.first.real_tokens
-        if summary.iid is None or not used:
+        reference = same_data_real(summary, summaries)
+        if summary.iid is None or reference is None or reference.iid.mean <= fit.C:
             continue
-        summary.efficiency = fit.inverse(summary.iid.mean) / used
+        summary.reference = reference
+        real_tokens = fit.inverse(reference.iid.mean)
+        for run in summary.runs:
+            if run.iid_loss is not None:
+                run.efficiency = fit.inverse(run.iid_loss) / real_tokens
+        if reference is summary:
+            summary.efficiency, summary.efficiency_range = 1.0, (1.0, 1.0)
+            continue
+        summary.efficiency = fit.inverse(summary.iid.mean) / real_tokens
+        if summary.iid.mean <= fit.C:
+            summary.asymptote_gap = fit.C - summary.iid.mean
         losses = [r.iid_loss for r in summary.runs if r.iid_loss is not None]
-        summary.efficiency_range = efficiency_range(refits, losses, used) if refits else None
+        reference_losses = [r.iid_loss for r in reference.runs if r.iid_loss is not None]
+        summary.efficiency_range = efficiency_range(refits, losses, reference_losses) if refits else None
 
 
 def _summary_json(summary) -> dict:
@@ -509,7 +604,10 @@ def _summary_json(summary) -> dict:
             "versus_real": None if difference is None else {"difference": difference.value,
                                                             "two_standard_errors": difference.two_errors,
                                                             "resolved": difference.resolved},
-            "efficiency": summary.efficiency, "efficiency_p05_p95": summary.efficiency_range}
+            "efficiency": summary.efficiency, "efficiency_p05_p95": summary.efficiency_range,
+            "efficiency_reference": None if summary.reference is None else {
+                "recipe": summary.reference.name, "loss": summary.reference.iid.mean},
+            "below_asymptote_by": summary.asymptote_gap}
 
 
 def write_report(runs: list[Run], output) -> dict:
@@ -517,13 +615,16 @@ def write_report(runs: list[Run], output) -> dict:
     there are enough real-only runs), a row per recipe over its seeds, the claims paragraph, tables,
     plots and report.json."""
     fit, note = baseline_fit(runs)
-    if fit is not None:
-        for run in runs:
-            if run.iid_loss is not None and run.real_tokens:
-                run.efficiency = fit.inverse(run.iid_loss) / run.real_tokens
     summaries = summarize(runs)
+    efficiency_note, reference_json = None, None
     if fit is not None:
         add_efficiency(summaries, runs, fit)
+        efficiency_note = efficiency_status(summaries, fit)
+        reference = reference_recipe(summaries)
+        if efficiency_note is None:
+            reference_json = {"recipe": reference.name, "loss": reference.iid.mean, "seeds": reference.iid.count,
+                              "real_tokens": reference.first.real_tokens,
+                              "tokens_on_fit": fit.inverse(reference.iid.mean)}
     found_claims = claims(summaries)
     paragraph = claims_paragraph(found_claims, summaries)
     folder = Path(output)
@@ -532,13 +633,15 @@ def write_report(runs: list[Run], output) -> dict:
     found = asymptotes(runs)
     plots = plot_all(summaries, fit, folder, found)
     asymptote_table = asymptote_rows(found)
-    notes = [TABLE_NOTE, _fit_sentence(fit, note)]
+    notes = [TABLE_NOTE, _fit_sentence(fit, note, summaries)]
     text = markdown(header, rows, plots, notes, paragraph, asymptote_table)
     write_text_atomic(folder / "report.md", text + "\n")
     write_text_atomic(folder / "report.html", html_page(header, rows, plots, notes, paragraph, asymptote_table))
     summary = {"runs": [{k: v for k, v in vars(r).items() if k != "path"} for r in runs],
                "recipes": [_summary_json(s) for s in summaries], "claims": found_claims,
-               "baseline_fit": fit.as_dict() if fit else None, "baseline_note": note, "plots": [p[0] for p in plots],
+               "baseline_fit": fit.as_dict() if fit else None, "baseline_note": note,
+               "efficiency_definition": EFFICIENCY_DEFINITION, "efficiency_note": efficiency_note,
+               "reference": reference_json, "plots": [p[0] for p in plots],
                "asymptotes": [{"over": a.over, "subject": a.subject, "points": a.points,
                                "fit": a.fit.as_dict() if a.fit else None, "note": a.note} for a in found]}
     write_text_atomic(folder / "report.json", json.dumps(summary, indent=2, default=str) + "\n")
