@@ -5,7 +5,7 @@ tests fail there instead of skipping).
 One module fixture runs a smaller tiny CPU demo twice, on the same corpus and config: here, stage after
 stage (`--execute local`, training with torchrun over 2 processes), and as SLURM jobs (synthesis and
 conversions as 2-task arrays, each training as a 2-task job whose ranks srun starts, with a 1-minute
-time limit that the real-only training, about two minutes of work, outlives: it finishes through
+time limit that the real-only training, about a minute of work and its startups, outlives: it finishes through
 requeues). The tests read what the two runs wrote; the interruption harness then reruns the trainings
 and synthesis as jobs while requeueing and cancelling them at random moments."""
 
@@ -49,7 +49,7 @@ def slurm():
 
 def experiment_config(folder: Path) -> Path:
     """The tiny CPU demo with two recipes, one seed, short generations, 2 ranks per training; the
-    real-only recipe trains 40x longer than stitch_g2 (the time-limit test needs a training longer than a job:
+    real-only recipe trains 22x longer than stitch_g2 (the time-limit test needs a training longer than a job:
     about a minute of 2 ranks' compute, where a job's first attempt trains 15-40 s)."""
     corpus = folder / "corpus"
     subprocess.run([sys.executable, str(EXAMPLE / "make_corpus.py"), "--output-dir", str(corpus), "--max-chars",
