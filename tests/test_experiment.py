@@ -626,15 +626,16 @@ def test_the_papers_setup_submits_as_a_graph_of_slurm_jobs(config, tmp_path, cap
 
 def test_slurm_submission_skips_finished_and_queued_stages_and_resumes_after_failures(config, tmp_path, capsys,
                                                                                       monkeypatch, spm_model):
-    """sbatch and squeue stand-ins record what is submitted: a second submission while the jobs are queued
+    """sbatch and scontrol stand-ins record what is submitted: a second submission while the jobs are queued
     submits nothing; once they are gone, only the unfinished stages go again; a job runs its stage, and
     refuses to run before the stages it reads."""
     fake, path = tmp_path / "fake", config(lambda c: c["tokenizer"].update(model=str(spm_model)))
     fake.mkdir()
     (fake / "sbatch").write_text('#!/bin/bash\nn=$(( $(cat "$FAKE/count" 2>/dev/null || echo 100) + 1 ))\n'
                                  'echo $n > "$FAKE/count"; echo "${@: -1}" >> "$FAKE/submitted"; echo "$n"\n')
-    (fake / "squeue").write_text('#!/bin/bash\ngrep -qx "$3" "$FAKE/running" 2>/dev/null && echo RUNNING\nexit 0\n')
-    for tool in ("sbatch", "squeue"):
+    (fake / "scontrol").write_text('#!/bin/bash\nwhile read -r job; do echo "JobId=$job JobState=RUNNING"; done '
+                                   '< <(cat "$FAKE/running" 2>/dev/null)\nexit 0\n')
+    for tool in ("sbatch", "scontrol"):
         (fake / tool).chmod(0o755)
     monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
     monkeypatch.setenv("FAKE", str(fake))

@@ -3,7 +3,7 @@
 Each job runs `megadoc run CONFIG --stage NAME` (the same config and overrides), which runs that one
 stage under its lock, so the shared work folder stays the single source of truth: finished stages are
 not submitted, a stage whose job is still queued or running is not submitted twice (the job ids are
-kept in WORK/slurm/jobs.json, written after each job SLURM accepted, and asked of `squeue`), and
+kept in WORK/slurm/jobs.json, written after each job SLURM accepted, and asked of `scontrol`), and
 resubmitting after a failure continues from what the stages wrote. Synthesis stages can run as an array
 of GPU tasks (each takes its share of the shards: `megadoc synth` reads SLURM_ARRAY_TASK_ID), followed
 by a short job that checks the shards and marks the stage done; conversions as an array of CPU tasks
@@ -32,7 +32,7 @@ import sys
 from pathlib import Path
 
 from megadoc_megatron.errors import InputError, Interrupted
-from megadoc_megatron.experiment.status import ACTIVE, JOBS, recorded_jobs, stage_needs
+from megadoc_megatron.experiment.status import ACTIVE, JOBS, job_states, recorded_jobs, stage_needs
 from megadoc_megatron.files import write_text_atomic
 
 KINDS = ("preprocess", "sample", "synth", "synthetic", "tune", "train", "eval", "report")
@@ -109,16 +109,6 @@ def job_script(stage, argv: list[str], python: str, array_size: int = 0, task: b
         '--execute slurm"', "fi", 'exit "$status"', ""])
 
 
-def _active(job: str) -> bool:
-    """Whether SLURM still has the job queued or running."""
-    try:
-        states = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True,
-                                timeout=60).stdout.split()
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return any(state in ACTIVE for state in states)
-
-
 def _submit(command: list[str], stage, dry_run: bool, placeholder: str) -> str:
     """Submit one job; its id once SLURM accepted it, or an InputError naming the stage and the fix."""
     print(shlex.join(command), flush=True)
@@ -151,6 +141,7 @@ def submit_stages(stages: list, work: Path, launch, argv: list[str], dry_run: bo
         folder.mkdir(parents=True, exist_ok=True)
     recorded = recorded_jobs(work)
     needs, jobs = stage_needs(stages), {}
+    slurm = {} if dry_run else job_states(list(recorded.values()))  # one question to SLURM for all of them
 
     def record(key: str, job: str) -> None:
         recorded[key] = job
@@ -161,7 +152,7 @@ def submit_stages(stages: list, work: Path, launch, argv: list[str], dry_run: bo
         if stage.done:
             continue
         known = recorded.get(stage.folder.name)
-        if known and not dry_run and _active(known):
+        if known and slurm.get(known, {}).get("JobState") in ACTIVE:
             print(f"{stage.name}: job {known} is still queued or running", flush=True)
             jobs[stage.name] = known
             continue
