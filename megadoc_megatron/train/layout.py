@@ -171,14 +171,21 @@ def memory_estimate(config: TrainConfig, layout: Layout, seq_length: int, vocab_
     off CUDA and the `auto` engine is megatron-core's only on CUDA. Checked within 10% against the
     bytes autograd saves on CPU (tests/test_train.py); an estimate for choosing model.recompute and
     micro-batch sizes, not a guarantee."""
+    estimates = memory_estimates_by_stage(config, layout, seq_length, vocab_size, device_type)
+    return max(estimates.values(), key=lambda estimate: estimate.total)
+
+
+def memory_estimates_by_stage(config: TrainConfig, layout: Layout, seq_length: int, vocab_size: int,
+                              device_type: str = "cuda") -> dict[tuple[bool, bool], MemoryEstimate]:
+    """Peak memory of a rank of the first and of the last pipeline stage, by (first, last): one
+    (True, True) without pipelining."""
     from megadoc_megatron.model.presets import padded_vocab_size
 
     model, vocab = _model_shape(config), padded_vocab_size(vocab_size)
     engine = config.engine if config.engine != "auto" else ("megatron" if device_type == "cuda" else "portable")
     stages = [(True, layout.pipeline == 1)] + ([(False, True)] if layout.pipeline > 1 else [])
-    estimates = [_stage_memory(config, model, layout, seq_length, vocab, engine, device_type, first, last)
-                 for first, last in stages]
-    return max(estimates, key=lambda estimate: estimate.total)
+    return {(first, last): _stage_memory(config, model, layout, seq_length, vocab, engine, device_type, first, last)
+            for first, last in stages}
 
 
 def _stage_memory(config, model, layout, seq_length, vocab, engine, device_type, first, last) -> MemoryEstimate:
@@ -189,7 +196,9 @@ def _stage_memory(config, model, layout, seq_length, vocab, engine, device_type,
     parameters = replicated + sharded / tensor
     moments = 8 + (4 if low_precision else 0)  # Adam's two FP32 moments, the FP32 master of a BF16 weight
     shards = layout.data if engine == "megatron" and config.parallel.distributed_optimizer else 1
-    in_flight = _micro_batches_in_flight(config, layout, engine, first, last)
+    in_flight = _micro_batches_in_flight(config, layout, engine, 0 if first else layout.pipeline - 1)
+    # 1F1B runs the backward of the last (virtual) stage's micro-batch right after its forward
+    losses_in_flight = 1 if engine == "megatron" and last else in_flight
     backend = "te" if device_type == "cuda" and not portable_layers(config.model.backend) else "portable"
     shape = _ActivationShape(model, tensor, config.parallel.sequence_parallel, seq_length,
                              layout.micro_batch_size, width, device_type)
@@ -200,7 +209,7 @@ def _stage_memory(config, model, layout, seq_length, vocab, engine, device_type,
     return MemoryEstimate(
         weights=width * parameters, gradients=4 * parameters, optimizer=moments * parameters / shards,
         activations=shape.layers(layers, in_flight, config.model.recompute, backend),
-        loss=in_flight * shape.loss(vocab, first, last), temporaries=temporaries)
+        loss=losses_in_flight * shape.loss(vocab, first, last), temporaries=temporaries)
 
 
 def _stage_parameters(model, vocab: int, layers: int, first: bool, last: bool) -> tuple[float, float]:
@@ -214,17 +223,22 @@ def _stage_parameters(model, vocab: int, layers: int, first: bool, last: bool) -
     return norms * layers + hidden * last, (one_layer - norms) * layers + embeddings
 
 
-def _micro_batches_in_flight(config, layout, engine: str, first: bool, last: bool) -> float:
-    """Micro-batches whose activations a stage holds at once: the portable engine's GPipe runs every
-    forward before any backward; megatron-core's 1F1B keeps `pipeline` on the first stage, one on
-    the last, and interleaving adds Megatron-LM's penalty of (pipeline - 1) / (pipeline x virtual)."""
+def _micro_batches_in_flight(config, layout, engine: str, rank: int) -> float:
+    """Micro-batches whose layer activations pipeline rank `rank` holds at once, in whole stages:
+    the portable engine's GPipe runs every forward before any backward; megatron-core's 1F1B holds
+    its warm-up forwards and one more, in model chunks (1 / virtual of a stage) under interleaving.
+    That is Megatron-LM's pipeline x (1 + (pipeline - 1) / (pipeline x virtual)) on the first stage
+    (at most every micro-batch), and pipeline - (pipeline - 1) / virtual on the last: not one under
+    interleaving, where the last rank's warm-up runs all its chunks but the last."""
     if engine != "megatron":
         return layout.num_microbatches
-    if layout.pipeline == 1 or last and not first:
+    if layout.pipeline == 1:
         return 1
-    virtual = config.parallel.virtual_pipeline
-    penalty = 1 + (layout.pipeline - 1) / (layout.pipeline * virtual) if virtual else 1
-    return min(layout.pipeline, layout.num_microbatches) * penalty
+    virtual = config.parallel.virtual_pipeline or 1
+    later_stages = layout.pipeline - rank - 1
+    # megatron-core's warm-up (get_pp_rank_microbatches), in chunks under interleaving
+    warmup = later_stages if virtual == 1 else 2 * later_stages + (virtual - 1) * layout.pipeline
+    return min(warmup + 1, layout.num_microbatches * virtual) / virtual
 
 
 @dataclass(frozen=True)
