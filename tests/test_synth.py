@@ -441,8 +441,10 @@ def test_vllm_on_cpu_asks_for_the_kv_cache_the_run_needs_unless_told_a_share(tmp
     for share, on_cpu in ((0.3, True), (None, False), (0.9, False)):  # the user's share, and GPUs: vLLM's sizing
         kept = kv_cache_sizing(str(tmp_path), "float32", 1024, None, 1, share, on_cpu)
         assert kept.options == {} and "--gpu-memory-utilization" in kept.memory_fix
-    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")  # vLLM's own CPU setting wins over ours
-    assert kv_cache_sizing(str(tmp_path), "float32", 1024, None, 1, None, True).options == {}
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")  # vLLM's own CPU setting wins over ours and the share
+    for share in (None, 0.3):
+        kept = kv_cache_sizing(str(tmp_path), "float32", 1024, None, 1, share, True)
+        assert kept.options == {} and "VLLM_CPU_KVCACHE_SPACE" in kept.memory_fix
 
 
 # what vllm-cpu 0.32.0's processes logged when it could not reserve its share of RAM (errors only, in part)

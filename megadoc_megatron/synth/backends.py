@@ -226,7 +226,7 @@ class VLLMBackend:
     """vLLM's engine, kept full: new requests are added as others finish, `max_in_flight` at a time
     (twice the engine's max_num_seqs, so its queue never runs dry). Prompts are rendered with the
     model's chat template and passed as token ids. Options left at None keep vLLM's own defaults, but
-    for the KV cache on CPU, which is sized for the run (see vllm_start)."""
+    on CPU the KV cache and max_num_seqs are sized for the run (see vllm_start)."""
 
     name = "vllm"
 

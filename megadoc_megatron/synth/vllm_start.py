@@ -61,10 +61,10 @@ def kv_cache_sizing(model: str, dtype: str, window: int | None, max_num_seqs: in
                     tensor_parallel_size: int, gpu_memory_utilization: float | None, on_cpu: bool) -> KVCacheSizing:
     """On CPU without an explicit share, the KV cache the run needs; elsewhere vLLM's own sizing."""
     config_file = Path(model) / "config.json"
+    if on_cpu and os.environ.get("VLLM_CPU_KVCACHE_SPACE"):  # vLLM's own CPU setting, in GiB: it wins over all
+        return KVCacheSizing({}, "lower VLLM_CPU_KVCACHE_SPACE (GiB of KV cache), or unset it")
     if gpu_memory_utilization is not None or not on_cpu or not config_file.exists():
         return KVCacheSizing({}, share_fix(gpu_memory_utilization, on_cpu))
-    if os.environ.get("VLLM_CPU_KVCACHE_SPACE"):  # vLLM's own CPU setting, in GiB: it wins over ours
-        return KVCacheSizing({}, "lower VLLM_CPU_KVCACHE_SPACE (GiB of KV cache), or unset it")
     model_config = json.loads(config_file.read_text())
     window = window or model_config.get("text_config", model_config)["max_position_embeddings"]
     sequences = max_num_seqs or CPU_MAX_NUM_SEQS
@@ -88,12 +88,16 @@ def share_fix(gpu_memory_utilization: float | None, on_cpu: bool) -> str:
 @contextmanager
 def engine_error_log() -> Iterator[tuple[dict, Path | None]]:
     """(engine options, file): the options have vLLM's processes also log their errors to the file,
-    which lives while the engine starts. Where the user configures vLLM's logging, ({}, None)."""
+    which lives while the engine starts. Where the user configures vLLM's logging, or a vLLM older
+    than its LoggingConfig is installed, ({}, None)."""
     from vllm import envs
-    from vllm.config import LoggingConfig
     from vllm.logger import DEFAULT_LOGGING_CONFIG
 
-    if not envs.VLLM_CONFIGURE_LOGGING or envs.VLLM_LOGGING_CONFIG_PATH:
+    try:
+        from vllm.config import LoggingConfig
+    except ImportError:
+        LoggingConfig = None
+    if LoggingConfig is None or not envs.VLLM_CONFIGURE_LOGGING or envs.VLLM_LOGGING_CONFIG_PATH:
         yield {}, None
         return
     with tempfile.TemporaryDirectory(prefix="megadoc-vllm-start-") as folder:
