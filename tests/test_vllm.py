@@ -32,7 +32,6 @@ else:
     pytest.importorskip("vllm")
 
 WINDOW = 1024
-CPU_ENGINE = ["--gpu-memory-utilization", "0.3"]  # on CPU, the share of host RAM vLLM reserves
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +39,9 @@ def engine():
     from megadoc_megatron.synth.backends import VLLMBackend
 
     # A step budget smaller than a prompt: vLLM would prefill in pieces, which crashes its CPU sampler
-    # with per-request seeds; the backend must turn chunking off and widen the budget.
-    return VLLMBackend(str(default_model_dir()), max_num_batched_tokens=128, gpu_memory_utilization=0.3,
-                       max_model_len=WINDOW)
+    # with per-request seeds; the backend must turn chunking off and widen the budget. No share of RAM:
+    # vLLM's 0.92 does not fit beside other work, the backend must size the KV cache itself.
+    return VLLMBackend(str(default_model_dir()), max_num_batched_tokens=128, max_model_len=WINDOW)
 
 
 def config(operation="rephrase", generations=2, **fields) -> SynthConfig:
@@ -62,6 +61,18 @@ def test_engine_prefills_whole_prompts_on_cpu(engine, capfd):
     scheduler = engine.llm.llm_engine.vllm_config.scheduler_config
     assert not scheduler.enable_chunked_prefill and scheduler.max_num_batched_tokens >= WINDOW
     assert engine.max_in_flight == 2 * scheduler.max_num_seqs
+
+
+def test_cpu_engine_gets_the_kv_cache_the_run_needs(engine):
+    """Not vLLM's 92% of RAM: room for CPU_MAX_NUM_SEQS full windows, as vLLM counts its blocks."""
+    from megadoc_megatron.synth.vllm_start import CPU_MAX_NUM_SEQS, cpu_kv_cache_bytes
+
+    vllm_config = engine.llm.llm_engine.vllm_config
+    model_config = json.loads((default_model_dir() / "config.json").read_text())
+    cache = vllm_config.cache_config
+    assert cache.kv_cache_memory_bytes == cpu_kv_cache_bytes(model_config, "float32", WINDOW, CPU_MAX_NUM_SEQS)
+    assert vllm_config.scheduler_config.max_num_seqs == CPU_MAX_NUM_SEQS
+    assert CPU_MAX_NUM_SEQS * WINDOW <= cache.num_gpu_blocks * cache.block_size < 1.2 * CPU_MAX_NUM_SEQS * WINDOW
 
 
 def test_rephrases_with_provenance_feed_megadocs(engine, tmp_path):
@@ -123,7 +134,7 @@ def synth_command(corpus, output) -> list[str]:
     return [sys.executable, "-m", "megadoc_megatron.cli", "synth", "rephrase", "--input", str(corpus), "--output-dir",
             str(output), "-G", "2", "--max-new-tokens", "16", "--allow-truncated", "--min-tokens", "1",
             "--min-length-ratio", "0", "--docs-per-shard", "4", "--window", str(WINDOW), "--sync-every", "0",
-            "--backend", "vllm", "--max-num-seqs", "1", *CPU_ENGINE, "--no-progress"]  # one pair at a time
+            "--backend", "vllm", "--max-num-seqs", "1", "--no-progress"]  # one pair at a time
 
 
 def test_killed_run_resumes_without_duplicates_or_losses(tmp_path):
@@ -152,6 +163,20 @@ def test_killed_run_resumes_without_duplicates_or_losses(tmp_path):
     assert all(after[k]["text"] == r["text"] for k, r in before.items())  # what was written is never regenerated
     assert not list(output.glob("*.partial"))
 
+
+def test_engine_that_cannot_start_ends_with_its_reason_and_the_fix(tmp_path):
+    """All of host RAM can never be free: vLLM's worker refuses, in a process of its own. The run
+    ends with vLLM's reason and our flag in one line, and has written no generations."""
+    corpus = write_corpus(tmp_path / "docs.jsonl", DOCUMENTS[:1])
+    result = subprocess.run([*synth_command(corpus, tmp_path / "out"), "--gpu-memory-utilization", "1.0"],
+                            cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 2
+    assert result.stderr.count("megadoc synth: error:") == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("megadoc synth: error: vLLM's engine did not start: Available memory on node ")
+    assert "less than desired CPU memory utilization (1.0, " in last  # vLLM's words, from its worker's log
+    assert "Fix: pass a smaller --gpu-memory-utilization" in last
+    assert not list((tmp_path / "out").glob("shard-*"))
 
 
 def test_openai_backend_against_a_vllm_server(tmp_path):

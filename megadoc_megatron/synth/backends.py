@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Hashable, Iterable, Iterator
 
 from megadoc_megatron.errors import InputError
+from megadoc_megatron.synth.vllm_start import kv_cache_sizing, start_engine
 
 BACKENDS = ("hf", "openai", "vllm")
 
@@ -224,7 +225,8 @@ class OpenAIBackend:
 class VLLMBackend:
     """vLLM's engine, kept full: new requests are added as others finish, `max_in_flight` at a time
     (twice the engine's max_num_seqs, so its queue never runs dry). Prompts are rendered with the
-    model's chat template and passed as token ids. Options left at None keep vLLM's own defaults."""
+    model's chat template and passed as token ids. Options left at None keep vLLM's own defaults, but
+    on CPU the KV cache and max_num_seqs are sized for the run (see vllm_start)."""
 
     name = "vllm"
 
@@ -234,7 +236,6 @@ class VLLMBackend:
                  speculative: str | None = None, speculative_tokens: int = 4, seeding: str = "request",
                  enforce_eager: bool | None = None):
         try:
-            from vllm import LLM
             from vllm.platforms import current_platform
         except ImportError:
             raise InputError("the vllm backend needs vLLM", fix='pip install "megadoc-megatron[vllm]" (GPU machines), '
@@ -250,8 +251,11 @@ class VLLMBackend:
             options["speculative_config"] = {"method": speculative, "num_speculative_tokens": speculative_tokens}
         if current_platform.is_cpu() and seeding == "request":
             options.update(cpu_seeded_settings(max_model_len, max_num_batched_tokens))
+        sizing = kv_cache_sizing(model, dtype, max_model_len, max_num_seqs, tensor_parallel_size,
+                                 gpu_memory_utilization, current_platform.is_cpu())
+        options.update(sizing.options)
         self.tokenizer = load_chat_tokenizer(model)
-        self.llm = LLM(model=model, **{k: v for k, v in options.items() if v is not None})
+        self.llm = start_engine(model, {k: v for k, v in options.items() if v is not None}, sizing.memory_fix)
         self.max_in_flight = 2 * self.llm.llm_engine.vllm_config.scheduler_config.max_num_seqs
         self._request_ids = itertools.count()
 

@@ -127,11 +127,13 @@ def _generation_arguments(parser: argparse.ArgumentParser, operation: str) -> No
     backend.add_argument("--max-retries", type=int, default=5, help="openai: retries with exponential backoff")
     vllm = parser.add_argument_group("vllm backend (options left out keep vLLM's own defaults)")
     vllm.add_argument("--tensor-parallel-size", type=int, default=1)
-    vllm.add_argument("--max-num-seqs", type=int, help="sequences per engine step (vLLM: 1024 on an 80 GB H100)")
+    vllm.add_argument("--max-num-seqs", type=int, help="sequences per engine step (vLLM: 1024 on an 80 GB H100); "
+                                                       "on CPU 16 unless --gpu-memory-utilization is given")
     vllm.add_argument("--max-num-batched-tokens", type=int, help="tokens per engine step "
                                                                  "(vLLM: 16384 on an 80 GB H100)")
     vllm.add_argument("--gpu-memory-utilization", type=float,
-                      help="share of GPU memory (vLLM: 0.92); on CPU, the share of host RAM: try 0.3")
+                      help="share of GPU memory (vLLM: 0.92); on CPU, the share of host RAM vLLM reserves; "
+                           "left out there, the KV cache is sized for --max-num-seqs sequences of --window tokens")
     vllm.add_argument("--no-prefix-caching", action="store_true",
                       help="prefix caching is on: every prompt starts with its style's instruction, computed once")
     vllm.add_argument("--speculative", choices=("ngram", "suffix"),
