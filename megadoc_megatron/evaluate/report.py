@@ -514,7 +514,8 @@ def _fit_sentence(fit, note, summaries) -> str:
         return law + f"No data efficiency: {why_not}."
     reference = reference_recipe(summaries)
     seeds = f"mean of {reference.iid.count} seeds" if reference.iid.count > 1 else "one seed"
-    return law + (f"Data efficiency (the paper's definition) = D(L) / D(L_real): D(·) inverts this fit, "
+    return law + _edges_sentence(summaries) + (
+                  f"Data efficiency (the paper's definition) = D(L) / D(L_real): D(·) inverts this fit, "
                   f"D(L) = {fit.x_unit:.4g} · ({fit.A:.4g} / (L - {fit.C:.4f}))^(1/{fit.B:.4g}); L is a recipe's "
                   f"mean i.i.d. loss and L_real the real-only recipe's on the same real data. Reference: "
                   f"{reference.name}, real-only on all {_count(reference.first.real_tokens)} real tokens, "
@@ -523,6 +524,14 @@ def _fit_sentence(fit, note, summaries) -> str:
                   f"construction. A recipe at 1.5x reaches the loss real-only training would reach on 1.5 times "
                   f"the real data; one below the asymptote C is beyond the baseline's reach."
                   + _without_reference(summaries))
+
+
+def _edges_sentence(summaries) -> str:
+    """' Real-only runs at their grid's edge: ...' (the fit's points that may not be their best), or ''."""
+    edges = [f"{s.name} ({s.tuning.words()})" for s in summaries
+             if s.first.recipe == "real" and s.tuning and (s.tuning.verdict.edges or not s.tuning.verdict.tuned)]
+    return (f"Real-only points not at a local optimum of their grid, so perhaps above their best loss: "
+            f"{'; '.join(edges)}. " if edges else "")
 
 
 def _without_reference(summaries) -> str:
@@ -597,12 +606,11 @@ def efficiency_status(summaries: list, fit) -> str | None:
         largest = max((s.first.real_tokens or 0 for s in summaries), default=0)
         return (f"no real-only recipe was trained on all the real data ({_count(largest)} tokens), so there is no "
                 "L_real to measure D(L) / D(L_real) against; train the real recipe on all the documents")
-    limited = [s.name for s in summaries if s.first.recipe == "real" and s.tuning and s.tuning.at_largest_epochs]
-    if limited:
-        return (f"real-only is compute-limited here: {', '.join(limited)} did best at the most epochs of "
-                "its grid, so more epochs may keep helping and the baseline's losses are not the data-limited "
-                "ones the definition needs; extend the real recipe's epochs grid (or change the scale: fewer "
-                "tokens, a smaller model, a longer schedule) until the best E is interior")
+    if reference.tuning and reference.tuning.at_largest_epochs:
+        return (f"real-only is compute-limited here: {reference.name} did best at the most epochs of its grid "
+                f"(E {reference.first.epochs:g}), so more epochs may keep helping and L_real is not the "
+                "data-limited loss the definition needs; extend the real recipe's epochs grid (or change the "
+                "scale: fewer tokens, a smaller model, a longer schedule) until the best E is interior")
     if reference.iid.mean <= fit.C:
         return (f"the real-only recipe {reference.name}'s loss L_real = {reference.iid.mean:.4f} is at or below the "
                 f"baseline fit's asymptote C = {fit.C:.4f}, so D(L_real) is undefined; the baseline needs more "
