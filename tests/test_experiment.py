@@ -299,6 +299,7 @@ def test_the_example_runs_every_stage_and_reports(demo):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_rerun_skips_finished_stages_and_a_change_reruns_only_its_dependents_even_after_kills(demo):
     """The fault harness: `megadoc run` killed with -9 at random moments (MEGADOC_FAULT_KILLS times, 2 by
     default; the seed is printed), then run to the end. Nothing may be lost or done twice: every stage
@@ -345,6 +346,7 @@ def test_rerun_skips_finished_stages_and_a_change_reruns_only_its_dependents_eve
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_local_sweep_runs_the_start_point_and_its_neighbours_until_tuned(demo):
     work, _ = demo
     output = run_example(work, "sweep", "--set", "sweep.lr=[0.003, 0.01]", "--set", "sweep.weight_decay=[0.1]",
@@ -384,6 +386,7 @@ def test_each_refresh_round_tunes_the_last_generator_against_the_last_checkpoint
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_a_refresh_round_tunes_regenerates_continues_and_records_its_lineage(demo):
     """Pre-train; then a round: GRPO-tune the generator (every reward live) against the newest
     checkpoint, regenerate with it (the hf backend loads it), continue from that checkpoint with
@@ -433,6 +436,7 @@ def test_a_refresh_round_tunes_regenerates_continues_and_records_its_lineage(dem
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_mixture_study_trains_every_share_and_budget_and_fits_each_share(demo):
     """w = 0 (real only) and w = 1 (synthetic only) at two token budgets: real blends, real
     training, the report and its plot (the fits: the test below)."""

@@ -94,9 +94,10 @@ class Recipe:
     name: str = ""
     kind: str = ""                   # real | simple | stitch | stretch | textbook
     generations: int | None = None   # G: generations per document (synthetic kinds)
-    epochs: int | list | None = None  # E: exact passes over the real training data, or
+    epochs: int | list | None = None  # E: exact passes over the real training data (a list: a grid), or
     train_tokens: int | None = None  # ... a budget of training tokens, the real data repeated as it falls out
     synthetic_weight: float | list = 0.0  # w: share of the synthetic stream (0 for real; 1, budget only: no real data)
+
     # A list in epochs, synthetic_weight or train.optimizer's lr or weight_decay makes the recipe a grid: every
     # point is trained (named RECIPE-E16-w0.5, ...), and the report keeps the best by held-out loss and says
     # whether it is a local optimum (every neighbour one step away trained and worse) or at the grid's edge.
