@@ -292,8 +292,9 @@ def plot_all(summaries: list, fit, folder: Path, found: list[Asymptote] = ()) ->
     import matplotlib
 
     matplotlib.use("Agg")
-    plots = [_plot_generations(summaries, folder), _plot_positions(summaries, folder),
-             _plot_fit(summaries, fit, folder), _plot_asymptotes(found, folder)]
+    with matplotlib.rc_context({"font.size": 12, "legend.fontsize": 10}):  # legible at the docs' width
+        plots = [_plot_generations(summaries, folder), _plot_positions(summaries, folder),
+                 _plot_fit(summaries, fit, folder), _plot_asymptotes(found, folder)]
     return [p for p in plots if p is not None]
 
 
@@ -342,7 +343,7 @@ def _plot_generations(summaries, folder):
             by_recipe.setdefault(summary.first.recipe, []).append((summary.first.generations, summary.iid))
     if not by_recipe:
         return None
-    figure, axes = plt.subplots(figsize=(6, 4))
+    figure, axes = plt.subplots(figsize=(8, 5))
     for recipe, points in sorted(by_recipe.items()):
         points.sort(key=lambda p: p[0])
         axes.errorbar([p[0] for p in points], [p[1].mean for p in points], yerr=[_std(p[1]) for p in points],
@@ -360,7 +361,8 @@ def _plot_generations(summaries, folder):
     axes.set_xticks(generations)
     axes.xaxis.set_major_formatter(ScalarFormatter())
     axes.xaxis.set_minor_formatter(NullFormatter())
-    axes.legend(fontsize="small")
+    axes.grid(alpha=0.3)
+    axes.legend()
     return _save(figure, folder / "loss_vs_generations.png", "i.i.d. loss against G per recipe, mean ± standard "
                                                              "deviation over seeds (dashed and shaded: real-only "
                                                              "runs on the same real data)")
@@ -385,25 +387,24 @@ def _plot_positions(summaries, folder):
     pairs = [(s, r) for s, r in pairs if r is not None and r.long is not None]
     if not pairs:
         return None
-    with plt.rc_context({"font.size": 12, "legend.fontsize": 10}):
-        figure, axes = plt.subplots(figsize=(9, 5))
-        for number, (summary, real) in enumerate(pairs):
-            recipe, reference = _position_curve(summary), _position_curve(real)
-            middles = [m for m in recipe if m in reference]
-            gaps = [Difference.of(Spread.of(recipe[m]), Spread.of(reference[m])) for m in middles]
-            values = [g.value for g in gaps]
-            axes.plot(middles, values, marker="o", color=f"C{number % 10}", label=summary.name)
-            if all(g.two_errors is not None for g in gaps):
-                axes.fill_between(middles, [g.value - g.two_errors for g in gaps],
-                                  [g.value + g.two_errors for g in gaps], color=f"C{number % 10}", alpha=0.12)
-        axes.axhline(0, color="grey", linestyle="--", linewidth=1.2, label=f"real only ({pairs[0][1].name})")
-        axes.set(xlabel="token position in the document (bucket middle)", ylabel="loss minus real-only's",
-                 title="Long held-out documents: loss by position vs. real-only")
-        axes.grid(alpha=0.3)
-        axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
-        return _save(figure, folder / "loss_vs_position.png",
-                     "loss by token position on long held-out documents, each recipe minus real-only on the same "
-                     "real data (mean over seeds; shaded: ± two standard errors; below zero: better than real-only)")
+    figure, axes = plt.subplots(figsize=(9, 5))
+    for number, (summary, real) in enumerate(pairs):
+        recipe, reference = _position_curve(summary), _position_curve(real)
+        middles = [m for m in recipe if m in reference]
+        gaps = [Difference.of(Spread.of(recipe[m]), Spread.of(reference[m])) for m in middles]
+        values = [g.value for g in gaps]
+        axes.plot(middles, values, marker="o", color=f"C{number % 10}", label=summary.name)
+        if all(g.two_errors is not None for g in gaps):
+            axes.fill_between(middles, [g.value - g.two_errors for g in gaps],
+                              [g.value + g.two_errors for g in gaps], color=f"C{number % 10}", alpha=0.12)
+    axes.axhline(0, color="grey", linestyle="--", linewidth=1.2, label=f"real only ({pairs[0][1].name})")
+    axes.set(xlabel="token position in the document (bucket middle)", ylabel="loss minus real-only's",
+             title="Long held-out documents: loss by position vs. real-only")
+    axes.grid(alpha=0.3)
+    axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
+    return _save(figure, folder / "loss_vs_position.png",
+                 "loss by token position on long held-out documents, each recipe minus real-only on the same "
+                 "real data (mean over seeds; shaded: ± two standard errors; below zero: better than real-only)")
 
 
 def _plot_fit(summaries, fit, folder):
@@ -419,42 +420,41 @@ def _plot_fit(summaries, fit, folder):
     reference = reference_recipe(summaries)
     recipes = [s for s in summaries if s.iid is not None and s.first.recipe != "real"]
     left, right = base[0][0] / 1.5, base[-1][0] * 4  # the baseline's span: no recipe stretches the axis
-    with plt.rc_context({"font.size": 12, "legend.fontsize": 10}):
-        figure, axes = plt.subplots(figsize=(9, 5))
-        xs = np.geomspace(left, right, 200)
-        axes.plot(xs, fit.loss(xs), color="black", linewidth=1.5,
-                  label=f"fit: {fit.A:.3g} / (D / {fit.x_unit:.3g})^{fit.B:.3g} + {fit.C:.3f}")
-        axes.errorbar([p[0] for p in base], [p[1].mean for p in base], yerr=[_std(p[1]) for p in base],
-                      color="black", fmt="o", capsize=3, zorder=4, label="real-only runs (mean ± std)")
-        axes.axhline(fit.C, color="black", linestyle=":", linewidth=1.2, label=f"asymptote C = {fit.C:.3f}")
-        if reference is not None:
-            axes.axhline(reference.iid.mean, color="grey", linestyle="--", linewidth=1.5,
-                         label=f"L_real: {reference.name} {reference.iid.mean:.4f} (1.00x)")
-            if reference.iid.mean > fit.C and left <= fit.inverse(reference.iid.mean) <= right:
-                axes.plot([fit.inverse(reference.iid.mean)], [reference.iid.mean], marker="s", color="grey", zorder=5)
-        for number, summary in enumerate(recipes):
-            color, loss = f"C{number % 10}", summary.iid.mean
-            axes.axhline(loss, color=color, linewidth=1.5, label=f"{summary.name} {loss:.4f}: "
-                                                                  f"{_plot_efficiency(summary)}")
-            if summary.iid.std:
-                axes.axhspan(loss - summary.iid.std, loss + summary.iid.std, color=color, alpha=0.12)
-            worth = fit.inverse(loss)
-            if left <= worth <= right:
-                axes.plot([worth], [loss], marker="o", color=color, zorder=5)
-        losses = [p[1].mean for p in base] + [s.iid.mean for s in recipes] + [fit.C]
-        margin = 0.06 * (max(losses) - min(losses) or 1.0)
-        axes.set_ylim(min(losses) - margin, max(losses) + margin)
-        axes.set_xlim(left, right)
-        axes.set(xscale="log", xlabel="unique real tokens D", ylabel="i.i.d. loss",
-                 title="Real-only baseline and the recipes' losses")
-        axes.grid(alpha=0.3)
-        axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
-        return _save(figure, folder / "scaling_fit.png",
-                     "the real-only baseline: its runs (mean ± standard deviation over seeds), the fit "
-                     "L(D) = A / D^B + C and its asymptote C (dotted); each recipe a horizontal line at its mean "
-                     "loss (shaded: ± standard deviation), marked where it meets the fit, at D(L); dashed: L_real, "
-                     "the real-only recipe on all the real data. Data efficiency = D(L) / D(L_real); a line "
-                     "below C is beyond the baseline's reach")
+    figure, axes = plt.subplots(figsize=(9, 5))
+    xs = np.geomspace(left, right, 200)
+    axes.plot(xs, fit.loss(xs), color="black", linewidth=1.5,
+              label=f"fit: {fit.A:.3g} / (D / {fit.x_unit:.3g})^{fit.B:.3g} + {fit.C:.3f}")
+    axes.errorbar([p[0] for p in base], [p[1].mean for p in base], yerr=[_std(p[1]) for p in base],
+                  color="black", fmt="o", capsize=3, zorder=4, label="real-only runs (mean ± std)")
+    axes.axhline(fit.C, color="black", linestyle=":", linewidth=1.2, label=f"asymptote C = {fit.C:.3f}")
+    if reference is not None:
+        axes.axhline(reference.iid.mean, color="grey", linestyle="--", linewidth=1.5,
+                     label=f"L_real: {reference.name} {reference.iid.mean:.4f} (1.00x)")
+        if reference.iid.mean > fit.C and left <= fit.inverse(reference.iid.mean) <= right:
+            axes.plot([fit.inverse(reference.iid.mean)], [reference.iid.mean], marker="s", color="grey", zorder=5)
+    for number, summary in enumerate(recipes):
+        color, loss = f"C{number % 10}", summary.iid.mean
+        axes.axhline(loss, color=color, linewidth=1.5, label=f"{summary.name} {loss:.4f}: "
+                                                              f"{_plot_efficiency(summary)}")
+        if summary.iid.std:
+            axes.axhspan(loss - summary.iid.std, loss + summary.iid.std, color=color, alpha=0.12)
+        worth = fit.inverse(loss)
+        if left <= worth <= right:
+            axes.plot([worth], [loss], marker="o", color=color, zorder=5)
+    losses = [p[1].mean for p in base] + [s.iid.mean for s in recipes] + [fit.C]
+    margin = 0.06 * (max(losses) - min(losses) or 1.0)
+    axes.set_ylim(min(losses) - margin, max(losses) + margin)
+    axes.set_xlim(left, right)
+    axes.set(xscale="log", xlabel="unique real tokens D", ylabel="i.i.d. loss",
+             title="Real-only baseline and the recipes' losses")
+    axes.grid(alpha=0.3)
+    axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
+    return _save(figure, folder / "scaling_fit.png",
+                 "the real-only baseline: its runs (mean ± standard deviation over seeds), the fit "
+                 "L(D) = A / D^B + C and its asymptote C (dotted); each recipe a horizontal line at its mean "
+                 "loss (shaded: ± standard deviation), marked where it meets the fit, at D(L); dashed: L_real, "
+                 "the real-only recipe on all the real data. Data efficiency = D(L) / D(L_real); a line "
+                 "below C is beyond the baseline's reach")
 
 
 def _plot_efficiency(summary) -> str:
