@@ -550,12 +550,12 @@ def _tuned_runs(real_best_epochs: int, rng) -> list:
         return 2.0 / (tokens / 1e6) ** 0.3 + 3.0
 
     def points(name, recipe, generations, tokens, axis, best, base, steps_per_epoch):
-        axes = {"epochs": axis, "synthetic_weight": [0.5 if generations else 0.0], "lr": [3e-3],
-                "weight_decay": [0.1]}
         return [Run(f"{name}-E{e}", Path("."), recipe, generations, e, 0.5 if generations else None, 3e-3, 0.1,
                     int(tokens), iid_loss=base + 0.02 * m.log2(e / best) ** 2 + rng.normal(0, 0.002), seed=seed,
-                    iterations=int(e * steps_per_epoch), grid={"recipe": name, "axes": axes, "indices": [i, 0, 0, 0]})
-                for i, e in enumerate(axis) for seed in (1, 2, 3)]
+                    iterations=int(e * steps_per_epoch),
+                    grid={"recipe": name, "point": {"epochs": e, "synthetic_weight": 0.5 if generations else 0.0,
+                                                    "lr": 3e-3, "weight_decay": 0.1}})
+                for e in axis for seed in (1, 2, 3)]
 
     runs = []
     for d in (1e6, 2e6, 4e6, 8e6):

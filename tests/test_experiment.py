@@ -155,8 +155,9 @@ def test_seeds_baseline_shares_and_long_held_out_documents_become_stages(config,
 
 def test_grid_recipes_train_every_point_and_each_baseline_share_tunes_the_real_grid(config):
     """Lists make a grid: one train stage per point (and seed), named by the point's settings and labelled
-    with its grid for the report; each baseline share trains the real recipe's grid on one sample stage;
-    `--recipes` takes the grid's name; `megadoc sweep` refuses a recipe that is a grid already."""
+    with them for the report; each baseline share trains the real recipe's grid on one sample stage;
+    `--recipes` takes the grid's name; `megadoc sweep` refuses a recipe that is a grid already; a grid
+    extended later keeps the stages of the points it had."""
     from megadoc_megatron.experiment.runner import select_recipes
     from megadoc_megatron.experiment.sweep import Sweep
 
@@ -173,8 +174,7 @@ def test_grid_recipes_train_every_point_and_each_baseline_share_tunes_the_real_g
                                                                        "stitch_g2-E7-wd0.1", "stitch_g2-E7-wd0.4"]
     point = stages["train-stitch_g2-E7-wd0.4"]
     assert json.loads(point.files["ckpt/recipe.json"])["grid"] == {
-        "recipe": "stitch_g2", "indices": [1, 0, 0, 1],
-        "axes": {"epochs": [4, 7], "synthetic_weight": [0.5], "lr": [None], "weight_decay": [0.1, 0.4]}}
+        "recipe": "stitch_g2", "point": {"epochs": 7, "synthetic_weight": 0.5, "lr": None, "weight_decay": 0.4}}
     optimizer = json.loads(point.files["train.yaml"])["optimizer"]
     assert optimizer["weight_decay"] == 0.4 and optimizer["lr"] == 3.0e-3  # the rest from the train section
     blend = point.argv(point.commands[0])
@@ -188,6 +188,12 @@ def test_grid_recipes_train_every_point_and_each_baseline_share_tunes_the_real_g
     assert list(chosen) == ["real_f0.25-E7", "real_f0.25-E14", "real_f0.5-E7", "real_f0.5-E14", "real-E7", "real-E14"]
     with pytest.raises(InputError, match="sweep.recipe 'stitch_g2' gives a grid already"):
         Sweep(str(path), [])
+
+    def extended(c):  # a grid extended later keeps the points it has trained
+        change(c)
+        c["recipes"][0]["epochs"] = [7, 14, 28]
+    folders, more = stage_folders(path), stage_folders(config(extended, "extended.yaml"))
+    assert [n for n, f in folders.items() if more.get(n) != f] == ["report"] and "train-real-E28" in more
 
 
 def test_a_held_out_document_or_id_that_is_also_trained_on_is_refused_before_any_stage(config, tmp_path, capsys):

@@ -38,7 +38,7 @@ class RunLabel:
     generations: int | None = None     # G
     round: int | None = None           # the refresh round, for refresh recipes
     seed: int | None = None            # the training seed's number (2, 3, ...; none: the first)
-    grid: dict | None = None           # a grid point's {recipe, axes, indices} (experiment/config.py)
+    grid: dict | None = None           # a grid point's {recipe, point: {axis: value}} (experiment/config.py)
 
     def to_json(self) -> str:
         return json.dumps({k: v for k, v in asdict(self).items()
@@ -69,7 +69,7 @@ class Run:
     ensemble: list[dict] | None = None   # [{"members": K, "loss"}] of this run's largest ensemble result
     seed: int = 1                        # the training seed's number among the runs of its name
     iterations: int | None = None        # training steps (the blend's)
-    grid: dict | None = None             # a grid point's {recipe, axes, indices}
+    grid: dict | None = None             # a grid point's {recipe, point: {axis: value}}
 
 
 def load_run(path: Path, eval_name: str | None = None) -> Run:

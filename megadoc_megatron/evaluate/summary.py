@@ -176,11 +176,12 @@ def keep_best_points(points: list[RecipeSummary]) -> list[RecipeSummary]:
 def _best_point(recipe: str, points: list[RecipeSummary]) -> RecipeSummary:
     from megadoc_megatron.experiment.sweep import AXES, Point, local_optimum
 
-    axes = points[0].first.grid["axes"]
+    # the grid is what was trained: each axis's values over the points given
+    axes = {a: sorted({s.first.grid["point"][a] for s in points}, key=lambda v: (v is None, v)) for a in AXES}
 
     def point(summary) -> Point:
-        indices = tuple(summary.first.grid["indices"])
-        return Point(indices, tuple(axes[a][i] for a, i in zip(AXES, indices)))
+        values = tuple(summary.first.grid["point"][a] for a in AXES)
+        return Point(tuple(axes[a].index(v) for a, v in zip(AXES, values)), values)
 
     verdict = local_optimum(axes, {point(s): s.iid.mean for s in points if s.iid is not None})
     if verdict.best is None:  # nothing evaluated yet: the first point, without losses

@@ -105,7 +105,7 @@ class Recipe:
     train: dict = field(default_factory=dict)  # overrides of the train section, e.g. {optimizer: {lr: 1e-3}}
     refresh: RefreshConfig = field(default_factory=RefreshConfig)
     share: float = field(default=1.0, metadata={"internal": True})  # of the real documents (baseline)
-    grid: dict | None = field(default=None, metadata={"internal": True})  # a grid point's {recipe, axes, indices}
+    grid: dict | None = field(default=None, metadata={"internal": True})  # a grid point's {recipe, axes, point}
 
 
 @dataclass
@@ -203,7 +203,7 @@ def grid_points(recipe: Recipe, where: str, path) -> list[Recipe]:
         train = {**recipe.train, "optimizer": {**optimizer, **tuned}} if tuned else recipe.train
         points.append(replace(recipe, name=recipe.name + suffix(axes, point.values), epochs=settings["epochs"],
                               synthetic_weight=settings["synthetic_weight"], train=train,
-                              grid={"recipe": recipe.name, "axes": axes, "indices": list(point.indices)}))
+                              grid={"recipe": recipe.name, "axes": axes, "point": settings}))
     return points
 
 
@@ -343,6 +343,6 @@ def _share_of(recipe: Recipe, fraction: float, same_compute: bool) -> Recipe:
     if not recipe.grid:
         return replace(recipe, name=name, share=fraction, epochs=epochs(recipe.epochs))
     axes = {**recipe.grid["axes"], "epochs": [epochs(e) for e in recipe.grid["axes"]["epochs"]]}
-    values = tuple(axes[a][i] for a, i in zip(AXES, recipe.grid["indices"]))
-    return replace(recipe, name=name + suffix(axes, values), share=fraction, epochs=epochs(recipe.epochs),
-                   grid={**recipe.grid, "recipe": name, "axes": axes})
+    point = {**recipe.grid["point"], "epochs": epochs(recipe.epochs)}
+    return replace(recipe, name=name + suffix(axes, tuple(point[a] for a in AXES)), share=fraction,
+                   epochs=point["epochs"], grid={"recipe": name, "axes": axes, "point": point})

@@ -339,8 +339,9 @@ def train_stage(experiment: Experiment, recipe: Recipe, prefixes: dict, syntheti
     files = {"train.yaml": json.dumps(config, indent=2) + "\n"}
     if round_number is not None:
         files["lineage.json"] = json.dumps({"recipe": recipe.name, "rounds": lineage}, indent=2) + "\n"
-    label = RunLabel(recipe.name, recipe.kind, recipe.generations, round_number, seed + 1 if seed else None,
-                     recipe.grid)
+    # the point's own settings, not the whole grid: a grid extended later keeps its trained points
+    grid = {"recipe": recipe.grid["recipe"], "point": recipe.grid["point"]} if recipe.grid else None
+    label = RunLabel(recipe.name, recipe.kind, recipe.generations, round_number, seed + 1 if seed else None, grid)
     files["ckpt/recipe.json"] = label.to_json() + "\n"
     suffix = f"-r{round_number}" if round_number else ""
     return Stage(f"train-{run_name(recipe.name, seed)}{suffix}", [
