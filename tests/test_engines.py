@@ -151,6 +151,7 @@ def four_layer_run(tmp_path_factory, blend_json):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_interleaved_pipeline_of_two_stages_continues_the_single_process_run(four_layer_run, tmp_path, blend_json):
     """Pipeline 2 x virtual 2 x data 2 (four gloo processes), 4 micro-batches of 1 per rank (the
     steady state, where sends go both ways at once). With two stages a rank's previous and next

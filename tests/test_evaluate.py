@@ -243,11 +243,11 @@ def test_report_tables_and_plots_the_runs(runs, held_out, tmp_path):
         build_report([str(r) for r in runs], tmp_path / "report")
     report = build_report([str(r) for r in runs], tmp_path / "report", eval_name="held_text_document")
     lines = (tmp_path / "report" / "report.md").read_text().splitlines()
-    assert lines[2].startswith("| run | recipe | G | E | w | lr | wd | seeds | i.i.d. loss | vs. real only | "
-                               "long-context loss")
+    assert lines[2].startswith("| run | recipe | G | E | w | lr | wd | tuned | steps | seeds | i.i.d. loss | "
+                               "vs. real only | vs. real only, same steps | long-context loss")
     real_row, stitch_row = lines[4].split(" | "), lines[5].split(" | ")
     loss = read_result(runs[0], "loss.held_text_document.*.json")["metrics"]["loss"]
-    assert real_row[1:9] == ["real", "—", "1", "0.5", "0.003", "0.1", "1", f"{loss:.4f}"]
+    assert real_row[1:8] + real_row[9:11] == ["real", "—", "1", "0.5", "0.003", "0.1", "—", "1", f"{loss:.4f}"]
     assert stitch_row[1:3] == ["stitch", "2"]
     assert "No data efficiency: a scaling fit over real-only data amounts needs at least 4" in report["markdown"]
     from megadoc_megatron.model.presets import PRESETS, padded_vocab_size, parameter_count
@@ -407,7 +407,7 @@ def test_report_summarizes_seeds_and_says_what_the_numbers_support(tmp_path):
     assert recipes["simple_g2"]["iid_loss"]["mean"] == pytest.approx(np.mean(losses))
     assert recipes["simple_g2"]["iid_loss"]["std"] == pytest.approx(np.std(losses, ddof=1))
     row = next(line for line in report["markdown"].splitlines() if line.startswith("| simple_g2 |")).split(" | ")
-    assert row[7] == "3" and row[8] == f"{np.mean(losses):.4f} ± {np.std(losses, ddof=1):.4f}"
+    assert row[9] == "3" and row[10] == f"{np.mean(losses):.4f} ± {np.std(losses, ddof=1):.4f}"
     # stitched G=2 and simple G=2 sit at 2x the real data, stitched G=1 at 1x: each 90% range lies near
     # the truth (within 3%: the noise moves it) and is narrow
     for name, worth in (("simple_g2", 2.0), ("stitch_g2", 2.0), ("stitch_g1", 1.0)):
@@ -424,7 +424,8 @@ def test_report_summarizes_seeds_and_says_what_the_numbers_support(tmp_path):
     assert verdicts == {"synthetic": "partly supports", "stitched": "cannot resolve at this scale",
                         "megadocs'": "supports"}
     assert "Only G=2 has both" in report["markdown"] and "Published: 300M: real-only 3.554" in report["markdown"]
-    assert "At the same E these recipes train 2x the steps of real-only" in report["markdown"]  # w = 0.5
+    assert "No real-only run on the same real data trained as many steps as simple_g2, stitch_g2, stitch_g1" \
+        in report["markdown"] and "Real-only (real) was trained at one E, not tuned" in report["markdown"]
     assert (tmp_path / "report/scaling_fit.png").stat().st_size > 10_000
 
 
@@ -534,3 +535,76 @@ def test_lm_eval_adapter_scores_a_local_multiple_choice_task(runs, tmp_path):
     finally:
         shutdown()
     assert metrics["accuracy"]["megadoc_local_mc"] == pytest.approx(correct / len(QUESTIONS))
+
+
+def _tuned_runs(real_best_epochs: int, rng) -> list:
+    """Three seeds of each grid point (noise 0.002). Real-only at four amounts D, E in 8/16/32/64:
+    law(D) + 0.02 * log2(E / best)^2, best at `real_best_epochs`; stitched G=2 (w = 0.5, twice the steps
+    of real-only at its E) at E 8/16/32: law(2D) + 0.02 * log2(E / 16)^2. A step is 10 iterations per
+    epoch and million real tokens."""
+    import math as m
+
+    from megadoc_megatron.evaluate.report import Run
+
+    def law(tokens):
+        return 2.0 / (tokens / 1e6) ** 0.3 + 3.0
+
+    def points(name, recipe, generations, tokens, axis, best, base, steps_per_epoch):
+        return [Run(f"{name}-E{e}", Path("."), recipe, generations, e, 0.5 if generations else None, 3e-3, 0.1,
+                    int(tokens), iid_loss=base + 0.02 * m.log2(e / best) ** 2 + rng.normal(0, 0.002), seed=seed,
+                    iterations=int(e * steps_per_epoch),
+                    grid={"recipe": name, "point": {"epochs": e, "synthetic_weight": 0.5 if generations else 0.0,
+                                                    "lr": 3e-3, "weight_decay": 0.1}})
+                for e in axis for seed in (1, 2, 3)]
+
+    runs = []
+    for d in (1e6, 2e6, 4e6, 8e6):
+        name = "real" if d == 8e6 else f"real_f{d / 8e6:g}"
+        runs += points(name, "real", None, d, [8, 16, 32, 64], real_best_epochs, law(d), 10 * d / 1e6)
+    runs += points("stitch_g2", "stitch", 2, 8e6, [8, 16, 32], 16, law(16e6), 2 * 10 * 8)
+    return runs
+
+
+def test_report_keeps_each_grids_best_point_and_compares_at_equal_compute(tmp_path):
+    """Grids on known laws: each recipe is represented by its best point (a local optimum, its grid in the
+    Tuning table), the baseline fits the kept points only, data efficiency comes out at the law's 2x, and
+    stitched G=2 is also compared with the real-only point of as many steps (E 32, not the kept E 16)."""
+    from megadoc_megatron.evaluate.report import write_report
+
+    report = write_report(_tuned_runs(16, np.random.default_rng(0)), tmp_path / "report")
+    recipes = {r["name"]: r for r in report["recipes"]}
+    assert set(recipes) == {"real_f0.125", "real_f0.25", "real_f0.5", "real", "stitch_g2"}
+    assert recipes["real"]["tuning"]["kept"] == "real-E16" and recipes["real"]["tuning"]["tuned"]
+    assert recipes["real"]["tuning"]["edges"] == [] and recipes["stitch_g2"]["tuning"]["kept"] == "stitch_g2-E16"
+    assert report["baseline_fit"]["points"] == 12  # 4 kept points x 3 seeds, not all 48 real-only runs
+    assert report["baseline_fit"]["C"] == pytest.approx(3.0, abs=0.05)
+    assert recipes["real"]["efficiency"] == 1.0
+    assert recipes["stitch_g2"]["efficiency"] == pytest.approx(2.0, rel=0.1)
+    equal = recipes["stitch_g2"]["equal_compute"]
+    assert equal["real_run"] == "real-E32" and equal["iterations"] == 2560 == recipes["stitch_g2"]["iterations"]
+    # the same data effect, plus the 0.02 that E 32 costs real-only
+    assert equal["difference"] == pytest.approx(recipes["stitch_g2"]["versus_real"]["difference"] - 0.02, abs=0.01)
+    markdown = report["markdown"]
+    row = next(line for line in markdown.splitlines() if line.startswith("| real |")).split(" | ")
+    assert row[7] == "E 16 of 8/16/32/64: a local optimum" and row[8] == "1280"
+    assert "## Tuning" in markdown and markdown.count("| kept |") == 5
+    assert "| real | real-E64 | 64 |" in markdown
+    assert "At the same number of training steps (compute held equal): stitch_g2 (2560 steps) lower than " \
+           "real-only of as many steps (real-E32) by" in markdown
+    assert "claims no data efficiency" not in markdown and "was trained at one E" not in markdown
+
+
+def test_report_of_a_compute_limited_baseline_claims_no_efficiency(tmp_path):
+    """Real-only keeps improving up to the largest E of its grid: the baseline is compute-limited, so the
+    report names the edge, prints no data efficiency, and its claims paragraph says why."""
+    from megadoc_megatron.evaluate.report import write_report
+
+    report = write_report(_tuned_runs(128, np.random.default_rng(0)), tmp_path / "report")
+    recipes = {r["name"]: r for r in report["recipes"]}
+    assert recipes["real"]["tuning"]["kept"] == "real-E64" and recipes["real"]["tuning"]["edges"] == ["epochs"]
+    assert all(r["efficiency"] is None for r in recipes.values())
+    assert "compute-limited" in report["efficiency_note"]
+    markdown = report["markdown"]
+    assert "E 64 of 8/16/32/64: at the grid's edge (E), extend it" in markdown
+    assert "This run claims no data efficiency: real-only is compute-limited here" in markdown
+    assert next(line for line in markdown.splitlines() if line.startswith("| stitch_g2 |")).endswith("| — |")

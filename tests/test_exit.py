@@ -107,6 +107,7 @@ def train_ranks(config) -> list[Train]:
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_a_signal_to_the_whole_job_stops_with_a_checkpoint_and_a_rerun_resumes_exactly(uninterrupted, tmp_path,
                                                                                        blend_json):
     """SIGUSR1 to every process of the job, as SLURM sends it before a time limit: megatron-core's
@@ -158,6 +159,7 @@ def test_a_stop_without_checkpoint_dir_is_an_error_that_says_so(tmp_path, blend_
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_a_signal_to_one_rank_stops_both_at_the_same_iteration(uninterrupted, tmp_path, blend_json):
     """Two data-parallel gloo ranks, SIGUSR1 to rank 1 alone: the ranks agree after every iteration,
     so both save the same iteration and exit 75, and both name the signal; the rerun completes."""

@@ -30,6 +30,12 @@ from megadoc_megatron.train.metrics import metric_rows
 EXAMPLE = REPO / "examples/tiny_cpu/experiment.yaml"
 
 
+def example_at_one_point() -> list[dict]:
+    """The example's recipes with E 16 where it gives a grid: one training each (grids: test_grid_*)."""
+    recipes = yaml.safe_load(EXAMPLE.read_text())["recipes"]
+    return [{**r, "epochs": 16 if isinstance(r.get("epochs"), list) else r["epochs"]} for r in recipes]
+
+
 @pytest.fixture()
 def config(tmp_path, spm_model):
     """The example config, pointed at a tiny corpus; returns a writer of variants."""
@@ -39,7 +45,8 @@ def config(tmp_path, spm_model):
     base = yaml.safe_load(EXAMPLE.read_text())
     base.update(work_dir=str(tmp_path / "work"), corpus={"train": "train.jsonl", "heldout": "heldout.jsonl"},
                 tokenizer={"type": "SentencePieceTokenizer", "model": str(spm_model)},
-                seeds=1, baseline={})  # one training per recipe (the seeds test sets both)
+                seeds=1, baseline={}, recipes=example_at_one_point())  # one training per recipe (the seeds
+    # test sets both)
 
     def write(change=lambda c: None, name="experiment.yaml"):
         values = json.loads(json.dumps(base))
@@ -87,6 +94,8 @@ def stage_folders(path) -> dict[str, str]:
                         recipes=c["recipes"] + [dict(c["recipes"][0], name="real_f0.5")]),
      "recipe 'real_f0.5' has the name of a baseline run"),
     (lambda c: c["corpus"].update(long_heldout="missing.jsonl"), "corpus.long_heldout file not found"),
+    (lambda c: c["recipes"][0].update(epochs=[7, 7]), "recipes[0]: epochs as a grid is a list of distinct numbers"),
+    (lambda c: c["recipes"][0].update(epochs=[0, 7]), "recipes[0]: epochs must be at least 1, not 0"),
 ])
 def test_config_errors_name_the_field(config, change, message):
     with pytest.raises(InputError, match=re.escape(message)) as error:
@@ -144,6 +153,49 @@ def test_seeds_baseline_shares_and_long_held_out_documents_become_stages(config,
     assert {"tune-stitch_g2-r1", "tune-stitch_g2-seed2-r1", "train-stitch_g2-seed2-r1"} <= set(stages)  # per seed
 
 
+def test_grid_recipes_train_every_point_and_each_baseline_share_tunes_the_real_grid(config):
+    """Lists make a grid: one train stage per point (and seed), named by the point's settings and labelled
+    with them for the report; each baseline share trains the real recipe's grid on one sample stage;
+    `--recipes` takes the grid's name; `megadoc sweep` refuses a recipe that is a grid already; a grid
+    extended later keeps the stages of the points it had."""
+    from megadoc_megatron.experiment.runner import select_recipes
+    from megadoc_megatron.experiment.sweep import Sweep
+
+    def change(c):
+        c["recipes"][0]["epochs"] = [7, 14]
+        c["recipes"][3].update(epochs=[4, 7], train={"optimizer": {"weight_decay": [0.1, 0.4]}})
+        c.update(baseline={"fractions": [0.25, 0.5], "same_compute": False}, sweep={"recipe": "stitch_g2"})
+    path = config(change)
+    plan = build_graph(load_experiment(path))
+    stages = {s.name: s for s in plan.graph.stages}
+    assert [n for n in plan.runs_of if n.startswith("real")] == ["real_f0.25-E7", "real_f0.25-E14", "real_f0.5-E7",
+                                                                  "real_f0.5-E14", "real-E7", "real-E14"]
+    assert [n for n in plan.runs_of if n.startswith("stitch_g2")] == ["stitch_g2-E4-wd0.1", "stitch_g2-E4-wd0.4",
+                                                                       "stitch_g2-E7-wd0.1", "stitch_g2-E7-wd0.4"]
+    point = stages["train-stitch_g2-E7-wd0.4"]
+    assert json.loads(point.files["ckpt/recipe.json"])["grid"] == {
+        "recipe": "stitch_g2", "point": {"epochs": 7, "synthetic_weight": 0.5, "lr": None, "weight_decay": 0.4}}
+    optimizer = json.loads(point.files["train.yaml"])["optimizer"]
+    assert optimizer["weight_decay"] == 0.4 and optimizer["lr"] == 3.0e-3  # the rest from the train section
+    blend = point.argv(point.commands[0])
+    assert blend[blend.index("-E") + 1] == "7" and blend[blend.index("-w") + 1] == "0.5"
+    assert [n for n in stages if n.startswith("sample-")] == ["sample-train-f0.25", "sample-train-f0.5"]
+    share = stages["train-real_f0.25-E14"]
+    assert share.argv(share.commands[0])[share.argv(share.commands[0]).index("-E") + 1] == "14"
+    assert json.loads(share.files["ckpt/recipe.json"])["grid"]["recipe"] == "real_f0.25"
+    assert "grid" not in json.loads(stages["train-simple_g2"].files["ckpt/recipe.json"])  # a point: as before
+    chosen = build_graph(select_recipes(load_experiment(path), ["real"])).runs_of
+    assert list(chosen) == ["real_f0.25-E7", "real_f0.25-E14", "real_f0.5-E7", "real_f0.5-E14", "real-E7", "real-E14"]
+    with pytest.raises(InputError, match="sweep.recipe 'stitch_g2' gives a grid already"):
+        Sweep(str(path), [])
+
+    def extended(c):  # a grid extended later keeps the points it has trained
+        change(c)
+        c["recipes"][0]["epochs"] = [7, 14, 28]
+    folders, more = stage_folders(path), stage_folders(config(extended, "extended.yaml"))
+    assert [n for n, f in folders.items() if more.get(n) != f] == ["report"] and "train-real-E28" in more
+
+
 def test_a_held_out_document_or_id_that_is_also_trained_on_is_refused_before_any_stage(config, tmp_path, capsys):
     path = config()
     train = (tmp_path / "train.jsonl").read_text().splitlines()
@@ -191,7 +243,8 @@ def test_a_changed_setting_changes_only_the_keys_of_the_stages_that_depend_on_it
 
 
 SMALLER = ("--set", "rephrase.max_new_tokens=24", "--set", "rationale.max_new_tokens=16", "--set",
-           "generator.min_length_ratio=0", "--set", "seeds=1", "--set", "baseline.fractions=[]")  # too few documents
+           "generator.min_length_ratio=0", "--set", "seeds=1", "--set", "baseline.fractions=[]",  # too few documents
+           "--set", f"recipes={json.dumps(example_at_one_point())}")
 # for a baseline; seeds and baseline: test_seeds_baseline_shares_and_long_held_out_documents_become_stages
 
 
@@ -252,6 +305,7 @@ def test_the_example_runs_every_stage_and_reports(demo):
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_rerun_skips_finished_stages_and_a_change_reruns_only_its_dependents_even_after_kills(demo):
     """The fault harness: `megadoc run` killed with -9 at random moments (MEGADOC_FAULT_KILLS times, 2 by
     default; the seed is printed), then run to the end. Nothing may be lost or done twice: every stage
@@ -298,6 +352,7 @@ def test_rerun_skips_finished_stages_and_a_change_reruns_only_its_dependents_eve
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_local_sweep_runs_the_start_point_and_its_neighbours_until_tuned(demo):
     work, _ = demo
     output = run_example(work, "sweep", "--set", "sweep.lr=[0.003, 0.01]", "--set", "sweep.weight_decay=[0.1]",
@@ -337,6 +392,7 @@ def test_each_refresh_round_tunes_the_last_generator_against_the_last_checkpoint
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_a_refresh_round_tunes_regenerates_continues_and_records_its_lineage(demo):
     """Pre-train; then a round: GRPO-tune the generator (every reward live) against the newest
     checkpoint, regenerate with it (the hf backend loads it), continue from that checkpoint with
@@ -386,6 +442,7 @@ def test_a_refresh_round_tunes_regenerates_continues_and_records_its_lineage(dem
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_mixture_study_trains_every_share_and_budget_and_fits_each_share(demo):
     """w = 0 (real only) and w = 1 (synthetic only) at two token budgets: real blends, real
     training, the report and its plot (the fits: the test below)."""

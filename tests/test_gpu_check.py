@@ -21,6 +21,7 @@ def gpu_check(tmp_path, *flags) -> tuple[subprocess.CompletedProcess, dict]:
     return run, json.loads(out.read_text())
 
 
+@pytest.mark.slow
 def test_gpu_check_cpu_form(tmp_path):
     run, summary = gpu_check(tmp_path, "--device", "cpu", "--tiny")
     checks = summary["checks"]

@@ -66,7 +66,8 @@ def experiment_config(folder: Path) -> Path:
                   launch={"train": f"{sys.executable} -m torch.distributed.run --standalone --nproc-per-node 2",
                           "grace_seconds": 20, "synth_tasks": 2, "preprocess_tasks": 2,
                           "slurm": {"train": TIME_LIMIT_TRAIN}})
-    config["train"]["data"]["micro_batch_size"] = 4  # 2 data-parallel ranks
+    config["blend"]["global_batch_size"] = 8  # 2 data-parallel ranks of 4
+    config["train"]["data"]["micro_batch_size"] = 4
     config["rephrase"]["max_new_tokens"] = 24
     config["rationale"]["max_new_tokens"] = 16
     config["generator"]["min_length_ratio"] = 0

@@ -305,6 +305,7 @@ def synth_command(corpus: Path, output: Path, *extra: str) -> list[str]:
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 def test_killed_run_resumes_without_duplicates_or_losses(tmp_path):
     corpus = write_corpus(tmp_path / "docs.jsonl", DOCUMENTS)
     output = tmp_path / "out"

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from megadoc_megatron.errors import InputError
 from megadoc_megatron.evaluate.results import latest_result
-from megadoc_megatron.evaluate.summary import Spread, claims, summarize
+from megadoc_megatron.evaluate.summary import Difference, Spread, claims, summarize
 from megadoc_megatron.files import write_text_atomic
 
 RECIPES = ("real", "simple", "stitch", "stretch")
@@ -38,9 +38,11 @@ class RunLabel:
     generations: int | None = None     # G
     round: int | None = None           # the refresh round, for refresh recipes
     seed: int | None = None            # the training seed's number (2, 3, ...; none: the first)
+    grid: dict | None = None           # a grid point's {recipe, point: {axis: value}} (experiment/config.py)
 
     def to_json(self) -> str:
-        return json.dumps({k: v for k, v in asdict(self).items() if v is not None or k not in ("round", "seed")})
+        return json.dumps({k: v for k, v in asdict(self).items()
+                           if v is not None or k not in ("round", "seed", "grid")})
 
     @classmethod
     def load(cls, run_dir: Path) -> "RunLabel":
@@ -66,6 +68,8 @@ class Run:
     parameters: int | None = None        # of the model, from its preset and vocabulary
     ensemble: list[dict] | None = None   # [{"members": K, "loss"}] of this run's largest ensemble result
     seed: int = 1                        # the training seed's number among the runs of its name
+    iterations: int | None = None        # training steps (the blend's)
+    grid: dict | None = None             # a grid point's {recipe, point: {axis: value}}
 
 
 def load_run(path: Path, eval_name: str | None = None) -> Run:
@@ -94,6 +98,8 @@ def load_run(path: Path, eval_name: str | None = None) -> Run:
     run.parameters = _parameters(config["model"], info.vocab_size if info else None)
     run.ensemble = _largest_ensemble(path, eval_name)
     run.seed = label.seed or 1
+    run.iterations = blend.train_iters if blend else None
+    run.grid = label.grid
     return run
 
 
@@ -140,14 +146,16 @@ def fit_or_reason(points: list[tuple[float, float]], what: str):
         return None, error.message
 
 
-def baseline_points(runs: list[Run]) -> list[tuple[int, float]]:
-    """(unique real tokens, i.i.d. loss) of every real-only run: the baseline's points."""
-    return [(r.real_tokens, r.iid_loss) for r in runs if r.recipe == "real" and r.iid_loss and r.real_tokens]
+def baseline_points(summaries: list) -> list[tuple[int, float]]:
+    """(unique real tokens, i.i.d. loss) of every run of the real-only recipes (of a grid, the kept
+    point's): the baseline's points."""
+    return [(r.real_tokens, r.iid_loss) for s in summaries if s.first.recipe == "real" for r in s.runs
+            if r.iid_loss and r.real_tokens]
 
 
-def baseline_fit(runs: list[Run]):
-    """The fit of real-only runs over real tokens, or (None, why not)."""
-    return fit_or_reason(baseline_points(runs), "real-only data amounts")
+def baseline_fit(summaries: list):
+    """The fit of the real-only recipes over real tokens, or (None, why not)."""
+    return fit_or_reason(baseline_points(summaries), "real-only data amounts")
 
 
 @dataclass
@@ -219,18 +227,38 @@ def _spread_cell(value) -> str:
 
 def table_rows(summaries: list) -> tuple[list[str], list[list[str]]]:
     tasks = sorted({task for summary in summaries for run in summary.runs for task in run.downstream})
-    header = ["run", "recipe", "G", "E", "w", "lr", "wd", "seeds", "i.i.d. loss", "vs. real only",
-              "long-context loss", "beyond offset", *tasks, "data efficiency"]
+    header = ["run", "recipe", "G", "E", "w", "lr", "wd", "tuned", "steps", "seeds", "i.i.d. loss", "vs. real only",
+              "vs. real only, same steps", "long-context loss", "beyond offset", *tasks, "data efficiency"]
     rows = []
     for summary in sorted(summaries, key=_order):
         run = summary.first
         accuracy = {task: Spread.of(r.downstream.get(task) for r in summary.runs) for task in tasks}
         rows.append([summary.name, run.recipe, _cell(run.generations), _cell(run.epochs),
-                     _cell(run.synthetic_weight), _cell(run.lr), _cell(run.weight_decay), str(len(summary.runs)),
-                     _spread_cell(summary.iid), _spread_cell(summary.versus_real),
-                     _spread_cell(summary.long), _spread_cell(summary.beyond),
+                     _cell(run.synthetic_weight), _cell(run.lr), _cell(run.weight_decay),
+                     summary.tuning.words() if summary.tuning else "—", _cell(run.iterations),
+                     str(len(summary.runs)), _spread_cell(summary.iid), _spread_cell(summary.versus_real),
+                     _equal_compute_cell(summary), _spread_cell(summary.long), _spread_cell(summary.beyond),
                      *[_cell(a.cell(3) if a else None) for a in accuracy.values()],
                      _efficiency_cell(summary)])
+    return header, rows
+
+
+def _equal_compute_cell(summary) -> str:
+    if summary.versus_equal_compute is None:
+        return "—"
+    return f"{summary.versus_equal_compute.cell()} ({summary.equal_compute.name})"
+
+
+def tuning_rows(summaries: list) -> tuple[list[str], list[list[str]]]:
+    """Every point of every grid, with its mean loss; the kept one marked."""
+    header = ["recipe", "point", "E", "w", "lr", "wd", "steps", "seeds", "i.i.d. loss", ""]
+    rows = []
+    for summary in sorted((s for s in summaries if s.tuning), key=_order):
+        for point in summary.tuning.points:
+            run = point.first
+            rows.append([summary.name, point.name, _cell(run.epochs), _cell(run.synthetic_weight), _cell(run.lr),
+                         _cell(run.weight_decay), _cell(run.iterations), str(len(point.runs)),
+                         _spread_cell(point.iid), "kept" if point.name == summary.tuning.kept else ""])
     return header, rows
 
 
@@ -241,7 +269,11 @@ TABLE_NOTE = ("Losses: mean ± standard deviation over the seeds. vs. real only:
               "and resamples the seeds of the recipe and of the real-only recipe; a real-only recipe is 1.00x by "
               "definition. \"Beyond the baseline's reach\": the loss lies below the baseline's asymptote C by the "
               "gap shown, so no amount of real data reaches it on this fit; ≥ gives the bootstrap's 5th percentile "
-              "where it is finite.")
+              "where it is finite. tuned: for a recipe given as a grid, the point kept (lowest mean i.i.d. loss; "
+              "every point in the Tuning table) and whether it is a local optimum: every neighbour one step away "
+              "on each axis trained and worse. steps: training iterations. vs. real only, same steps: the "
+              "difference from the real-only runs on the same real data that trained as many steps (any point "
+              "of its grid; named), which holds compute equal.")
 
 
 def asymptote_rows(found: list[Asymptote]) -> tuple[list[str], list[list[str]]]:
@@ -260,8 +292,9 @@ def plot_all(summaries: list, fit, folder: Path, found: list[Asymptote] = ()) ->
     import matplotlib
 
     matplotlib.use("Agg")
-    plots = [_plot_generations(summaries, folder), _plot_positions(summaries, folder),
-             _plot_fit(summaries, fit, folder), _plot_asymptotes(found, folder)]
+    with matplotlib.rc_context({"font.size": 12, "legend.fontsize": 10}):  # legible at the docs' width
+        plots = [_plot_generations(summaries, folder), _plot_positions(summaries, folder),
+                 _plot_fit(summaries, fit, folder), _plot_asymptotes(found, folder)]
     return [p for p in plots if p is not None]
 
 
@@ -310,7 +343,7 @@ def _plot_generations(summaries, folder):
             by_recipe.setdefault(summary.first.recipe, []).append((summary.first.generations, summary.iid))
     if not by_recipe:
         return None
-    figure, axes = plt.subplots(figsize=(6, 4))
+    figure, axes = plt.subplots(figsize=(8, 5))
     for recipe, points in sorted(by_recipe.items()):
         points.sort(key=lambda p: p[0])
         axes.errorbar([p[0] for p in points], [p[1].mean for p in points], yerr=[_std(p[1]) for p in points],
@@ -328,48 +361,50 @@ def _plot_generations(summaries, folder):
     axes.set_xticks(generations)
     axes.xaxis.set_major_formatter(ScalarFormatter())
     axes.xaxis.set_minor_formatter(NullFormatter())
-    axes.legend(fontsize="small")
+    axes.grid(alpha=0.3)
+    axes.legend()
     return _save(figure, folder / "loss_vs_generations.png", "i.i.d. loss against G per recipe, mean ± standard "
                                                              "deviation over seeds (dashed and shaded: real-only "
                                                              "runs on the same real data)")
 
 
-def _position_curve(summary):
-    """(bucket middles, mean losses, standard deviations) over a recipe's seeds."""
-    import numpy as np
-
+def _position_curve(summary) -> dict[float, list[float]]:
+    """Bucket middle -> the loss of each seed there, over the buckets every seed has."""
     measured = [run for run in summary.runs if run.long_context]
-    curves = [[b["loss"] for b in run.long_context["long"]["buckets"]] for run in measured]
-    buckets = measured[0].long_context["long"]["buckets"]
-    keep = [i for i, b in enumerate(buckets) if all(c[i] is not None for c in curves)]
-    values = np.array([[c[i] for i in keep] for c in curves])
-    middles = [(buckets[i]["start"] + buckets[i]["end"]) / 2 for i in keep]
-    return middles, values.mean(axis=0), values.std(axis=0, ddof=1) if len(values) > 1 else np.zeros(len(keep))
+    curves = [run.long_context["long"]["buckets"] for run in measured]
+    return {(b["start"] + b["end"]) / 2: [c[i]["loss"] for c in curves] for i, b in enumerate(curves[0])
+            if all(c[i]["loss"] is not None for c in curves)}
 
 
 def _plot_positions(summaries, folder):
+    """Each recipe's loss by position minus that of real-only on the same real data: one line per recipe
+    near zero reads where six overlapping loss curves do not."""
     import matplotlib.pyplot as plt
 
-    smaller = _smaller_real_data(summaries)
-    with_positions = [s for s in summaries if s.long is not None and s.name not in smaller]
-    if not with_positions:
+    from megadoc_megatron.evaluate.summary import same_data_real
+
+    pairs = [(s, same_data_real(s, summaries)) for s in summaries if s.long is not None and s.first.recipe != "real"]
+    pairs = [(s, r) for s, r in pairs if r is not None and r.long is not None]
+    if not pairs:
         return None
-    figure, axes = plt.subplots(figsize=(6, 4))
-    for summary in with_positions:
-        middles, mean, std = _position_curve(summary)
-        axes.plot(middles, mean, marker="o", label=f"{summary.name} ({summary.first.recipe})")
-        axes.fill_between(middles, mean - std, mean + std, alpha=0.15)
-    axes.set(xlabel="token position (bucket middle)", ylabel="loss", title="Long-document loss by position")
-    axes.legend(fontsize="small")
-    return _save(figure, folder / "loss_vs_position.png", "loss by token position on long held-out documents, "
-                                                          "mean over seeds (shaded: ± standard deviation)")
-
-
-def _smaller_real_data(summaries) -> set[str]:
-    """Real-only recipes on less real data than the most any run had (the baseline's shares), which the
-    position plot leaves out."""
-    largest = max((s.first.real_tokens or 0 for s in summaries), default=0)
-    return {s.name for s in summaries if s.first.recipe == "real" and (s.first.real_tokens or 0) < largest}
+    figure, axes = plt.subplots(figsize=(9, 5))
+    for number, (summary, real) in enumerate(pairs):
+        recipe, reference = _position_curve(summary), _position_curve(real)
+        middles = [m for m in recipe if m in reference]
+        gaps = [Difference.of(Spread.of(recipe[m]), Spread.of(reference[m])) for m in middles]
+        values = [g.value for g in gaps]
+        axes.plot(middles, values, marker="o", color=f"C{number % 10}", label=summary.name)
+        if all(g.two_errors is not None for g in gaps):
+            axes.fill_between(middles, [g.value - g.two_errors for g in gaps],
+                              [g.value + g.two_errors for g in gaps], color=f"C{number % 10}", alpha=0.12)
+    axes.axhline(0, color="grey", linestyle="--", linewidth=1.2, label=f"real only ({pairs[0][1].name})")
+    axes.set(xlabel="token position in the document (bucket middle)", ylabel="loss minus real-only's",
+             title="Long held-out documents: loss by position vs. real-only")
+    axes.grid(alpha=0.3)
+    axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3, frameon=False)
+    return _save(figure, folder / "loss_vs_position.png",
+                 "loss by token position on long held-out documents, each recipe minus real-only on the same "
+                 "real data (mean over seeds; shaded: ± two standard errors; below zero: better than real-only)")
 
 
 def _plot_fit(summaries, fit, folder):
@@ -385,42 +420,41 @@ def _plot_fit(summaries, fit, folder):
     reference = reference_recipe(summaries)
     recipes = [s for s in summaries if s.iid is not None and s.first.recipe != "real"]
     left, right = base[0][0] / 1.5, base[-1][0] * 4  # the baseline's span: no recipe stretches the axis
-    with plt.rc_context({"font.size": 12, "legend.fontsize": 10}):
-        figure, axes = plt.subplots(figsize=(9, 5))
-        xs = np.geomspace(left, right, 200)
-        axes.plot(xs, fit.loss(xs), color="black", linewidth=1.5,
-                  label=f"fit: {fit.A:.3g} / (D / {fit.x_unit:.3g})^{fit.B:.3g} + {fit.C:.3f}")
-        axes.errorbar([p[0] for p in base], [p[1].mean for p in base], yerr=[_std(p[1]) for p in base],
-                      color="black", fmt="o", capsize=3, zorder=4, label="real-only runs (mean ± std)")
-        axes.axhline(fit.C, color="black", linestyle=":", linewidth=1.2, label=f"asymptote C = {fit.C:.3f}")
-        if reference is not None:
-            axes.axhline(reference.iid.mean, color="grey", linestyle="--", linewidth=1.5,
-                         label=f"L_real: {reference.name} {reference.iid.mean:.4f} (1.00x)")
-            if reference.iid.mean > fit.C and left <= fit.inverse(reference.iid.mean) <= right:
-                axes.plot([fit.inverse(reference.iid.mean)], [reference.iid.mean], marker="s", color="grey", zorder=5)
-        for number, summary in enumerate(recipes):
-            color, loss = f"C{number % 10}", summary.iid.mean
-            axes.axhline(loss, color=color, linewidth=1.5, label=f"{summary.name} {loss:.4f}: "
-                                                                  f"{_plot_efficiency(summary)}")
-            if summary.iid.std:
-                axes.axhspan(loss - summary.iid.std, loss + summary.iid.std, color=color, alpha=0.12)
-            worth = fit.inverse(loss)
-            if left <= worth <= right:
-                axes.plot([worth], [loss], marker="o", color=color, zorder=5)
-        losses = [p[1].mean for p in base] + [s.iid.mean for s in recipes] + [fit.C]
-        margin = 0.06 * (max(losses) - min(losses) or 1.0)
-        axes.set_ylim(min(losses) - margin, max(losses) + margin)
-        axes.set_xlim(left, right)
-        axes.set(xscale="log", xlabel="unique real tokens D", ylabel="i.i.d. loss",
-                 title="Real-only baseline and the recipes' losses")
-        axes.grid(alpha=0.3)
-        axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
-        return _save(figure, folder / "scaling_fit.png",
-                     "the real-only baseline: its runs (mean ± standard deviation over seeds), the fit "
-                     "L(D) = A / D^B + C and its asymptote C (dotted); each recipe a horizontal line at its mean "
-                     "loss (shaded: ± standard deviation), marked where it meets the fit, at D(L); dashed: L_real, "
-                     "the real-only recipe on all the real data. Data efficiency = D(L) / D(L_real); a line "
-                     "below C is beyond the baseline's reach")
+    figure, axes = plt.subplots(figsize=(9, 5))
+    xs = np.geomspace(left, right, 200)
+    axes.plot(xs, fit.loss(xs), color="black", linewidth=1.5,
+              label=f"fit: {fit.A:.3g} / (D / {fit.x_unit:.3g})^{fit.B:.3g} + {fit.C:.3f}")
+    axes.errorbar([p[0] for p in base], [p[1].mean for p in base], yerr=[_std(p[1]) for p in base],
+                  color="black", fmt="o", capsize=3, zorder=4, label="real-only runs (mean ± std)")
+    axes.axhline(fit.C, color="black", linestyle=":", linewidth=1.2, label=f"asymptote C = {fit.C:.3f}")
+    if reference is not None:
+        axes.axhline(reference.iid.mean, color="grey", linestyle="--", linewidth=1.5,
+                     label=f"L_real: {reference.name} {reference.iid.mean:.4f} (1.00x)")
+        if reference.iid.mean > fit.C and left <= fit.inverse(reference.iid.mean) <= right:
+            axes.plot([fit.inverse(reference.iid.mean)], [reference.iid.mean], marker="s", color="grey", zorder=5)
+    for number, summary in enumerate(recipes):
+        color, loss = f"C{number % 10}", summary.iid.mean
+        axes.axhline(loss, color=color, linewidth=1.5, label=f"{summary.name} {loss:.4f}: "
+                                                              f"{_plot_efficiency(summary)}")
+        if summary.iid.std:
+            axes.axhspan(loss - summary.iid.std, loss + summary.iid.std, color=color, alpha=0.12)
+        worth = fit.inverse(loss)
+        if left <= worth <= right:
+            axes.plot([worth], [loss], marker="o", color=color, zorder=5)
+    losses = [p[1].mean for p in base] + [s.iid.mean for s in recipes] + [fit.C]
+    margin = 0.06 * (max(losses) - min(losses) or 1.0)
+    axes.set_ylim(min(losses) - margin, max(losses) + margin)
+    axes.set_xlim(left, right)
+    axes.set(xscale="log", xlabel="unique real tokens D", ylabel="i.i.d. loss",
+             title="Real-only baseline and the recipes' losses")
+    axes.grid(alpha=0.3)
+    axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
+    return _save(figure, folder / "scaling_fit.png",
+                 "the real-only baseline: its runs (mean ± standard deviation over seeds), the fit "
+                 "L(D) = A / D^B + C and its asymptote C (dotted); each recipe a horizontal line at its mean "
+                 "loss (shaded: ± standard deviation), marked where it meets the fit, at D(L); dashed: L_real, "
+                 "the real-only recipe on all the real data. Data efficiency = D(L) / D(L_real); a line "
+                 "below C is beyond the baseline's reach")
 
 
 def _plot_efficiency(summary) -> str:
@@ -447,14 +481,19 @@ def _markdown_table(header, rows) -> list[str]:
 
 
 CLAIMS_TITLE = "What this run says about the papers' claims"
+TUNING_NOTE = ("Every point of the recipes given as grids, mean ± standard deviation over its seeds; the kept point "
+               "(lowest mean i.i.d. loss) stands for its recipe above.")
 
 
-def markdown(header, rows, plots, notes: list[str], paragraph: str, asymptote_table=None) -> str:
+def markdown(header, rows, plots, notes: list[str], paragraph: str, asymptote_table=None,
+             tuning_table=None) -> str:
     lines = ["# megadoc report", "", *_markdown_table(header, rows), ""]
     for note in notes:
         lines += [note, ""]
     if paragraph:
         lines += [f"## {CLAIMS_TITLE}", "", paragraph, ""]
+    if tuning_table and tuning_table[1]:
+        lines += ["## Tuning", "", TUNING_NOTE, "", *_markdown_table(*tuning_table), ""]
     if asymptote_table and asymptote_table[1]:
         lines += ["## Asymptotes", "", *_markdown_table(*asymptote_table), ""]
     for name, caption in plots:
@@ -475,7 +514,8 @@ def _fit_sentence(fit, note, summaries) -> str:
         return law + f"No data efficiency: {why_not}."
     reference = reference_recipe(summaries)
     seeds = f"mean of {reference.iid.count} seeds" if reference.iid.count > 1 else "one seed"
-    return law + (f"Data efficiency (the paper's definition) = D(L) / D(L_real): D(·) inverts this fit, "
+    return law + _edges_sentence(summaries) + (
+                  f"Data efficiency (the paper's definition) = D(L) / D(L_real): D(·) inverts this fit, "
                   f"D(L) = {fit.x_unit:.4g} · ({fit.A:.4g} / (L - {fit.C:.4f}))^(1/{fit.B:.4g}); L is a recipe's "
                   f"mean i.i.d. loss and L_real the real-only recipe's on the same real data. Reference: "
                   f"{reference.name}, real-only on all {_count(reference.first.real_tokens)} real tokens, "
@@ -484,6 +524,14 @@ def _fit_sentence(fit, note, summaries) -> str:
                   f"construction. A recipe at 1.5x reaches the loss real-only training would reach on 1.5 times "
                   f"the real data; one below the asymptote C is beyond the baseline's reach."
                   + _without_reference(summaries))
+
+
+def _edges_sentence(summaries) -> str:
+    """' Real-only runs at their grid's edge: ...' (the fit's points that may not be their best), or ''."""
+    edges = [f"{s.name} ({s.tuning.words()})" for s in summaries
+             if s.first.recipe == "real" and s.tuning and (s.tuning.verdict.edges or not s.tuning.verdict.tuned)]
+    return (f"Real-only points not at a local optimum of their grid, so perhaps above their best loss: "
+            f"{'; '.join(edges)}. " if edges else "")
 
 
 def _without_reference(summaries) -> str:
@@ -495,8 +543,9 @@ def _without_reference(summaries) -> str:
             "data, so there is no L_real for them." if missing else "")
 
 
-def claims_paragraph(found: list[dict], summaries: list) -> str:
-    """The claims' sentences as one paragraph, after the scale they were measured at."""
+def claims_paragraph(found: list[dict], summaries: list, no_efficiency: str | None = None) -> str:
+    """The claims' sentences as one paragraph, after the scale they were measured at (and why there is
+    no data efficiency, where the baseline cannot give one)."""
     if not found:
         return ""
     largest = max(summaries, key=lambda s: s.first.real_tokens or 0).first
@@ -504,7 +553,9 @@ def claims_paragraph(found: list[dict], summaries: list) -> str:
              f"{_count(largest.real_tokens)} unique real tokens; the" if largest.parameters and largest.real_tokens
              else "The")
     return (f"{scale} papers' figures come from 300M-parameter models on 204M real tokens, so they are given for "
-            "reference, not as a target. " + " ".join(claim["text"] for claim in found))
+            "reference, not as a target. " + (f"This run claims no data efficiency: {no_efficiency}. "
+                                              if no_efficiency else "")
+            + " ".join(claim["text"] for claim in found))
 
 
 def _count(value: int) -> str:
@@ -520,10 +571,13 @@ def _html_table(header, rows) -> str:
                     "</table>"])
 
 
-def html_page(header, rows, plots, notes: list[str], paragraph: str, asymptote_table=None) -> str:
+def html_page(header, rows, plots, notes: list[str], paragraph: str, asymptote_table=None,
+              tuning_table=None) -> str:
     body = [_html_table(header, rows), *[f"<p>{html.escape(note)}</p>" for note in notes]]
     if paragraph:
         body += [f"<h2>{html.escape(CLAIMS_TITLE)}</h2>", f"<p>{html.escape(paragraph)}</p>"]
+    if tuning_table and tuning_table[1]:
+        body += ["<h2>Tuning</h2>", f"<p>{html.escape(TUNING_NOTE)}</p>", _html_table(*tuning_table)]
     if asymptote_table and asymptote_table[1]:
         body += ["<h2>Asymptotes</h2>", _html_table(*asymptote_table)]
     body += [f'<figure><img src="{name}"><figcaption>{html.escape(caption)}</figcaption></figure>'
@@ -552,6 +606,11 @@ def efficiency_status(summaries: list, fit) -> str | None:
         largest = max((s.first.real_tokens or 0 for s in summaries), default=0)
         return (f"no real-only recipe was trained on all the real data ({_count(largest)} tokens), so there is no "
                 "L_real to measure D(L) / D(L_real) against; train the real recipe on all the documents")
+    if reference.tuning and reference.tuning.at_largest_epochs:
+        return (f"real-only is compute-limited here: {reference.name} did best at the most epochs of its grid "
+                f"(E {reference.first.epochs:g}), so more epochs may keep helping and L_real is not the "
+                "data-limited loss the definition needs; extend the real recipe's epochs grid (or change the "
+                "scale: fewer tokens, a smaller model, a longer schedule) until the best E is interior")
     if reference.iid.mean <= fit.C:
         return (f"the real-only recipe {reference.name}'s loss L_real = {reference.iid.mean:.4f} is at or below the "
                 f"baseline fit's asymptote C = {fit.C:.4f}, so D(L_real) is undefined; the baseline needs more "
@@ -559,7 +618,7 @@ def efficiency_status(summaries: list, fit) -> str | None:
     return None
 
 
-def add_efficiency(summaries: list, runs: list[Run], fit) -> None:
+def add_efficiency(summaries: list, fit) -> None:
     """Each recipe's data efficiency, the paper's definition: D(L) / D(L_real) at its mean loss L, D
     inverting the baseline fit and L_real the mean loss of the real-only recipe on the same real data
     (so real-only is 1.00x), with a bootstrap range that refits the baseline and inverts both (fits.py)."""
@@ -569,7 +628,7 @@ def add_efficiency(summaries: list, runs: list[Run], fit) -> None:
     if efficiency_status(summaries, fit) is not None:
         return
     baseline: dict[int, list[float]] = {}
-    for tokens, loss in baseline_points(runs):
+    for tokens, loss in baseline_points(summaries):
         baseline.setdefault(tokens, []).append(loss)
     refits = baseline_bootstrap(baseline)
     for summary in summaries:
@@ -607,18 +666,27 @@ def _summary_json(summary) -> dict:
             "efficiency": summary.efficiency, "efficiency_p05_p95": summary.efficiency_range,
             "efficiency_reference": None if summary.reference is None else {
                 "recipe": summary.reference.name, "loss": summary.reference.iid.mean},
-            "below_asymptote_by": summary.asymptote_gap}
+            "below_asymptote_by": summary.asymptote_gap, "iterations": summary.first.iterations,
+            "equal_compute": None if summary.versus_equal_compute is None else {
+                "real_run": summary.equal_compute.name, "iterations": summary.equal_compute.first.iterations,
+                "difference": summary.versus_equal_compute.value,
+                "two_standard_errors": summary.versus_equal_compute.two_errors,
+                "resolved": summary.versus_equal_compute.resolved},
+            "tuning": None if summary.tuning is None else {
+                "axes": summary.tuning.axes, "kept": summary.tuning.kept, "tuned": summary.tuning.verdict.tuned,
+                "edges": summary.tuning.verdict.edges, "verdict": summary.tuning.words(),
+                "points": {p.name: spread(p.iid) for p in summary.tuning.points}}}
 
 
 def write_report(runs: list[Run], output) -> dict:
     """The report of loaded runs: each one's data efficiency against the real-only baseline fit (where
     there are enough real-only runs), a row per recipe over its seeds, the claims paragraph, tables,
     plots and report.json."""
-    fit, note = baseline_fit(runs)
     summaries = summarize(runs)
+    fit, note = baseline_fit(summaries)
     efficiency_note, reference_json = None, None
     if fit is not None:
-        add_efficiency(summaries, runs, fit)
+        add_efficiency(summaries, fit)
         efficiency_note = efficiency_status(summaries, fit)
         reference = reference_recipe(summaries)
         if efficiency_note is None:
@@ -626,17 +694,18 @@ def write_report(runs: list[Run], output) -> dict:
                               "real_tokens": reference.first.real_tokens,
                               "tokens_on_fit": fit.inverse(reference.iid.mean)}
     found_claims = claims(summaries)
-    paragraph = claims_paragraph(found_claims, summaries)
+    paragraph = claims_paragraph(found_claims, summaries, efficiency_note)
     folder = Path(output)
     folder.mkdir(parents=True, exist_ok=True)
     header, rows = table_rows(summaries)
     found = asymptotes(runs)
     plots = plot_all(summaries, fit, folder, found)
-    asymptote_table = asymptote_rows(found)
+    asymptote_table, tuning_table = asymptote_rows(found), tuning_rows(summaries)
     notes = [TABLE_NOTE, _fit_sentence(fit, note, summaries)]
-    text = markdown(header, rows, plots, notes, paragraph, asymptote_table)
+    text = markdown(header, rows, plots, notes, paragraph, asymptote_table, tuning_table)
     write_text_atomic(folder / "report.md", text + "\n")
-    write_text_atomic(folder / "report.html", html_page(header, rows, plots, notes, paragraph, asymptote_table))
+    write_text_atomic(folder / "report.html", html_page(header, rows, plots, notes, paragraph, asymptote_table,
+                                                        tuning_table))
     summary = {"runs": [{k: v for k, v in vars(r).items() if k != "path"} for r in runs],
                "recipes": [_summary_json(s) for s in summaries], "claims": found_claims,
                "baseline_fit": fit.as_dict() if fit else None, "baseline_note": note,

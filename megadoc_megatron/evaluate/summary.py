@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -78,10 +78,45 @@ class RecipeSummary:
     reference: "RecipeSummary | None" = None  # the real-only recipe on the same real data, whose mean is L_real
     asymptote_gap: float | None = None  # C - L when L lies at or below the baseline's asymptote C
     versus_real: Difference | None = None  # i.i.d. loss minus that of the real-only runs on the same real data
+    tuning: "Tuning | None" = None      # the grid this recipe was kept from (its best point)
+    equal_compute: "RecipeSummary | None" = None  # the real-only runs of as many steps on the same real data
+    versus_equal_compute: Difference | None = None  # i.i.d. loss minus theirs
 
     @property
     def first(self):
         return self.runs[0]
+
+
+@dataclass
+class Tuning:
+    """A recipe given as a grid (experiment/config.py): every point's summary, and the verdict of the
+    local-optimum rule (experiment/sweep.py) over their mean i.i.d. losses; the best point is kept."""
+    axes: dict                          # axis -> values
+    points: list                        # RecipeSummary of each point, as trained
+    verdict: object                     # sweep.Verdict
+    kept: str                           # the kept point's name
+
+    @property
+    def varied(self) -> list[str]:
+        return [axis for axis, values in self.axes.items() if len(values) > 1]
+
+    @property
+    def at_largest_epochs(self) -> bool:
+        """The best point has the grid's most epochs: more might keep helping (compute-limited)."""
+        epochs = self.axes["epochs"]
+        return "epochs" in self.verdict.edges and self.verdict.best.values[0] == epochs[-1]
+
+    def words(self) -> str:
+        """'E 32 of 8–64: a local optimum', or where it falls short of one."""
+        from megadoc_megatron.experiment.sweep import AXES, SHORT
+
+        setting = ", ".join(f"{SHORT[a]} {self.verdict.best.values[AXES.index(a)]:g} of "
+                            f"{'/'.join(f'{v:g}' for v in self.axes[a])}" for a in self.varied)
+        if not self.verdict.tuned:
+            return f"{setting}: not tuned, {len(self.verdict.missing)} neighbour(s) of it not evaluated"
+        if self.verdict.edges:
+            return f"{setting}: at the grid's edge ({', '.join(SHORT[a] for a in self.verdict.edges)}), extend it"
+        return f"{setting}: a local optimum"
 
 
 def _long(run, key: str | None):
@@ -90,7 +125,24 @@ def _long(run, key: str | None):
 
 
 def summarize(runs: list) -> list[RecipeSummary]:
-    """One summary per run name (the seeds of a recipe share it), in the order the runs come."""
+    """One summary per recipe, in the order the runs come: the seeds of a run name together, and of a
+    recipe given as a grid its best point (see Tuning); each compared with real-only on the same real
+    data (tuned) and with real-only of as many training steps."""
+    points = summarize_points(runs)
+    summaries = keep_best_points(points)
+    for summary in summaries:
+        reference = same_data_real(summary, summaries)
+        if reference is not None and reference is not summary:
+            summary.versus_real = Difference.of(summary.iid, reference.iid)
+        if summary.first.recipe != "real":
+            summary.equal_compute = equal_compute_real(summary, points)
+            if summary.equal_compute is not None:
+                summary.versus_equal_compute = Difference.of(summary.iid, summary.equal_compute.iid)
+    return summaries
+
+
+def summarize_points(runs: list) -> list[RecipeSummary]:
+    """One summary per run name (the seeds of a recipe, or of a grid point, share it)."""
     groups: dict[str, list] = {}
     for run in runs:
         groups.setdefault(run.name, []).append(run)
@@ -101,11 +153,50 @@ def summarize(runs: list) -> list[RecipeSummary]:
         summaries.append(RecipeSummary(name, members, Spread.of(r.iid_loss for r in members),
                                        Spread.of(_long(r, None) for r in members),
                                        Spread.of(_long(r, "beyond_offset") for r in members), Spread.of(beyond_gap)))
-    for summary in summaries:
-        reference = same_data_real(summary, summaries)
-        if reference is not None and reference is not summary:
-            summary.versus_real = Difference.of(summary.iid, reference.iid)
     return summaries
+
+
+def keep_best_points(points: list[RecipeSummary]) -> list[RecipeSummary]:
+    """The summaries with each grid's points replaced by its best one, named after the grid's recipe."""
+    grids: dict[str, list] = {}
+    for summary in points:
+        if summary.first.grid:
+            grids.setdefault(summary.first.grid["recipe"], []).append(summary)
+    kept, done = [], set()
+    for summary in points:
+        grid = summary.first.grid
+        if grid is None:
+            kept.append(summary)
+        elif grid["recipe"] not in done:
+            done.add(grid["recipe"])
+            kept.append(_best_point(grid["recipe"], grids[grid["recipe"]]))
+    return kept
+
+
+def _best_point(recipe: str, points: list[RecipeSummary]) -> RecipeSummary:
+    from megadoc_megatron.experiment.sweep import AXES, Point, local_optimum
+
+    # the grid is what was trained: each axis's values over the points given
+    axes = {a: sorted({s.first.grid["point"][a] for s in points}, key=lambda v: (v is None, v)) for a in AXES}
+
+    def point(summary) -> Point:
+        values = tuple(summary.first.grid["point"][a] for a in AXES)
+        return Point(tuple(axes[a].index(v) for a, v in zip(AXES, values)), values)
+
+    verdict = local_optimum(axes, {point(s): s.iid.mean for s in points if s.iid is not None})
+    if verdict.best is None:  # nothing evaluated yet: the first point, without losses
+        return replace(points[0], name=recipe)
+    best = next(s for s in points if point(s) == verdict.best)
+    return replace(best, name=recipe, tuning=Tuning(axes, points, verdict, best.name))
+
+
+def equal_compute_real(summary: RecipeSummary, points: list[RecipeSummary]) -> RecipeSummary | None:
+    """Real-only runs on the same real data that trained as many steps (within 3%), any grid point."""
+    steps = summary.first.iterations
+    found = [p for p in points if p.first.recipe == "real" and p.iid is not None and steps
+             and p.first.real_tokens == summary.first.real_tokens and p.first.iterations
+             and abs(p.first.iterations - steps) <= 0.03 * steps]
+    return min(found, key=lambda p: abs(p.first.iterations - steps), default=None)
 
 
 def same_data_real(summary: RecipeSummary, summaries: list[RecipeSummary]) -> RecipeSummary | None:
@@ -135,16 +226,27 @@ def _verdict(supported: int, contradicted: int, unresolved: int) -> str:
 
 
 def _compute_caveat(synthetic: list[RecipeSummary], summaries: list[RecipeSummary]) -> str:
-    """At the same E, synthetic weight w trains 1 / (1 - w) times the steps of real-only: say so."""
-    ratios = sorted({round(1 / (1 - s.first.synthetic_weight), 2) for s in synthetic
-                     if s.first.epochs is not None and s.first.synthetic_weight and s.first.synthetic_weight < 1
-                     and s.first.epochs == same_data_real(s, summaries).first.epochs})
-    if not ratios:
-        return ""
-    times = "x, ".join(f"{r:g}" for r in ratios) + "x"
-    return (f"At the same E these recipes train {times} the steps of real-only (1 / (1 - w)): unless the real-only "
-            "epochs were tuned (the papers tune E for every recipe; `megadoc sweep`), part of the gain may be that "
-            "extra compute. ")
+    """What the comparison leaves open: recipes with no real-only run of as many steps, an untuned real-only."""
+    caveats = []
+    unmatched = [s for s in synthetic if s.equal_compute is None]
+    if unmatched:
+        caveats.append(f"No real-only run on the same real data trained as many steps as "
+                       f"{', '.join(s.name for s in unmatched)}, so part of their gain may be compute (give the real "
+                       "recipe's epochs a grid that includes their steps).")
+    untuned = sorted({r.name for s in synthetic for r in [same_data_real(s, summaries)] if r and not r.tuning})
+    if untuned:
+        caveats.append(f"Real-only ({', '.join(untuned)}) was trained at one E, not tuned (the papers tune E for "
+                       "every recipe: give its epochs a list).")
+    return " ".join(caveats) + (" " if caveats else "")
+
+
+def _versus_equal_compute(summary: RecipeSummary) -> str:
+    """'simple_g2 (134 steps) lower than real-only of as many steps (real-E32) by 0.1 (± 0.01)'."""
+    who = f"{summary.name} ({summary.first.iterations} steps)"
+    return summary.versus_equal_compute.words(
+        f"{who} lower than real-only of as many steps ({summary.equal_compute.name})",
+        f"{who} higher than real-only of as many steps ({summary.equal_compute.name})",
+        f"{who} and real-only of as many steps ({summary.equal_compute.name}) agree")
 
 
 def _says(verdict: str) -> str:
@@ -184,13 +286,18 @@ def claims(summaries: list[RecipeSummary]) -> list[dict]:
     found = []
     synthetic = [s for s in summaries if s.first.recipe != "real" and s.versus_real is not None]
     if synthetic:
-        verdict = _count_verdict([s.versus_real for s in synthetic])
+        # compute held equal where a real-only run of as many steps exists: the data effect alone
+        verdict = _count_verdict([s.versus_equal_compute or s.versus_real for s in synthetic])
+        same_steps = "; ".join(_versus_equal_compute(s) for s in synthetic if s.versus_equal_compute is not None)
         details = "; ".join(s.versus_real.words(f"{s.name} lower", f"{s.name} higher", f"{s.name} and real-only agree")
                             + _efficiency_words(s) for s in synthetic)
         found.append({"claim": "synthetic data beats real-only training on the same real data", "verdict": verdict,
-                      "text": f"Synthetic data vs. real-only (i.i.d. loss; data efficiency D(L) / D(L_real), the "
-                              f"paper's definition: L_real is real-only's loss on the same real data): this run "
-                              f"{_says(verdict)}: {details}. "
+                      "text": "Synthetic data vs. real-only on the same real data (i.i.d. loss): this run "
+                              f"{_says(verdict)}. "
+                              + (f"At the same number of training steps (compute held equal): {same_steps}. "
+                                 if same_steps else "")
+                              + "Against the real-only recipe (data efficiency D(L) / D(L_real), the paper's "
+                              f"definition: L_real is real-only's loss on the same real data): {details}. "
                               f"{_compute_caveat(synthetic, summaries)}Published: {PUBLISHED['synthetic']}."})
     pairs = _stitch_simple_pairs(summaries)
     if pairs:

@@ -10,7 +10,7 @@ examples/tiny_cpu/experiment.yaml for a complete config.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from megadoc_megatron.config import build_dataclass, merge_dicts, parse_overrides, read_yaml
@@ -94,13 +94,18 @@ class Recipe:
     name: str = ""
     kind: str = ""                   # real | simple | stitch | stretch | textbook
     generations: int | None = None   # G: generations per document (synthetic kinds)
-    epochs: int | None = None        # E: exact passes over the real training data, or
+    epochs: int | list | None = None  # E: exact passes over the real training data (a list: a grid), or
     train_tokens: int | None = None  # ... a budget of training tokens, the real data repeated as it falls out
-    synthetic_weight: float = 0.0    # w: share of the synthetic stream (0 for real; 1, budget only: no real data)
+    synthetic_weight: float | list = 0.0  # w: share of the synthetic stream (0 for real; 1, budget only: no real data)
+
+    # A list in epochs, synthetic_weight or train.optimizer's lr or weight_decay makes the recipe a grid: every
+    # point is trained (named RECIPE-E16-w0.5, ...), and the report keeps the best by held-out loss and says
+    # whether it is a local optimum (every neighbour one step away trained and worse) or at the grid's edge.
     styles: list | None = None       # simple/stitch: rephrase styles (default: the rephrase section's, else wikipedia)
     train: dict = field(default_factory=dict)  # overrides of the train section, e.g. {optimizer: {lr: 1e-3}}
     refresh: RefreshConfig = field(default_factory=RefreshConfig)
     share: float = field(default=1.0, metadata={"internal": True})  # of the real documents (baseline)
+    grid: dict | None = field(default=None, metadata={"internal": True})  # a grid point's {recipe, axes, point}
 
 
 @dataclass
@@ -168,6 +173,38 @@ def _resolve(values: dict, base: Path) -> None:
         values["work_dir"] = str((base / values["work_dir"]).resolve())
     for section, name in PATH_FIELDS:
         _resolve_fields(values.get(section), [name], base)
+
+
+def declared_name(recipe: Recipe) -> str:
+    """The name the config gives: a grid point's recipe, else the recipe's own."""
+    return recipe.grid["recipe"] if recipe.grid else recipe.name
+
+
+def grid_points(recipe: Recipe, where: str, path) -> list[Recipe]:
+    """The points of a recipe that gives a grid (see Recipe), or [recipe]."""
+    from megadoc_megatron.experiment.sweep import AXES, grid, suffix
+
+    optimizer = recipe.train.get("optimizer") or {}
+    given = {"epochs": recipe.epochs, "synthetic_weight": recipe.synthetic_weight, "lr": optimizer.get("lr"),
+             "weight_decay": optimizer.get("weight_decay")}
+    lists = {axis: values for axis, values in given.items() if isinstance(values, list)}
+    if not lists:
+        return [recipe]
+    for axis, values in lists.items():
+        if not values or any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in values) \
+                or len(set(values)) != len(values):
+            raise InputError(f"{where}: {axis} as a grid is a list of distinct numbers, not {values!r}", path,
+                             fix=f"e.g. {axis}: [8, 16, 32]" if axis == "epochs" else f"e.g. {axis}: [0.5, 0.75]")
+    axes = {axis: sorted(lists[axis]) if axis in lists else [given[axis]] for axis in AXES}
+    points = []
+    for point in grid(axes):
+        settings = dict(zip(AXES, point.values))
+        tuned = {axis: settings[axis] for axis in ("lr", "weight_decay") if axis in lists}
+        train = {**recipe.train, "optimizer": {**optimizer, **tuned}} if tuned else recipe.train
+        points.append(replace(recipe, name=recipe.name + suffix(axes, point.values), epochs=settings["epochs"],
+                              synthetic_weight=settings["synthetic_weight"], train=train,
+                              grid={"recipe": recipe.name, "axes": axes, "point": settings}))
+    return points
 
 
 def check_recipe(recipe: Recipe, where: str, path) -> Recipe:
@@ -248,11 +285,12 @@ def load_experiment(path, overrides: list[str] = ()) -> Experiment:
     if not isinstance(entries, list) or not entries:
         raise InputError("recipes: give a list of at least one recipe", path,
                          fix="e.g. `recipes: [{name: real, kind: real, epochs: 4}]`")
-    experiment.recipes = [check_recipe(build_dataclass(Recipe, entry, f"recipes[{i}]", path), f"recipes[{i}]", path)
-                          for i, entry in enumerate(entries)]
+    declared = [build_dataclass(Recipe, entry, f"recipes[{i}]", path) for i, entry in enumerate(entries)]
+    experiment.recipes = [check_recipe(point, f"recipes[{i}]", path) for i, recipe in enumerate(declared)
+                          for point in grid_points(recipe, f"recipes[{i}]", path)]
     for recipe in experiment.recipes:
         _resolve_fields(recipe.refresh.tune, TUNE_PATHS, path.parent)
-    names = [r.name for r in experiment.recipes]
+    names = [r.name for r in experiment.recipes] + sorted({r.grid["recipe"] for r in experiment.recipes if r.grid})
     if len(set(names)) != len(names):
         duplicate = next(n for n in names if names.count(n) > 1)
         raise InputError(f"two recipes are named {duplicate!r}", path, fix="give every recipe its own name")
@@ -272,13 +310,13 @@ def check_baseline(experiment: Experiment, path) -> None:
         raise InputError(f"baseline.fractions must be distinct shares in (0, 1), not {baseline.fractions}", path,
                          fix="e.g. `baseline: {fractions: [0.125, 0.25, 0.5]}` (the real recipe trains on all)")
     real = [r for r in experiment.recipes if r.kind == "real" and r.epochs is not None]
-    chosen = [r for r in real if r.name == baseline.recipe] if baseline.recipe else real[:1]
+    chosen = [r for r in real if declared_name(r) == (baseline.recipe or declared_name(real[0]))] if real else []
     if not chosen:
         raise InputError(f"baseline.recipe {baseline.recipe!r} is not a real recipe with epochs" if baseline.recipe
                          else "the baseline takes the epochs of a real recipe, and there is none", path,
                          fix="add e.g. `{name: real, kind: real, epochs: 16}` to recipes, or name it in "
                              "baseline.recipe")
-    baseline.recipe = chosen[0].name
+    baseline.recipe = declared_name(chosen[0])
     taken = {r.name for r in experiment.recipes} & {r.name for r in baseline_recipes(experiment)}
     if taken:
         raise InputError(f"recipe {sorted(taken)[0]!r} has the name of a baseline run", path,
@@ -286,14 +324,25 @@ def check_baseline(experiment: Experiment, path) -> None:
 
 
 def baseline_recipes(experiment: Experiment) -> list[Recipe]:
-    """The baseline's runs, as real recipes named RECIPE_fFRACTION (smallest share first); none when its
-    recipe is not among those to run (`megadoc run --recipes`, a sweep's points)."""
-    from dataclasses import replace
+    """The baseline's runs, as real recipes named RECIPE_fFRACTION (smallest share first), each with its
+    recipe's grid where it gives one (RECIPE_fFRACTION-E64, ...); none when its recipe is not among those
+    to run (`megadoc run --recipes`, a sweep's points)."""
+    points = [r for r in experiment.recipes if declared_name(r) == experiment.baseline.recipe]
+    return [_share_of(recipe, fraction, experiment.baseline.same_compute)
+            for fraction in sorted(experiment.baseline.fractions) for recipe in points]
 
-    recipe = next((r for r in experiment.recipes if r.name == experiment.baseline.recipe), None)
-    if recipe is None or not experiment.baseline.fractions:
-        return []
-    same_compute = experiment.baseline.same_compute
-    return [replace(recipe, name=f"{recipe.name}_f{fraction:g}", share=fraction,
-                    epochs=max(1, round(recipe.epochs / fraction)) if same_compute else recipe.epochs)
-            for fraction in sorted(experiment.baseline.fractions)]
+
+def _share_of(recipe: Recipe, fraction: float, same_compute: bool) -> Recipe:
+    """A real recipe (or grid point) on a share of the documents: E / fraction epochs with same_compute."""
+    from megadoc_megatron.experiment.sweep import AXES, suffix
+
+    def epochs(value: int) -> int:
+        return max(1, round(value / fraction)) if same_compute else value
+
+    name = f"{declared_name(recipe)}_f{fraction:g}"
+    if not recipe.grid:
+        return replace(recipe, name=name, share=fraction, epochs=epochs(recipe.epochs))
+    axes = {**recipe.grid["axes"], "epochs": [epochs(e) for e in recipe.grid["axes"]["epochs"]]}
+    point = {**recipe.grid["point"], "epochs": epochs(recipe.epochs)}
+    return replace(recipe, name=name + suffix(axes, tuple(point[a] for a in AXES)), share=fraction,
+                   epochs=point["epochs"], grid={"recipe": name, "axes": axes, "point": point})

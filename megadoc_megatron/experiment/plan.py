@@ -204,11 +204,13 @@ def build_graph(experiment: Experiment) -> Plan:
 
     baseline = baseline_recipes(experiment)  # real-only runs on shares of the real documents
     inputs = {recipe.name: prefixes for recipe in experiment.recipes}
-    for recipe in baseline:
-        sample = planner.add(Stage(f"sample-train-f{recipe.share:g}", [
+    samples = {}
+    for share in sorted({recipe.share for recipe in baseline}):
+        samples[share] = planner.add(Stage(f"sample-train-f{share:g}", [
             ["merge", "--data-path", prefixes["real"], "--output-prefix", dataset_prefix(f"{OUT}/real", text_key),
-             "--sample-fraction", recipe.share, "--seed", experiment.baseline.seed]]))
-        inputs[recipe.name] = {**prefixes, "real": dataset_prefix(f"{sample.folder}/real", text_key)}
+             "--sample-fraction", share, "--seed", experiment.baseline.seed]]))
+    for recipe in baseline:
+        inputs[recipe.name] = {**prefixes, "real": dataset_prefix(f"{samples[recipe.share].folder}/real", text_key)}
     trains, runs_of = {}, {}
 
     def add_trains(recipes: list[Recipe], synthetic: dict) -> None:
@@ -337,7 +339,9 @@ def train_stage(experiment: Experiment, recipe: Recipe, prefixes: dict, syntheti
     files = {"train.yaml": json.dumps(config, indent=2) + "\n"}
     if round_number is not None:
         files["lineage.json"] = json.dumps({"recipe": recipe.name, "rounds": lineage}, indent=2) + "\n"
-    label = RunLabel(recipe.name, recipe.kind, recipe.generations, round_number, seed + 1 if seed else None)
+    # the point's own settings, not the whole grid: a grid extended later keeps its trained points
+    grid = {"recipe": recipe.grid["recipe"], "point": recipe.grid["point"]} if recipe.grid else None
+    label = RunLabel(recipe.name, recipe.kind, recipe.generations, round_number, seed + 1 if seed else None, grid)
     files["ckpt/recipe.json"] = label.to_json() + "\n"
     suffix = f"-r{round_number}" if round_number else ""
     return Stage(f"train-{run_name(recipe.name, seed)}{suffix}", [

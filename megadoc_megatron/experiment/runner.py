@@ -166,13 +166,16 @@ def format_lineage(name: str, rounds: list[dict]) -> str:
 
 
 def select_recipes(experiment, names: list[str] | None):
+    """The recipes named (a grid by its name: all its points, or one point by its own)."""
+    from megadoc_megatron.experiment.config import declared_name
+
     if names:
-        known = {r.name for r in experiment.recipes}
+        known = {r.name for r in experiment.recipes} | {declared_name(r) for r in experiment.recipes}
         unknown = [n for n in names if n not in known]
         if unknown:
             raise InputError(f"no recipe named {unknown[0]!r}", experiment.source,
                              fix=f"choose from {', '.join(sorted(known))}")
-        experiment.recipes = [r for r in experiment.recipes if r.name in names]
+        experiment.recipes = [r for r in experiment.recipes if r.name in names or declared_name(r) in names]
     return experiment
 
 

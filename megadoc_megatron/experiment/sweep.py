@@ -52,6 +52,9 @@ def parse_sweep(experiment) -> tuple[object, dict[str, list]]:
     if unknown:
         raise InputError(f"sweep.{unknown[0]} is unknown", source, fix=f"use recipe, start, {', '.join(AXES)}")
     recipes = {r.name: r for r in experiment.recipes}
+    if any(r.grid and r.grid["recipe"] == sweep["recipe"] for r in experiment.recipes):
+        raise InputError(f"sweep.recipe {sweep['recipe']!r} gives a grid already, which `megadoc run` trains and "
+                         "tunes", source, fix="sweep a recipe of single values, or run the grid with megadoc run")
     if sweep["recipe"] not in recipes:
         raise InputError(f"sweep.recipe {sweep['recipe']!r} is not a recipe of the config", source,
                          fix=f"choose from {', '.join(recipes)}")
@@ -72,6 +75,11 @@ def parse_sweep(experiment) -> tuple[object, dict[str, list]]:
                              fix=f"e.g. {axis}: [{own[axis]}]")
         axes[axis] = sorted(float(v) if axis != "epochs" else int(v) for v in values)
     return base, axes
+
+
+def suffix(axes: dict[str, list], values: tuple) -> str:
+    """'-E16-w0.75': the settings of a point on the axes that have more than one value."""
+    return "".join(f"-{SHORT[a]}{v:g}" for a, v in zip(AXES, values) if len(axes[a]) > 1)
 
 
 def grid(axes: dict[str, list]) -> list[Point]:
