@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """The GPU check: proof, in minutes on one GPU, that the training path GPU users run works.
 
-  python benchmarks/gpu_check.py [--out gpu_check.json] [--work /tmp/megadoc-gpu-check]
+  python benchmarks/gpu_check.py [--out gpu_check.json] [--work /tmp/megadoc-gpu-check] [--demo]
+  python benchmarks/gpu_check.py --demo-only                  # the GPU demo alone (examples/gpu_demo)
   python benchmarks/gpu_check.py --device cpu --tiny          # the same checks on CPU (CI)
 
 Prints one JSON summary and exits 1 if any check fails. Nothing is installed or downloaded:
@@ -23,6 +24,10 @@ Prints one JSON summary and exits 1 if any check fails. Nothing is installed or 
    the same validation samples (EVAL_RTOL), and `megadoc eval loss` on the held-out set is reported;
 7. non-finite gradients: a NaN loss at iteration 3 skips that update and is reported, training
    goes on finite, and NaN at every iteration stops the run after optimizer.max_skipped_in_a_row.
+8. with --demo (after the checks) or --demo-only (instead of them): the GPU demo, the whole method
+   in at most 8 minutes (examples/gpu_demo/run.sh, afresh in WORK/demo): its report's table, each
+   run's settings, the baseline fit and the seconds of each part (benchmarks/gpu_demo.py). With
+   --tiny, its CPU form: the same config on 8 documents with a tiny GPT (tests/test_gpu_demo.py).
 
 What a bare CUDA machine with torch needs: megatron-core, as a wheel for its Python (0.19.0 for
 Python 3.12, 2.4 MB; it needs only torch, numpy and packaging), and sentencepiece, numpy, pyyaml
@@ -81,6 +86,8 @@ def parse_args():
     parser.add_argument("--tiny", action="store_true", help="tiny model and short sequences (the CPU form)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/megadoc-gpu-check"))
     parser.add_argument("--out", type=Path, help="also write the JSON summary here")
+    parser.add_argument("--demo", action="store_true", help="after the checks, run the GPU demo (examples/gpu_demo)")
+    parser.add_argument("--demo-only", action="store_true", help="the environment and the GPU demo, no other check")
     return parser.parse_args()
 
 
@@ -96,6 +103,21 @@ class Check:
         self.runs = args.work / "runs"
         shutil.rmtree(self.runs, ignore_errors=True)
         self.runs.mkdir(parents=True)
+        self._blend_json = None
+
+    def blend_json(self) -> str:
+        """The checks' blend of standard-library docstrings (made on first use) and its padded vocabulary."""
+        from stdlib_data import stdlib_blend
+
+        from megadoc_megatron.blend.datasets import dataset_tokenizer
+        from megadoc_megatron.model.presets import padded_vocab_size
+
+        if self._blend_json is None:
+            sizes = self.sizes["parity"]
+            self._blend_json = stdlib_blend(self.args.work, sizes["seq"], sizes["batch"], sizes["iterations"])
+            prefix = json.loads(Path(self._blend_json).read_text())["datasets"][0]["prefix"]
+            self.padded_vocab = padded_vocab_size(dataset_tokenizer(prefix).vocab_size)
+        return self._blend_json
 
     def config(self, name: str, blend_json: str, preset: str, bf16: bool, micro: int, **extra) -> Path:
         values = {"data": {"blend": blend_json, "micro_batch_size": micro}, "model": {"preset": preset},
@@ -304,6 +326,28 @@ def throughput(check: Check) -> dict:
     return {**out, "ok": all(row["ours"]["tokens_per_s"] > 0 for row in out.values())}
 
 
+def demo(check: Check) -> dict:
+    import torch
+    from gpu_demo import run_demo
+
+    if check.device.type == "cuda":
+        torch.cuda.empty_cache()  # the checks' cached blocks: the demo runs in processes of its own
+    return run_demo(check.args.work, check.args.tiny)
+
+
+def steps_to_run(args, check: Check) -> list:
+    """(name, step) of each check to run, in order: all of them, then the demo with --demo; with
+    --demo-only the environment and the demo."""
+    steps = [("environment", lambda: environment(check)), ("parity", lambda: parity(check, check.blend_json())),
+             ("resume", lambda: resume(check, check.blend_json())),
+             ("evaluation", lambda: evaluation(check, check.blend_json())),
+             ("non_finite", lambda: non_finite(check, check.blend_json())), ("throughput", lambda: throughput(check)),
+             ("demo", lambda: demo(check))]
+    if args.demo_only:
+        return [steps[0], steps[-1]]
+    return steps if args.demo else steps[:-1]
+
+
 def main() -> int:
     args = parse_args()
     if args.device == "cpu":
@@ -311,10 +355,7 @@ def main() -> int:
     started = time.perf_counter()
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import torch
-    from stdlib_data import stdlib_blend
 
-    from megadoc_megatron.blend.datasets import dataset_tokenizer
-    from megadoc_megatron.model.presets import padded_vocab_size
     from megadoc_megatron.train.engines.cuda_on_cpu import megatron_core_on_cpu
 
     if args.device == "cuda":  # deterministic kernels where torch has them: what varies run to run is measured
@@ -326,16 +367,8 @@ def main() -> int:
     args.work.mkdir(parents=True, exist_ok=True)
     check = Check(args)
     summary = {"command": " ".join([Path(sys.executable).name, *sys.argv]), "checks": {}}
-    parity_sizes = check.sizes["parity"]
-    blend_json = None
-    steps = [("environment", lambda: environment(check)), ("parity", lambda: parity(check, blend_json)),
-             ("resume", lambda: resume(check, blend_json)), ("evaluation", lambda: evaluation(check, blend_json)),
-             ("non_finite", lambda: non_finite(check, blend_json)), ("throughput", lambda: throughput(check))]
     with megatron_core_on_cpu():  # megatron-core's engine on CPU for the CPU form; nothing on GPU
-        blend_json = stdlib_blend(args.work, parity_sizes["seq"], parity_sizes["batch"], parity_sizes["iterations"])
-        check.padded_vocab = padded_vocab_size(dataset_tokenizer(json.loads(Path(blend_json).read_text())
-                                                                 ["datasets"][0]["prefix"]).vocab_size)
-        for name, step in steps:
+        for name, step in steps_to_run(args, check):
             step_started = time.perf_counter()
             try:
                 summary["checks"][name] = step()
