@@ -26,8 +26,8 @@ Prints one JSON summary and exits 1 if any check fails. Nothing is installed or 
    goes on finite, and NaN at every iteration stops the run after optimizer.max_skipped_in_a_row.
 8. with --demo (after the checks) or --demo-only (instead of them): the GPU demo, the whole method
    in at most 8 minutes (examples/gpu_demo/run.sh, afresh in WORK/demo): its report's table, each
-   run's settings, the baseline fit and the seconds of each part (benchmarks/gpu_demo.py). With
-   --tiny, its CPU form: the same config on 8 documents with a tiny GPT (tests/test_gpu_demo.py).
+   recipe's settings, the baseline fit and the seconds of each part (benchmarks/gpu_demo.py). With
+   --tiny, its CPU form: the same config's real-only runs on 20 documents with a tiny GPT.
 
 What a bare CUDA machine with torch needs: megatron-core, as a wheel for its Python (0.19.0 for
 Python 3.12, 2.4 MB; it needs only torch, numpy and packaging), and sentencepiece, numpy, pyyaml

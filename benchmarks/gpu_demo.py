@@ -1,6 +1,6 @@
 """The GPU demo (examples/gpu_demo) as a step of benchmarks/gpu_check.py (`--demo`, `--demo-only`): run
-it afresh, then read back its report's table, each run's settings, the baseline fit and the time each
-part took (from the stage records `megadoc run` writes)."""
+it afresh, then read back its report's table, each recipe's settings, the baseline fit and the time
+each part took (from the stage records `megadoc run` writes)."""
 
 from __future__ import annotations
 
@@ -17,17 +17,18 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 RUN_SCRIPT = REPO / "examples" / "gpu_demo" / "run.sh"
 LIMIT_SECONDS = 540  # the demo's budget is 8 minutes; one command on the device machine may run 10
-# The CPU form (gpu_check --tiny): the GPU config through overrides, its real-only recipe and baseline
-# (four real-only amounts, the report's fit) on 20 documents, with a tiny GPT, a short context, one seed
-# and 20 iterations a run. Generation on a CPU takes minutes: `megadoc run --dry-run` checks its stages.
+# The CPU form (gpu_check --tiny): the GPU config through overrides, a real-only recipe of 8 epochs with the
+# baseline (four real-only amounts, the report's fit) on 20 documents, a tiny GPT, a short context and one
+# seed. Generation on a CPU takes minutes: `megadoc run --dry-run` checks its stages.
 TINY_DOCUMENTS = 20
 TINY_SETTINGS = ["--set", "train.model.preset=tiny", "--set", "train.precision.bf16=false", "--set", "seeds=1",
-                 "--set", "train.train_iters=20", "--set", "blend.seq_length=128", "--set", "blend.global_batch_size=8",
+                 "--set", "blend.seq_length=128", "--set", "blend.global_batch_size=8",
                  "--set", "train.data.micro_batch_size=8", "--set", "eval.long_context.threshold=128",
                  "--set", "eval.long_context.offset=64", "--set", "eval.long_context.buckets=[0,32,64,128]",
-                 "--recipes", "real"]
+                 "--set", "train.optimizer.lr=3.0e-3", "--set", "recipes=[{name: real, kind: real, epochs: 8}]"]
 PARTS = {"preprocess": "data", "sample": "data", "synth": "generation", "synthetic": "megadocs",
          "train": "training", "eval": "evaluation", "report": "report"}  # stage name prefix -> part
+SETTINGS = ("epochs", "synthetic_weight", "lr", "weight_decay", "parameters")  # of each recipe, in the summary
 
 
 def run_demo(work: Path, tiny: bool) -> dict:
@@ -86,18 +87,25 @@ def seconds_by_part(work: Path, total: float) -> dict:
 
 
 def report_summary(folder: Path) -> dict:
-    """The report's table (markdown lines), each run's settings (the point kept for it), the baseline fit
-    and the reference loss, and whether every run has a finite i.i.d. loss."""
+    """The report's table (markdown lines), each recipe's settings (of the point kept, for a grid, with
+    the verdict of its tuning), the baseline fit and the reference loss, and whether every run has a
+    finite i.i.d. loss."""
     report = json.loads((folder / "report.json").read_text())
     lines = (folder / "report.md").read_text().splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("|"))
     end = next((i for i in range(start, len(lines)) if not lines[i].startswith("|")), len(lines))
-    settings = {}
+    runs = {}
     for run in report["runs"]:
-        settings.setdefault(run["name"], {key: run[key] for key in ("epochs", "synthetic_weight", "lr",
-                                                                     "weight_decay", "parameters")})
+        runs.setdefault(run["name"], run)
+    settings = {}
+    for recipe in report["recipes"]:
+        tuning = recipe["tuning"]
+        kept = runs[tuning["kept"] if tuning else recipe["name"]]
+        settings[recipe["name"]] = {**{key: kept[key] for key in SETTINGS}, "steps": recipe["iterations"],
+                                    "tuned": tuning["verdict"] if tuning else None}
     losses = [run["iid_loss"] for run in report["runs"]]
     return {"table": lines[start:end], "settings": settings, "baseline_fit": report["baseline_fit"],
-            "reference": report["reference"], "efficiency_note": report["efficiency_note"],
+            "baseline_note": report["baseline_note"], "reference": report["reference"],
+            "efficiency_note": report["efficiency_note"],
             "report": str(folder / "report.md"),
             "ok": bool(losses) and all(loss is not None and math.isfinite(loss) for loss in losses)}
