@@ -68,7 +68,7 @@ class Run:
     parameters: int | None = None        # of the model, from its preset and vocabulary
     ensemble: list[dict] | None = None   # [{"members": K, "loss"}] of this run's largest ensemble result
     seed: int = 1                        # the training seed's number among the runs of its name
-    iterations: int | None = None        # training steps (the blend's)
+    iterations: int | None = None        # training steps (of its latest checkpoint)
     grid: dict | None = None             # a grid point's {recipe, point: {axis: value}}
 
 
@@ -98,7 +98,7 @@ def load_run(path: Path, eval_name: str | None = None) -> Run:
     run.parameters = _parameters(config["model"], info.vocab_size if info else None)
     run.ensemble = _largest_ensemble(path, eval_name)
     run.seed = label.seed or 1
-    run.iterations = blend.train_iters if blend else None
+    run.iterations = iteration  # trained, which train.train_iters may cap below the blend's
     run.grid = label.grid
     return run
 
