@@ -441,8 +441,11 @@ def _plot_fit(summaries, fit, folder):
         worth = fit.inverse(loss)
         if left <= worth <= right:
             axes.plot([worth], [loss], marker="o", color=color, zorder=5)
-    losses = [p[1].mean for p in base] + [s.iid.mean for s in recipes] + [fit.C]
-    margin = 0.06 * (max(losses) - min(losses) or 1.0)
+    losses = [p[1].mean for p in base] + [s.iid.mean for s in recipes]
+    span = max(losses) - min(losses) or 1.0
+    if fit.C > min(losses) - span:  # an asymptote far below the points would flatten them into one line
+        losses.append(fit.C)
+    margin = 0.06 * (max(losses) - min(losses))
     axes.set_ylim(min(losses) - margin, max(losses) + margin)
     axes.set_xlim(left, right)
     axes.set(xscale="log", xlabel="unique real tokens D", ylabel="i.i.d. loss",
@@ -509,6 +512,10 @@ def _fit_sentence(fit, note, summaries) -> str:
         return f"No data efficiency: {note}."
     law = (f"Baseline: L(D) = {fit.A:.4g} / (D / {fit.x_unit:.4g})^{fit.B:.4g} + {fit.C:.4f} "
            f"over {fit.points} real-only runs (rmse {fit.rmse:.2g}). ")
+    if fit.C <= 1e-9:  # the fit's bound: the points bend too little to place an asymptote
+        largest = max(s.first.real_tokens or 0 for s in summaries)
+        law += (f"C sits at its bound 0: these points do not flatten, so the asymptote is not measured, and D(L) "
+                f"past the largest real-only amount ({_count(largest)} tokens) extrapolates the fitted curve. ")
     why_not = efficiency_status(summaries, fit)
     if why_not is not None:
         return law + f"No data efficiency: {why_not}."
