@@ -521,7 +521,7 @@ def test_slurm_scripts_build_valid_commands(script, env, expected):
 
 
 def test_local_optimum_needs_every_neighbour_and_names_the_edges():
-    from megadoc_megatron.experiment.sweep import AXES, grid, local_optimum
+    from megadoc_megatron.evaluate.grids import AXES, grid, local_optimum
 
     axes = {"epochs": [2, 4, 8], "synthetic_weight": [0.5, 0.75], "lr": [1e-3], "weight_decay": [0.1, 0.4, 0.8]}
     points = {p.values: p for p in grid(axes)}

@@ -90,10 +90,10 @@ class RecipeSummary:
 @dataclass
 class Tuning:
     """A recipe given as a grid (experiment/config.py): every point's summary, and the verdict of the
-    local-optimum rule (experiment/sweep.py) over their mean i.i.d. losses; the best point is kept."""
+    local-optimum rule (evaluate/grids.py) over their mean i.i.d. losses; the best point is kept."""
     axes: dict                          # axis -> values
     points: list                        # RecipeSummary of each point, as trained
-    verdict: object                     # sweep.Verdict
+    verdict: object                     # grids.Verdict
     kept: str                           # the kept point's name
 
     @property
@@ -108,7 +108,7 @@ class Tuning:
 
     def words(self) -> str:
         """'E 32 of 8–64: a local optimum', or where it falls short of one."""
-        from megadoc_megatron.experiment.sweep import AXES, SHORT
+        from megadoc_megatron.evaluate.grids import AXES, SHORT
 
         setting = ", ".join(f"{SHORT[a]} {self.verdict.best.values[AXES.index(a)]:g} of "
                             f"{'/'.join(f'{v:g}' for v in self.axes[a])}" for a in self.varied)
@@ -174,7 +174,7 @@ def keep_best_points(points: list[RecipeSummary]) -> list[RecipeSummary]:
 
 
 def _best_point(recipe: str, points: list[RecipeSummary]) -> RecipeSummary:
-    from megadoc_megatron.experiment.sweep import AXES, Point, local_optimum
+    from megadoc_megatron.evaluate.grids import AXES, Point, local_optimum
 
     # the grid is what was trained: each axis's values over the points given
     axes = {a: sorted({s.first.grid["point"][a] for s in points}, key=lambda v: (v is None, v)) for a in AXES}

@@ -182,7 +182,7 @@ def declared_name(recipe: Recipe) -> str:
 
 def grid_points(recipe: Recipe, where: str, path) -> list[Recipe]:
     """The points of a recipe that gives a grid (see Recipe), or [recipe]."""
-    from megadoc_megatron.experiment.sweep import AXES, grid, suffix
+    from megadoc_megatron.evaluate.grids import AXES, grid, suffix
 
     optimizer = recipe.train.get("optimizer") or {}
     given = {"epochs": recipe.epochs, "synthetic_weight": recipe.synthetic_weight, "lr": optimizer.get("lr"),
@@ -334,7 +334,7 @@ def baseline_recipes(experiment: Experiment) -> list[Recipe]:
 
 def _share_of(recipe: Recipe, fraction: float, same_compute: bool) -> Recipe:
     """A real recipe (or grid point) on a share of the documents: E / fraction epochs with same_compute."""
-    from megadoc_megatron.experiment.sweep import AXES, suffix
+    from megadoc_megatron.evaluate.grids import AXES, suffix
 
     def epochs(value: int) -> int:
         return max(1, round(value / fraction)) if same_compute else value
