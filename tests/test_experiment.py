@@ -355,8 +355,8 @@ def test_rerun_skips_finished_stages_and_a_change_reruns_only_its_dependents_eve
 @pytest.mark.slow
 def test_local_sweep_runs_the_start_point_and_its_neighbours_until_tuned(demo):
     work, _ = demo
-    output = run_example(work, "sweep", "--set", "sweep.lr=[0.003, 0.01]", "--set", "sweep.weight_decay=[0.1]",
-                         "--execute", "local")
+    output = run_example(work, "sweep", "--set", "sweep.recipe=stitch_g2", "--set", "sweep.lr=[0.003, 0.01]",
+                         "--set", "sweep.weight_decay=[0.1]", "--execute", "local")
     assert started(output).count("synth-rephrase") == 0  # the data stages are shared with the runs above
     assert re.search(r"^tuned: stitch_g2-E16-w0.5-lr0\.0(03|1)-wd0.1 beats every neighbour", output, re.MULTILINE)
     report = json.loads((work / "report/report.json").read_text())
@@ -456,7 +456,7 @@ def test_mixture_study_trains_every_share_and_budget_and_fits_each_share(demo):
     assert "4 of 4 points finished, 0 needed" in output
     synthetic_only = Blend.load(next(work.glob("stages/train-hq-w1-D12288.*/blend/blend.json")))
     assert [d.stream for d in synthetic_only.datasets] == ["synthetic"]
-    assert synthetic_only.train_iters == 6 and synthetic_only.synthetic_weight_realized == 1
+    assert synthetic_only.train_iters == 12288 // (4 * 256) and synthetic_only.synthetic_weight_realized == 1
     summary = json.loads((work / "mixture/mixture.json").read_text())["hq"]
     for weight in ("0", "1"):
         losses = summary["fits"][weight]["losses"]
