@@ -167,23 +167,3 @@ def test_a_stage_key_covers_the_whole_content_of_a_large_input_hashed_once_per_v
         stream.seek(35 << 20)
         stream.write(b"A" if stream.read(1) != b"A" else b"B")
     assert fingerprint(corpus) != first and len(list((tmp_path / "cache/digests").iterdir())) == 2
-
-
-def test_a_stop_signal_for_srun_is_said_again_until_it_ends(tmp_path):
-    """srun drops a signal that comes before its job step runs: the stage says it again every 5 s. A child
-    standing in for srun counts the USR1s it gets in 7 s."""
-    from megadoc_megatron.experiment.stages import stop_signals_passed_on
-
-    script = tmp_path / "srun"
-    script.write_text(textwrap.dedent("""
-        import signal, sys, time
-        signal.signal(signal.SIGUSR1, lambda number, frame: print("USR1", flush=True))
-        print("ready", flush=True)
-        time.sleep(7)
-    """))
-    child = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
-    assert child.stdout.readline() == "ready\n"
-    with stop_signals_passed_on(child, f"{script} --kill-on-bad-exit=1"):
-        os.kill(os.getpid(), signal.SIGUSR1)
-        output, _ = child.communicate(timeout=30)
-    assert output.count("USR1") >= 2
