@@ -154,8 +154,6 @@ def stop_signals_passed_on(process: subprocess.Popen, launcher: str):
     def pass_on(number, frame):
         if process.poll() is None:
             process.send_signal(number if srun else signal.SIGTERM)
-            if srun:  # srun drops a signal that comes before its job step runs (a loaded node): say it again
-                threading.Thread(target=_repeat_signal, args=(process, number), daemon=True).start()
 
     previous = {number: signal.signal(number, pass_on) for number in (signal.SIGUSR1, signal.SIGTERM)}
     try:
@@ -163,14 +161,6 @@ def stop_signals_passed_on(process: subprocess.Popen, launcher: str):
     finally:
         for number, handler in previous.items():
             signal.signal(number, handler)
-
-
-def _repeat_signal(process: subprocess.Popen, number: int, every: float = 5.0) -> None:
-    """The signal to the process every few seconds until it ends (ranks ignore all but the first)."""
-    while process.poll() is None:
-        time.sleep(every)
-        if process.poll() is None:
-            process.send_signal(number)
 
 
 def _run_launched(command: list[str], launcher: str, log) -> int:
